@@ -1,0 +1,2 @@
+"""pocus-edge."""
+__version__ = "0.1.0"

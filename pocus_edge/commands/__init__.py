@@ -1,0 +1,24 @@
+"""CLI command modules. Each module defines ``register(app)``; ``register_all`` adds them in
+the order users meet them. Commands import heavy libraries inside their bodies."""
+
+from __future__ import annotations
+
+import typer
+
+from ..errors import NotBuiltYet
+
+
+def not_built(command: str, issue: str) -> None:
+    """Uniform message for a command whose implementation has not landed yet (exit 2)."""
+    raise NotBuiltYet(f"`pocus-edge {command}` is not built yet ({issue})")
+
+
+def register_all(app: typer.Typer) -> None:
+    from . import bench, data, demo, export, runtime, train
+
+    data.register(app)  # simulate, import, split
+    train.register(app)  # pretrain, finetune, evaluate
+    export.register(app)  # export
+    runtime.register(app)  # stream
+    bench.register(app)  # benchmark, flops
+    demo.register(app)  # demo

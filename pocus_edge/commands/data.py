@@ -1,0 +1,33 @@
+"""`simulate`, `import`, `split`: getting a site folder onto disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import not_built
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("simulate")
+    def simulate(
+        out: Path = typer.Argument(..., help="Output folder; OUT/source and OUT/target are written."),
+        preset: str = typer.Option("demo", help="tiny | demo | bench"),
+        seed: int = typer.Option(0, help="Random seed (same seed, identical files)."),
+    ) -> None:
+        """Simulate two-probe wrist POCUS sweeps (source: Lumify, target: TeleMED) with exact masks."""
+        not_built("simulate", "simulator issue")
+
+    @app.command("import")
+    def import_(
+        videos: Path = typer.Argument(..., help="Folder of cine videos (mp4/avi) or multi-frame DICOM."),
+        out: Path = typer.Argument(..., help="Site folder to write."),
+    ) -> None:
+        """Turn cine videos (+ optional ITK-SNAP segmentations) into a site folder."""
+        not_built("import", "foundation issue")
+
+    @app.command("split")
+    def split(site: Path = typer.Argument(..., help="Site folder whose manifest gets a split column.")) -> None:
+        """Assign deterministic patient-level train/val/test splits."""
+        not_built("split", "foundation issue")

@@ -1,0 +1,1 @@
+"""Data layer: site folders on disk, patient splits, shared preprocessing, datasets, simulator."""

@@ -1,0 +1,312 @@
+"""The on-disk layout of one site (one probe / domain). Sites are never mixed by any command.
+
+::
+
+    <site>/Images/<file>.png     uint8 grayscale frame
+    <site>/Masks/<file>.png      uint8 label map (0 background, 1 metaphysis, 2 epiphysis,
+                                 3 carpal bones); absent for unlabeled frames
+    <site>/manifest.csv          filename, videoname, framenum, patient, view, labeled, split
+
+The released research code's CSV (``filename, videoname, framenum`` only) loads too: the
+patient is then taken from the video name, ``labeled`` from the presence of a mask file,
+and ``split`` is empty until ``pocus-edge split`` assigns one.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..errors import DataError
+
+MANIFEST = "manifest.csv"
+IMAGES = "Images"
+MASKS = "Masks"
+COLUMNS = ("filename", "videoname", "framenum", "patient", "view", "labeled", "split")
+REQUIRED_COLUMNS = ("filename", "videoname", "framenum")  # the released code's CSV
+LABEL_NAMES = {0: "background", 1: "metaphysis", 2: "epiphysis", 3: "carpal"}
+SPLITS = ("train", "val", "test", "ub_train", "ub_val", "")
+
+
+@dataclass
+class FrameRecord:
+    """One row of a site manifest."""
+
+    filename: str
+    videoname: str
+    framenum: int
+    patient: str = ""
+    view: str = ""
+    labeled: bool = False
+    split: str = ""
+
+
+@dataclass
+class Site:
+    """A validated site folder. ``records`` keep manifest order."""
+
+    root: Path
+    records: list[FrameRecord] = field(default_factory=list)
+    name: str = ""
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / IMAGES
+
+    @property
+    def masks_dir(self) -> Path:
+        return self.root / MASKS
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    def image_path(self, rec: FrameRecord) -> Path:
+        return self.images_dir / rec.filename
+
+    def mask_path(self, rec: FrameRecord) -> Path:
+        return self.masks_dir / rec.filename
+
+    def select(self, split: str | Sequence[str] | None = None, *, labeled: bool | None = None) -> list[FrameRecord]:
+        """Records of the given split(s) (None = all), optionally only (un)labeled ones."""
+        wanted = None if split is None else ({split} if isinstance(split, str) else set(split))
+        return [
+            r
+            for r in self.records
+            if (wanted is None or r.split in wanted) and (labeled is None or r.labeled == labeled)
+        ]
+
+    def patients(self, records: Iterable[FrameRecord] | None = None) -> list[str]:
+        return sorted({r.patient for r in (self.records if records is None else records)})
+
+    def manifest_sha256(self) -> str:
+        """Hash of the manifest file's bytes: model cards record it as data provenance."""
+        return sha256_file(self.manifest_path)
+
+    def read_image(self, rec: FrameRecord) -> np.ndarray:
+        return read_gray_png(self.image_path(rec))
+
+    def read_mask(self, rec: FrameRecord) -> np.ndarray:
+        if not rec.labeled:
+            raise DataError(f"{self.mask_path(rec)}: frame {rec.filename!r} is unlabeled")
+        return read_gray_png(self.mask_path(rec))
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_gray_png(path: str | Path) -> np.ndarray:
+    """Read an 8-bit image as a 2-D uint8 array; a missing or undecodable file raises DataError."""
+    import cv2
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: file not found")
+    buf = np.fromfile(p, dtype=np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+    if img is None:
+        raise DataError(f"{p}: not a readable image (truncated or corrupt?)")
+    if img.ndim == 3:
+        # Colour exports of grayscale frames: take luminance, as the released code does (convert('L')).
+        img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2GRAY)
+    if img.dtype != np.uint8:
+        raise DataError(f"{p}: expected 8-bit pixels, got {img.dtype}")
+    return img
+
+
+def write_gray_png(path: str | Path, img: np.ndarray) -> None:
+    """Write a 2-D uint8 array as PNG atomically (temp name + rename)."""
+    import cv2
+
+    from ..io import write_bytes_atomic
+
+    if img.ndim != 2 or img.dtype != np.uint8:
+        raise ValueError(f"write_gray_png expects a 2-D uint8 array, got {img.dtype} {img.shape}")
+    ok, enc = cv2.imencode(".png", img)
+    if not ok:
+        raise DataError(f"{path}: PNG encoding failed")
+    write_bytes_atomic(path, enc.tobytes())
+
+
+def _parse_bool(text: str) -> bool:
+    return str(text).strip().lower() in {"1", "true", "yes", "y", "t"}
+
+
+def read_manifest(path: str | Path) -> list[FrameRecord]:
+    """Parse a manifest (ours or the released code's 3-column CSV). Raises DataError on bad rows."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: manifest not found")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(f"{p}: not a UTF-8 CSV file") from None
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise DataError(f"{p}: missing column(s) {', '.join(missing)} (have: {', '.join(header) or 'none'})")
+    records: list[FrameRecord] = []
+    problems: list[str] = []
+    for lineno, row in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        try:
+            framenum = int(float(row["framenum"]))
+        except ValueError:
+            problems.append(f"line {lineno}: framenum {row['framenum']!r} is not an integer")
+            continue
+        records.append(
+            FrameRecord(
+                filename=row["filename"],
+                videoname=row["videoname"],
+                framenum=framenum,
+                patient=row.get("patient", ""),
+                view=row.get("view", ""),
+                labeled=_parse_bool(row["labeled"]) if "labeled" in row else False,
+                split=row.get("split", ""),
+            )
+        )
+    if problems:
+        raise DataError(f"{p}: {len(problems)} bad row(s): " + "; ".join(problems[:10]))
+    return records
+
+
+def write_manifest(path: str | Path, records: Sequence[FrameRecord]) -> None:
+    """Write the full manifest atomically."""
+    from ..io import write_text_atomic
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for r in records:
+        row = asdict(r)
+        row["labeled"] = int(bool(r.labeled))
+        writer.writerow(row)
+    write_text_atomic(path, buf.getvalue())
+
+
+def _patient_from_video(videoname: str) -> str:
+    # Released-code video names look like "<patient>_<view>..."; without a patient column the
+    # best available grouping key is the prefix before the first underscore (or the whole name).
+    return videoname.split("_", 1)[0] if "_" in videoname else videoname
+
+
+def load_site(root: str | Path, *, check_images: bool = True, check_sizes: bool = True) -> Site:
+    """Load and validate a site folder, reporting *every* problem in one DataError.
+
+    Checks: the folder, Images/ and manifest exist; no duplicate filenames; every image exists;
+    every labeled frame has a mask of the same size as its image; frame numbers strictly increase
+    within a video (in manifest order); splits are known names.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: site folder not found")
+    records = read_manifest(root / MANIFEST)
+    site = Site(root=root, records=records, name=root.name)
+    has_labeled_col = _manifest_has_column(root / MANIFEST, "labeled")
+    has_patient_col = _manifest_has_column(root / MANIFEST, "patient")
+    problems: list[str] = []
+    if not records:
+        problems.append("manifest lists no frames")
+    if not site.images_dir.is_dir():
+        problems.append(f"{IMAGES}/ folder missing")
+    seen: dict[str, int] = {}
+    last_frame: dict[str, int] = {}
+    for i, r in enumerate(records):
+        if not r.filename:
+            problems.append(f"row {i + 2}: empty filename")
+            continue
+        if r.filename in seen:
+            problems.append(f"duplicate filename {r.filename!r} (rows {seen[r.filename] + 2} and {i + 2})")
+        seen[r.filename] = i
+        if not has_patient_col or not r.patient:
+            r.patient = _patient_from_video(r.videoname)
+        if not has_labeled_col:
+            r.labeled = (site.masks_dir / r.filename).is_file()
+        if r.split not in SPLITS:
+            problems.append(f"{r.filename}: unknown split {r.split!r} (expected one of {', '.join(s for s in SPLITS if s)})")
+        prev = last_frame.get(r.videoname)
+        if prev is not None and r.framenum <= prev:
+            problems.append(f"{r.filename}: frame numbers not increasing within video {r.videoname!r} ({prev} then {r.framenum})")
+        last_frame[r.videoname] = r.framenum
+    if check_images and site.images_dir.is_dir():
+        for r in records:
+            img_path = site.image_path(r)
+            if not img_path.is_file():
+                problems.append(f"missing image {IMAGES}/{r.filename}")
+                continue
+            if r.labeled:
+                mask_path = site.mask_path(r)
+                if not mask_path.is_file():
+                    problems.append(f"labeled frame {r.filename!r} has no {MASKS}/{r.filename}")
+                elif check_sizes:
+                    a, b = _png_size(img_path), _png_size(mask_path)
+                    if a is None:
+                        problems.append(f"{IMAGES}/{r.filename}: unreadable image")
+                    elif b is None:
+                        problems.append(f"{MASKS}/{r.filename}: unreadable mask")
+                    elif a != b:
+                        problems.append(f"{MASKS}/{r.filename}: mask is {b[1]}x{b[0]} but image is {a[1]}x{a[0]}")
+    if problems:
+        shown = "; ".join(problems[:20])
+        more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
+        raise DataError(f"{root}: {len(problems)} problem(s): {shown}{more}")
+    return site
+
+
+def _manifest_has_column(path: Path, column: str) -> bool:
+    with open(path, encoding="utf-8-sig") as fh:
+        header = fh.readline()
+    return column in [h.strip() for h in header.strip().split(",")]
+
+
+def _png_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) of a PNG from its IHDR chunk without decoding; falls back to OpenCV."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(24)
+        if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+            w = int.from_bytes(head[16:20], "big")
+            h = int.from_bytes(head[20:24], "big")
+            return (h, w)
+        img = read_gray_png(path)
+        return img.shape[:2]
+    except (OSError, DataError):
+        return None
+
+
+class SiteWriter:
+    """Write a site folder frame by frame (simulator, importer); the manifest is written last,
+    atomically, so an interrupted write never leaves a manifest that points at missing files."""
+
+    def __init__(self, root: str | Path, *, overwrite: bool = False):
+        self.root = Path(root)
+        if (self.root / MANIFEST).exists() and not overwrite:
+            raise DataError(f"{self.root}: already holds a site (manifest.csv exists); pass overwrite")
+        (self.root / IMAGES).mkdir(parents=True, exist_ok=True)
+        self.records: list[FrameRecord] = []
+
+    def add(self, record: FrameRecord, image: np.ndarray, mask: np.ndarray | None = None) -> None:
+        if mask is not None and mask.shape != image.shape:
+            raise DataError(f"{record.filename}: mask shape {mask.shape} != image shape {image.shape}")
+        write_gray_png(self.root / IMAGES / record.filename, image)
+        if mask is not None:
+            (self.root / MASKS).mkdir(exist_ok=True)
+            write_gray_png(self.root / MASKS / record.filename, mask.astype(np.uint8))
+        record.labeled = mask is not None
+        self.records.append(record)
+
+    def close(self) -> Site:
+        write_manifest(self.root / MANIFEST, self.records)
+        return load_site(self.root)

@@ -1,0 +1,51 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad folder, a wrong checkpoint, a truncated file) raises a
+:class:`PocusError` subclass with a one-line message that names the file and the problem.
+The CLI prints that line and exits non-zero without a traceback; library users catch it.
+"""
+
+from __future__ import annotations
+
+
+class PocusError(Exception):
+    """Base class of every error caused by user input. ``exit_code`` is used by the CLI."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        # One line, always: join multi-line detail with '; ' so logs stay greppable.
+        super().__init__(" ".join(str(message).split("\n")).strip())
+
+
+class DataError(PocusError):
+    """A dataset folder, manifest, image or stream is missing, malformed or inconsistent."""
+
+
+class ConfigError(PocusError):
+    """A preset name, override or YAML config is invalid."""
+
+
+class CheckpointError(PocusError):
+    """A weights file is missing, truncated, or of another architecture."""
+
+
+class TrainingError(PocusError):
+    """Training cannot go on (NaN loss, empty split, no labels, site isolation violated)."""
+
+
+class ExportError(PocusError):
+    """An export failed or did not meet its parity bar."""
+
+
+class ToolchainUnavailable(PocusError):
+    """A required toolchain (TensorRT, a CUDA GPU, macOS for Core ML prediction) is absent here.
+
+    Distinct exit code so scripts can tell "cannot run here" from "failed".
+    """
+
+    exit_code = 3
+
+
+class NotBuiltYet(PocusError):
+    """A CLI command whose implementation has not landed yet."""
