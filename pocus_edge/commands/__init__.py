@@ -14,11 +14,13 @@ def not_built(command: str, issue: str) -> None:
 
 
 def register_all(app: typer.Typer) -> None:
-    from . import bench, data, demo, export, runtime, train
+    from . import bench, data, demo, export, flops, runtime, simulate, train
 
-    data.register(app)  # simulate, import, split
+    simulate.register(app)  # simulate
+    data.register(app)  # import, split
     train.register(app)  # pretrain, finetune, evaluate
     export.register(app)  # export
     runtime.register(app)  # stream
-    bench.register(app)  # benchmark, flops
+    bench.register(app)  # benchmark
+    flops.register(app)  # flops
     demo.register(app)  # demo

@@ -1,4 +1,4 @@
-"""`benchmark`, `flops`."""
+"""`benchmark`."""
 
 from __future__ import annotations
 
@@ -12,8 +12,3 @@ def register(app: typer.Typer) -> None:
     def benchmark() -> None:
         """Accuracy and speed of every available format/precision in one table."""
         not_built("benchmark", "benchmark issue")
-
-    @app.command("flops")
-    def flops() -> None:
-        """Parameters and GFLOPs per branch and for the fused model."""
-        not_built("flops", "models issue")

@@ -1,4 +1,4 @@
-"""`simulate`, `import`, `split`: getting a site folder onto disk."""
+"""`import`, `split`: bringing users' own data into the site layout."""
 
 from __future__ import annotations
 
@@ -10,15 +10,6 @@ from . import not_built
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("simulate")
-    def simulate(
-        out: Path = typer.Argument(..., help="Output folder; OUT/source and OUT/target are written."),
-        preset: str = typer.Option("demo", help="tiny | demo | bench"),
-        seed: int = typer.Option(0, help="Random seed (same seed, identical files)."),
-    ) -> None:
-        """Simulate two-probe wrist POCUS sweeps (source: Lumify, target: TeleMED) with exact masks."""
-        not_built("simulate", "simulator issue")
-
     @app.command("import")
     def import_(
         videos: Path = typer.Argument(..., help="Folder of cine videos (mp4/avi) or multi-frame DICOM."),

@@ -5,7 +5,8 @@
     <site>/Images/<file>.png     uint8 grayscale frame
     <site>/Masks/<file>.png      uint8 label map (0 background, 1 metaphysis, 2 epiphysis,
                                  3 carpal bones); absent for unlabeled frames
-    <site>/manifest.csv          filename, videoname, framenum, patient, view, labeled, split
+    <site>/manifest.csv          filename, videoname, framenum, patient, view, labeled, split,
+                                 ub_split
 
 The released research code's CSV (``filename, videoname, framenum`` only) loads too: the
 patient is then taken from the video name, ``labeled`` from the presence of a mask file,
@@ -28,10 +29,16 @@ from ..errors import DataError
 MANIFEST = "manifest.csv"
 IMAGES = "Images"
 MASKS = "Masks"
-COLUMNS = ("filename", "videoname", "framenum", "patient", "view", "labeled", "split")
+COLUMNS = ("filename", "videoname", "framenum", "patient", "view", "labeled", "split", "ub_split")
 REQUIRED_COLUMNS = ("filename", "videoname", "framenum")  # the released code's CSV
 LABEL_NAMES = {0: "background", 1: "metaphysis", 2: "epiphysis", 3: "carpal"}
-SPLITS = ("train", "val", "test", "ub_train", "ub_val", "")
+# ``split``: the method's protocol. Source: train/val/test by patient. Target: "train" = every
+# frame of the SSL patients (read as unlabeled images only), "test" = the labeled frames of the
+# test patients, "" = unused (unlabeled frames of test patients).
+SPLITS = ("train", "val", "test", "")
+# ``ub_split`` (target only, optional): the upper-bound baseline's own train/val split of the
+# labeled frames of the SSL patients. Never read by pretraining.
+UB_SPLITS = ("train", "val", "")
 
 
 @dataclass
@@ -45,6 +52,7 @@ class FrameRecord:
     view: str = ""
     labeled: bool = False
     split: str = ""
+    ub_split: str = ""
 
 
 @dataclass
@@ -73,13 +81,22 @@ class Site:
     def mask_path(self, rec: FrameRecord) -> Path:
         return self.masks_dir / rec.filename
 
-    def select(self, split: str | Sequence[str] | None = None, *, labeled: bool | None = None) -> list[FrameRecord]:
-        """Records of the given split(s) (None = all), optionally only (un)labeled ones."""
+    def select(
+        self,
+        split: str | Sequence[str] | None = None,
+        *,
+        labeled: bool | None = None,
+        ub_split: str | None = None,
+    ) -> list[FrameRecord]:
+        """Records of the given split(s) (None = all), optionally only (un)labeled ones, or
+        (``ub_split``) the upper-bound baseline's train/val frames."""
         wanted = None if split is None else ({split} if isinstance(split, str) else set(split))
         return [
             r
             for r in self.records
-            if (wanted is None or r.split in wanted) and (labeled is None or r.labeled == labeled)
+            if (wanted is None or r.split in wanted)
+            and (labeled is None or r.labeled == labeled)
+            and (ub_split is None or r.ub_split == ub_split)
         ]
 
     def patients(self, records: Iterable[FrameRecord] | None = None) -> list[str]:
@@ -175,6 +192,7 @@ def read_manifest(path: str | Path) -> list[FrameRecord]:
                 view=row.get("view", ""),
                 labeled=_parse_bool(row["labeled"]) if "labeled" in row else False,
                 split=row.get("split", ""),
+                ub_split=row.get("ub_split", ""),
             )
         )
     if problems:
@@ -236,6 +254,8 @@ def load_site(root: str | Path, *, check_images: bool = True, check_sizes: bool 
             r.labeled = (site.masks_dir / r.filename).is_file()
         if r.split not in SPLITS:
             problems.append(f"{r.filename}: unknown split {r.split!r} (expected one of {', '.join(s for s in SPLITS if s)})")
+        if r.ub_split not in UB_SPLITS:
+            problems.append(f"{r.filename}: unknown ub_split {r.ub_split!r} (expected train, val or empty)")
         prev = last_frame.get(r.videoname)
         if prev is not None and r.framenum <= prev:
             problems.append(f"{r.filename}: frame numbers not increasing within video {r.videoname!r} ({prev} then {r.framenum})")
