@@ -30,11 +30,15 @@ class ModelConfig:
     # stages of `resnet_layers` bottleneck units with 4*width, 8*width, 16*width output channels.
     resnet_width: int = 64
     resnet_layers: tuple[int, ...] = (3, 4, 9)
+    # GroupNorm groups in the ResNetV2 (32 in timm/TransUNet; must divide resnet_width).
+    gn_groups: int = 32
     # ViT on the 1/16 feature map (1x1 patch embedding -> hidden_size), learned position embeddings.
     hidden_size: int = 768
     num_layers: int = 12
     num_heads: int = 12
     mlp_dim: int = 3072
+    # Dropout on the embeddings and the MLP/projection outputs (released code: 0.1).
+    dropout: float = 0.1
     # Decoder "cup": conv to decoder_head_channels, then upsample blocks with these outputs.
     decoder_head_channels: int = 512
     decoder_channels: tuple[int, ...] = (256, 128, 64, 16)
@@ -58,6 +62,7 @@ def _small() -> ModelConfig:
         img_size=128,
         resnet_width=16,
         resnet_layers=(1, 2, 2),
+        gn_groups=8,
         hidden_size=192,
         num_layers=4,
         num_heads=3,
@@ -75,6 +80,7 @@ def _tiny() -> ModelConfig:
         img_size=64,
         resnet_width=8,
         resnet_layers=(1, 1, 1),
+        gn_groups=4,
         hidden_size=32,
         num_layers=2,
         num_heads=2,

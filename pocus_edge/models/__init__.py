@@ -1,0 +1,20 @@
+"""Networks: the TransUNet branch (timm ResNetV2 + ViT), pretraining wrappers, the fusion head,
+checkpoint I/O and size reports. Import the submodules directly, e.g.
+``from pocus_edge.models.transunet import TransUNet``; the names below are re-exported for
+convenience."""
+
+from .fusion import FusionHead, confidence, fuse
+from .transunet import TransUNet
+from .weights import build_segmenter, load_encoder, load_strict, read_checkpoint, save_checkpoint
+
+__all__ = [
+    "TransUNet",
+    "FusionHead",
+    "confidence",
+    "fuse",
+    "save_checkpoint",
+    "read_checkpoint",
+    "load_strict",
+    "load_encoder",
+    "build_segmenter",
+]

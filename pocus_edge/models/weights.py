@@ -1,0 +1,179 @@
+"""Checkpoint I/O: safetensors only, with the model card (JSON) in the file's metadata.
+
+Loading is all-or-nothing: every missing key, unexpected key and shape mismatch is named in one
+:class:`CheckpointError` before any tensor is copied, so a ``small`` checkpoint can never be
+half-loaded into a ``paper`` model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+from torch import nn
+
+from ..config import ModelConfig, from_dict
+from ..errors import CheckpointError, PocusError
+from ..io import write_bytes_atomic
+
+__all__ = [
+    "CARD_KEY",
+    "save_checkpoint",
+    "read_checkpoint",
+    "load_strict",
+    "load_encoder",
+    "build_segmenter",
+    "describe_mismatch",
+]
+
+CARD_KEY = "pocus_edge_card"
+ENCODER_PREFIX = "encoder."
+_SHOW = 4  # keys named per category in an error message (the count is always given)
+
+
+def _tensors_of(state_dict_or_module: Mapping[str, torch.Tensor] | nn.Module) -> dict[str, torch.Tensor]:
+    state = state_dict_or_module.state_dict() if isinstance(state_dict_or_module, nn.Module) else state_dict_or_module
+    # safetensors refuses shared/non-contiguous storage; clone so every tensor owns its memory.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    state_dict_or_module: Mapping[str, torch.Tensor] | nn.Module,
+    card: dict[str, Any] | None,
+) -> Path:
+    """Write ``state_dict_or_module`` to ``path`` (safetensors, atomic) with ``card`` as JSON metadata."""
+    metadata = {CARD_KEY: json.dumps(card if card is not None else {}, default=str)}
+    data = safetensors_save(_tensors_of(state_dict_or_module), metadata=metadata)
+    return write_bytes_atomic(path, data)
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return ``(state_dict, card)`` of a checkpoint; the card is ``{}`` when the file has none."""
+    p = Path(path)
+    if p.suffix in {".pt", ".pth", ".ckpt", ".bin"}:
+        raise CheckpointError(f"{p}: only .safetensors checkpoints are read (pickled weights are unsafe)")
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{p}: no such checkpoint") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{p}: is a directory, expected a .safetensors file") from None
+    if len(raw) < 8:
+        raise CheckpointError(f"{p}: truncated or empty ({len(raw)} bytes), not a safetensors file")
+    try:
+        state = safetensors_load(raw)
+        header_len = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + header_len])
+    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{p}: not a readable safetensors file (truncated or corrupt: {reason})") from None
+    card_text = (header.get("__metadata__") or {}).get(CARD_KEY)
+    if card_text is None:
+        return state, {}
+    try:
+        card = json.loads(card_text)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{p}: model card metadata is not valid JSON") from None
+    return state, card if isinstance(card, dict) else {}
+
+
+def _names(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOW])
+    return shown + (f", ... (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else "")
+
+
+def describe_mismatch(
+    expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]
+) -> str | None:
+    """One-line description of how ``found`` differs from ``expected`` (keys and shapes), or None."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = sorted(
+        k for k in set(expected) & set(found) if tuple(expected[k].shape) != tuple(found[k].shape)
+    )
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({_names(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys ({_names(unexpected)})")
+    if shapes:
+        details = [f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}" for k in shapes]
+        parts.append(f"{len(shapes)} shape mismatches ({_names(details)})")
+    return "; ".join(parts) if parts else None
+
+
+def _model_label(model: nn.Module) -> str:
+    cfg = getattr(model, "cfg", None) or getattr(getattr(model, "net", None), "cfg", None)
+    name = getattr(cfg, "name", None)
+    return f"{type(model).__name__}(preset {name!r})" if name else type(model).__name__
+
+
+def _card_label(card: Mapping[str, Any]) -> str:
+    preset = card.get("preset") or (card.get("model") or {}).get("name")
+    return f" (checkpoint card: preset {preset!r}, stage {card.get('stage')!r})" if preset else ""
+
+
+def load_strict(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Load every tensor of ``path`` into ``model`` or nothing at all; return the model card."""
+    state, card = read_checkpoint(path)
+    _load_all(model, state, card, path)
+    return card
+
+
+def _load_all(model: nn.Module, state: dict[str, torch.Tensor], card: dict[str, Any], path: Any) -> None:
+    problem = describe_mismatch(model.state_dict(), state)
+    if problem:
+        raise CheckpointError(f"{path}: does not fit {_model_label(model)}{_card_label(card)}: {problem}")
+    model.load_state_dict(state, strict=True)
+
+
+def _encoder_module(model: nn.Module) -> nn.Module:
+    if hasattr(model, "encoder"):
+        return model.encoder
+    if hasattr(model, "net") and hasattr(model.net, "encoder"):
+        return model.net.encoder
+    raise CheckpointError(f"{type(model).__name__} has no encoder to load weights into")
+
+
+def load_encoder(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Load only the ``encoder.*`` tensors of ``path`` (embeddings + ResNet + transformer), strictly.
+
+    Other keys in the file (a decoder, a projection head) are ignored; the model's decoder keeps
+    its current (random) weights. Returns the checkpoint's card.
+    """
+    state, card = read_checkpoint(path)
+    encoder_state = {k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+    if not encoder_state:
+        raise CheckpointError(f"{path}: holds no '{ENCODER_PREFIX}*' tensors, not an encoder checkpoint")
+    encoder = _encoder_module(model)
+    problem = describe_mismatch(encoder.state_dict(), encoder_state)
+    if problem:
+        raise CheckpointError(
+            f"{path}: encoder does not fit {_model_label(model)}{_card_label(card)}: {problem}"
+        )
+    encoder.load_state_dict(encoder_state, strict=True)
+    return card
+
+
+def build_segmenter(path: str | os.PathLike, *, device: str | torch.device = "cpu"):
+    """Build the TransUNet described by a checkpoint's card, load it strictly, and return
+    ``(model in eval mode, card)``."""
+    from .transunet import TransUNet
+
+    state, card = read_checkpoint(path)
+    if not isinstance(card.get("model"), dict) or "out_channels" not in card:
+        raise CheckpointError(f"{path}: model card lacks 'model' and 'out_channels'; cannot rebuild the network")
+    try:
+        cfg = from_dict(ModelConfig, card["model"])
+        model = TransUNet(cfg, out_channels=int(card["out_channels"]))
+    except PocusError as exc:
+        raise CheckpointError(f"{path}: model card describes an invalid network ({exc})") from None
+    _load_all(model, state, card, path)
+    return model.to(device).eval(), card
