@@ -134,7 +134,9 @@ def read_gray_png(path: str | Path) -> np.ndarray:
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
     if img is None:
         raise DataError(f"{p}: not a readable image (truncated or corrupt?)")
-    if img.ndim == 3:
+    if img.ndim == 3 and img.shape[2] == 2:
+        img = img[..., 0]  # gray + alpha
+    elif img.ndim == 3:
         # Colour exports of grayscale frames: take luminance, as the released code does (convert('L')).
         img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2GRAY)
     if img.dtype != np.uint8:
@@ -162,7 +164,11 @@ def _parse_bool(text: str) -> bool:
 
 def read_manifest(path: str | Path) -> list[FrameRecord]:
     """Parse a manifest (ours or the released code's 3-column CSV). Raises DataError on bad rows."""
-    p = Path(path)
+    return _read_manifest(Path(path))[0]
+
+
+def _read_manifest(p: Path) -> tuple[list[FrameRecord], list[str]]:
+    """Records and the header's column names."""
     if not p.is_file():
         raise DataError(f"{p}: manifest not found")
     try:
@@ -177,6 +183,9 @@ def read_manifest(path: str | Path) -> list[FrameRecord]:
     records: list[FrameRecord] = []
     problems: list[str] = []
     for lineno, row in enumerate(reader, start=2):
+        if None in row:  # csv puts surplus fields under the key None
+            problems.append(f"line {lineno}: {len(header) + len(row[None])} fields but the header has {len(header)}")
+            continue
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
         try:
             framenum = int(float(row["framenum"]))
@@ -196,8 +205,9 @@ def read_manifest(path: str | Path) -> list[FrameRecord]:
             )
         )
     if problems:
-        raise DataError(f"{p}: {len(problems)} bad row(s): " + "; ".join(problems[:10]))
-    return records
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise DataError(f"{p}: {len(problems)} bad row(s): " + "; ".join(problems[:10]) + more)
+    return records, header
 
 
 def write_manifest(path: str | Path, records: Sequence[FrameRecord]) -> None:
@@ -230,10 +240,10 @@ def load_site(root: str | Path, *, check_images: bool = True, check_sizes: bool 
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: site folder not found")
-    records = read_manifest(root / MANIFEST)
+    records, header = _read_manifest(root / MANIFEST)
     site = Site(root=root, records=records, name=root.name)
-    has_labeled_col = _manifest_has_column(root / MANIFEST, "labeled")
-    has_patient_col = _manifest_has_column(root / MANIFEST, "patient")
+    has_labeled_col = "labeled" in header
+    has_patient_col = "patient" in header
     problems: list[str] = []
     if not records:
         problems.append("manifest lists no frames")
@@ -244,6 +254,9 @@ def load_site(root: str | Path, *, check_images: bool = True, check_sizes: bool 
     for i, r in enumerate(records):
         if not r.filename:
             problems.append(f"row {i + 2}: empty filename")
+            continue
+        if _escapes_folder(r.filename):
+            problems.append(f"row {i + 2}: filename {r.filename!r} must be a relative path inside {IMAGES}/")
             continue
         if r.filename in seen:
             problems.append(f"duplicate filename {r.filename!r} (rows {seen[r.filename] + 2} and {i + 2})")
@@ -260,6 +273,7 @@ def load_site(root: str | Path, *, check_images: bool = True, check_sizes: bool 
         if prev is not None and r.framenum <= prev:
             problems.append(f"{r.filename}: frame numbers not increasing within video {r.videoname!r} ({prev} then {r.framenum})")
         last_frame[r.videoname] = r.framenum
+    problems.extend(_split_leaks(records))
     if check_images and site.images_dir.is_dir():
         for r in records:
             img_path = site.image_path(r)
@@ -285,10 +299,24 @@ def load_site(root: str | Path, *, check_images: bool = True, check_sizes: bool 
     return site
 
 
-def _manifest_has_column(path: Path, column: str) -> bool:
-    with open(path, encoding="utf-8-sig") as fh:
-        header = fh.readline()
-    return column in [h.strip() for h in header.strip().split(",")]
+def _escapes_folder(filename: str) -> bool:
+    parts = Path(filename).parts
+    return Path(filename).is_absolute() or ".." in parts or "\\" in filename
+
+
+def _split_leaks(records: Sequence[FrameRecord]) -> list[str]:
+    """A patient in two splits (or two upper-bound splits) leaks test data into training."""
+    problems = []
+    for column in ("split", "ub_split"):
+        splits_of: dict[str, set[str]] = {}
+        for r in records:
+            value = getattr(r, column)
+            if value:
+                splits_of.setdefault(r.patient, set()).add(value)
+        for patient, values in sorted(splits_of.items()):
+            if len(values) > 1:
+                problems.append(f"patient {patient!r} is in more than one {column} ({', '.join(sorted(values))})")
+    return problems
 
 
 def _png_size(path: Path) -> tuple[int, int] | None:
@@ -316,10 +344,17 @@ class SiteWriter:
             raise DataError(f"{self.root}: already holds a site (manifest.csv exists); pass overwrite")
         (self.root / IMAGES).mkdir(parents=True, exist_ok=True)
         self.records: list[FrameRecord] = []
+        self._filenames: set[str] = set()
 
     def add(self, record: FrameRecord, image: np.ndarray, mask: np.ndarray | None = None) -> None:
         if mask is not None and mask.shape != image.shape:
             raise DataError(f"{record.filename}: mask shape {mask.shape} != image shape {image.shape}")
+        if record.filename in self._filenames:
+            raise DataError(f"{self.root}: duplicate filename {record.filename!r}")
+        if mask is not None and mask.dtype != np.uint8:
+            if mask.size and (mask.min() < 0 or mask.max() > 255 or not np.array_equal(mask, np.round(mask))):
+                raise DataError(f"{record.filename}: mask values must be integers 0-255")
+        self._filenames.add(record.filename)
         write_gray_png(self.root / IMAGES / record.filename, image)
         if mask is not None:
             (self.root / MASKS).mkdir(exist_ok=True)

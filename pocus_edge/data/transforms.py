@@ -4,9 +4,18 @@ Released-code preprocessing (METHOD.md): grayscale frame, zero-padded at the bot
 square, resized to ``size`` x ``size``, repeated to 3 channels, scaled to [0, 1]; no mean/std
 normalization. Masks: binarize (label >= 1 is bone), resize, threshold at 0.5.
 
-Resizing uses OpenCV bilinear interpolation with half-pixel centres (``cv2.INTER_LINEAR``,
-no antialiasing): a fully specified formula that the Android demo's Kotlin core reproduces
-exactly and checks against golden vectors. ``INTERPOLATION`` names it for the model card.
+Resizing is bilinear with half-pixel centres and edge clamping, no antialiasing (the same
+sampling grid as ``cv2.INTER_LINEAR``), written out here in float64 instead of calling
+``cv2.resize``: OpenCV's 8-bit INTER_LINEAR uses 11-bit fixed-point weights and SIMD paths
+that are not bit-exact with its own scalar path, so no other platform (the Android demo's
+Kotlin core) could reproduce it exactly. The formula, for an input of n pixels resized to m
+along one axis (rows first, then columns)::
+
+    s = clamp((i + 0.5) * n / m - 0.5, 0, n - 1);  i0 = floor(s);  i1 = min(i0 + 1, n - 1)
+    w = s - i0;  out[i] = in[i0] * (1 - w) + in[i1] * w
+
+and 8-bit outputs are rounded half up: ``floor(v + 0.5)``. ``INTERPOLATION`` names it for
+the model card.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import numpy as np
 
 from ..errors import DataError
 
-INTERPOLATION = "bilinear-half-pixel (cv2.INTER_LINEAR)"
+INTERPOLATION = "bilinear-half-pixel-clamped, float64, rows then columns, round-half-up"
 
 
 def _check_frame(frame: np.ndarray, what: str = "frame") -> np.ndarray:
@@ -44,13 +53,38 @@ def pad_to_square(frame: np.ndarray) -> np.ndarray:
     return out
 
 
+def bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices ``i0``, ``i1`` and weight ``w`` of ``i1`` for each of ``n_out`` outputs
+    (half-pixel centres, clamped at both edges; see the module docstring)."""
+    pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    pos = np.clip(pos, 0.0, n_in - 1)
+    i0 = np.floor(pos).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, pos - i0
+
+
+def resize_bilinear(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of a 2-D array to height x width. uint8 in -> uint8 out (rounded half
+    up); float in -> float32 out."""
+    if img.ndim != 2:
+        raise ValueError(f"resize_bilinear expects a 2-D array, got shape {img.shape}")
+    if height < 1 or width < 1:
+        raise ValueError(f"resize_bilinear: bad output size {height}x{width}")
+    r0, r1, wr = bilinear_taps(img.shape[0], height)
+    # Gather the needed rows before converting, so a large frame is not copied to float64 whole.
+    rows = img[r0].astype(np.float64) * (1.0 - wr)[:, None] + img[r1].astype(np.float64) * wr[:, None]
+    c0, c1, wc = bilinear_taps(img.shape[1], width)
+    out = rows[:, c0] * (1.0 - wc)[None, :] + rows[:, c1] * wc[None, :]
+    if img.dtype == np.uint8:
+        return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+    return out.astype(np.float32)
+
+
 def resize_square(img: np.ndarray, size: int) -> np.ndarray:
     """Bilinear resize (half-pixel centres) of a square image to size x size."""
-    import cv2
-
     if img.shape[0] == size and img.shape[1] == size:
         return img
-    return cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+    return resize_bilinear(img, size, size)
 
 
 def preprocess_gray(frame: np.ndarray, size: int) -> np.ndarray:

@@ -1,0 +1,188 @@
+"""Site layout: write -> load -> validate round trip, the released code's CSV, and every planted defect."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from pocus_edge.data.layout import (
+    COLUMNS,
+    FrameRecord,
+    SiteWriter,
+    load_site,
+    read_gray_png,
+    read_manifest,
+    write_gray_png,
+)
+from pocus_edge.errors import DataError
+
+
+def frame(h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8)
+
+
+def write_site(root, *, n_videos: int = 2, n_frames: int = 3, labeled=lambda v, f: True):
+    writer = SiteWriter(root)
+    images, masks = {}, {}
+    for v in range(n_videos):
+        for f in range(n_frames):
+            name = f"P{v}_dorsal_{f:03d}.png"
+            img = frame(12, 16, seed=10 * v + f)
+            mask = (img // 64).astype(np.uint8) if labeled(v, f) else None  # labels 0..3
+            writer.add(FrameRecord(name, f"P{v}_dorsal", f, patient=f"P{v}", view="dorsal"), img, mask)
+            images[name], masks[name] = img, mask
+    return writer.close(), images, masks
+
+
+def test_round_trip(tmp_path):
+    site, images, masks = write_site(tmp_path / "site", labeled=lambda v, f: f != 1)
+    again = load_site(tmp_path / "site")
+    assert again.records == site.records
+    assert [r.filename for r in again.records] == list(images)
+    header = (tmp_path / "site" / "manifest.csv").read_text().splitlines()[0]
+    assert header.split(",") == list(COLUMNS)
+    for rec in again.records:
+        np.testing.assert_array_equal(again.read_image(rec), images[rec.filename])
+        assert rec.labeled == (masks[rec.filename] is not None)
+        if rec.labeled:
+            np.testing.assert_array_equal(again.read_mask(rec), masks[rec.filename])
+        else:
+            assert not again.mask_path(rec).exists()
+            with pytest.raises(DataError, match="unlabeled"):
+                again.read_mask(rec)
+    assert again.patients() == ["P0", "P1"]
+    assert len(again.select(labeled=True)) == 4
+    assert len(again.manifest_sha256()) == 64
+
+
+def test_released_code_csv_loads(tmp_path):
+    # The released research code's layout: Images/, Masks/ and a filename,videoname,framenum CSV.
+    root = tmp_path / "released"
+    (root / "Images").mkdir(parents=True)
+    (root / "Masks").mkdir()
+    rows = ["filename,videoname,framenum"]
+    for video, patient in (("S01_volar", "S01"), ("S02_radial", "S02"), ("S03", "S03")):
+        for f in (4, 7, 9):
+            name = f"{video}_{f}.png"
+            write_gray_png(root / "Images" / name, frame(8, 10, f))
+            if f != 7:  # frame 7 has no mask: it loads as unlabeled
+                write_gray_png(root / "Masks" / name, np.zeros((8, 10), np.uint8))
+            rows.append(f"{name},{video},{f}")
+    (root / "manifest.csv").write_text("\r\n".join(rows) + "\r\n")
+    site = load_site(root)
+    assert len(site.records) == 9
+    assert site.patients() == ["S01", "S02", "S03"]  # from the video name's prefix
+    assert [r.labeled for r in site.records[:3]] == [True, False, True]
+    assert all(r.split == "" and r.ub_split == "" for r in site.records)
+
+
+def test_missing_column_refused(tmp_path):
+    path = tmp_path / "manifest.csv"
+    path.write_text("filename,framenum\na.png,0\n")
+    with pytest.raises(DataError, match="videoname"):
+        read_manifest(path)
+
+
+def _planted(tmp_path, plant):
+    root = tmp_path / "site"
+    write_site(root, labeled=lambda v, f: True)
+    plant(root)
+    with pytest.raises(DataError) as info:
+        load_site(root)
+    message = str(info.value)
+    assert "\n" not in message and str(root) in message
+    return message
+
+
+def _edit_manifest(root, edit):
+    path = root / "manifest.csv"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(edit(lines)) + "\n")
+
+
+def _set(line: str, column: str, value: str) -> str:
+    """The manifest line with one column replaced (our manifests have no quoted fields)."""
+    fields = line.split(",")
+    fields[COLUMNS.index(column)] = value
+    return ",".join(fields)
+
+
+DEFECTS = {
+    "missing image": (lambda r: (r / "Images" / "P0_dorsal_001.png").unlink(), "missing image Images/P0_dorsal_001.png"),
+    "missing mask": (lambda r: (r / "Masks" / "P1_dorsal_002.png").unlink(), "has no Masks/P1_dorsal_002.png"),
+    "mask size": (
+        lambda r: write_gray_png(r / "Masks" / "P0_dorsal_002.png", np.zeros((12, 15), np.uint8)),
+        "Masks/P0_dorsal_002.png: mask is 15x12 but image is 16x12",
+    ),
+    "duplicate": (lambda r: _edit_manifest(r, lambda ls: ls + [_set(ls[1], "framenum", "5")]), "duplicate filename 'P0_dorsal_000.png'"),
+    "frame order": (lambda r: _edit_manifest(r, lambda ls: [ls[0], ls[2], ls[1]] + ls[3:]), "frame numbers not increasing within video 'P0_dorsal'"),
+    "unknown split": (lambda r: _edit_manifest(r, lambda ls: ls[:1] + [_set(ls[1], "split", "holdout")] + ls[2:]), "unknown split 'holdout'"),
+    "unknown ub_split": (lambda r: _edit_manifest(r, lambda ls: ls[:1] + [_set(ls[1], "ub_split", "test")] + ls[2:]), "unknown ub_split 'test'"),
+    "bad framenum": (lambda r: _edit_manifest(r, lambda ls: ls[:1] + [_set(ls[1], "framenum", "zero")] + ls[2:]), "framenum 'zero' is not an integer"),
+    "no images folder": (lambda r: shutil.rmtree(r / "Images"), "Images/ folder missing"),
+    "empty manifest": (lambda r: _edit_manifest(r, lambda ls: ls[:1]), "manifest lists no frames"),
+    "escaping filename": (lambda r: _edit_manifest(r, lambda ls: ls + ["../x.png,P9,0,P9,,0,,"]), "must be a relative path"),
+    "patient in two splits": (
+        lambda r: _edit_manifest(r, lambda ls: ls[:1] + [_set(l, "split", "train" if i == 0 else "test") for i, l in enumerate(ls[1:4])] + ls[4:]),
+        "patient 'P0' is in more than one split (test, train)",
+    ),
+    "extra field": (lambda r: _edit_manifest(r, lambda ls: ls[:1] + [ls[1] + ",extra"] + ls[2:]), "9 fields but the header has 8"),
+    "corrupt mask": (lambda r: (r / "Masks" / "P1_dorsal_000.png").write_bytes(b"not a png"), "Masks/P1_dorsal_000.png: unreadable mask"),
+}
+
+
+@pytest.mark.parametrize("name", list(DEFECTS))
+def test_each_planted_defect_named(tmp_path, name):
+    plant, expected = DEFECTS[name]
+    assert expected in _planted(tmp_path, plant)
+
+
+def test_all_problems_in_one_error(tmp_path):
+    def plant(root):
+        for key in ("missing image", "missing mask", "mask size", "duplicate"):
+            DEFECTS[key][0](root)
+
+    message = _planted(tmp_path, plant)
+    assert "4 problem(s)" in message
+    for key in ("missing image", "missing mask", "mask size", "duplicate"):
+        assert DEFECTS[key][1] in message
+
+
+def test_missing_folder_and_manifest(tmp_path):
+    with pytest.raises(DataError, match="site folder not found"):
+        load_site(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="manifest not found"):
+        load_site(tmp_path / "empty")
+
+
+def test_site_writer_refusals(tmp_path):
+    writer = SiteWriter(tmp_path / "s")
+    img = np.zeros((4, 5), np.uint8)
+    writer.add(FrameRecord("a.png", "v", 0), img)
+    with pytest.raises(DataError, match="duplicate"):
+        writer.add(FrameRecord("a.png", "v", 1), img)
+    with pytest.raises(DataError, match="mask shape"):
+        writer.add(FrameRecord("b.png", "v", 1), img, np.zeros((5, 4), np.uint8))
+    with pytest.raises(DataError, match="0-255"):
+        writer.add(FrameRecord("c.png", "v", 2), img, np.full((4, 5), 300, np.int32))
+    writer.close()
+    with pytest.raises(DataError, match="already holds a site"):
+        SiteWriter(tmp_path / "s")
+
+
+def test_gray_png_reader(tmp_path):
+    import cv2
+
+    img = frame(6, 7, 3)
+    color = np.dstack([img, img, img])
+    cv2.imwrite(str(tmp_path / "c.png"), color)
+    np.testing.assert_array_equal(read_gray_png(tmp_path / "c.png"), img)
+    cv2.imwrite(str(tmp_path / "w.png"), img.astype(np.uint16) * 256)
+    with pytest.raises(DataError, match="8-bit"):
+        read_gray_png(tmp_path / "w.png")
+    (tmp_path / "t.png").write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(DataError, match="not a readable image"):
+        read_gray_png(tmp_path / "t.png")
