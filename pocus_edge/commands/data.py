@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
-from . import not_built
 
 
 def _parse_fractions(text: str) -> tuple[float, float, float]:
@@ -24,11 +24,51 @@ def _parse_fractions(text: str) -> tuple[float, float, float]:
 def register(app: typer.Typer) -> None:
     @app.command("import")
     def import_(
-        videos: Path = typer.Argument(..., help="Folder of cine videos (mp4/avi) or multi-frame DICOM."),
-        out: Path = typer.Argument(..., help="Site folder to write."),
+        videos: Path = typer.Argument(
+            ..., help="Folder of cine videos (mp4/avi/mov/mkv via OpenCV) and/or DICOM files (multi-frame, via pydicom); searched recursively."
+        ),
+        out: Path = typer.Argument(..., help="Site folder to create (Images/, Masks/, manifest.csv); must not exist yet."),
+        labels: Optional[Path] = typer.Option(
+            None,
+            help="Folder of ITK-SNAP segmentations (.nii.gz/.nii/.nrrd/.mha), one volume per video, matched by file "
+            "name (an optional -seg suffix is ignored); slice z labels frame z.",
+        ),
+        patient_from: Optional[str] = typer.Option(
+            None,
+            help="Regular expression searched in each video's relative path (no extension); its first group is the "
+            "patient ID, e.g. '^(P\\d+)/'. Default: DICOM PatientID, else the video name up to the first '_'.",
+        ),
+        view_from: Optional[str] = typer.Option(
+            None, help="Regular expression for the view (dorsal, volar, ...) in the relative path; its first group is kept."
+        ),
+        empty_slices: str = typer.Option(
+            "unlabeled",
+            help="Frames whose label slice is all zero: 'unlabeled' (sparse annotation, the usual ITK-SNAP case) or "
+            "'background' (every frame was annotated; an empty slice means no bone).",
+        ),
+        overwrite: bool = typer.Option(False, help="Replace OUT if it already holds a site."),
     ) -> None:
-        """Turn cine videos (+ optional ITK-SNAP segmentations) into a site folder."""
-        not_built("import", "foundation issue")
+        """Turn cine videos (+ optional ITK-SNAP segmentations) into a site folder; nothing is written on error."""
+        from ..data.importer import import_summary, import_videos
+
+        def report(source, frames: int) -> None:
+            typer.echo(f"  {source.videoname}: {frames} frames")
+
+        site = import_videos(
+            videos,
+            out,
+            labels_dir=labels,
+            patient_from=patient_from,
+            view_from=view_from,
+            empty_slices=empty_slices,
+            overwrite=overwrite,
+            progress=report,
+        )
+        s = import_summary(site)
+        typer.echo(
+            f"wrote {site.root}: {s.videos} videos, {s.frames} frames ({s.labeled} labeled), {s.patients} patients; "
+            f"next: pocus-edge split {site.root} --domain source|target"
+        )
 
     @app.command("split")
     def split(

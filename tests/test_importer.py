@@ -1,0 +1,219 @@
+"""Importer round trip on videos, a multi-frame DICOM and label volumes the test writes itself,
+and each refusal (nothing half-written)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from pocus_edge.data.importer import import_videos
+from pocus_edge.data.layout import load_site
+from pocus_edge.errors import DataError
+
+H, W, N = 24, 32, 3  # the AVI's frames
+DH, DW, DN = 20, 28, 4  # the DICOM's frames
+
+
+def frames(n: int, h: int, w: int, seed: int) -> np.ndarray:
+    # Smooth-ish content so even a lossy fallback codec stays close.
+    rng = np.random.default_rng(seed)
+    base = cv2.resize(rng.integers(0, 256, (h // 4, w // 4), dtype=np.uint8), (w, h), interpolation=cv2.INTER_LINEAR)
+    return np.stack([np.roll(base, 2 * i, axis=1) for i in range(n)])
+
+
+def write_video(path, video: np.ndarray) -> int:
+    """Write grayscale frames; returns the pixel tolerance of the codec used (FFV1 is lossless)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for fourcc, tol in (("FFV1", 0), ("MJPG", 12)):
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 10, (video.shape[2], video.shape[1]), isColor=False)
+        if writer.isOpened():
+            for f in video:
+                writer.write(f)
+            writer.release()
+            return tol
+    pytest.skip("OpenCV here can write neither FFV1 nor MJPG video")
+
+
+def write_dicom(path, video: np.ndarray, patient_id: str) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # Ultrasound Multi-frame Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientID = patient_id
+    ds.Modality = "US"
+    ds.Rows, ds.Columns = video.shape[1:]
+    ds.NumberOfFrames = video.shape[0]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.ascontiguousarray(video, dtype=np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def write_labels(path, labels: np.ndarray) -> None:
+    """labels: (frames, rows, columns) -> a volume of size (columns, rows, frames), as ITK-SNAP saves it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(labels)
+    assert image.GetSize() == labels.shape[::-1]
+    sitk.WriteImage(image, str(path))
+
+
+def avi_labels() -> np.ndarray:
+    labels = np.zeros((N, H, W), np.uint8)
+    labels[0, 2:10, 3:12] = 1
+    labels[0, 12:20, 3:9] = 3
+    labels[2, 5:9, 20:30] = 2  # frame 1 stays empty: not annotated
+    return labels
+
+
+def dicom_labels() -> np.ndarray:
+    labels = np.zeros((DN, DH, DW), np.uint8)
+    labels[1, 4:16, 5:25] = 1
+    return labels
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    videos, labels = tmp_path / "videos", tmp_path / "labels"
+    avi = frames(N, H, W, seed=1)
+    dcm = frames(DN, DH, DW, seed=2)
+    tol = write_video(videos / "P001" / "dorsal.avi", avi)
+    write_dicom(videos / "P002_volar.dcm", dcm, patient_id="PID-2")
+    write_labels(labels / "P001" / "dorsal-seg.nii.gz", avi_labels())
+    write_labels(labels / "P002_volar.nrrd", dicom_labels())
+    return {"videos": videos, "labels": labels, "avi": avi, "dcm": dcm, "tol": tol, "root": tmp_path}
+
+
+def test_round_trip(inputs):
+    out = inputs["root"] / "site"
+    site = import_videos(inputs["videos"], out, labels_dir=inputs["labels"], view_from=r"(dorsal|volar)")
+    assert load_site(out).records == site.records
+    by_video = {}
+    for r in site.records:
+        by_video.setdefault(r.videoname, []).append(r)
+    assert sorted(by_video) == ["P001_dorsal", "P002_volar"]
+    for name, video, labels, patient, view in (
+        ("P001_dorsal", inputs["avi"], avi_labels(), "P001", "dorsal"),
+        ("P002_volar", inputs["dcm"], dicom_labels(), "PID-2", "volar"),  # DICOM PatientID wins
+    ):
+        records = by_video[name]
+        assert [r.framenum for r in records] == list(range(len(video)))
+        assert {r.patient for r in records} == {patient} and {r.view for r in records} == {view}
+        for r, frame, label in zip(records, video, labels):
+            image = site.read_image(r)
+            tol = inputs["tol"] if name.endswith("dorsal") else 0  # DICOM pixels are exact
+            assert np.abs(image.astype(int) - frame).max() <= tol
+            assert r.labeled == bool(label.any())
+            if r.labeled:
+                np.testing.assert_array_equal(site.read_mask(r), label)
+    assert sum(r.labeled for r in site.records) == 3
+
+
+def test_patient_regex_and_background_slices(inputs):
+    out = inputs["root"] / "site"
+    site = import_videos(
+        inputs["videos"], out, labels_dir=inputs["labels"], patient_from=r"^(P\d+)", empty_slices="background"
+    )
+    assert site.patients() == ["P001", "P002"]
+    assert all(r.labeled for r in site.records), "every slice of a labeled video counts when empty = background"
+    blank = [r for r in site.records if r.videoname == "P001_dorsal" and r.framenum == 1][0]
+    assert site.read_mask(blank).max() == 0
+
+
+def test_videos_without_labels(inputs):
+    site = import_videos(inputs["videos"], inputs["root"] / "site")
+    assert len(site.records) == N + DN and not any(r.labeled for r in site.records)
+    assert not site.masks_dir.exists()
+
+
+def _refused(inputs, match, **kwargs):
+    out = inputs["root"] / "site"
+    before = sorted(p.name for p in inputs["root"].iterdir())
+    with pytest.raises(DataError, match=match) as info:
+        import_videos(inputs["videos"], out, labels_dir=kwargs.pop("labels_dir", inputs["labels"]), **kwargs)
+    assert "\n" not in str(info.value)
+    assert not out.exists(), "nothing half-written"
+    assert sorted(p.name for p in inputs["root"].iterdir()) == before, "no temporary folder left behind"
+    return str(info.value)
+
+
+def test_refuses_frame_count_mismatch(inputs):
+    # The DICOM's label gets one slice too many; the AVI (imported first) is already written to the temp folder.
+    write_labels(inputs["labels"] / "P002_volar.nrrd", np.zeros((DN + 1, DH, DW), np.uint8))
+    message = _refused(inputs, "frame-count mismatch")
+    assert "P002_volar.nrrd" in message and f"{DN + 1} label slices" in message and f"{DN} frames" in message
+
+
+def test_refuses_too_few_slices(inputs):
+    write_labels(inputs["labels"] / "P001" / "dorsal-seg.nii.gz", avi_labels()[:2])
+    assert "dorsal-seg.nii.gz" in _refused(inputs, "frame-count mismatch: 2 label slices")
+
+
+def test_refuses_swapped_geometry(inputs):
+    write_labels(inputs["labels"] / "P001" / "dorsal-seg.nii.gz", np.zeros((N, W, H), np.uint8))
+    assert "dorsal-seg.nii.gz" in _refused(inputs, "rows and columns swapped")
+
+
+def test_refuses_wrong_frame_size(inputs):
+    write_labels(inputs["labels"] / "P002_volar.nrrd", np.zeros((DN, DH, DW + 1), np.uint8))
+    _refused(inputs, f"label slices are {DW + 1}x{DH}")
+
+
+def test_refuses_unreadable_video(inputs):
+    (inputs["videos"] / "P003_broken.mp4").write_bytes(b"\x00not a video" * 50)
+    assert "P003_broken.mp4" in _refused(inputs, "unreadable video")
+
+
+def test_refuses_corrupt_dicom(inputs):
+    (inputs["videos"] / "P004.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00garbage")
+    assert "P004.dcm" in _refused(inputs, "DICOM")
+
+
+def test_refuses_corrupt_label_file(inputs):
+    (inputs["labels"] / "P002_volar.nrrd").write_bytes(b"NRRD0004\ngarbage\n")
+    assert "P002_volar.nrrd" in _refused(inputs, "unreadable label file")
+
+
+def test_refuses_bad_label_values(inputs):
+    write_labels(inputs["labels"] / "P002_volar.nrrd", np.full((DN, DH, DW), 300, np.uint16))
+    _refused(inputs, "label values must be integers 0-255")
+
+
+def test_refuses_unmatched_label_file(inputs):
+    write_labels(inputs["labels"] / "P009_radial.nii.gz", np.zeros((1, 2, 2), np.uint8))
+    assert "P009_radial.nii.gz" in _refused(inputs, "matches no video")
+
+
+def test_refuses_unmatched_patient_regex(inputs):
+    assert "P002_volar.dcm" in _refused(inputs, "does not match", patient_from=r"^P\d+/")
+
+
+def test_refuses_empty_folder(inputs, tmp_path):
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(DataError, match="no videos found"):
+        import_videos(tmp_path / "nothing", tmp_path / "site")
+
+
+def test_existing_output(inputs):
+    out = inputs["root"] / "site"
+    import_videos(inputs["videos"], out)
+    with pytest.raises(DataError, match="already exists"):
+        import_videos(inputs["videos"], out, labels_dir=inputs["labels"])
+    replaced = import_videos(inputs["videos"], out, labels_dir=inputs["labels"], overwrite=True)
+    assert sum(r.labeled for r in replaced.records) == 3
+    assert sorted(p.name for p in inputs["root"].iterdir()) == ["labels", "site", "videos"]
+    (inputs["root"] / "notes").mkdir()
+    (inputs["root"] / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(DataError, match="not a site folder"):
+        import_videos(inputs["videos"], inputs["root"] / "notes", overwrite=True)
+    assert (inputs["root"] / "notes" / "keep.txt").read_text() == "mine"
