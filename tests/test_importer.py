@@ -217,3 +217,24 @@ def test_existing_output(inputs):
     with pytest.raises(DataError, match="not a site folder"):
         import_videos(inputs["videos"], inputs["root"] / "notes", overwrite=True)
     assert (inputs["root"] / "notes" / "keep.txt").read_text() == "mine"
+
+
+def test_video_to_volume_matches_the_import_convention(inputs):
+    # A user builds the ITK-SNAP volume with video_to_volume, draws labels on it and saves them
+    # with the same geometry; the importer must put slice z on frame z with rows/columns intact.
+    from pocus_edge.data.importer import video_to_volume
+
+    volume_path = video_to_volume(inputs["videos"] / "P002_volar.dcm", inputs["root"] / "volar.nii.gz")
+    volume = sitk.ReadImage(str(volume_path))
+    assert volume.GetSize() == (DW, DH, DN)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(volume), inputs["dcm"])
+    labels = (sitk.GetArrayFromImage(volume) > 128).astype(np.uint8) * 2
+    segmentation = sitk.GetImageFromArray(labels)
+    segmentation.CopyInformation(volume)
+    sitk.WriteImage(segmentation, str(inputs["labels"] / "P002_volar.nrrd"))
+    site = import_videos(inputs["videos"], inputs["root"] / "site", labels_dir=inputs["labels"])
+    for r in (r for r in site.records if r.videoname == "P002_volar"):
+        image = site.read_image(r)
+        assert r.labeled == bool((image > 128).any())
+        if r.labeled:
+            np.testing.assert_array_equal(site.read_mask(r), (image > 128).astype(np.uint8) * 2)

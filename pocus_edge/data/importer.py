@@ -356,6 +356,38 @@ def import_videos(
     return load_site(out_dir)
 
 
+def read_video_frames(path: str | Path) -> np.ndarray:
+    """All frames of one video or DICOM file as uint8 (frames, rows, columns), as the importer sees them."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: video file not found")
+    if path.suffix.lower() in DICOM_SUFFIXES or _is_dicom(path):
+        return _dicom_frames(path)[0]
+    frames = list(_frames_opencv(path))
+    if not frames:
+        raise DataError(f"{path}: unreadable video (no frame could be decoded)")
+    if any(f.shape != frames[0].shape for f in frames):
+        raise DataError(f"{path}: frames of different sizes")
+    return np.stack(frames)
+
+
+def video_to_volume(video: str | Path, out: str | Path) -> Path:
+    """Write a video as a 3-D image (x = column, y = row, z = frame; unit spacing) for ITK-SNAP.
+
+    Segment it in ITK-SNAP and save the segmentation next to the other label files: its
+    geometry is then exactly what :func:`import_videos` expects.
+    """
+    import SimpleITK as sitk
+
+    out = Path(out)
+    if _strip_suffix(out.name, LABEL_SUFFIXES) is None:
+        raise ConfigError(f"{out}: use one of {', '.join(LABEL_SUFFIXES)}")
+    volume = sitk.GetImageFromArray(read_video_frames(video))  # array [z, y, x] -> image (x, y, z)
+    with atomic_path(out) as tmp:
+        sitk.WriteImage(volume, str(tmp), True)
+    return out
+
+
 def import_summary(site: Site) -> ImportSummary:
     return ImportSummary(
         videos=len({r.videoname for r in site.records}),
