@@ -169,6 +169,7 @@ class FrameParser:
         self.buf = bytearray()
         self.counters = StreamCounters()
         self._in_bad_run = False
+        self.last_parse_ms = 0.0  # checksum + pixel decoding time of the last frame returned
 
     # -- helpers --------------------------------------------------------------------------
     def _discard_to_next_magic(self, reason: str, start: int = 1, *, keep_tail: bool = True) -> None:
@@ -217,6 +218,7 @@ class FrameParser:
 
     def next_frame(self) -> tuple[FrameHeader, np.ndarray] | None:
         """Return the next complete valid frame in the buffer, or None if more bytes are needed."""
+        t0 = time.perf_counter()
         while True:
             if not self.buf:
                 return None
@@ -260,6 +262,7 @@ class FrameParser:
                     return None
             pixels = decode_pixels(memoryview(self.buf)[HEADER_SIZE:end], h.pixel_format, h.width, h.height)
             del self.buf[:end]
+            self.last_parse_ms = (time.perf_counter() - t0) * 1000.0
             self.counters.frames_ok += 1
             return h, pixels
 

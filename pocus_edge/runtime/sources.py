@@ -33,6 +33,8 @@ class FrameSource:
 
     name: str = "source"
     live: bool = False  # frames arrive in real time (no pacing needed)
+    # Live sources set this per frame: their iterator also waits for the network, which is not decoding.
+    last_decode_ms: float | None = None
     fps: float | None = None  # nominal frame rate, if the container says
 
     def __init__(self) -> None:
@@ -262,6 +264,7 @@ class RawStreamSource(FrameSource):
         index = 0
         for header, pixels in protocol.iter_raw_frames(reader, self.parser, read_timeout=self.read_timeout, idle_timeout=self.idle_timeout):
             self.last_header = header
+            self.last_decode_ms = self.parser.last_parse_ms
             yield pixels, header.timestamp_ms, index
             index += 1
 

@@ -1,0 +1,353 @@
+"""source -> preprocess -> infer -> threshold -> sinks, with honest statistics.
+
+A producer thread pulls frames from the source (decode) into a bounded queue; the calling
+thread preprocesses, runs the backend, thresholds and feeds the sinks.
+
+* offline (default, ``drop=False``): the producer blocks when the queue is full; every frame
+  is processed.
+* ``realtime=True``: frames of a recorded source are released at their own timestamps (live
+  sources are already paced by the sender). With ``drop=True`` (the realtime default) a
+  full queue drops its OLDEST frame, so the display always shows the newest one; drops are
+  counted. ``drop=False`` keeps pacing but never drops (the run falls behind real time).
+
+Nothing grows with the stream's length: the queue is bounded, latency samples live in a
+fixed-size reservoir, and sinks write each frame out as it comes.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from ..errors import DataError, PocusError
+from .stats import ProgressLine, RunStats
+
+_END = object()
+
+
+@dataclass
+class StreamOptions:
+    realtime: bool = False
+    drop: bool | None = None  # None: drop when realtime, never offline
+    queue_size: int = 4
+    batch_size: int = 1
+    max_frames: int | None = None
+    threshold: float | None = None  # None: the model card's (0.5)
+    speed: float = 1.0  # realtime playback speed factor for recorded sources
+    progress: bool | None = None  # None: when stderr is a terminal
+    report_every_s: float | None = None  # rewrite the JSON report periodically (long streams)
+
+    @property
+    def dropping(self) -> bool:
+        return self.realtime if self.drop is None else bool(self.drop)
+
+
+@dataclass
+class FrameResult:
+    index: int
+    timestamp_ms: float
+    frame: np.ndarray  # uint8 HxW, as decoded
+    prob: np.ndarray  # float32 HxW fused probability at frame resolution
+    mask: np.ndarray  # bool HxW
+    weight: np.ndarray | None = None  # float32 HxW fusion weight of the generative branch
+
+
+@dataclass
+class _Item:
+    frame: np.ndarray
+    timestamp_ms: float
+    index: int
+    t_start: float  # perf_counter when decoding of this frame began
+    decode_ms: float
+
+
+class _FrameQueue:
+    """Bounded FIFO. ``put`` either blocks while full or drops the oldest item (returned)."""
+
+    def __init__(self, maxsize: int, drop_oldest: bool):
+        self.maxsize = max(1, int(maxsize))
+        self.drop_oldest = drop_oldest
+        self._dq: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+
+    def put(self, item, stop: threading.Event) -> Any:
+        with self._cond:
+            dropped = None
+            if item is not _END and len(self._dq) >= self.maxsize:
+                if self.drop_oldest:
+                    dropped = self._dq.popleft()
+                else:
+                    while len(self._dq) >= self.maxsize and not stop.is_set():
+                        self._cond.wait(0.1)
+            self._dq.append(item)
+            self._cond.notify_all()
+            return dropped
+
+    def get_batch(self, n: int, *, wait_full: bool) -> list:
+        """Block for one item, then take up to ``n`` (waiting for all ``n`` only if ``wait_full``)."""
+        with self._cond:
+            while not self._dq:
+                self._cond.wait(0.1)
+            out = [self._dq.popleft()]
+            while len(out) < n and out[-1] is not _END:
+                if not self._dq:
+                    if not wait_full:
+                        break
+                    self._cond.wait(0.1)
+                    continue
+                out.append(self._dq.popleft())
+            self._cond.notify_all()
+            return out
+
+    def drain(self) -> list:
+        with self._cond:
+            items = list(self._dq)
+            self._dq.clear()
+            self._cond.notify_all()
+            return items
+
+
+class Sink:
+    """Receives each processed frame; ``close(ok)`` finalizes (atomically) or discards."""
+
+    needs_frame_resolution = True
+
+    def write(self, result: FrameResult) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self, ok: bool = True) -> None:
+        pass
+
+
+class OverlayVideoSink(Sink):
+    def __init__(self, path: str | Path, fps: float | None = None, *, weight_map: bool = True):
+        from .overlay import VideoSink
+
+        self.video = VideoSink(path, fps or 30.0)
+        self.weight_map = weight_map
+
+    def write(self, r: FrameResult) -> None:
+        from .overlay import render_overlay
+
+        self.video.write(render_overlay(r.frame, r.mask, r.weight if self.weight_map else None))
+
+    def close(self, ok: bool = True) -> None:
+        self.video.close(ok)
+
+
+class MaskFileSink(Sink):
+    def __init__(self, path: str | Path):
+        from .overlay import MaskSink
+
+        self.masks = MaskSink(path)
+
+    def write(self, r: FrameResult) -> None:
+        self.masks.write(r.index, r.mask)
+
+    def close(self, ok: bool = True) -> None:
+        self.masks.close(ok)
+
+
+class CallbackSink(Sink):
+    def __init__(self, fn: Callable[[FrameResult], None]):
+        self.fn = fn
+
+    def write(self, r: FrameResult) -> None:
+        self.fn(r)
+
+
+def run_stream(
+    source,
+    backend,
+    *,
+    options: StreamOptions | None = None,
+    sinks: Iterable[Sink] = (),
+    report_path: str | os.PathLike | None = None,
+    extra_report: dict | None = None,
+) -> dict[str, Any]:
+    """Stream ``source`` through ``backend`` into ``sinks``; return (and optionally write,
+    atomically) the JSON report."""
+    from .overlay import to_frame_resolution
+
+    opts = options or StreamOptions()
+    if opts.batch_size < 1:
+        raise PocusError(f"batch size must be >= 1, got {opts.batch_size}")
+    sinks = list(sinks)
+    stats = RunStats()
+    threshold = float(opts.threshold if opts.threshold is not None else getattr(backend, "threshold", 0.5))
+    queue = _FrameQueue(opts.queue_size, drop_oldest=opts.dropping)
+    stop = threading.Event()
+    producer_error: list[BaseException] = []
+    paced = opts.realtime and not getattr(source, "live", False)
+
+    def produce() -> None:
+        try:
+            it = iter(source)
+            t_wall0 = ts0 = None
+            while not stop.is_set():
+                if opts.max_frames is not None and stats.frames_in >= opts.max_frames:
+                    break
+                t0 = time.perf_counter()
+                try:
+                    frame, ts, index = next(it)
+                except StopIteration:
+                    break
+                t1 = time.perf_counter()
+                decode_ms = source.last_decode_ms if getattr(source, "last_decode_ms", None) is not None else (t1 - t0) * 1000.0
+                if paced:
+                    if t_wall0 is None:
+                        t_wall0, ts0 = t1, ts
+                    delay = t_wall0 + (ts - ts0) / 1000.0 / opts.speed - time.perf_counter()
+                    if delay > 0:
+                        stop.wait(delay)
+                    # In realtime the frame "arrives" now; its decode happened just before.
+                    t_start = time.perf_counter() - decode_ms / 1000.0
+                else:
+                    t_start = t1 - decode_ms / 1000.0
+                stats.stages["decode"].add(decode_ms)
+                with stats.lock:
+                    stats.frames_in += 1
+                dropped = queue.put(_Item(frame, float(ts), int(index), t_start, decode_ms), stop)
+                if dropped is not None:
+                    with stats.lock:
+                        stats.frames_dropped += 1
+        except BaseException as exc:  # re-raised in the calling thread
+            producer_error.append(exc)
+        finally:
+            queue.put(_END, stop)
+
+    total = None
+    try:
+        total = len(source)
+        if opts.max_frames is not None:
+            total = min(total, opts.max_frames)
+    except TypeError:
+        pass
+
+    producer = threading.Thread(target=produce, name="pocus-edge-source", daemon=True)
+    ok = False
+    last_report = time.perf_counter()
+    want_frame_res = any(getattr(s, "needs_frame_resolution", True) for s in sinks)
+
+    def write_report(final: bool) -> dict[str, Any]:
+        report = _build_report(stats, backend, source, opts, threshold, extra_report, final)
+        if report_path is not None:
+            from ..io import write_json_atomic
+
+            write_json_atomic(report_path, report)
+        return report
+
+    stats.start()
+    producer.start()
+    try:
+        with ProgressLine(stats, total=total, enabled=opts.progress) as progress:
+            finished = False
+            while not finished:
+                batch = queue.get_batch(opts.batch_size, wait_full=not opts.dropping)
+                if batch[-1] is _END:
+                    batch.pop()
+                    finished = True
+                if not batch:
+                    continue
+                inputs, items = [], []
+                for item in batch:
+                    t0 = time.perf_counter()
+                    try:
+                        inputs.append(backend.prepare(item.frame))
+                        items.append(item)
+                    except DataError as exc:
+                        # Already counted in frames_in on arrival: only move it to invalid.
+                        stats.add_invalid({f"preprocess: {str(exc).split(': ', 1)[-1][:80]}": 1}, arrived=True)
+                        continue
+                    stats.stages["preprocess"].add((time.perf_counter() - t0) * 1000.0)
+                if not items:
+                    continue
+                t0 = time.perf_counter()
+                out = backend.run(np.stack(inputs))
+                infer_ms = (time.perf_counter() - t0) * 1000.0
+                prob = out["prob"]
+                weight = out.get("weight")
+                for k, item in enumerate(items):
+                    t0 = time.perf_counter()
+                    p = prob[k, 0]
+                    if sinks:
+                        if want_frame_res:
+                            p_frame = to_frame_resolution(p, item.frame.shape)
+                            w_frame = to_frame_resolution(weight[k, 0], item.frame.shape) if weight is not None else None
+                        else:
+                            p_frame, w_frame = p, (weight[k, 0] if weight is not None else None)
+                        result = FrameResult(item.index, item.timestamp_ms, item.frame, p_frame, p_frame >= threshold, w_frame)
+                        for sink in sinks:
+                            sink.write(result)
+                    else:
+                        _ = p >= threshold  # the threshold is part of the measured work
+                    t1 = time.perf_counter()
+                    stats.stages["infer"].add(infer_ms)
+                    stats.stages["postprocess"].add((t1 - t0) * 1000.0)
+                    stats.end_to_end.add((t1 - item.t_start) * 1000.0)
+                    stats.frames_processed += 1
+                progress.update()
+                if opts.report_every_s and report_path is not None and time.perf_counter() - last_report >= opts.report_every_s:
+                    last_report = time.perf_counter()
+                    write_report(final=False)
+        ok = True
+    finally:
+        stop.set()
+        producer.join(timeout=5.0)
+        # Frames still queued when the run stops early (Ctrl-C, an error) were never processed.
+        leftover = [i for i in queue.drain() if i is not _END]
+        stats.frames_dropped += len(leftover)
+        stats.stop()
+        stats.add_invalid(dict(getattr(source, "invalid_reasons", {}) or {}))
+        sink_error = None
+        for sink in sinks:
+            try:
+                # What was processed is complete and valid, so keep it even when the run stopped early.
+                sink.close(ok=True)
+            except Exception as exc:  # report the first, close the rest
+                sink_error = sink_error or exc
+        report = write_report(final=True)
+    if producer_error:
+        raise producer_error[0]
+    if sink_error is not None:
+        raise sink_error
+    return report
+
+
+def _build_report(stats: RunStats, backend, source, opts: StreamOptions, threshold: float, extra: dict | None, final: bool) -> dict[str, Any]:
+    import datetime as _dt
+
+    desc = backend.describe() if hasattr(backend, "describe") else {}
+    report = stats.report(
+        gflops_per_frame=_round(desc.get("gflops_per_frame")),
+        backend=desc.get("backend", getattr(backend, "name", "?")),
+        precision=desc.get("precision", getattr(backend, "precision", "?")),
+        device=desc.get("device", getattr(backend, "device", "?")),
+        img_size=desc.get("img_size"),
+        input_dtype=desc.get("input_dtype"),
+        threshold=threshold,
+        mode={
+            "realtime": opts.realtime,
+            "drop_oldest": opts.dropping,
+            "queue_size": opts.queue_size,
+            "batch_size": opts.batch_size,
+            "speed": opts.speed,
+        },
+        source=source.describe() if hasattr(source, "describe") else {"name": str(source)},
+        final=final,
+        created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    )
+    if extra:
+        report.update(extra)
+    return report
+
+
+def _round(v):
+    return round(float(v), 4) if v is not None else None

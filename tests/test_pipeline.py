@@ -1,0 +1,294 @@
+"""The streaming pipeline: outputs equal a brute-force reference, realtime drops the oldest
+frames and counts them, counts add up, memory stays flat, bad frames never crash it."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import tracemalloc
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from pocus_edge.data.transforms import preprocess_frame
+from pocus_edge.runtime import protocol
+from pocus_edge.runtime.backends import count_onnx_flops, open_backend
+from pocus_edge.runtime.overlay import to_frame_resolution
+from pocus_edge.runtime.pipeline import (
+    CallbackSink,
+    MaskFileSink,
+    OverlayVideoSink,
+    StreamOptions,
+    run_stream,
+)
+from pocus_edge.runtime.sources import FrameSource, RawStreamSource
+from pocus_edge.runtime.stats import LatencyRecorder
+
+SIZE = 32
+
+
+class TinySegmenter(torch.nn.Module):
+    """Stand-in for the fused graph: conv + per-pixel linear + sigmoid; optionally the five
+    outputs of a FusedSegmenter exported with return_branches."""
+
+    def __init__(self, branches: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.lin = torch.nn.Linear(4, 2)
+        self.branches = branches
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x * 4.0 - 2.0))
+        p = torch.sigmoid(self.lin(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        p_g, p_c = p[:, :1], p[:, 1:]
+        c_g, c_c = 1 - p_g * 0.5, 0.5 + p_c * 0.5
+        fused = (p_g * c_g + p_c * c_c) / (c_g + c_c + 1e-6)
+        if self.branches:
+            return fused, p_g, p_c, c_g, c_c
+        return fused
+
+
+def _export(module, path, card=None):
+    import onnx
+
+    names = ["fused", "p_generative", "p_contrastive", "c_generative", "c_contrastive"] if module.branches else ["fused"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(), (torch.rand(2, 3, SIZE, SIZE),), str(path), dynamo=False,
+            input_names=["frames"], output_names=names,
+            dynamic_axes={"frames": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+        )
+    if card is not None:
+        proto = onnx.load(str(path))
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "pocus_edge_card", json.dumps(card)
+        onnx.save(proto, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    d = tmp_path_factory.mktemp("onnx")
+    plain = _export(TinySegmenter(), d / "plain.onnx")
+    card = {"img_size": SIZE, "threshold": 0.5, "gflops_per_frame": 0.123, "precision": "fp32"}
+    branches = _export(TinySegmenter(branches=True), d / "branches.onnx", card=card)
+    return plain, branches
+
+
+class ListSource(FrameSource):
+    def __init__(self, frames, period_ms=10.0, live=False):
+        super().__init__()
+        self.frames, self.period, self.live = frames, period_ms, live
+        self.name = "list"
+
+    def __len__(self):
+        return len(self.frames)
+
+    def __iter__(self):
+        for i, f in enumerate(self.frames):
+            yield f, i * self.period, i
+
+
+class SyntheticSource(FrameSource):
+    """n frames generated on the fly (nothing kept): for long-stream memory tests."""
+
+    def __init__(self, n, shape=(24, 30)):
+        super().__init__()
+        self.n, self.shape = n, shape
+
+    def __iter__(self):
+        rng = np.random.default_rng(0)
+        for i in range(self.n):
+            yield rng.integers(0, 256, size=self.shape, dtype=np.uint8), i * 33.3, i
+
+
+class SlowBackend:
+    """Deliberately slow: each batch takes ``delay_s``; output = the mean-intensity map."""
+
+    name, precision, device, img_size, threshold = "slow", "fp32", "cpu", 16, 0.5
+
+    def __init__(self, delay_s):
+        self.delay_s = delay_s
+        self.frames_seen = []
+
+    def prepare(self, frame):
+        return preprocess_frame(frame, self.img_size)
+
+    def run(self, batch):
+        time.sleep(self.delay_s)
+        return {"prob": batch[:, :1].astype(np.float32)}
+
+    def describe(self):
+        return {"backend": self.name, "precision": self.precision, "device": self.device, "gflops_per_frame": None}
+
+
+def _frames(n, seed=0, shape=(40, 52)):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=shape, dtype=np.uint8) for _ in range(n)]
+
+
+def test_ort_backend_matches_torch_and_reads_the_card(tiny_onnx):
+    plain, branches = tiny_onnx
+    module = TinySegmenter(branches=True).eval()
+    be = open_backend(branches, "ort", threads=1)
+    assert (be.img_size, be.precision, be.device, be.name) == (SIZE, "fp32", "cpu", "ort")
+    assert be.gflops_per_frame == 0.123 and be.has_weight_map
+    frames = _frames(3)
+    x = np.stack([preprocess_frame(f, SIZE) for f in frames])
+    np.testing.assert_array_equal(np.stack([be.prepare(f) for f in frames]), x)
+    with torch.no_grad():
+        ref = [t.numpy() for t in module(torch.from_numpy(x))]
+    out = be.run(x)
+    np.testing.assert_allclose(be.infer(x), ref[0], atol=1e-5)
+    np.testing.assert_allclose(out["weight"], ref[3] / (ref[3] + ref[4] + 1e-6), atol=1e-5)
+    # No card: the size comes from the graph and GFLOPs are counted.
+    be2 = open_backend(plain, "ort", threads=1)
+    assert be2.img_size == SIZE and not be2.has_weight_map
+    assert be2.gflops_per_frame == pytest.approx(count_onnx_flops(plain) / 1e9)
+
+
+def test_onnx_flop_count_matches_torch_flop_counter(tiny_onnx):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module = TinySegmenter().eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(torch.rand(1, 3, SIZE, SIZE))
+    assert counter.get_total_flops() > 0
+    assert count_onnx_flops(tiny_onnx[0]) == counter.get_total_flops()
+
+
+def test_offline_stream_outputs_equal_a_brute_force_reference(tiny_onnx, tmp_path):
+    import cv2
+
+    _, branches = tiny_onnx
+    module = TinySegmenter(branches=True).eval()
+    frames = _frames(7, seed=1)
+    be = open_backend(branches, "ort", threads=1)
+    got = []
+    sinks = [
+        MaskFileSink(tmp_path / "masks.npz"),
+        MaskFileSink(tmp_path / "pngs"),
+        OverlayVideoSink(tmp_path / "overlay.mp4", fps=10),
+        CallbackSink(got.append),
+    ]
+    report = run_stream(ListSource(frames), be, sinks=sinks, report_path=tmp_path / "r.json",
+                        options=StreamOptions(batch_size=3, progress=False))
+    assert report == json.loads((tmp_path / "r.json").read_text())
+    assert (report["frames_in"], report["frames_processed"], report["frames_dropped"], report["frames_invalid"]) == (7, 7, 0, 0)
+    for key in ("latency_ms", "fps", "gflops_per_frame", "backend", "precision", "device"):
+        assert key in report
+    assert set(report["latency_ms"]) >= {"p50", "p95", "p99"}
+    assert set(report["stages_ms"]) == {"decode", "preprocess", "infer", "postprocess"}
+    assert report["gflops_per_frame"] == 0.123 and report["backend"] == "ort"
+    npz = np.load(tmp_path / "masks.npz")
+    assert sorted(npz.files) == [f"frame_{i:07d}" for i in range(7)]
+    for i, f in enumerate(frames):
+        with torch.no_grad():
+            prob = module(torch.from_numpy(preprocess_frame(f, SIZE)[None]))[0][0, 0].numpy()
+        ref_mask = to_frame_resolution(prob, f.shape) >= 0.5
+        assert got[i].index == i
+        np.testing.assert_array_equal(npz[f"frame_{i:07d}"] > 0, ref_mask)
+        png = cv2.imread(str(tmp_path / "pngs" / f"{i:07d}.png"), cv2.IMREAD_GRAYSCALE)
+        np.testing.assert_array_equal(png > 0, ref_mask)
+    cap = cv2.VideoCapture(str(tmp_path / "overlay.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 7
+    ok, first = cap.read()
+    # Frame panel + fusion-weight panel side by side.
+    assert ok and first.shape[:2] == (40, 104)
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporaries left behind
+
+
+def test_realtime_with_slow_backend_drops_oldest_and_counts(tmp_path):
+    frames = _frames(60, shape=(16, 16))  # 60 frames at 100 fps = 0.6 s of stream
+    backend = SlowBackend(delay_s=0.03)  # ~33 fps: cannot keep up
+    seen = []
+    report = run_stream(ListSource(frames, period_ms=10.0), backend, sinks=[CallbackSink(lambda r: seen.append(r.index))],
+                        options=StreamOptions(realtime=True, queue_size=2, progress=False))
+    assert report["frames_dropped"] > 20
+    assert report["frames_in"] == 60
+    assert report["frames_in"] == report["frames_processed"] + report["frames_dropped"] + report["frames_invalid"]
+    assert seen == sorted(seen) and len(seen) == report["frames_processed"]
+    # Dropping the oldest means the newest frame is always shown.
+    assert seen[-1] == 59
+    assert report["wall_s"] >= 0.55  # paced at the source's timestamps
+    # The same run offline processes everything.
+    report = run_stream(ListSource(frames, period_ms=10.0), SlowBackend(0.0), options=StreamOptions(progress=False))
+    assert (report["frames_processed"], report["frames_dropped"]) == (60, 0)
+
+
+def test_realtime_no_drop_paces_without_dropping():
+    frames = _frames(20, shape=(8, 8))
+    report = run_stream(ListSource(frames, period_ms=20.0), SlowBackend(0.0),
+                        options=StreamOptions(realtime=True, drop=False, queue_size=1, progress=False))
+    assert (report["frames_processed"], report["frames_dropped"]) == (20, 0)
+    assert report["wall_s"] >= 0.37  # 19 intervals of 20 ms
+    # Realtime with a 4x speed factor takes a quarter of the time.
+    report = run_stream(ListSource(frames, period_ms=20.0), SlowBackend(0.0),
+                        options=StreamOptions(realtime=True, drop=False, speed=4.0, progress=False))
+    assert 0.09 <= report["wall_s"] < 0.3
+
+
+def test_bad_frames_are_counted_not_fatal():
+    frames = _frames(5, shape=(10, 10))
+    frames[2] = np.zeros((10, 10, 4), dtype=np.uint8)  # not grayscale
+    frames[3] = np.zeros((10, 10), dtype=np.float32)  # not uint8
+    report = run_stream(ListSource(frames), SlowBackend(0.0), options=StreamOptions(progress=False))
+    assert (report["frames_in"], report["frames_processed"], report["frames_invalid"]) == (5, 3, 2)
+    assert sum(report["invalid_reasons"].values()) == 2
+
+
+def test_raw_socket_stream_through_the_pipeline(tiny_onnx):
+    rng = np.random.default_rng(5)
+    good = [rng.integers(0, 256, size=(20, 30), dtype=np.uint8) for _ in range(4)]
+    wire = bytearray()
+    for k, f in enumerate(good):
+        wire += protocol.encode_frame(f, 40.0 * k, k)
+        if k == 1:
+            wire += b"\x00garbage\xff" * 50  # a garbage run
+            wire += protocol.encode_frame(f, 0.0)[:60]  # a truncated frame
+    a, b = socket.socketpair()
+    threading.Thread(target=lambda: (a.sendall(bytes(wire)), a.close()), daemon=True).start()
+    src = RawStreamSource(b, read_timeout=0.5, idle_timeout=2.0)
+    report = run_stream(src, open_backend(tiny_onnx[0], "ort", threads=1), options=StreamOptions(realtime=True, progress=False))
+    b.close()
+    assert report["frames_processed"] == 4 and report["frames_invalid"] == 2 and report["frames_dropped"] == 0
+    assert report["frames_in"] == 6
+    assert report["source"]["live"] is True
+
+
+def test_memory_stays_flat_over_a_long_stream():
+    marks = {}
+
+    def sample(r):
+        if r.index in (300, 1999):
+            marks[r.index] = tracemalloc.get_traced_memory()[0]
+
+    tracemalloc.start()
+    try:
+        report = run_stream(SyntheticSource(2000), SlowBackend(0.0), sinks=[CallbackSink(sample)],
+                            options=StreamOptions(realtime=False, queue_size=8, progress=False))
+    finally:
+        tracemalloc.stop()
+    assert report["frames_processed"] == 2000
+    assert marks[1999] - marks[300] < 256 * 1024, marks
+
+
+def test_latency_reservoir_is_bounded_and_exact_below_capacity():
+    rng = np.random.default_rng(0)
+    values = rng.exponential(10.0, size=5000)
+    exact = LatencyRecorder(capacity=10_000)
+    small = LatencyRecorder(capacity=1000)
+    for v in values:
+        exact.add(float(v))
+        small.add(float(v))
+    assert exact.exact and exact.percentile(95) == pytest.approx(np.percentile(values, 95))
+    assert not small.exact and small.samples.size == 1000
+    # A uniform reservoir of 1000 estimates the median within a few percent.
+    assert small.percentile(50) == pytest.approx(np.percentile(values, 50), rel=0.15)
+    assert small.summary()["mean"] == pytest.approx(values.mean(), abs=1e-3)  # the mean is over all samples
