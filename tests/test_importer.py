@@ -36,7 +36,7 @@ def write_video(path, video: np.ndarray) -> int:
     pytest.skip("OpenCV here can write neither FFV1 nor MJPG video")
 
 
-def write_dicom(path, video: np.ndarray, patient_id: str) -> None:
+def write_dicom(path, video: np.ndarray, patient_id: str, *, bits: int = 8, photometric: str = "MONOCHROME2") -> None:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -50,12 +50,15 @@ def write_dicom(path, video: np.ndarray, patient_id: str) -> None:
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.PatientID = patient_id
     ds.Modality = "US"
-    ds.Rows, ds.Columns = video.shape[1:]
+    ds.Rows, ds.Columns = video.shape[1:3]
     ds.NumberOfFrames = video.shape[0]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = np.ascontiguousarray(video, dtype=np.uint8).tobytes()
+    ds.SamplesPerPixel = 3 if video.ndim == 4 else 1
+    if video.ndim == 4:
+        ds.PlanarConfiguration = 0
+    ds.PhotometricInterpretation = photometric
+    allocated = 8 if bits <= 8 else 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = allocated, bits, bits - 1, 0
+    ds.PixelData = np.ascontiguousarray(video, dtype=np.uint8 if allocated == 8 else "<u2").tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(str(path), enforce_file_format=True)
 
@@ -238,3 +241,22 @@ def test_video_to_volume_matches_the_import_convention(inputs):
         assert r.labeled == bool((image > 128).any())
         if r.labeled:
             np.testing.assert_array_equal(site.read_mask(r), (image > 128).astype(np.uint8) * 2)
+
+
+@pytest.mark.parametrize("kind", ["12-bit MONOCHROME1", "RGB"])
+def test_dicom_pixel_conversions(tmp_path, kind):
+    from pocus_edge.data.importer import read_video_frames
+
+    gray = frames(2, 8, 10, seed=5)
+    if kind == "RGB":
+        rgb = np.stack([gray, 255 - gray, gray // 2], axis=-1)
+        write_dicom(tmp_path / "v" / "a.dcm", rgb, "P", photometric="RGB")
+        expected = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in rgb])
+    else:
+        # 12 bits stored: the top 8 bits are kept; MONOCHROME1 (0 = white) is inverted.
+        stored = gray.astype(np.uint16) << 4 | 0x9
+        write_dicom(tmp_path / "v" / "a.dcm", stored, "P", bits=12, photometric="MONOCHROME1")
+        expected = 255 - gray
+    np.testing.assert_array_equal(read_video_frames(tmp_path / "v" / "a.dcm"), expected)
+    site = import_videos(tmp_path / "v", tmp_path / "site")
+    np.testing.assert_array_equal(np.stack([site.read_image(r) for r in site.records]), expected)

@@ -157,3 +157,26 @@ def test_split_site_rewrites_manifest(tmp_path):
     assert rows["test"].frames == rows["test"].labeled == sum(r.split == "test" for r in on_disk)
     assert sum(rows[k].frames for k in ("train", "test", "unused") if k in rows) == len(on_disk)
     assert rows["ub-train"].labeled + rows["ub-val"].labeled == sum(bool(r.ub_split) for r in on_disk)
+
+
+def test_split_site_on_released_code_csv(tmp_path):
+    # A 3-column released-code manifest: patients come from video names, labels from Masks/;
+    # after splitting, the manifest carries every column, so the inferred values are kept.
+    from pocus_edge.data.layout import COLUMNS, write_gray_png
+
+    root = tmp_path / "released"
+    rows = ["filename,videoname,framenum"]
+    img = np.zeros((3, 4), np.uint8)
+    for p in range(9):
+        for f in range(2):
+            name = f"S{p}_volar_{f}.png"
+            write_gray_png(root / "Images" / name, img)
+            write_gray_png(root / "Masks" / name, img)
+            rows.append(f"{name},S{p}_volar,{f}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    site = split_site(root, domain="source", seed=5)
+    assert (root / "manifest.csv").read_text().splitlines()[0].split(",") == list(COLUMNS)
+    assert_no_shared_patient(site.records)
+    assert {r.patient for r in site.records} == {f"S{p}" for p in range(9)}
+    assert all(r.labeled for r in site.records)
+    assert [len(patients_by_split(site.records)[s]) for s in ("train", "val", "test")] == [5, 2, 2]
