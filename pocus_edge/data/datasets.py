@@ -1,0 +1,165 @@
+"""PyTorch datasets over ONE site folder, all built on the shared preprocessing
+(:func:`pocus_edge.data.transforms.preprocess_frame` / ``preprocess_mask``).
+
+* :class:`SegmentationDataset`: labeled frames -> (image, mask).
+* :class:`UnlabeledImageDataset`: frames -> image. Reads ``Images/`` only and never opens a mask
+  file, whatever the manifest says (pretraining's site-isolation guarantee).
+* :class:`ContrastivePairDataset`: frames -> (view1, view2, video_id, frame_idx) with the
+  method's augmentations (METHOD.md, contrastive branch).
+
+Randomness (augmentations, MIM masks) is drawn from a generator seeded by (seed, epoch, sample
+index), never from the process-global RNG: a sample looks the same whichever process, worker or
+resumed run draws it, which is what makes DDP and ``--resume`` reproduce a single process exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from .layout import FrameRecord, Site, read_gray_png
+from .transforms import preprocess_frame, preprocess_gray, preprocess_mask
+
+
+def sample_seed(seed: int, epoch: int, index: int, stream: str = "") -> int:
+    """A 63-bit seed for one sample's randomness in one epoch (stable across processes/runs)."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}:{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def sample_generator(seed: int, epoch: int, index: int, stream: str = "") -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(sample_seed(seed, epoch, index, stream))
+    return g
+
+
+def gray_to_tensor(gray: np.ndarray) -> torch.Tensor:
+    """uint8 (S,S) from ``preprocess_gray`` -> float32 (3,S,S) in [0,1], bit-identical to
+    ``preprocess_frame`` (same IEEE division by 255, channel repeat)."""
+    g = torch.from_numpy(np.ascontiguousarray(gray)).to(torch.float32) / 255.0
+    return g.unsqueeze(0).expand(3, -1, -1).contiguous()
+
+
+class _SiteFrames(Dataset):
+    """Shared plumbing: records of one site, the model's image size, an epoch counter for
+    per-sample seeds, and an optional in-memory cache of decoded, resized frames (so a fast GPU is
+    not starved by PNG decoding)."""
+
+    def __init__(self, site: Site, records: Sequence[FrameRecord], size: int, *, seed: int = 0,
+                 preload: bool = False, preload_threads: int = 4):
+        if not records:
+            raise DataError(f"{site.root}: no frames selected for this dataset (empty split?)")
+        self.site = site
+        self.records = list(records)
+        self.size = int(size)
+        self.seed = int(seed)
+        self.epoch = 0
+        self._gray_cache: list[np.ndarray] | None = None
+        if preload:
+            self._gray_cache = self._parallel(self._load_gray, preload_threads)
+
+    def _parallel(self, fn, threads: int) -> list:
+        # OpenCV decoding releases the GIL: threads give a real speed-up without pickling.
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            return list(pool.map(fn, range(len(self.records))))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _load_gray(self, index: int) -> np.ndarray:
+        rec = self.records[index]
+        # Images/ only: read_gray_png on the image path, never Site.read_mask.
+        return preprocess_gray(read_gray_png(self.site.image_path(rec)), self.size)
+
+    def image(self, index: int) -> torch.Tensor:
+        """(3,S,S) float32 in [0,1] of sample ``index``."""
+        if self._gray_cache is not None:
+            return gray_to_tensor(self._gray_cache[index])
+        rec = self.records[index]
+        return torch.from_numpy(preprocess_frame(read_gray_png(self.site.image_path(rec)), self.size))
+
+
+class UnlabeledImageDataset(_SiteFrames):
+    """Images of the given records; masks are never opened (pretraining reads images only)."""
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.image(index)
+
+
+class SegmentationDataset(_SiteFrames):
+    """Labeled frames -> (image (3,S,S) float32 in [0,1], mask (1,S,S) float32 in {0,1})."""
+
+    def __init__(self, site: Site, records: Sequence[FrameRecord], size: int, *, seed: int = 0,
+                 preload: bool = False, preload_threads: int = 4):
+        unlabeled = [r.filename for r in records if not r.labeled]
+        if unlabeled:
+            raise DataError(
+                f"{site.root}: {len(unlabeled)} selected frame(s) have no mask (e.g. {unlabeled[0]!r})"
+            )
+        super().__init__(site, records, size, seed=seed, preload=preload, preload_threads=preload_threads)
+        self._mask_cache: list[np.ndarray] | None = None
+        if preload:
+            self._mask_cache = self._parallel(self._load_mask, preload_threads)
+
+    def _load_mask(self, index: int) -> np.ndarray:
+        m = preprocess_mask(self.site.read_mask(self.records[index]), self.size)
+        return m.astype(np.uint8)
+
+    def mask(self, index: int) -> torch.Tensor:
+        if self._mask_cache is not None:
+            return torch.from_numpy(self._mask_cache[index]).to(torch.float32)
+        return torch.from_numpy(preprocess_mask(self.site.read_mask(self.records[index]), self.size))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.image(index), self.mask(index)
+
+
+def contrastive_transform(size: int, cfg):
+    """The method's view augmentation on a (3,S,S) float tensor in [0,1]: RandomResizedCrop back to
+    S (scale/ratio from ``cfg``), horizontal flip, colour jitter (brightness/contrast/saturation)
+    applied with probability ``cfg.jitter_p``."""
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio), antialias=True),
+            v2.RandomHorizontalFlip(p=cfg.flip_p),
+            v2.RandomApply([v2.ColorJitter(brightness=cfg.jitter, contrast=cfg.jitter, saturation=cfg.jitter)],
+                           p=cfg.jitter_p),
+        ]
+    )
+
+
+class ContrastivePairDataset(_SiteFrames):
+    """Frames -> (view1, view2, video_id, frame_idx): two independently augmented views of one
+    frame plus the integers MT-NXent needs to mask temporal neighbours. ``video_id`` indexes the
+    sorted video names of this dataset's records (``video_names``)."""
+
+    def __init__(self, site: Site, records: Sequence[FrameRecord], size: int, cfg, *, seed: int = 0,
+                 preload: bool = False, preload_threads: int = 4):
+        super().__init__(site, records, size, seed=seed, preload=preload, preload_threads=preload_threads)
+        self.video_names = sorted({r.videoname for r in self.records})
+        index = {v: i for i, v in enumerate(self.video_names)}
+        self.video_ids = [index[r.videoname] for r in self.records]
+        self.transform = contrastive_transform(self.size, cfg)
+
+    def __getitem__(self, index: int):
+        image = self.image(index)
+        # torchvision draws from the global RNG: fork it and seed per (seed, epoch, index) so the
+        # views do not depend on which process or worker asks, and the caller's RNG is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index, "views"))
+            view1 = self.transform(image)
+            view2 = self.transform(image)
+        view1 = view1.clamp_(0.0, 1.0)
+        view2 = view2.clamp_(0.0, 1.0)
+        return view1, view2, self.video_ids[index], int(self.records[index].framenum)

@@ -1,0 +1,107 @@
+"""Datasets: shared preprocessing, masks never opened for unlabeled reads, seeded augmentations."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from pocus_edge.config import ContrastiveConfig
+from pocus_edge.data import datasets as ds
+from pocus_edge.data.layout import FrameRecord, SiteWriter
+from pocus_edge.data.transforms import preprocess_frame, preprocess_mask
+from pocus_edge.errors import DataError
+
+SIZE = 32
+
+
+@pytest.fixture()
+def site(tmp_path):
+    rng = np.random.default_rng(0)
+    writer = SiteWriter(tmp_path / "siteA")
+    for v in range(2):
+        for f in range(5):
+            img = rng.integers(0, 256, size=(30, 44), dtype=np.uint8)
+            mask = (rng.random((30, 44)) > 0.7).astype(np.uint8) * 2 if f % 2 == 0 else None
+            rec = FrameRecord(f"v{v}_f{f}.png", f"vid{v}", 10 * f, patient=f"p{v}", split="train")
+            writer.add(rec, img, mask)
+    return writer.close()
+
+
+def test_unlabeled_dataset_never_opens_masks(site, monkeypatch):
+    opened = []
+    real = ds.read_gray_png
+
+    def spy(path):
+        opened.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(ds, "read_gray_png", spy)
+    monkeypatch.setattr(type(site), "read_mask", lambda *a, **k: pytest.fail("read_mask called"))
+    data = ds.UnlabeledImageDataset(site, site.records, SIZE)
+    for i in range(len(data)):
+        x = data[i]
+        expected = preprocess_frame(real(site.image_path(site.records[i])), SIZE)
+        assert torch.equal(x, torch.from_numpy(expected))
+    assert opened and all("/Images/" in p for p in opened)
+    assert not any("/Masks/" in p for p in opened)
+
+
+def test_preloaded_frames_are_bit_identical(site):
+    lazy = ds.UnlabeledImageDataset(site, site.records, SIZE)
+    cached = ds.UnlabeledImageDataset(site, site.records, SIZE, preload=True, preload_threads=2)
+    for i in range(len(lazy)):
+        assert torch.equal(lazy[i], cached[i])
+    labeled = site.select(labeled=True)
+    seg_lazy = ds.SegmentationDataset(site, labeled, SIZE)
+    seg_cached = ds.SegmentationDataset(site, labeled, SIZE, preload=True)
+    for i in range(len(labeled)):
+        (a, m), (b, n) = seg_lazy[i], seg_cached[i]
+        assert torch.equal(a, b) and torch.equal(m, n)
+
+
+def test_segmentation_dataset_uses_preprocess_mask_and_refuses_unlabeled(site):
+    labeled = site.select(labeled=True)
+    data = ds.SegmentationDataset(site, labeled, SIZE)
+    image, mask = data[1]
+    assert image.shape == (3, SIZE, SIZE) and mask.shape == (1, SIZE, SIZE)
+    assert torch.equal(mask, torch.from_numpy(preprocess_mask(site.read_mask(labeled[1]), SIZE)))
+    assert mask.sum() > 0
+    with pytest.raises(DataError, match="no mask"):
+        ds.SegmentationDataset(site, site.records, SIZE)
+    with pytest.raises(DataError, match="empty split"):
+        ds.UnlabeledImageDataset(site, [], SIZE)
+
+
+def test_contrastive_pairs_seeded_and_carry_ids(site):
+    cfg = ContrastiveConfig()
+    data = ds.ContrastivePairDataset(site, site.records, SIZE, cfg, seed=3)
+    rng_before = torch.get_rng_state()
+    v1, v2, vid, frame = data[7]
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's RNG is untouched
+    assert v1.shape == v2.shape == (3, SIZE, SIZE)
+    assert not torch.equal(v1, v2)
+    assert 0.0 <= float(v1.min()) and float(v1.max()) <= 1.0
+    assert (vid, frame) == (data.video_names.index(site.records[7].videoname), site.records[7].framenum)
+    assert isinstance(vid, int) and isinstance(frame, int)
+    again = data[7]
+    assert torch.equal(again[0], v1) and torch.equal(again[1], v2)
+    data.set_epoch(1)
+    assert not torch.equal(data[7][0], v1)
+    other_seed = ds.ContrastivePairDataset(site, site.records, SIZE, cfg, seed=4)
+    assert not torch.equal(other_seed[7][0], v1)
+
+
+def test_contrastive_transform_follows_config(site):
+    # No crop change, no flip, no jitter: the views are the preprocessed frame itself.
+    cfg = dataclasses.replace(ContrastiveConfig(), crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0)
+    data = ds.ContrastivePairDataset(site, site.records, SIZE, cfg)
+    v1, v2, _, _ = data[2]
+    ref = torch.from_numpy(preprocess_frame(site.read_image(site.records[2]), SIZE))
+    assert torch.allclose(v1, ref, atol=1e-6) and torch.allclose(v2, ref, atol=1e-6)
+    # Always flip: view = mirrored frame.
+    cfg_flip = dataclasses.replace(cfg, flip_p=1.0)
+    v1f, _, _, _ = ds.ContrastivePairDataset(site, site.records, SIZE, cfg_flip)[2]
+    assert torch.allclose(v1f, ref.flip(-1), atol=1e-6)
