@@ -292,3 +292,35 @@ def test_latency_reservoir_is_bounded_and_exact_below_capacity():
     # A uniform reservoir of 1000 estimates the median within a few percent.
     assert small.percentile(50) == pytest.approx(np.percentile(values, 50), rel=0.15)
     assert small.summary()["mean"] == pytest.approx(values.mean(), abs=1e-3)  # the mean is over all samples
+
+
+def test_stream_command_on_an_image_folder_and_on_stdin(tiny_onnx, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    import cv2
+
+    from pocus_edge.cli import main
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, f in enumerate(_frames(4, seed=9)):
+        cv2.imwrite(str(folder / f"f{i}.png"), f)
+    rc = main(["stream", str(folder), "--model", str(tiny_onnx[1]), "--report", str(tmp_path / "r.json"),
+               "--masks", str(tmp_path / "m.npz"), "--threads", "1", "-q"])
+    assert rc == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["frames_processed"] == 4 and report["source"]["kind"] == "ImageFolderSource"
+    assert len(np.load(tmp_path / "m.npz").files) == 4
+    assert main(["stream", str(folder), "--model", str(tmp_path / "missing.onnx"), "-q"]) == 2
+    assert "missing.onnx" in capsys.readouterr().err
+
+    wire = b"".join(protocol.encode_frame(f, 30.0 * k, k) for k, f in enumerate(_frames(3, seed=4))) + b"junk"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pocus_edge", "stream", "-", "--model", str(tiny_onnx[0]), "--threads", "1",
+         "--report", str(tmp_path / "stdin.json"), "-q"],
+        input=wire, capture_output=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    report = json.loads((tmp_path / "stdin.json").read_text())
+    assert (report["frames_processed"], report["frames_invalid"], report["frames_in"]) == (3, 1, 4)

@@ -2,13 +2,73 @@
 
 from __future__ import annotations
 
-import typer
+from pathlib import Path
 
-from . import not_built
+import typer
 
 
 def register(app: typer.Typer) -> None:
     @app.command("stream")
-    def stream() -> None:
-        """Stream frames (TeleMED .tvd.h5, raw socket/stdin, video, images, DICOM) through a model."""
-        not_built("stream", "runtime issue")
+    def stream(
+        source: str = typer.Argument(
+            ...,
+            help=(
+                "Frames to segment: a TeleMED recording (*.tvd.h5), a video file, a folder of images, "
+                "a (multi-frame) DICOM file, '-' for the raw protocol on stdin, or tcp:PORT / "
+                "tcp://HOST:PORT to listen for one raw-protocol sender (see README 'Streaming')."
+            ),
+        ),
+        model: str = typer.Option(..., "--model", "-m", help="Exported model: .onnx (ort), a TensorRT engine (tensorrt), or GEN.safetensors,CON.safetensors (torch)."),
+        backend: str = typer.Option("ort", help="ort | tensorrt | torch."),
+        device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+        threads: int = typer.Option(0, help="CPU threads for onnxruntime (0 = its default)."),
+        realtime: bool = typer.Option(False, "--realtime", help="Release recorded frames at their own timestamps; when inference falls behind, drop the OLDEST queued frame (counted)."),
+        no_drop: bool = typer.Option(False, "--no-drop", help="Never drop a frame (offline processing; with --realtime the run falls behind instead)."),
+        queue_size: int = typer.Option(4, help="Frames buffered between the source and inference."),
+        batch: int = typer.Option(1, help="Micro-batch size (throughput runs; 1 = lowest latency)."),
+        max_frames: int = typer.Option(0, help="Stop after this many frames (0 = whole source)."),
+        speed: float = typer.Option(1.0, help="With --realtime: playback speed factor of recorded sources."),
+        threshold: float = typer.Option(-1.0, help="Mask threshold on the fused probability (-1 = the model card's, 0.5)."),
+        report: Path = typer.Option(None, "--report", help="Write the JSON report here (atomically; refreshed every 10 s on long streams)."),
+        overlay: Path = typer.Option(None, "--overlay", help="Write an overlay MP4 here (mask fill + contour; fusion-weight panel when the model exports its branches)."),
+        no_weight_map: bool = typer.Option(False, "--no-weight-map", help="Overlay without the fusion-weight panel."),
+        masks: Path = typer.Option(None, "--masks", help="Per-frame masks: a folder of PNGs, or one .npz file."),
+        bind: str = typer.Option("127.0.0.1", help="Address for tcp:PORT sources. Loopback by default; pass e.g. 0.0.0.0 explicitly to accept senders from other machines."),
+        fps: float = typer.Option(30.0, help="Frame rate assumed for image folders (and DICOM without timing)."),
+        read_timeout: float = typer.Option(1.0, help="Raw streams: seconds a partial frame may wait for its next byte before it is dropped."),
+        idle_timeout: float = typer.Option(10.0, help="Raw streams: end the stream after this many seconds without data."),
+        accept_timeout: float = typer.Option(60.0, help="tcp sources: seconds to wait for the sender to connect."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
+    ) -> None:
+        """Stream frames through a model: masks, overlay video, and latency/FPS/GFLOPs in a JSON report."""
+        import json
+
+        from ..runtime.pipeline import stream as run
+
+        result = run(
+            source,
+            model,
+            backend=backend,
+            device=device,
+            threads=threads or None,
+            realtime=realtime,
+            no_drop=no_drop,
+            queue_size=queue_size,
+            batch_size=batch,
+            max_frames=max_frames or None,
+            speed=speed,
+            threshold=None if threshold < 0 else threshold,
+            report=report,
+            overlay=overlay,
+            weight_map=not no_weight_map,
+            masks=masks,
+            bind=bind,
+            fps=fps,
+            read_timeout=read_timeout,
+            idle_timeout=idle_timeout,
+            accept_timeout=accept_timeout,
+            progress=False if quiet else None,
+            on_listen=lambda host, port: typer.echo(f"listening on tcp://{host}:{port}", err=True),
+        )
+        keys = ("frames_in", "frames_processed", "frames_dropped", "frames_invalid", "latency_ms", "fps", "gflops_per_frame", "backend", "precision", "device")
+        typer.echo(json.dumps({k: result[k] for k in keys}, indent=2))

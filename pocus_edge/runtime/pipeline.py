@@ -351,3 +351,65 @@ def _build_report(stats: RunStats, backend, source, opts: StreamOptions, thresho
 
 def _round(v):
     return round(float(v), 4) if v is not None else None
+
+
+def stream(
+    source: str | os.PathLike,
+    model: str | os.PathLike,
+    *,
+    backend: str = "ort",
+    device: str = "cpu",
+    threads: int | None = None,
+    realtime: bool = False,
+    no_drop: bool = False,
+    queue_size: int = 4,
+    batch_size: int = 1,
+    max_frames: int | None = None,
+    speed: float = 1.0,
+    threshold: float | None = None,
+    report: str | os.PathLike | None = None,
+    overlay: str | os.PathLike | None = None,
+    weight_map: bool = True,
+    masks: str | os.PathLike | None = None,
+    bind: str = "127.0.0.1",
+    fps: float = 30.0,
+    read_timeout: float = 1.0,
+    idle_timeout: float | None = 10.0,
+    accept_timeout: float = 60.0,
+    progress: bool | None = None,
+    on_listen: Callable[[str, int], None] | None = None,
+) -> dict[str, Any]:
+    """Open SOURCE and MODEL, stream with the given outputs, return the report (what the
+    ``pocus-edge stream`` command runs)."""
+    from .backends import open_backend
+    from .sources import open_source
+
+    be = open_backend(model, backend, device=device, threads=threads)
+    src = open_source(source, bind=bind, fps=fps, read_timeout=read_timeout, idle_timeout=idle_timeout,
+                      accept_timeout=accept_timeout, on_listen=on_listen)
+    sinks: list[Sink] = []
+    try:
+        if overlay is not None:
+            sinks.append(OverlayVideoSink(overlay, src.fps, weight_map=weight_map))
+        if masks is not None:
+            sinks.append(MaskFileSink(masks))
+        opts = StreamOptions(
+            realtime=realtime,
+            drop=False if no_drop else None,
+            queue_size=queue_size,
+            batch_size=batch_size,
+            max_frames=max_frames,
+            threshold=threshold,
+            speed=speed,
+            progress=progress,
+            report_every_s=10.0 if report is not None else None,
+        )
+        extra = {"model": str(model), "outputs": {"report": _str(report), "overlay": _str(overlay), "masks": _str(masks)}}
+        return run_stream(src, be, options=opts, sinks=sinks, report_path=report, extra_report=extra)
+    finally:
+        src.close()
+        be.close()
+
+
+def _str(p) -> str | None:
+    return None if p is None else str(p)
