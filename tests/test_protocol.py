@@ -194,3 +194,16 @@ def test_tcp_address_parsing_and_accept_timeout():
         protocol.parse_tcp_address("tcp:abc")
     with pytest.raises(DataError, match="no sender connected"):
         RawStreamSource.listen_tcp("127.0.0.1", 0, accept_timeout=0.1)
+
+
+def test_readme_sender_example_produces_valid_frames():
+    # The README's sender is what probe-side developers copy: it must match the reference encoder.
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("def frame_bytes(")
+    code = readme[start : readme.index("\n\n", start)]
+    namespace = {"np": np, "struct": struct, "zlib": zlib}
+    exec(code, namespace)  # noqa: S102 - our own README
+    gray = np.random.default_rng(0).integers(0, 256, (6, 9), dtype=np.uint8)
+    assert namespace["frame_bytes"](gray, 12.5, 3) == protocol.encode_frame(gray, 12.5, 3)
