@@ -120,6 +120,10 @@ DEFECTS = {
     "frame order": (lambda r: _edit_manifest(r, lambda ls: [ls[0], ls[2], ls[1]] + ls[3:]), "frame numbers not increasing within video 'P0_dorsal'"),
     "unknown split": (lambda r: _edit_manifest(r, lambda ls: ls[:1] + [_set(ls[1], "split", "holdout")] + ls[2:]), "unknown split 'holdout'"),
     "unknown ub_split": (lambda r: _edit_manifest(r, lambda ls: ls[:1] + [_set(ls[1], "ub_split", "test")] + ls[2:]), "unknown ub_split 'test'"),
+    "ub_split outside SSL train": (
+        lambda r: _edit_manifest(r, lambda ls: ls[:1] + [_set(_set(ls[1], "split", "test"), "ub_split", "train")] + ls[2:]),
+        "ub_split 'train' on a frame that is not a labeled split=train frame",
+    ),
     "bad framenum": (lambda r: _edit_manifest(r, lambda ls: ls[:1] + [_set(ls[1], "framenum", "zero")] + ls[2:]), "framenum 'zero' is not an integer"),
     "no images folder": (lambda r: shutil.rmtree(r / "Images"), "Images/ folder missing"),
     "empty manifest": (lambda r: _edit_manifest(r, lambda ls: ls[:1]), "manifest lists no frames"),

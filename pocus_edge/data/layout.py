@@ -269,6 +269,10 @@ def load_site(root: str | Path, *, check_images: bool = True, check_sizes: bool 
             problems.append(f"{r.filename}: unknown split {r.split!r} (expected one of {', '.join(s for s in SPLITS if s)})")
         if r.ub_split not in UB_SPLITS:
             problems.append(f"{r.filename}: unknown ub_split {r.ub_split!r} (expected train, val or empty)")
+        elif r.ub_split and not (r.labeled and r.split == "train"):
+            # The upper-bound baseline trains on labeled frames of SSL-train patients only;
+            # anything else would leak test frames into a baseline.
+            problems.append(f"{r.filename}: ub_split {r.ub_split!r} on a frame that is not a labeled split=train frame")
         prev = last_frame.get(r.videoname)
         if prev is not None and r.framenum <= prev:
             problems.append(f"{r.filename}: frame numbers not increasing within video {r.videoname!r} ({prev} then {r.framenum})")
