@@ -1,7 +1,9 @@
 """source -> preprocess -> infer -> threshold -> sinks, with honest statistics.
 
-A producer thread pulls frames from the source (decode) into a bounded queue; the calling
-thread preprocesses, runs the backend, thresholds and feeds the sinks.
+A producer thread pulls frames from the source (decode) and preprocesses them into a bounded
+queue, so decoding and preprocessing of frame k+1 overlap inference of frame k (onnxruntime
+and PyTorch release the GIL); the calling thread runs the backend, thresholds and feeds the
+sinks.
 
 * offline (default, ``drop=False``): the producer blocks when the queue is full; every frame
   is processed.
@@ -65,7 +67,7 @@ class _Item:
     timestamp_ms: float
     index: int
     t_start: float  # perf_counter when decoding of this frame began
-    decode_ms: float
+    x: np.ndarray  # the backend's input for this frame
 
 
 class _FrameQueue:
@@ -214,7 +216,16 @@ def run_stream(
                 stats.stages["decode"].add(decode_ms)
                 with stats.lock:
                     stats.frames_in += 1
-                dropped = queue.put(_Item(frame, float(ts), int(index), t_start, decode_ms), stop)
+                t2 = time.perf_counter()
+                try:
+                    x = backend.prepare(frame)
+                except DataError as exc:
+                    with stats.lock:
+                        # Already counted in frames_in on arrival: only move it to invalid.
+                        stats.add_invalid({f"preprocess: {str(exc).split(': ', 1)[-1][:80]}": 1}, arrived=True)
+                    continue
+                stats.stages["preprocess"].add((time.perf_counter() - t2) * 1000.0)
+                dropped = queue.put(_Item(frame, float(ts), int(index), t_start, x), stop)
                 if dropped is not None:
                     with stats.lock:
                         stats.frames_dropped += 1
@@ -256,19 +267,8 @@ def run_stream(
                     finished = True
                 if not batch:
                     continue
-                inputs, items = [], []
-                for item in batch:
-                    t0 = time.perf_counter()
-                    try:
-                        inputs.append(backend.prepare(item.frame))
-                        items.append(item)
-                    except DataError as exc:
-                        # Already counted in frames_in on arrival: only move it to invalid.
-                        stats.add_invalid({f"preprocess: {str(exc).split(': ', 1)[-1][:80]}": 1}, arrived=True)
-                        continue
-                    stats.stages["preprocess"].add((time.perf_counter() - t0) * 1000.0)
-                if not items:
-                    continue
+                items = batch
+                inputs = [item.x for item in items]
                 t0 = time.perf_counter()
                 out = backend.run(np.stack(inputs))
                 infer_ms = (time.perf_counter() - t0) * 1000.0
