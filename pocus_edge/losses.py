@@ -1,0 +1,103 @@
+"""Training losses (METHOD.md): MT-NXent (contrastive), DiceBCE (fine-tuning), masked L1 (MIM)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["mt_nxent", "mt_nxent_mask", "dice_bce", "masked_l1"]
+
+# The released code's fill value for masked similarities: exp(-9e15 - max) is exactly 0.
+_MASKED_LOGIT = -9e15
+
+
+def _as_index_tensor(values: torch.Tensor | Sequence[int], device: torch.device, name: str) -> torch.Tensor:
+    t = values if isinstance(values, torch.Tensor) else torch.as_tensor(list(values))
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {tuple(t.shape)}")
+    return t.to(device=device, dtype=torch.long)
+
+
+def mt_nxent_mask(
+    video_ids: torch.Tensor | Sequence[int],
+    frame_ids: torch.Tensor | Sequence[int],
+    *,
+    min_frame_gap: int = 15,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Boolean (2B, 2B) mask M of MT-NXent: True on the diagonal and on pairs from the same video
+    whose frame indices differ by less than ``min_frame_gap``, except each row's positive pair."""
+    device = torch.device(device)
+    videos = _as_index_tensor(video_ids, device, "video_ids")
+    frames = _as_index_tensor(frame_ids, device, "frame_ids")
+    batch = videos.numel()
+    if frames.numel() != batch:
+        raise ValueError(f"video_ids ({batch}) and frame_ids ({frames.numel()}) differ in length")
+    videos = torch.cat([videos, videos])
+    frames = torch.cat([frames, frames])
+    same_video = videos[:, None] == videos[None, :]
+    too_close = (frames[:, None] - frames[None, :]).abs() < min_frame_gap
+    mask = (same_video & too_close) | torch.eye(2 * batch, dtype=torch.bool, device=device)
+    rows = torch.arange(2 * batch, device=device)
+    mask[rows, (rows + batch) % (2 * batch)] = False  # positives are never masked
+    return mask
+
+
+def mt_nxent(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    video_ids: torch.Tensor | Sequence[int],
+    frame_ids: torch.Tensor | Sequence[int],
+    *,
+    min_frame_gap: int = 15,
+    temperature: float = 0.5,
+) -> torch.Tensor:
+    """Multi-temporal NT-Xent: NT-Xent whose negatives exclude temporally adjacent frames.
+
+    ``z1``/``z2`` (B, D) are the projections of two views of the same B frames (normalized here
+    again, which is a no-op for L2-normalized inputs); row k's positive is k + B (mod 2B). Pairs
+    from the same video closer than ``min_frame_gap`` frames, and self-similarities, are masked
+    out of the softmax. ``min_frame_gap=0`` is plain NT-Xent (SimCLR). Returns the mean
+    cross-entropy over the 2B rows (0-d tensor).
+    """
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(f"z1 and z2 must both be (B, D); got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    batch = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2], dim=0), dim=1)
+    logits = z @ z.T / temperature
+    mask = mt_nxent_mask(video_ids, frame_ids, min_frame_gap=min_frame_gap, device=z.device)
+    # -9e15 as in the released code, but never beyond what the dtype can hold (fp16 -> -32752),
+    # so low-precision logits stay finite.
+    fill = max(_MASKED_LOGIT, torch.finfo(logits.dtype).min / 2)
+    logits = logits.masked_fill(mask, fill)
+    rows = torch.arange(2 * batch, device=z.device)
+    return F.cross_entropy(logits, (rows + batch) % (2 * batch))
+
+
+def dice_bce(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """DiceBCE on probabilities: ``1 - (2 sum(p y) + s) / (sum p + sum y + s) + BCE(p, y)``.
+
+    Dice over all pixels of the batch, BCE averaged over pixels (the released code's DiceBCELoss).
+    Computed in float32 by hand, because ``F.binary_cross_entropy`` refuses to run under autocast;
+    log terms are clamped at -100 exactly as PyTorch's BCE does.
+    """
+    p = prob.float().reshape(-1)
+    y = target.float().reshape(-1)
+    intersection = (p * y).sum()
+    dice = 1.0 - (2.0 * intersection + smooth) / (p.sum() + y.sum() + smooth)
+    log_p = torch.log(p).clamp_min(-100.0)
+    log_not_p = torch.log(1.0 - p).clamp_min(-100.0)
+    bce = -(y * log_p + (1.0 - y) * log_not_p).mean()
+    return dice + bce
+
+
+def masked_l1(reconstruction: torch.Tensor, original: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over masked pixels: sum |x - x_hat| over mask / masked pixels / channels.
+
+    ``mask`` (N, 1, H, W) or (N, C, H, W) of {0, 1} broadcasts over the channels.
+    """
+    mask = mask.to(reconstruction.dtype).expand_as(reconstruction)
+    error = (reconstruction - original).abs() * mask
+    return error.sum() / mask.sum().clamp_min(1.0)

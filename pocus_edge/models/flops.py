@@ -1,0 +1,105 @@
+"""Model size: parameters and FLOPs (``torch.utils.flop_counter``; FLOPs = 2 x multiply-adds).
+
+The CPU build of PyTorch runs ``scaled_dot_product_attention`` through
+``_scaled_dot_product_flash_attention_for_cpu``, which the flop counter has no formula for; it is
+mapped here to the counter's own SDPA formula so attention matmuls are counted on every device
+(the published 58.3 GFLOPs of the paper preset includes them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
+
+from ..config import ModelConfig, model_preset, to_dict
+from .fusion import FusionHead
+from .transunet import TransUNet
+
+__all__ = ["count_params", "count_flops", "model_report", "TwoBranchModel"]
+
+
+def _cpu_attention_flops(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> int:
+    return sdpa_flop_count(tuple(query.shape), tuple(key.shape), tuple(value.shape))
+
+
+_cpu_attention_flops._get_raw = True  # type: ignore[attr-defined]  # takes tensors, not shapes
+
+
+def _attention_flop_mapping() -> dict[Any, Any]:
+    cpu_op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_op is None or cpu_op in flop_registry:
+        return {}
+    return {cpu_op: _cpu_attention_flops}
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (trainable or not; buffers such as BatchNorm statistics excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward pass in eval mode on a zero input of ``input_shape`` (N, C, H, W)."""
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None else torch.float32
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_attention_flop_mapping()) as counter:
+            model(torch.zeros(input_shape, device=device, dtype=dtype))
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+class TwoBranchModel(nn.Module):
+    """Generative + contrastive TransUNet branches and the fusion head (size reporting only;
+    the exported graph is ``pocus_edge.export.fused.FusedSegmenter``)."""
+
+    def __init__(self, cfg: ModelConfig, method: str = "entropy", norm: str = "image", formula: str = "weighted"):
+        super().__init__()
+        self.generative = TransUNet(cfg, out_channels=1)
+        self.contrastive = TransUNet(cfg, out_channels=1)
+        self.fusion = FusionHead(method, norm, formula)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fusion(self.generative.predict(x), self.contrastive.predict(x))
+
+
+class _FusionOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fusion = FusionHead()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fusion(x[:, :1], x[:, 1:])
+
+
+def model_report(preset_or_cfg: str | ModelConfig, **overrides: Any) -> dict[str, Any]:
+    """Parameters and GFLOPs of a 1-frame forward for one branch (1 output channel) and for the
+    fused two-branch model, at the preset's ``img_size``.
+
+    The two branches have the same shape, so the fused figures are 2 x branch + the fusion head
+    (elementwise: 0 counted FLOPs, no parameters), which spares building a second network; the
+    tests check this against a real :class:`TwoBranchModel`.
+    """
+    cfg = model_preset(preset_or_cfg, **overrides) if isinstance(preset_or_cfg, str) else preset_or_cfg
+    shape = (1, cfg.in_chans, cfg.img_size, cfg.img_size)
+    branch = TransUNet(cfg, out_channels=1)
+    branch_params = count_params(branch)
+    branch_flops = count_flops(branch, shape)
+    fusion_flops = count_flops(_FusionOnly(), (1, 2, cfg.img_size, cfg.img_size))
+    fused_params = 2 * branch_params
+    fused_flops = 2 * branch_flops + fusion_flops
+    return {
+        "preset": cfg.name,
+        "img_size": cfg.img_size,
+        "input_shape": list(shape),
+        "model": to_dict(cfg),
+        "branch": {"params": branch_params, "flops": branch_flops, "gflops": branch_flops / 1e9},
+        "fused": {"params": fused_params, "flops": fused_flops, "gflops": fused_flops / 1e9},
+        "flop_convention": "torch.utils.flop_counter, FLOPs = 2 x multiply-adds, batch 1, eval mode",
+    }
