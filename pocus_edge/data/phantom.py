@@ -1,0 +1,307 @@
+"""The bundled two-probe pediatric wrist POCUS simulator (the project's default data).
+
+``simulate(out, preset="demo", seed=0)`` writes ``out/source`` (Lumify-like probe, every
+frame labeled) and ``out/target`` (TeleMED-like probe, ~12.5% of frames labeled) in the
+site layout of :mod:`pocus_edge.data.layout`, with the paper's patient splits assigned by
+:func:`pocus_edge.data.splits.assign_splits`. The two sites hold *different* simulated
+patients (as the paper's two cohorts do) drawn from the same anatomical model; what differs
+between them is the image formation (probe profiles, ``data/profiles/*.yaml``).
+
+Anatomy (:mod:`.phantom_anatomy`): a longitudinal view of the pediatric distal radius:
+skin, subcutaneous fat, extensor/flexor tendons, pronator quadratus (volar views), the
+metaphysis with its flare and bright cortex, the cartilaginous growth plate gap, the
+epiphysis under its cartilage cap, carpal ossification centres in cartilage; per patient an
+optional buckle (torus) or cortical break fracture of the distal metaphysis. Five views for
+the source (dorsal, proximal dorsal, radial, volar, proximal volar), four for the target
+(no radial view). Patients vary in size, soft-tissue depth and maturity.
+
+Image formation (:mod:`.phantom_physics`): scatterers weighted by echogenicity, two-way
+attenuation (acoustic shadow under bone), specular bone echo, separable PSF (pulse envelope
+x beam profile), electronic noise, TGC, envelope, log compression, scan conversion, noise.
+
+Sweeps: every video is a cine sweep in which the probe moves smoothly (out of plane, with a
+small in-plane slide and tilt) over a fixed scatterer field, so neighbouring frames are
+strongly correlated. ``framenum`` counts frames of the underlying cine loop; the preset
+keeps every ``frame_stride``-th one.
+
+**Masks (labeling policy).** ``Masks/<file>.png`` is a uint8 label map: 0 background,
+1 metaphysis, 2 epiphysis, 3 carpal bone. As a sonographer traces wrist POCUS, the label
+is the *visible* bone: for each beam (image column), the bone within ``cortex_mm`` (1.0-1.5
+mm per patient) of bone path below the first bone surface the beam meets, i.e. the bright
+cortical band; the shadowed bone beneath it is not labeled, nor is cartilage. The image's
+cortex is drawn from the same geometry by the same rule, so masks are exact (pixel centres
+inside the band, see :func:`pocus_edge.data.phantom_anatomy.bone_band`). Target frames
+are labeled at the paper's rate (every 8th frame of each patient, phase shifted per
+patient); unlabeled frames have no mask file.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from .layout import IMAGES, MANIFEST, MASKS, FrameRecord, Site, SiteWriter, load_site
+from .phantom_anatomy import SOURCE_VIEWS, TARGET_VIEWS, Patient, SweepPlan, bone_band, paint, plan_sweep, sample_patient
+from .phantom_physics import (
+    Scatterers,
+    Texture,
+    beamform_iq,
+    compose_frame,
+    envelope,
+    finish_panel,
+    log_compress,
+    panel_grid,
+    scan_convert,
+    sim_grid,
+    wavenumber2,
+)
+from .phantom_profiles import ProbeProfile, load_profile
+
+
+@dataclass(frozen=True)
+class SimPreset:
+    """Size of a simulated data set (both sites)."""
+
+    name: str
+    patients: int  # per site
+    frames_per_video: int
+    frame_stride: int  # cine frames between kept frames (framenum step)
+    scale: float  # output pixel pitch = profile pixel_mm / scale
+    oversample: int  # simulated depth samples per output pixel
+    sweep_step_mm: float  # elevational probe motion between kept frames
+    target_label_every: int = 8  # the paper labels 12.5% of target frames
+
+
+PRESETS = {
+    # Tests: every split gets a patient (6 patients -> source 4/1/1, target test 1, ub 4/1).
+    "tiny": SimPreset("tiny", patients=6, frames_per_video=8, frame_stride=2, scale=0.45, oversample=1, sweep_step_mm=0.3),
+    # The CPU demo: ~700 source / ~580 target frames of ~200 x 230 px.
+    "demo": SimPreset("demo", patients=24, frames_per_video=6, frame_stride=4, scale=1.0, oversample=2, sweep_step_mm=0.35),
+    # The Table 3 analog benchmark: a few thousand frames per domain.
+    "bench": SimPreset("bench", patients=44, frames_per_video=16, frame_stride=2, scale=1.0, oversample=2, sweep_step_mm=0.25),
+}
+
+SOURCE_PROFILE = "lumify"
+TARGET_PROFILE = "telemed"
+
+
+def get_preset(preset: str | SimPreset) -> SimPreset:
+    if isinstance(preset, SimPreset):
+        return preset
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown simulator preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
+
+
+SITE_KEYS = {"source": 1, "target": 2}
+
+
+def site_patients(domain: str, preset: SimPreset, seed: int) -> list[Patient]:
+    prefix = "S" if domain == "source" else "T"
+    return [sample_patient(f"{prefix}{i + 1:03d}", _rng(seed, SITE_KEYS[domain], i, 0)) for i in range(preset.patients)]
+
+
+def render_sweep(
+    profile: ProbeProfile,
+    plan: SweepPlan,
+    *,
+    scale: float = 1.0,
+    oversample: int = 2,
+    seed: int = 0,
+    noise: bool = True,
+    texture: bool = True,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (frame uint8, label map uint8) for every frame of a sweep plan with one probe.
+
+    The plan fixes the anatomy and probe path; ``seed`` fixes the scatterers and noise, so
+    rendering one plan with two profiles gives the same anatomy through two probes.
+    """
+    rng = _rng(seed)
+    grid = sim_grid(profile, scale, oversample)
+    panel = panel_grid(profile, scale)
+    k2 = wavenumber2(profile)
+    x_range = plan.x_range(grid.width_mm / 2, grid.depth_mm)
+    scat = Scatterers.generate(profile, grid, x_range, (0.0, plan.sweep_length_mm), rng)
+    tex = Texture(x_range, grid.depth_mm, rng, res_mm=max(0.1, 0.5 * grid.dz)) if texture else None
+    for i in range(plan.n_frames):
+        pose = plan.pose(i)
+        geom = plan.geometry(i).transformed(pose)
+        painted = paint(geom, grid.xs, grid.zs)
+        field = scat.field(pose, grid, k2)
+        iq = beamform_iq(
+            profile, grid, field, painted, texture=tex.sample(pose, grid) if tex else None, rng=rng if noise else None
+        )
+        gray = scan_convert(log_compress(envelope(iq), profile), panel)
+        image = finish_panel(gray, profile, scale, rng if noise else None)
+        mask = bone_band(geom, panel.xs, panel.zs)[0]
+        yield compose_frame(image, mask, profile, scale)
+
+
+def _prepare_site_dir(root: Path, overwrite: bool) -> None:
+    if (root / MANIFEST).exists():
+        if not overwrite:
+            raise DataError(f"{root}: already holds a site (manifest.csv exists); pass --overwrite to replace it")
+        # Replace the whole simulated site: stale frames from a larger earlier run must go too.
+        for sub in (IMAGES, MASKS):
+            shutil.rmtree(root / sub, ignore_errors=True)
+        (root / MANIFEST).unlink()
+    elif root.exists() and any(root.iterdir()) and not overwrite:
+        raise DataError(f"{root}: folder exists and is not empty; pass --overwrite or choose another OUT")
+
+
+def simulate_site(
+    root: str | Path,
+    *,
+    domain: str,
+    preset: str | SimPreset = "demo",
+    seed: int = 0,
+    profile: str | Path | ProbeProfile | None = None,
+    overwrite: bool = False,
+    on_frame=None,
+) -> Site:
+    """Write one simulated site (``domain`` = source | target) and assign its splits."""
+    from .splits import assign_splits
+
+    if domain not in SITE_KEYS:
+        raise ConfigError(f"unknown domain {domain!r}; choose source or target")
+    p = get_preset(preset)
+    prof = load_profile(profile or (SOURCE_PROFILE if domain == "source" else TARGET_PROFILE))
+    root = Path(root)
+    _prepare_site_dir(root, overwrite)
+    writer = SiteWriter(root, overwrite=overwrite)
+    views = SOURCE_VIEWS if domain == "source" else TARGET_VIEWS
+    for pi, patient in enumerate(site_patients(domain, p, seed)):
+        frame_in_patient = 0
+        for vi, view in enumerate(views):
+            plan = plan_sweep(patient, view, p.frames_per_video, _rng(seed, SITE_KEYS[domain], pi, 1, vi), sweep_step_mm=p.sweep_step_mm)
+            frames = render_sweep(prof, plan, scale=p.scale, oversample=p.oversample, seed=int(_rng(seed, SITE_KEYS[domain], pi, 2, vi).integers(2**63)))
+            video = f"{patient.pid}_{view}"
+            for i, (image, mask) in enumerate(frames):
+                framenum = i * p.frame_stride
+                if domain == "source":
+                    labeled = True
+                else:
+                    labeled = (frame_in_patient + pi) % p.target_label_every == 0
+                frame_in_patient += 1
+                rec = FrameRecord(filename=f"{video}_{framenum:04d}.png", videoname=video, framenum=framenum, patient=patient.pid, view=view)
+                writer.add(rec, image, mask if labeled else None)
+                if on_frame is not None:
+                    on_frame()
+    writer.records = assign_splits(writer.records, domain=domain, seed=seed)
+    return writer.close()
+
+
+def frames_per_site(preset: str | SimPreset) -> dict[str, int]:
+    p = get_preset(preset)
+    return {
+        "source": p.patients * len(SOURCE_VIEWS) * p.frames_per_video,
+        "target": p.patients * len(TARGET_VIEWS) * p.frames_per_video,
+    }
+
+
+def simulate(
+    out: str | Path,
+    *,
+    preset: str | SimPreset = "demo",
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    source_profile: str | Path | ProbeProfile = SOURCE_PROFILE,
+    target_profile: str | Path | ProbeProfile = TARGET_PROFILE,
+) -> tuple[Site, Site]:
+    """Write ``out/source`` and ``out/target``; returns the two loaded sites."""
+    p = get_preset(preset)
+    # Validate both profiles before writing anything.
+    profiles = {"source": load_profile(source_profile), "target": load_profile(target_profile)}
+    out = Path(out)
+    counts = frames_per_site(p)
+    for domain in ("source", "target"):
+        root = out / domain
+        if (root / MANIFEST).exists() and not overwrite:
+            raise DataError(f"{root}: already holds a site (manifest.csv exists); pass --overwrite to replace it")
+    sites: dict[str, Site] = {}
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=False
+        ) as bar:
+            for domain in ("source", "target"):
+                task = bar.add_task(f"{domain} ({profiles[domain].name})", total=counts[domain])
+                sites[domain] = simulate_site(
+                    out / domain, domain=domain, preset=p, seed=seed, profile=profiles[domain], overwrite=overwrite,
+                    on_frame=lambda t=task: bar.advance(t),
+                )
+    else:
+        for domain in ("source", "target"):
+            sites[domain] = simulate_site(out / domain, domain=domain, preset=p, seed=seed, profile=profiles[domain], overwrite=overwrite)
+    return sites["source"], sites["target"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Montage
+
+
+LABEL_COLORS = {1: "#ff4d4d", 2: "#4dd2ff", 3: "#ffd11a"}
+
+
+def _montage_records(site: Site, n: int) -> list[FrameRecord]:
+    labeled = [r for r in site.records if r.labeled]
+    if not labeled:
+        raise DataError(f"{site.root}: no labeled frames to show")
+    # One frame per video where possible, spread over the site.
+    by_video: dict[str, FrameRecord] = {}
+    for r in labeled:
+        by_video.setdefault(r.videoname, r)
+    pool = list(by_video.values()) if len(by_video) >= n else labeled
+    idx = np.linspace(0, len(pool) - 1, num=min(n, len(pool))).round().astype(int)
+    return [pool[i] for i in idx]
+
+
+def write_montage(source_dir: str | Path, target_dir: str | Path, out_png: str | Path, n: int = 4) -> Path:
+    """A PNG with ``n`` labeled source frames (top row) and ``n`` target frames (bottom row),
+    label contours overlaid, so the two probes can be compared side by side."""
+    import io as _io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import write_bytes_atomic
+
+    if n < 1:
+        raise ConfigError(f"montage needs n >= 1, got {n}")
+    sites = [load_site(source_dir), load_site(target_dir)]
+    rows = [_montage_records(s, n) for s in sites]
+    cols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(2, cols, figsize=(2.3 * cols, 5.0), squeeze=False)
+    for row, (site, recs) in enumerate(zip(sites, rows)):
+        for col in range(cols):
+            ax = axes[row][col]
+            ax.set_axis_off()
+            if col >= len(recs):
+                continue
+            rec = recs[col]
+            img, mask = site.read_image(rec), site.read_mask(rec)
+            ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            for lab, color in LABEL_COLORS.items():
+                if (mask == lab).any():
+                    ax.contour((mask == lab).astype(float), levels=[0.5], colors=color, linewidths=0.7)
+            ax.set_title(f"{site.name}: {rec.view}", fontsize=7)
+    fig.suptitle("pocus-edge simulator: source (Lumify-like, top) vs target (TeleMED-like, bottom)", fontsize=8)
+    fig.tight_layout()
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return write_bytes_atomic(out_png, buf.getvalue())
