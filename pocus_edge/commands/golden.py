@@ -1,0 +1,36 @@
+"""`golden`: golden vectors for ports of the pre/post-processing (the Android demo's Kotlin core)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("golden")
+    def golden(
+        out: Path = typer.Option(..., "--out", help="Folder to write index.json and the .npy arrays into."),
+        model: Optional[Path] = typer.Option(
+            None,
+            "--model",
+            help="Fused ONNX file (from `pocus-edge export`): its probabilities and input size are used. "
+            "Default: two seeded random-weight tiny TransUNets fused in PyTorch (input size 64).",
+        ),
+        data: Optional[Path] = typer.Option(
+            None, "--data", help="Site folder to take frames from (e.g. the simulator's target site). Default: synthetic frames."
+        ),
+        n: int = typer.Option(4, "--n", min=1, help="Number of frames."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the synthetic frames and the random model."),
+    ) -> None:
+        """Write golden vectors: raw frames, the exact preprocessing outputs, fused probabilities and masks."""
+        from ..export.golden import write_golden
+
+        index = write_golden(out, model=model, site=data, n=n, seed=seed)
+        probs = index["probabilities"]["kind"] if index["probabilities"] else "none (model code unavailable)"
+        typer.echo(
+            f"wrote {len(index['cases'])} frames to {out} (sizes {index['sizes']}, "
+            f"interpolation: {index['interpolation']}; probabilities: {probs}; mask rule: {index['mask_rule']} "
+            f"at {index['threshold']})"
+        )

@@ -1,0 +1,352 @@
+"""Golden vectors: what the Python pipeline produces for a few probe frames, for other platforms
+(the Android demo's Kotlin core) to reproduce and be checked against.
+
+A golden folder holds ``index.json`` and one ``.npy`` file per array (NumPy format 1.0,
+little-endian, C order: a 10-byte magic/version/length prefix, a Python-dict header, raw data;
+trivial to parse without NumPy). For every frame ``i`` and every output size ``S``:
+
+- ``frame_i.npy``          uint8 (H, W): the raw probe frame, H != W (exercises the padding)
+- ``gray_i_S.npy``         uint8 (S, S): ``transforms.preprocess_gray`` (pad bottom/right, resize)
+- ``input_i_S.npy``        float32 (3, S, S): ``transforms.preprocess_frame`` (only at the model
+                           input size, to keep the committed set small)
+- ``cv2_i_S.npy``          uint8 (S, S): ``cv2.resize(INTER_LINEAR)`` of the padded frame, an
+                           independent reference for ports that reproduce OpenCV itself
+                           (model input size only)
+- ``prob_i.npy``           float32 (S, S): the fused bone probability (model input size only)
+- ``mask_i.npy``           uint8 (S, S): 1 where the probability passes the threshold
+- ``frame_mask_i.npy``     uint8 (H, W): the mask at frame resolution (probability resized back
+                           to the padded side, padding cropped, then thresholded), as the
+                           runtime draws and saves it
+
+plus ``threshold_probe_prob.npy``/``threshold_probe_mask.npy``: values at and next to the
+threshold, so a port that uses ``>=`` where Python uses ``>`` (or the reverse) fails.
+
+The mask rule follows the streaming runtime (``pocus_edge.runtime.pipeline``: ``prob >=
+threshold``, the threshold from the model card, 0.5), which is what the app mirrors.
+``pocus_edge.metrics`` scores with ``prob > 0.5`` instead; the two differ only on pixels whose
+probability is exactly 0.5. ``index.json`` states the rule and threshold so a port reads them
+instead of guessing.
+
+Probabilities come from onnxruntime on a fused ONNX file when one is given; otherwise from a
+``FusedSegmenter`` over two seeded random-weight ``tiny`` TransUNets (the numbers are not a
+trained model's, but a port's post-processing is checked on them just the same).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data import transforms
+from ..errors import DataError, ExportError
+from ..io import write_bytes_atomic, write_json_atomic
+
+GOLDEN_FORMAT = "pocus-edge-golden/1"
+# Raw frame sizes (H, W): wide and tall, down- and upscaled, one padded side of exactly 2x the
+# tiny model's 64 (OpenCV switches to area averaging at exact 2x), one smaller than 64.
+SYNTHETIC_FRAME_SHAPES = ((120, 160), (97, 75), (128, 100), (45, 61), (150, 211), (88, 64))
+PAPER_SIZE = 224
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def save_npy(path: str | Path, arr: np.ndarray) -> Path:
+    """Write one array as a .npy file atomically (little-endian dtypes only)."""
+    arr = np.asarray(arr)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return write_bytes_atomic(path, _npy_bytes(arr))
+
+
+def synthetic_frame(height: int, width: int, seed: int) -> np.ndarray:
+    """A deterministic ultrasound-like uint8 frame: Rayleigh speckle, a bright curved bone
+    surface with an acoustic shadow below it, depth attenuation. Sharp edges and noise make
+    any change of interpolation visible in the resized output."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    speckle = rng.rayleigh(scale=0.35, size=(height, width))
+    surface = height * (0.45 + 0.15 * np.sin(2 * np.pi * xx / max(width, 2) + seed))
+    bone = np.exp(-0.5 * ((yy - surface) / max(height * 0.02, 1.0)) ** 2)
+    shadow = np.where(yy > surface, 0.25, 1.0)
+    attenuation = np.exp(-1.2 * yy / height)
+    img = 255.0 * np.clip(0.6 * speckle * shadow * attenuation + 0.9 * bone, 0.0, 1.0)
+    return img.astype(np.uint8)
+
+
+def site_frames(site_dir: str | Path, n: int) -> list[tuple[np.ndarray, str]]:
+    """``n`` frames spread over a site's manifest. Square frames are cropped to their top 80%
+    of rows (documented in the index) so the bottom/right padding is always exercised."""
+    from ..data.layout import load_site
+
+    site = load_site(site_dir, check_sizes=False)
+    if not site.records:
+        raise DataError(f"{site_dir}: the site manifest lists no frames")
+    picks = np.linspace(0, len(site.records) - 1, num=min(n, len(site.records))).round().astype(int)
+    out = []
+    for k in dict.fromkeys(picks.tolist()):
+        rec = site.records[k]
+        img = site.read_image(rec)
+        note = f"site {site.name or Path(site_dir).name}: {rec.filename}"
+        if img.shape[0] == img.shape[1]:
+            img = np.ascontiguousarray(img[: max(1, (img.shape[0] * 4) // 5)])
+            note += " (top 80% of rows, to make it non-square)"
+        out.append((img, note))
+    return out
+
+
+class _OnnxProbabilities:
+    """Fused probability from an exported ONNX file (float (N,3,S,S) or uint8 (N,1,S,S) input)."""
+
+    def __init__(self, model_path: Path):
+        import onnxruntime as ort
+
+        if not model_path.is_file():
+            raise ExportError(f"{model_path}: ONNX file not found")
+        try:
+            self.session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ExportError(f"{model_path}: onnxruntime cannot load it ({type(exc).__name__})") from None
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.uint8_input = "uint8" in inp.type
+        size = inp.shape[-1]
+        card = self.session.get_modelmeta().custom_metadata_map.get("pocus_edge_card")
+        self.card = json.loads(card) if card else None
+        if not isinstance(size, int):
+            size = int((self.card or {}).get("img_size", 0)) or None
+        if not size:
+            raise ExportError(f"{model_path}: cannot tell the input size (dynamic shape and no model card)")
+        self.img_size = int(size)
+        self.description = {
+            "kind": "onnxruntime",
+            "file": model_path.name,
+            "input": "uint8 (1,1,S,S)" if self.uint8_input else "float32 (1,3,S,S)",
+            "card": self.card,
+        }
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        if self.uint8_input:
+            x = transforms.preprocess_gray(frame, self.img_size)[None, None]
+        else:
+            x = transforms.preprocess_frame(frame, self.img_size)[None]
+        out = self.session.run(None, {self.input_name: x})[0]
+        return np.asarray(out, dtype=np.float32).reshape(self.img_size, self.img_size)
+
+
+class _RandomFusedProbabilities:
+    """Fused probability from two seeded random-weight ``tiny`` TransUNets (no model given)."""
+
+    def __init__(self, seed: int):
+        import torch
+
+        from ..config import model_preset
+        from ..models.transunet import TransUNet
+        from .fused import FusedSegmenter
+
+        cfg = model_preset("tiny")
+        torch.manual_seed(seed)
+        self.model = FusedSegmenter(TransUNet(cfg), TransUNet(cfg)).eval()
+        self.img_size = cfg.img_size
+        self.description = {
+            "kind": "torch FusedSegmenter over two random-weight tiny TransUNets",
+            "seed": seed,
+            "fusion": self.model.fusion_settings,
+        }
+
+    def calibrate(self, frames: list[np.ndarray]) -> None:
+        """Rescale each branch's output layer so its logits on these frames have median 0 and a
+        spread of about +-4: random weights alone give probabilities bunched just under 0.5 and
+        an empty mask, which would not test a port's thresholding at all."""
+        import torch
+
+        x = torch.from_numpy(np.stack([transforms.preprocess_frame(f, self.img_size) for f in frames]))
+        with torch.no_grad():
+            for branch in (self.model.generative, self.model.contrastive):
+                head = getattr(branch.decoder, "head", None)
+                if not isinstance(head, torch.nn.Conv2d) or head.bias is None:
+                    continue
+                logits = branch(x).flatten().double()
+                centre = float(logits.median())
+                spread = float(logits.quantile(0.95) - logits.quantile(0.05)) or 1.0
+                gain = 8.0 / spread
+                head.weight.mul_(gain)
+                head.bias.copy_((head.bias - centre) * gain)
+        self.description["calibrated"] = "output layers rescaled: median logit 0, 5-95% spread 8"
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(transforms.preprocess_frame(frame, self.img_size)[None])
+        with torch.no_grad():
+            prob = self.model(x)
+        return prob.numpy().astype(np.float32).reshape(self.img_size, self.img_size)
+
+
+def _probability_model(model: str | Path | None, seed: int):
+    if model is not None:
+        return _OnnxProbabilities(Path(model))
+    try:
+        return _RandomFusedProbabilities(seed)
+    except ImportError:
+        # The model code is optional for the preprocessing goldens (e.g. a stripped install).
+        return None
+
+
+# The streaming runtime's rule (pocus_edge.runtime.pipeline thresholds with ``p >= threshold``).
+MASK_RULE = "prob >= threshold"
+DEFAULT_THRESHOLD = 0.5  # METHOD.md; exported model cards carry it as "threshold"
+
+
+def threshold_probe(threshold: float) -> np.ndarray:
+    """float32 values at, just below and just above the threshold, and the extremes."""
+    t = np.float32(threshold)
+    vals = [0.0, 1.0, t, np.nextafter(t, np.float32(0)), np.nextafter(t, np.float32(1)), t - 1e-3, t + 1e-3]
+    return np.array(vals, dtype=np.float32).reshape(1, -1)
+
+
+def mask_of(prob: np.ndarray, threshold: float) -> np.ndarray:
+    """The runtime's mask rule (MASK_RULE): bone where prob >= threshold."""
+    return (np.asarray(prob) >= np.float32(threshold)).astype(np.uint8)
+
+
+def probability_at_frame(prob: np.ndarray, frame_shape: tuple[int, int]) -> np.ndarray:
+    """(S, S) probability -> (H, W): bilinear (cv2.INTER_LINEAR, float32) to the padded side,
+    then crop the padding. The same computation as the runtime's display/mask path
+    (``pocus_edge.runtime.overlay.to_frame_resolution``; not imported because the export layer
+    sits above the runtime; tests/test_golden.py checks the two agree)."""
+    import cv2
+
+    h, w = frame_shape
+    side = max(h, w)
+    up = cv2.resize(np.asarray(prob, dtype=np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
+    return np.ascontiguousarray(up[:h, :w])
+
+
+def write_golden(
+    out_dir: str | Path,
+    *,
+    model: str | Path | None = None,
+    site: str | Path | None = None,
+    n: int = 4,
+    seed: int = 0,
+    extra_sizes: tuple[int, ...] = (PAPER_SIZE,),
+) -> dict[str, Any]:
+    """Write a golden folder (see the module docstring) and return its index.
+
+    ``model``: a fused ONNX file (probabilities by onnxruntime); None: random tiny fused model.
+    ``site``: take the frames from this site folder; None: synthetic frames.
+    ``extra_sizes``: output sizes besides the model's input size (preprocessing only).
+    """
+    if n < 1:
+        raise DataError(f"--n must be at least 1, got {n}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder")
+    if site is not None:
+        frames = site_frames(site, n)
+    else:
+        shapes = [SYNTHETIC_FRAME_SHAPES[i % len(SYNTHETIC_FRAME_SHAPES)] for i in range(n)]
+        frames = [(synthetic_frame(h, w, seed + i), f"synthetic seed {seed + i}") for i, (h, w) in enumerate(shapes)]
+
+    prob_model = _probability_model(model, seed)
+    card = getattr(prob_model, "card", None) or {}
+    threshold = float(card.get("threshold", DEFAULT_THRESHOLD))
+    if isinstance(prob_model, _RandomFusedProbabilities):
+        prob_model.calibrate([f for f, _ in frames])
+    input_size = prob_model.img_size if prob_model is not None else 64
+    sizes = sorted({input_size, *map(int, extra_sizes)})
+
+    import cv2
+
+    cases = []
+    for i, (frame, note) in enumerate(frames):
+        save_npy(out / f"frame_{i}.npy", frame)
+        case: dict[str, Any] = {
+            "id": i,
+            "source": note,
+            "frame": f"frame_{i}.npy",
+            "height": int(frame.shape[0]),
+            "width": int(frame.shape[1]),
+            "sizes": [],
+        }
+        padded = transforms.pad_to_square(frame)
+        for size in sizes:
+            entry: dict[str, Any] = {"size": size, "gray": f"gray_{i}_{size}.npy"}
+            save_npy(out / entry["gray"], transforms.preprocess_gray(frame, size))
+            if size == input_size and padded.shape[0] != size:
+                entry["cv2"] = f"cv2_{i}_{size}.npy"
+                save_npy(out / entry["cv2"], cv2.resize(padded, (size, size), interpolation=cv2.INTER_LINEAR))
+            if size == input_size:
+                entry["input"] = f"input_{i}_{size}.npy"
+                save_npy(out / entry["input"], transforms.preprocess_frame(frame, size))
+            case["sizes"].append(entry)
+        if prob_model is not None:
+            prob = prob_model(frame)
+            case["prob"] = f"prob_{i}.npy"
+            case["mask"] = f"mask_{i}.npy"
+            case["prob_size"] = input_size
+            save_npy(out / case["prob"], prob)
+            save_npy(out / case["mask"], mask_of(prob, threshold))
+            case["frame_mask"] = f"frame_mask_{i}.npy"
+            save_npy(out / case["frame_mask"], mask_of(probability_at_frame(prob, frame.shape), threshold))
+        cases.append(case)
+
+    probe = threshold_probe(threshold)
+    save_npy(out / "threshold_probe_prob.npy", probe)
+    save_npy(out / "threshold_probe_mask.npy", mask_of(probe, threshold))
+
+    # Latency statistics reference: numpy's percentiles (linear interpolation) of a fixed,
+    # skewed sample, so a port's p50/p95/p99 are checked against a second implementation.
+    latency_samples = np.random.default_rng(seed).gamma(shape=2.0, scale=7.0, size=257).round(3)
+    latency_probe = {
+        "samples_ms": latency_samples.tolist(),
+        "percentiles": {str(q): float(np.percentile(latency_samples, q)) for q in (50, 95, 99)},
+        "mean_ms": float(latency_samples.mean()),
+    }
+
+    index = {
+        "format": GOLDEN_FORMAT,
+        "interpolation": transforms.INTERPOLATION,
+        "threshold": threshold,
+        "mask_rule": MASK_RULE,
+        "input_size": input_size,
+        "sizes": sizes,
+        "probabilities": prob_model.description if prob_model is not None else None,
+        "threshold_probe": {"prob": "threshold_probe_prob.npy", "mask": "threshold_probe_mask.npy"},
+        "latency_probe": latency_probe,
+        "cases": cases,
+    }
+    write_json_atomic(out / "index.json", index)
+    return index
+
+
+def read_npy(path: str | Path) -> np.ndarray:
+    """Read one golden array (no pickles)."""
+    try:
+        return np.load(Path(path), allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: golden file not found") from None
+    except ValueError as exc:
+        raise DataError(f"{path}: not a readable .npy file ({exc})") from None
+
+
+def read_golden(golden_dir: str | Path) -> dict[str, Any]:
+    """Load ``index.json`` of a golden folder (format-checked)."""
+    path = Path(golden_dir) / "index.json"
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: not a golden folder (no index.json)") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    if index.get("format") != GOLDEN_FORMAT:
+        raise DataError(f"{path}: format {index.get('format')!r}, expected {GOLDEN_FORMAT!r}")
+    return index
