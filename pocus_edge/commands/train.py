@@ -1,33 +1,176 @@
-"""`pretrain`, `finetune`, `evaluate`."""
+"""`pretrain mim`, `pretrain contrastive`, `finetune`, `evaluate`.
+
+Every training command runs on one process (CPU or one GPU) or under torchrun for several GPUs:
+``torchrun --nproc_per_node 8 -m pocus_edge pretrain contrastive --data T --out RUN --preset paper``
+(``--batch-size`` is always the GLOBAL batch, split over the processes).
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import List, Optional
+
 import typer
 
-from . import not_built
+PRESET_HELP = (
+    "Model preset: paper (TransUNet R50-ViT-B/16 @224, the published network), small (CPU-trainable @128), "
+    "tiny (tests @64)."
+)
+
+
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _one_site(data: List[Path], command: str) -> Path:
+    from ..errors import TrainingError
+
+    if len(data) != 1:
+        raise TrainingError(
+            f"{command} reads exactly one site, got {len(data)} (--data {' --data '.join(map(str, data))}): sites are never pooled"
+        )
+    return data[0]
+
+
+def _overrides(items: Optional[List[str]]) -> dict:
+    from ..config import parse_set_options
+
+    return parse_set_options(items)
+
+
+def _echo_run(kind: str, res, extra: str = "") -> None:
+    if not _main_process():
+        return
+    typer.echo(
+        f"{kind}: {res.global_step} steps ({res.epochs_done} epochs, global batch {res.batch_size}), "
+        f"last loss {res.last_loss:.4f}{extra}"
+    )
+
+
+# Options shared by the training commands (typer needs them spelled out per command).
+def _opt_data():
+    return typer.Option(..., "--data", metavar="SITE", help="ONE site folder (e.g. OUT/target). Given twice, the command refuses: sites are never pooled.")
 
 
 def register(app: typer.Typer) -> None:
-    pretrain_app = typer.Typer(help="Self-supervised pretraining on ONE unlabeled target site.", no_args_is_help=True)
+    pretrain_app = typer.Typer(
+        help="Self-supervised pretraining on ONE unlabeled target site (reads its 'train' split, images only; never opens a mask).",
+        no_args_is_help=True,
+    )
 
     @pretrain_app.command("mim")
-    def mim() -> None:
-        """Masked image modeling (SimMIM-style) pretraining."""
-        not_built("pretrain mim", "training issue")
+    def mim(
+        data: List[Path] = _opt_data(),
+        out: Path = typer.Option(..., "--out", help="Run folder: encoder.safetensors, checkpoint.safetensors, log.csv, tensorboard/."),
+        preset: str = typer.Option("small", help=PRESET_HELP),
+        epochs: Optional[int] = typer.Option(None, help="Epochs [paper 1200, small 10, tiny 2]."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="GLOBAL batch over all processes [paper 128, small 32, tiny 8]."),
+        lr: Optional[float] = typer.Option(None, help="AdamW learning rate [5e-4]; weight decay 0.05 (--set weight_decay=...)."),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (the LR schedule spans them)."),
+        device: str = typer.Option("auto", help="auto | cpu | cuda (bf16 autocast on CUDA; --set amp=false to disable)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
+        seed: Optional[int] = typer.Option(None, help="Random seed [0]: same seed, same weights."),
+        num_workers: Optional[int] = typer.Option(None, "--num-workers", help="DataLoader worker processes [0]."),
+        preload: bool = typer.Option(False, "--preload/--no-preload", help="Decode and resize every frame into memory first (fast GPUs)."),
+        checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps (0 = at each epoch end)."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any setting: key=value (mask_ratio, grad_clip, schedule, warmup_epochs, grad_checkpointing, model.dropout, ...)."),
+    ) -> None:
+        """Masked image modeling (SimMIM-style): 32-px cells, ratio 0.6, 20% speckle; masked L1. Defaults follow METHOD.md for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
+        from ..train import pretrain_mim
+
+        res = pretrain_mim(
+            _one_site(data, "pretrain mim"), out, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr,
+            max_steps=max_steps, device=device, resume=resume, seed=seed, num_workers=num_workers, preload=preload,
+            checkpoint_every=checkpoint_every, overrides=_overrides(set_),
+        )
+        _echo_run("pretrain mim", res, f"; encoder -> {res.encoder_path}")
+
 
     @pretrain_app.command("contrastive")
-    def contrastive() -> None:
-        """Contrastive pretraining with the MT-NXent loss."""
-        not_built("pretrain contrastive", "training issue")
+    def contrastive(
+        data: List[Path] = _opt_data(),
+        out: Path = typer.Option(..., "--out", help="Run folder: encoder.safetensors, checkpoint.safetensors, log.csv, tensorboard/."),
+        preset: str = typer.Option("small", help=PRESET_HELP),
+        min_frame_gap: Optional[int] = typer.Option(None, "--min-frame-gap", help="delta_t: same-video frames closer than this are not negatives [15]; 0 = plain NT-Xent (SimCLR)."),
+        temperature: Optional[float] = typer.Option(None, help="Softmax temperature tau [0.5]."),
+        epochs: Optional[int] = typer.Option(None, help="Epochs [paper 400, small 10, tiny 2]."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="GLOBAL pairs per batch over all processes [paper 512, small 32, tiny 8]; the loss always sees all of them."),
+        lr: Optional[float] = typer.Option(None, help="Adam learning rate [paper 1e-5; small/tiny 1e-4]; weight decay 0.05."),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (the LR schedule spans them)."),
+        device: str = typer.Option("auto", help="auto | cpu | cuda (bf16 autocast on CUDA)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
+        seed: Optional[int] = typer.Option(None, help="Random seed [0]."),
+        num_workers: Optional[int] = typer.Option(None, "--num-workers", help="DataLoader worker processes [0] (augmentations run there)."),
+        preload: bool = typer.Option(False, "--preload/--no-preload", help="Decode and resize every frame into memory first."),
+        checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps (0 = at each epoch end)."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any setting: key=value (crop_scale, jitter, flip_p, grad_clip, model.dropout, ...)."),
+    ) -> None:
+        """Contrastive pretraining with MT-NXent (two augmented views per frame; temporal neighbours masked). Defaults follow METHOD.md for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
+        from ..train import pretrain_contrastive
+
+        res = pretrain_contrastive(
+            _one_site(data, "pretrain contrastive"), out, preset=preset, min_frame_gap=min_frame_gap,
+            temperature=temperature, epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, device=device,
+            resume=resume, seed=seed, num_workers=num_workers, preload=preload, checkpoint_every=checkpoint_every,
+            overrides=_overrides(set_),
+        )
+        _echo_run("pretrain contrastive", res, f"; encoder -> {res.encoder_path}")
 
     app.add_typer(pretrain_app, name="pretrain")
 
     @app.command("finetune")
-    def finetune() -> None:
-        """Supervised fine-tuning on ONE labeled site (DiceBCE)."""
-        not_built("finetune", "training issue")
+    def finetune(
+        data: List[Path] = _opt_data(),
+        out: Path = typer.Option(..., "--out", help="Run folder: model.safetensors (lowest validation DiceBCE), checkpoint, log.csv."),
+        init: Optional[Path] = typer.Option(None, "--init", help="Pretrained RUN/encoder.safetensors (same preset). Without it: a baseline from random init (lower bound on the source, upper bound on the target's labeled ub_split)."),
+        preset: str = typer.Option("small", help=PRESET_HELP),
+        split_column: str = typer.Option("auto", "--split-column", help="auto | split | ub_split: which manifest column gives train/val (auto: split if it has labeled train+val, else ub_split)."),
+        epochs: Optional[int] = typer.Option(None, help="Epochs [paper 200, small 5, tiny 2]."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="GLOBAL batch over all processes [paper 512, small 16, tiny 8]."),
+        lr: Optional[float] = typer.Option(None, help="SGD learning rate [2e-4], momentum 0.99 (--set momentum=...)."),
+        weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="[0.05; 0.1 when --init is a contrastive encoder]."),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (the LR schedule spans them)."),
+        device: str = typer.Option("auto", help="auto | cpu | cuda (bf16 autocast on CUDA)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
+        seed: Optional[int] = typer.Option(None, help="Random seed [0] (also fixes the decoder's random init)."),
+        num_workers: Optional[int] = typer.Option(None, "--num-workers", help="DataLoader worker processes [0]."),
+        preload: bool = typer.Option(False, "--preload/--no-preload", help="Decode and resize every frame and mask into memory first."),
+        checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps (0 = at each epoch end)."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any setting: key=value (momentum, optimizer, schedule, grad_clip, model.dropout, ...)."),
+    ) -> None:
+        """Supervised fine-tuning on ONE labeled site with DiceBCE; keeps the best validation checkpoint. Defaults follow METHOD.md for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
+        from ..train import finetune as run_finetune
+
+        res = run_finetune(
+            _one_site(data, "finetune"), out, init=init, preset=preset, split_column=split_column, epochs=epochs,
+            batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_steps=max_steps, device=device, resume=resume,
+            seed=seed, num_workers=num_workers, preload=preload, checkpoint_every=checkpoint_every,
+            overrides=_overrides(set_),
+        )
+        best = f"; best val DiceBCE {res.best_val:.4f} (epoch {res.best_epoch}) -> {res.model_path}" if res.best_val is not None else ""
+        _echo_run("finetune" if init else "baseline", res, best)
+
 
     @app.command("evaluate")
-    def evaluate() -> None:
-        """Per-image Dice/IoU, Wilcoxon tests and overlays on a site's split."""
-        not_built("evaluate", "training issue")
+    def evaluate(
+        data: List[Path] = _opt_data(),
+        model: List[Path] = typer.Option(..., "--model", metavar="MODEL", help="A fine-tuned model.safetensors; repeat to compare models (paired Wilcoxon tests)."),
+        split: str = typer.Option("test", help="Manifest split whose labeled frames are scored."),
+        fusion: Optional[List[str]] = typer.Option(None, "--fusion", metavar="METHOD", help="entropy | margin | average; repeatable. Needs exactly two --model: generative (MIM) first, contrastive second."),
+        fusion_norm: str = typer.Option("image", "--fusion-norm", help="Confidence min-max normalization: image (per frame, deployment) | batch (released code)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Report folder: per_image.csv, summary.json, summary.md, overlays/."),
+        batch_size: int = typer.Option(32, "--batch-size", help="Frames per forward pass."),
+        device: str = typer.Option("auto", help="auto | cpu | cuda."),
+        overlays: int = typer.Option(3, help="Overlay PNGs of the N worst and N best frames per model (0 = none)."),
+    ) -> None:
+        """Per-image Dice/IoU, mean table, Wilcoxon p-values and overlays on ONE site's labeled split."""
+        from ..train import evaluate as run_evaluate
+
+        res = run_evaluate(
+            _one_site(data, "evaluate"), model, out, split=split, fusion=fusion or (), fusion_norm=fusion_norm,
+            batch_size=batch_size, device=device, overlays=overlays,
+        )
+        typer.echo(res.table(), nl=False)
+        if out is not None:
+            typer.echo(f"reports -> {out}")
