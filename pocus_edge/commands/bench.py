@@ -1,14 +1,136 @@
-"""`benchmark`."""
+"""`benchmark` (every available format on this machine) and `benchmark compare` (reports from
+several machines side by side)."""
 
 from __future__ import annotations
 
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
 import typer
 
-from . import not_built
+from ..errors import ConfigError
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise ConfigError(f"{option} expects comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise ConfigError(f"{option} expects positive integers, got {text!r}")
+    return values
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("benchmark")
-    def benchmark() -> None:
-        """Accuracy and speed of every available format/precision in one table."""
-        not_built("benchmark", "benchmark issue")
+    bench_app = typer.Typer(
+        help=(
+            "Accuracy and speed of every available format/precision in one table.\n\n"
+            "`pocus-edge benchmark --generative G --contrastive C --data SITE` measures each format "
+            "(PyTorch eager two-model = the paper's way and the baseline, fused fp32/bf16/fp16, "
+            "torch.compile, ONNX fp32/fp16/int8 in onnxruntime, TensorRT, Core ML): status, size, "
+            "Dice/IoU, agreement with the fp32 reference, latency p50/p95, FPS, GFLOPs, peak memory. "
+            "`pocus-edge benchmark compare A.json B.json` sets machines side by side."
+        ),
+        invoke_without_command=True,
+        no_args_is_help=False,
+    )
+
+    @bench_app.callback()
+    def benchmark(
+        ctx: typer.Context,
+        generative: Optional[Path] = typer.Option(None, "--generative", "-g", help="Fine-tuned generative (MIM) branch checkpoint (.safetensors)."),
+        contrastive: Optional[Path] = typer.Option(None, "--contrastive", "-c", help="Fine-tuned contrastive branch checkpoint (.safetensors)."),
+        data: Optional[Path] = typer.Option(None, "--data", "-d", help="Target site folder: Dice/IoU on its labeled test frames. Without it: random frames, no Dice/IoU."),
+        preset: Optional[str] = typer.Option(None, "--preset", "-p", help="paper | small | tiny: random weights of this preset when no checkpoints are given (speed only)."),
+        formats: Optional[str] = typer.Option(None, "--formats", "-f", help="Comma-separated subset, e.g. eager-2model,fused-bf16,onnx-int8 (default: all). See --list-formats."),
+        batch: str = typer.Option("1,8", "--batch", "-b", help="Comma-separated batch sizes to time."),
+        runs: int = typer.Option(20, "--runs", "-n", min=1, help="Timed calls per batch size (fewer if --time-per-batch runs out first, never under 3)."),
+        warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed calls per batch size before timing (torch.compile compiles here; reported as warm-up seconds)."),
+        time_per_batch: float = typer.Option(30.0, "--time-per-batch", help="Seconds of timing per batch size before stopping early."),
+        format_timeout: float = typer.Option(600.0, "--format-timeout", help="Hard limit in seconds per format (setup, evaluation and timing); the row then fails and the next one runs."),
+        max_frames: int = typer.Option(32, "--max-frames", min=1, help="Evaluate on at most this many labeled test frames."),
+        device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads for torch and onnxruntime (default: the libraries' own)."),
+        method: str = typer.Option("entropy", help="Fusion confidence: entropy | margin | average."),
+        norm: str = typer.Option("image", help="Confidence normalization: image (per frame, streaming) | batch (released code)."),
+        formula: str = typer.Option("weighted", help="Fusion formula: weighted (released code) | paper."),
+        compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile mode (default: reduce-overhead on CUDA = CUDA graphs, default on CPU)."),
+        device_name: Optional[str] = typer.Option(None, "--device-name", help="Name recorded for this device (matches devices.yaml in `compare`), e.g. 'Jetson Orin Nano Super'."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report here (updated after every format, atomically)."),
+        workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keep exported artifacts here (default: a temporary folder)."),
+        list_formats: bool = typer.Option(False, "--list-formats", help="List the formats and exit."),
+    ) -> None:
+        if ctx.invoked_subcommand is not None:
+            return
+        from rich.console import Console
+
+        from ..benchmark import FORMATS, BenchmarkOptions, render_report, run_benchmark
+        from ..io import write_json_atomic
+
+        console = Console(width=max(Console().width, 160) if not sys.stdout.isatty() else None)
+        if list_formats:
+            for spec in FORMATS.values():
+                console.print(f"{spec.name:15s} {spec.precision:5s} {spec.engine:14s} {spec.summary}")
+            return
+        opts = BenchmarkOptions(
+            generative=generative,
+            contrastive=contrastive,
+            preset=preset,
+            data=data,
+            formats=[f.strip() for f in formats.split(",") if f.strip()] if formats else None,
+            batches=_int_list(batch, "--batch"),
+            runs=runs,
+            warmup=warmup,
+            time_per_batch_s=time_per_batch,
+            format_timeout_s=format_timeout,
+            max_frames=max_frames,
+            device=device,
+            threads=threads,
+            method=method,
+            norm=norm,
+            formula=formula,
+            compile_mode=compile_mode,
+            device_name=device_name,
+            workdir=workdir,
+            command=shlex.join(["pocus-edge", *sys.argv[1:]]),
+        )
+
+        def on_start(spec) -> None:
+            console.print(f"[dim]... {spec.name}[/dim]")
+
+        def on_row(row, report) -> None:
+            note = "" if row["status"] == "ok" else f": {row['reason']}"
+            fps = ", ".join(f"b{l['batch']} {l['fps']:.1f} FPS" for l in row["latency"])
+            console.print(f"    {row['format']}: {row['status']}{note} {fps}")
+            if json_out:
+                write_json_atomic(json_out, report)
+
+        report = run_benchmark(opts, on_row=on_row, on_start=on_start)
+        if json_out:
+            write_json_atomic(json_out, report)
+        render_report(report, console)
+        if json_out:
+            console.print(f"report: {json_out}")
+
+    @bench_app.command("compare")
+    def compare(
+        reports: list[Path] = typer.Argument(..., help="Benchmark JSON reports (from `pocus-edge benchmark --json`); the first is the reference for ratios."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the comparison as JSON."),
+    ) -> None:
+        """Reports from several machines side by side: FPS, ratio to the first report, compute floor
+        (GFLOPs per frame / the device's peak rate from devices.yaml) and the measured fraction of peak."""
+        from rich.console import Console
+
+        from ..benchmark import compare_reports, load_report, render_comparison
+        from ..io import write_json_atomic
+
+        loaded = [load_report(p) for p in reports]
+        comparison = compare_reports(loaded, labels=[p.stem for p in reports])
+        console = Console(width=max(Console().width, 160) if not sys.stdout.isatty() else None)
+        render_comparison(comparison, console)
+        if json_out:
+            write_json_atomic(json_out, comparison)
+
+    app.add_typer(bench_app, name="benchmark")

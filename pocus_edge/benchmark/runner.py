@@ -1,0 +1,544 @@
+"""`pocus-edge benchmark`: every available format of the fused segmenter, one row each.
+
+For each format (formats.FORMATS): status (ok / skipped: reason / failed: reason), artifact
+size, Dice and IoU on the site's labeled test frames, mask Dice agreement with the PyTorch fp32
+reference (the paper's two-model eager path), latency p50/p95 per batch size, frames per second,
+GFLOPs per frame and peak memory. A failure inside one format (an exception, a time-out, an
+agreement below its bar) becomes that row's status and never stops the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import math
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError, PocusError
+from .formats import BASELINE, BenchContext, FormatSpec, Prepared, resolve_formats
+from .machine import describe_machine, device_label, probe_matmul_gflops
+from .schema import SCHEMA_VERSION, validate_report
+
+THRESHOLD = 0.5
+
+
+@dataclass
+class BenchmarkOptions:
+    """Everything one benchmark run needs. Either two checkpoints or a preset (random weights)."""
+
+    generative: Path | None = None
+    contrastive: Path | None = None
+    preset: str | None = None
+    data: Path | None = None  # a site folder: its labeled test frames are the eval set
+    formats: list[str] | None = None  # None = every format
+    batches: tuple[int, ...] = (1, 8)
+    runs: int = 20  # timed calls per batch size (fewer if time_per_batch_s runs out first)
+    warmup: int = 2  # untimed calls per batch size before the timed ones (compilation happens here)
+    time_per_batch_s: float = 30.0  # stop timing a batch size after this long (at least min_runs)
+    min_runs: int = 3
+    format_timeout_s: float = 600.0  # hard limit per format (setup + eval + timing)
+    max_frames: int = 32  # eval frames taken from the site's labeled test split
+    eval_batch: int = 8
+    device: str = "cpu"
+    threads: int | None = None  # torch and onnxruntime intra-op threads (None = library default)
+    method: str = "entropy"
+    norm: str = "image"
+    formula: str = "weighted"
+    compile_mode: str | None = None
+    device_name: str | None = None  # override the recorded device name (e.g. "Jetson Orin Nano")
+    probe: bool = True  # measure a matmul rate for devices without a devices.yaml entry
+    workdir: Path | None = None
+    seed: int = 0
+    command: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: models and frames
+
+
+def _build_fused(opts: BenchmarkOptions, device: torch.device):
+    """The fp32 FusedSegmenter from two checkpoints, or from a preset with random weights."""
+    from ..export.fused import FusedSegmenter, load_fused
+
+    fusion = dict(method=opts.method, norm=opts.norm, formula=opts.formula)
+    if opts.generative or opts.contrastive:
+        if not (opts.generative and opts.contrastive):
+            raise ConfigError("give both --generative and --contrastive checkpoints (or neither, with --preset)")
+        fused = load_fused(opts.generative, opts.contrastive, **fusion)
+        weights = f"{opts.generative} + {opts.contrastive}"
+        preset = (fused.cards.get("generative") or {}).get("preset") or fused.generative.cfg.name
+    else:
+        if not opts.preset:
+            raise ConfigError("give --generative and --contrastive checkpoints, or --preset for random weights")
+        from ..config import model_preset
+        from ..models.transunet import TransUNet
+
+        cfg = model_preset(opts.preset)
+        torch.manual_seed(opts.seed)
+        generative = TransUNet(cfg)
+        torch.manual_seed(opts.seed + 1)
+        contrastive = TransUNet(cfg)
+        fused = FusedSegmenter(generative, contrastive, **fusion)
+        weights = "random"
+        preset = opts.preset
+    return fused.eval().to(device), preset, weights
+
+
+def _eval_frames(opts: BenchmarkOptions, img_size: int) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(frames float32 (N,3,S,S), masks float32 (N,1,S,S) or None, description)."""
+    from ..data.transforms import preprocess_frame, preprocess_mask
+
+    if opts.data is None:
+        rng = np.random.default_rng(opts.seed)
+        n = max(opts.eval_batch, 4)
+        # Smooth random blobs rather than white noise: closer to ultrasound texture statistics,
+        # so reduced-precision errors are measured on inputs of a realistic spectrum.
+        import cv2
+
+        frames = []
+        for _ in range(n):
+            small = rng.random((img_size // 8, img_size // 8)).astype(np.float32)
+            frames.append(cv2.resize(small, (img_size, img_size), interpolation=cv2.INTER_CUBIC).clip(0, 1))
+        stack = np.stack(frames)[:, None].repeat(3, axis=1).astype(np.float32)
+        return stack, None, "random (no --data)"
+    from ..data.layout import load_site
+
+    site = load_site(opts.data)
+    records = site.select("test", labeled=True)
+    if not records:
+        raise DataError(f"{opts.data}: no labeled frames in the test split (run `pocus-edge split` first?)")
+    records = records[: opts.max_frames]
+    frames = np.stack([preprocess_frame(site.read_image(r), img_size) for r in records])
+    masks = np.stack([preprocess_mask(site.read_mask(r), img_size) for r in records])
+    return frames, masks, f"{site.root} test split ({len(records)} labeled frames)"
+
+
+def _decisive_random_head(fused, frames: np.ndarray, device: torch.device) -> None:
+    """Random weights give probabilities within ~0.03 of 0.5 everywhere and all-empty masks, on
+    which every format "agrees" trivially. Rescale each branch's output head so that its logits
+    on the eval frames have median 0 and standard deviation 4 (about half the pixels foreground,
+    most of them confident, a few near the threshold, as in a trained model): the agreement
+    check then measures real disagreement. Only done for random weights."""
+    x = torch.from_numpy(frames).to(device)
+    for branch in (fused.generative, fused.contrastive):
+        with torch.inference_mode():
+            logits = branch(x).float()
+        median = float(logits.median())
+        spread = float(logits.std()) or 1.0
+        scale = 4.0 / spread
+        head = branch.decoder.head
+        with torch.no_grad():
+            head.weight.mul_(scale)
+            head.bias.sub_(median).mul_(scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement helpers
+
+
+class _RssSampler:
+    """Peak resident set size while a format prepares and runs, sampled from /proc every 2 ms
+    (ru_maxrss is a process-lifetime high-water mark, useless after the first big format)."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.baseline = self.read()
+
+    @staticmethod
+    def read() -> int:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * _page_size()
+        except (OSError, ValueError, IndexError):
+            import resource
+
+            scale = 1 if sys.platform == "darwin" else 1024
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.read())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "_RssSampler":
+        self.peak = self.baseline
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self.peak = max(self.peak, self.read())
+
+    @property
+    def delta(self) -> int:
+        return max(0, self.peak - self.baseline)
+
+
+def _page_size() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE")
+
+
+class FormatTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise FormatTimeout in the main thread after ``seconds`` (SIGALRM; a no-op where signals
+    are unavailable: other threads, Windows). Long C++ calls are interrupted when they return."""
+    usable = seconds and seconds > 0 and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise FormatTimeout(f"timed out after {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _predict(prepared: Prepared, frames: np.ndarray, batch: int) -> np.ndarray:
+    outs = []
+    for start in range(0, len(frames), batch):
+        out = prepared.to_numpy(prepared.infer(prepared.to_input(frames[start : start + batch])))
+        outs.append(np.asarray(out, dtype=np.float32).reshape(-1, 1, *frames.shape[2:]))
+    return np.concatenate(outs)
+
+
+def _dice_iou(prediction: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image Dice and IoU with smoothing 1 (pocus_edge.metrics, METHOD.md)."""
+    from ..metrics import dice_iou_per_image
+
+    return dice_iou_per_image(prediction, target, threshold=THRESHOLD)
+
+
+def _time_batch(prepared: Prepared, frames: np.ndarray, batch: int, opts: BenchmarkOptions) -> dict[str, Any]:
+    reps = math.ceil(batch / len(frames))
+    native = prepared.to_input(np.concatenate([frames] * reps)[:batch])
+    t0 = time.perf_counter()
+    for _ in range(max(1, opts.warmup)):
+        prepared.infer(native)
+    warmup_s = time.perf_counter() - t0
+    times: list[float] = []
+    budget_end = time.perf_counter() + opts.time_per_batch_s
+    while len(times) < opts.runs and (len(times) < opts.min_runs or time.perf_counter() < budget_end):
+        t = time.perf_counter()
+        prepared.infer(native)
+        times.append(time.perf_counter() - t)
+    ms = np.asarray(times) * 1e3
+    p50 = float(np.percentile(ms, 50))
+    return {
+        "batch": batch,
+        "p50_ms": p50,
+        "p95_ms": float(np.percentile(ms, 95)),
+        "fps": batch / (p50 / 1e3),
+        "runs": len(times),
+        "warmup_s": warmup_s,
+    }
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, (PocusError, FormatTimeout)):
+        text = f"{type(exc).__name__}: {text}"
+    return text[:300]
+
+
+def _empty_row(spec: FormatSpec, device: str, gflops: float) -> dict[str, Any]:
+    return {
+        "format": spec.name,
+        "precision": spec.precision,
+        "engine": spec.engine,
+        "device": device,
+        "status": "skipped",
+        "reason": "",
+        "artifact_bytes": None,
+        "dice": None,
+        "iou": None,
+        "agreement_dice": None,
+        "agreement_bar": spec.agreement_bar,
+        "max_abs_diff": None,
+        "gflops_per_frame": gflops,
+        "peak_memory_bytes": None,
+        "memory_kind": None,
+        "setup_s": None,
+        "latency": [],
+    }
+
+
+def run_format(
+    spec: FormatSpec,
+    ctx: BenchContext,
+    opts: BenchmarkOptions,
+    frames: np.ndarray,
+    masks: np.ndarray | None,
+    reference: np.ndarray | None,
+    gflops: float,
+) -> dict[str, Any]:
+    """Measure one format; every outcome (skip, exception, time-out, agreement below the bar)
+    is recorded in the returned row rather than raised."""
+    row = _empty_row(spec, str(ctx.device), gflops)
+    try:
+        reason = spec.check(ctx)
+    except Exception as exc:  # a broken availability check is a failure of that format only
+        reason = None
+        row.update(status="failed", reason=f"availability check: {_one_line(exc)}")
+        return row
+    if reason:
+        row["reason"] = reason
+        return row
+    cuda = ctx.device.type == "cuda"
+    prepared: Prepared | None = None
+    sampler = _RssSampler()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    try:
+        with _time_limit(opts.format_timeout_s), sampler:
+            t0 = time.perf_counter()
+            prepared = spec.prepare(ctx)
+            row["setup_s"] = time.perf_counter() - t0
+            row["artifact_bytes"] = prepared.artifact_bytes
+            probs = _predict(prepared, frames, opts.eval_batch)
+            if masks is not None:
+                dice, iou = _dice_iou(probs, masks)
+                row["dice"], row["iou"] = float(dice.mean()), float(iou.mean())
+            if reference is not None:
+                agreement, _ = _dice_iou(probs, (reference > THRESHOLD).astype(np.float32))
+                row["agreement_dice"] = float(agreement.mean())
+                row["max_abs_diff"] = float(np.abs(probs - reference).max())
+            for batch in opts.batches:
+                row["latency"].append(_time_batch(prepared, frames, batch, opts))
+        if cuda:
+            row["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(ctx.device))
+            row["memory_kind"] = "cuda_max_allocated"
+        else:
+            row["peak_memory_bytes"] = int(sampler.delta)
+            row["memory_kind"] = "rss_delta"
+        if row["agreement_dice"] is not None and row["agreement_dice"] < spec.agreement_bar:
+            row.update(
+                status="failed",
+                reason=f"mask agreement {row['agreement_dice']:.4f} below the {spec.precision} bar {spec.agreement_bar}",
+            )
+        else:
+            row["status"] = "ok"
+    except Exception as exc:
+        row.update(status="failed", reason=_one_line(exc), latency=[])
+    finally:
+        if prepared is not None and prepared.close is not None:
+            with contextlib.suppress(Exception):
+                prepared.close()
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def gflops_per_frame(fused) -> float:
+    """GFLOPs (2 x multiply-adds, torch.utils.flop_counter via pocus_edge.models.flops) of one
+    frame through both branches and the fusion head."""
+    from ..models.flops import count_flops
+
+    return count_flops(fused, (1, 3, fused.img_size, fused.img_size)) / 1e9
+
+
+def _resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from ..errors import ToolchainUnavailable
+
+        raise ToolchainUnavailable(f"--device {name}: no CUDA GPU is visible on this machine")
+    return device
+
+
+def run_benchmark(
+    opts: BenchmarkOptions,
+    *,
+    on_row: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+    on_start: Callable[[FormatSpec], None] | None = None,
+) -> dict[str, Any]:
+    """Run every selected format and return the report (schema.REPORT_SCHEMA).
+
+    ``on_start(spec)`` is called before each format and ``on_row(row, report)`` after it with the
+    report so far, so callers can print progress and write partial JSON.
+    """
+    from ..models.flops import count_params
+
+    specs = resolve_formats(opts.formats)
+    if any(b < 1 for b in opts.batches) or not opts.batches:
+        raise ConfigError(f"--batch sizes must be positive integers, got {list(opts.batches)}")
+    device = _resolve_device(opts.device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    fused, preset, weights = _build_fused(opts, device)
+    img_size = fused.img_size
+    frames, masks, frames_source = _eval_frames(opts, img_size)
+    if weights == "random":
+        _decisive_random_head(fused, frames, device)
+    gflops = gflops_per_frame(fused)
+    machine = describe_machine()
+    machine["device"] = str(device)
+    machine["device_name"] = opts.device_name or device_label(machine, str(device))
+    if opts.probe:
+        with contextlib.suppress(Exception):
+            machine["matmul_gflops"] = probe_matmul_gflops(str(device))
+    report: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": opts.command,
+        "machine": machine,
+        "model": {
+            "preset": preset,
+            "img_size": img_size,
+            "gflops_per_frame": gflops,
+            "params": count_params(fused),
+            "fusion": {"method": opts.method, "norm": opts.norm, "formula": opts.formula},
+            "weights": weights,
+        },
+        "data": {"source": frames_source, "frames": int(len(frames)), "labeled": masks is not None},
+        "settings": {
+            "batches": list(opts.batches),
+            "runs": opts.runs,
+            "warmup": opts.warmup,
+            "time_per_batch_s": opts.time_per_batch_s,
+            "format_timeout_s": opts.format_timeout_s,
+            "threads": torch.get_num_threads(),
+            "formats": [s.name for s in specs],
+        },
+        "rows": [],
+    }
+    with contextlib.ExitStack() as stack:
+        workdir = opts.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pocus-bench-")))
+        workdir.mkdir(parents=True, exist_ok=True)
+        calibration = frames[: max(1, min(len(frames), 16))]
+        ctx = BenchContext(
+            fused=fused,
+            device=device,
+            img_size=img_size,
+            workdir=workdir,
+            calibration=calibration,
+            checkpoints=(Path(opts.generative), Path(opts.contrastive)) if opts.generative else None,
+            max_batch=max(64, max(opts.batches)),
+            threads=opts.threads,
+            compile_mode=opts.compile_mode,
+        )
+        # The agreement reference: the paper's two-model fp32 path, computed once, outside the
+        # rows, so that a planted or real failure of the baseline row cannot remove it.
+        reference = _reference_probs(ctx, frames, opts)
+        for spec in specs:
+            if on_start:
+                on_start(spec)
+            row = run_format(spec, ctx, opts, frames, masks, reference, gflops)
+            report["rows"].append(row)
+            if on_row:
+                on_row(row, report)
+    validate_report(report, source="benchmark report (internal)")
+    return report
+
+
+def _reference_probs(ctx: BenchContext, frames: np.ndarray, opts: BenchmarkOptions) -> np.ndarray:
+    from .formats import FORMATS
+
+    prepared = FORMATS[BASELINE].prepare(ctx)
+    return _predict(prepared, frames, opts.eval_batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presentation
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_report(report: dict[str, Any], console=None) -> None:
+    """Print the report as a rich table (one row per format, one latency column per batch)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    machine, model = report["machine"], report["model"]
+    batches = report["settings"]["batches"]
+    baseline = next((r for r in report["rows"] if r["format"] == BASELINE and r["status"] == "ok"), None)
+    base_fps = {lat["batch"]: lat["fps"] for lat in baseline["latency"]} if baseline else {}
+    title = (
+        f"pocus-edge benchmark: {model['preset']} ({model['weights']} weights), {model['gflops_per_frame']:.2f} GFLOPs/frame, "
+        f"{machine['device_name']} [{machine['device']}], {machine['cpu']['cores']} cores, "
+        f"eval: {report['data']['source']}"
+    )
+    table = Table(title=title, title_justify="left")
+    for col, justify in (("format", "left"), ("status", "left"), ("size", "right"), ("Dice", "right"), ("IoU", "right"), ("agree", "right")):
+        table.add_column(col, justify=justify, no_wrap=True)
+    for b in batches:
+        table.add_column(f"b{b} p50/p95 ms", justify="right")
+        table.add_column(f"b{b} FPS (x)", justify="right")
+    table.add_column("peak mem", justify="right")
+    table.add_column("setup s", justify="right")
+    notes: list[str] = []
+    for row in report["rows"]:
+        style = {"ok": "green", "skipped": "yellow", "failed": "red"}[row["status"]]
+        status = row["status"]
+        if row["reason"]:
+            # Reasons are long sentences: footnotes keep the table narrow enough to read.
+            notes.append(f"[{len(notes) + 1}] {row['format']}: {row['status']}: {row['reason']}")
+            status = f"{status} [{len(notes)}]"
+        lat = {l["batch"]: l for l in row["latency"]}
+        cells = []
+        for b in batches:
+            if b in lat:
+                ratio = f" ({lat[b]['fps'] / base_fps[b]:.2f}x)" if base_fps.get(b) else ""
+                cells += [f"{lat[b]['p50_ms']:.1f}/{lat[b]['p95_ms']:.1f}", f"{lat[b]['fps']:.1f}{ratio}"]
+            else:
+                cells += ["-", "-"]
+        table.add_row(
+            row["format"],
+            f"[{style}]{status}[/{style}]",
+            _fmt_bytes(row["artifact_bytes"]),
+            _fmt(row["dice"], ".4f"),
+            _fmt(row["iou"], ".4f"),
+            _fmt(row["agreement_dice"], ".4f"),
+            *cells,
+            _fmt_bytes(row["peak_memory_bytes"]),
+            _fmt(row["setup_s"], ".1f"),
+        )
+    console.print(table)
+    for note in notes:
+        console.print(note, highlight=False)
