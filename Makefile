@@ -23,5 +23,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The Android demo's pure-Kotlin core against golden vectors (installs Debian's kotlin + JDK if missing).
+android-test: $(STAMP)
+	VENV=$(VENV) bash android_demo/ci_core_tests.sh
+
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,164 @@
+"""Golden vectors for the Android demo: what `pocus-edge golden` writes must be exactly what the
+Python pipeline computes, and the committed set under android_demo/ must still match the
+current pipeline (otherwise the Kotlin tests would be checking a stale reference)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pocus_edge.cli import main
+from pocus_edge.data import transforms
+from pocus_edge.errors import DataError
+from pocus_edge.export import golden
+
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED = REPO / "android_demo" / "core" / "src" / "test" / "resources" / "golden"
+
+
+def _check_golden_folder(folder: Path) -> dict:
+    """Every array in a golden folder against an independent recomputation by the pipeline."""
+    index = golden.read_golden(folder)
+    assert index["interpolation"] == transforms.INTERPOLATION
+    assert index["mask_rule"] == "prob >= threshold"
+    threshold = np.float32(index["threshold"])
+    for case in index["cases"]:
+        frame = np.load(folder / case["frame"])
+        assert frame.dtype == np.uint8 and frame.shape == (case["height"], case["width"])
+        assert frame.shape[0] != frame.shape[1], "golden frames must be non-square so the padding is exercised"
+        for entry in case["sizes"]:
+            size = entry["size"]
+            gray = np.load(folder / entry["gray"])
+            np.testing.assert_array_equal(gray, transforms.preprocess_gray(frame, size))
+            if "input" in entry:
+                x = np.load(folder / entry["input"])
+                assert x.dtype == np.float32 and x.shape == (3, size, size)
+                np.testing.assert_array_equal(x, transforms.preprocess_frame(frame, size))
+            if "cv2" in entry:
+                padded = transforms.pad_to_square(frame)
+                ref = cv2.resize(padded, (size, size), interpolation=cv2.INTER_LINEAR)
+                np.testing.assert_array_equal(np.load(folder / entry["cv2"]), ref)
+        if case.get("prob"):
+            prob = np.load(folder / case["prob"])
+            mask = np.load(folder / case["mask"])
+            assert prob.dtype == np.float32 and prob.shape == (case["prob_size"],) * 2
+            np.testing.assert_array_equal(mask, (prob >= threshold).astype(np.uint8))
+            assert 0.05 < mask.mean() < 0.95, "a mask that is (nearly) all one class tests no thresholding"
+            frame_mask = np.load(folder / case["frame_mask"])
+            assert frame_mask.shape == frame.shape
+    probe_p = np.load(folder / index["threshold_probe"]["prob"])
+    probe_m = np.load(folder / index["threshold_probe"]["mask"])
+    assert np.any(probe_p == threshold), "the probe must hold the threshold itself"
+    np.testing.assert_array_equal(probe_m, (probe_p >= threshold).astype(np.uint8))
+    lat = index["latency_probe"]
+    for q, value in lat["percentiles"].items():
+        assert value == pytest.approx(np.percentile(lat["samples_ms"], float(q)), abs=1e-12)
+    return index
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("golden")
+    golden.write_golden(out, n=3, seed=5)
+    return out
+
+
+def test_written_golden_equals_the_python_pipeline(written):
+    index = _check_golden_folder(written)
+    assert len(index["cases"]) == 3
+    assert index["probabilities"] is not None and "random-weight tiny" in index["probabilities"]["kind"]
+    assert index["input_size"] == 64 and 224 in index["sizes"]
+
+
+def test_frame_resolution_mask_matches_the_runtime(written):
+    """golden.probability_at_frame restates runtime.overlay.to_frame_resolution (the export layer
+    may not import the runtime); this keeps the two identical."""
+    from pocus_edge.runtime.overlay import to_frame_resolution
+
+    index = golden.read_golden(written)
+    for case in index["cases"]:
+        frame = np.load(written / case["frame"])
+        prob = np.load(written / case["prob"])
+        runtime = to_frame_resolution(prob, frame.shape)
+        np.testing.assert_array_equal(golden.probability_at_frame(prob, frame.shape), runtime)
+        np.testing.assert_array_equal(np.load(written / case["frame_mask"]), (runtime >= index["threshold"]).astype(np.uint8))
+
+
+def test_committed_golden_set_is_current_and_small():
+    """If this fails after a change of the preprocessing or the mask rule, regenerate:
+    pocus-edge golden --out android_demo/core/src/test/resources/golden"""
+    if not COMMITTED.is_dir():
+        pytest.skip("android_demo golden set not present in this checkout")
+    _check_golden_folder(COMMITTED)
+    total = sum(p.stat().st_size for p in COMMITTED.iterdir())
+    assert total < 1_000_000, f"committed golden set is {total} bytes; keep it under 1 MB"
+
+
+def _mean_channel_onnx(path: Path, size: int, threshold: float) -> None:
+    """A stand-in 'fused model': probability = mean over the 3 input channels (= gray / 255),
+    with a model card whose threshold is not 0.5."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [1, 3, 1, 1], [1 / 3] * 3)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["frames", "w"], ["fused"])],
+        "mean_channels",
+        [helper.make_tensor_value_info("frames", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info("fused", TensorProto.FLOAT, [1, 1, size, size])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    card = {"img_size": size, "threshold": threshold}
+    model.metadata_props.append(onnx.StringStringEntryProto(key="pocus_edge_card", value=json.dumps(card)))
+    onnx.save(model, str(path))
+
+
+def test_onnx_model_gives_probabilities_size_and_threshold(tmp_path):
+    model = tmp_path / "fused.onnx"
+    _mean_channel_onnx(model, 48, 0.4)
+    out = tmp_path / "g"
+    index = golden.write_golden(out, model=model, n=2)
+    assert index["input_size"] == 48 and index["threshold"] == pytest.approx(0.4)
+    assert index["probabilities"]["kind"] == "onnxruntime"
+    for case in index["cases"]:
+        frame = np.load(out / case["frame"])
+        expected = transforms.preprocess_gray(frame, 48).astype(np.float32) / 255.0
+        prob = np.load(out / case["prob"])
+        np.testing.assert_allclose(prob, expected, atol=1e-6)
+        np.testing.assert_array_equal(np.load(out / case["mask"]), (prob >= np.float32(0.4)).astype(np.uint8))
+
+
+def test_site_frames_are_taken_from_the_site_and_made_non_square(tmp_path):
+    from pocus_edge.data.layout import FrameRecord, SiteWriter
+
+    writer = SiteWriter(tmp_path / "target")
+    rng = np.random.default_rng(0)
+    for k in range(5):
+        img = rng.integers(0, 256, (50, 50), dtype=np.uint8)
+        writer.add(FrameRecord(f"v0_{k:03d}.png", "v0", k, patient="p0"), img)
+    writer.close()
+    frames = golden.site_frames(tmp_path / "target", 2)
+    assert len(frames) == 2
+    for img, note in frames:
+        assert img.shape == (40, 50) and "target" in note
+    first = cv2.imread(str(tmp_path / "target" / "Images" / "v0_000.png"), cv2.IMREAD_GRAYSCALE)
+    np.testing.assert_array_equal(frames[0][0], first[:40])
+
+
+def test_cli_writes_a_golden_folder_and_reports_bad_input(tmp_path, capsys):
+    model = tmp_path / "fused.onnx"
+    _mean_channel_onnx(model, 32, 0.5)
+    assert main(["golden", "--out", str(tmp_path / "g"), "--model", str(model), "--n", "1"]) == 0
+    assert "wrote 1 frames" in capsys.readouterr().out
+    assert (tmp_path / "g" / "index.json").is_file()
+    assert main(["golden", "--out", str(tmp_path / "h"), "--data", str(tmp_path / "no_site")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no_site" in err and "\n" not in err
+    with pytest.raises(DataError):
+        golden.read_golden(tmp_path / "no_site")
