@@ -1,0 +1,340 @@
+"""Training stages on the tiny preset and the tiny simulator sites: losses decrease, exact resume,
+encoder-only init, site isolation, NaN and full-disk safety, provenance cards, evaluation."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pocus_edge.card import build_card, code_version, site_entry, sites_seen
+from pocus_edge.config import model_preset
+from pocus_edge.data.layout import FrameRecord, SiteWriter, load_site, read_manifest, write_manifest
+from pocus_edge.errors import CheckpointError, TrainingError
+from pocus_edge.train import engine, evaluate, finetune, pretrain_contrastive, pretrain_mim
+
+FAST = dict(preset="tiny", device="cpu", progress=False, tensorboard=False)
+
+
+@pytest.fixture(scope="module")
+def sites(tiny_sites):
+    """(source_dir, target_dir) of the shared tiny simulator sites (read-only)."""
+    return tiny_sites
+
+
+@pytest.fixture(scope="module")
+def encoders(sites, tmp_path_factory):
+    """One short MIM and one short contrastive pretraining run on the target site."""
+    _, target = sites
+    runs = tmp_path_factory.mktemp("pretrain")
+    mim = pretrain_mim(target, runs / "mim", max_steps=2, **{**FAST, "tensorboard": True})
+    con = pretrain_contrastive(target, runs / "con", max_steps=2, **FAST)
+    return mim, con
+
+
+def _fixed_batch_losses(model, loss_fn, batch, steps=8, lr=2e-3):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        loss = loss_fn(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_each_stage_loss_decreases_on_a_fixed_batch(sites):
+    """The stages' own loss functions and models learn: a fixed batch's loss drops."""
+    from pocus_edge.config import ContrastiveConfig, MIMConfig
+    from pocus_edge.data.datasets import ContrastivePairDataset, SegmentationDataset, UnlabeledImageDataset
+    from pocus_edge.models.heads import ContrastiveModel, MaskGenerator, MIMModel
+    from pocus_edge.models.transunet import TransUNet
+    from pocus_edge.train.contrastive import contrastive_loss
+    from pocus_edge.train.mim import MaskedImages, MIMObjective
+
+    source, target = sites
+    cfg = model_preset("tiny", dropout=0.0)
+    tsite, ssite = load_site(target), load_site(source)
+    train = tsite.select("train")[::17][:8]  # frames of different videos: real negatives
+    torch.manual_seed(0)
+
+    mim_ds = MaskedImages(UnlabeledImageDataset(tsite, train, cfg.img_size), MaskGenerator(cfg.img_size, MIMConfig()), 0)
+    mim_batch = [torch.stack(t) for t in zip(*[mim_ds[i] for i in range(8)])]
+    losses = _fixed_batch_losses(MIMObjective(MIMModel(cfg)), lambda m, b: m(*b), mim_batch)
+    assert losses[-1] < 0.8 * losses[0], losses
+
+    con_ds = ContrastivePairDataset(tsite, train, cfg.img_size, ContrastiveConfig())
+    items = [con_ds[i] for i in range(8)]
+    con_batch = [torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items]),
+                 torch.tensor([it[2] for it in items]), torch.tensor([it[3] for it in items])]
+    losses = _fixed_batch_losses(ContrastiveModel(cfg), lambda m, b: contrastive_loss(m, b, min_frame_gap=15, temperature=0.5),
+                                 con_batch)
+    assert losses[-1] < losses[0] - 0.1, losses
+
+    from pocus_edge.losses import dice_bce
+
+    seg_ds = SegmentationDataset(ssite, ssite.select("train", labeled=True)[:8], cfg.img_size)
+    seg_batch = [torch.stack(t) for t in zip(*[seg_ds[i] for i in range(8)])]
+    losses = _fixed_batch_losses(TransUNet(cfg), lambda m, b: dice_bce(torch.sigmoid(m(b[0])), b[1]), seg_batch)
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_pretraining_writes_encoder_and_card(sites, encoders):
+    _, target = sites
+    mim, con = encoders
+    for res, stage in ((mim, "pretrain-mim"), (con, "pretrain-contrastive")):
+        tensors = load_file(res.encoder_path)
+        assert tensors and all(k.startswith("encoder.") for k in tensors)
+        card = res.card
+        assert card["stage"] == stage and card["preset"] == "tiny" and card["format"] == "pocus-edge/1"
+        [entry] = card["data"]
+        assert entry["role"] == "ssl-images-only" and entry["splits"] == ["split=train"]
+        assert entry["manifest_sha256"] == load_site(target).manifest_sha256()
+        assert card["code_version"].startswith("0.")
+        rows = list(csv.DictReader(open(res.out_dir / engine.LOG_CSV)))
+        assert rows and rows[-1]["step"] == "2"
+    assert con.card["hyperparameters"]["min_frame_gap"] == 15
+    assert any((mim.out_dir / engine.TB_DIR).iterdir())  # TensorBoard scalars were written
+
+
+def test_pretraining_never_opens_a_mask(sites, tmp_path, monkeypatch):
+    import pocus_edge.data.datasets as ds
+    import pocus_edge.data.layout as layout
+
+    _, target = sites
+    opened = []
+    real = layout.read_gray_png
+
+    def spy(path):
+        opened.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(ds, "read_gray_png", spy)
+    monkeypatch.setattr(layout, "read_gray_png", spy)
+    monkeypatch.setattr(layout.Site, "read_mask", lambda *a, **k: pytest.fail("pretraining read a mask"))
+    monkeypatch.setattr(layout, "_png_size", lambda *a, **k: pytest.fail("pretraining opened a mask header"))
+    pretrain_mim(target, tmp_path / "mim", max_steps=1, **FAST)
+    pretrain_contrastive(target, tmp_path / "con", max_steps=1, **FAST)
+    assert opened and not any("/Masks/" in p for p in opened)
+
+
+def test_finetune_loads_encoder_and_leaves_decoder_random(encoders):
+    from pocus_edge.models.transunet import TransUNet
+    from pocus_edge.train.finetune import build_finetune_model
+
+    mim, _ = encoders
+    cfg = model_preset("tiny")
+    model, card = build_finetune_model(cfg, seed=5, init=mim.encoder_path)
+    assert card["stage"] == "pretrain-mim"
+    pretrained = load_file(mim.encoder_path)
+    state = model.state_dict()
+    for k, v in pretrained.items():
+        assert torch.equal(state[k], v), k
+    torch.manual_seed(5)
+    fresh = TransUNet(cfg).state_dict()
+    decoder_keys = [k for k in state if k.startswith("decoder.")]
+    assert decoder_keys
+    for k in decoder_keys:
+        assert torch.equal(state[k], fresh[k]), k
+    # ... and the encoder really changed from a random init.
+    assert not torch.equal(state["encoder.pos_embed"], fresh["encoder.pos_embed"])
+
+
+def test_finetune_end_to_end_and_weight_decay_by_branch(sites, encoders, tmp_path):
+    source, _ = sites
+    mim, con = encoders
+    a = finetune(source, tmp_path / "mim_ft", init=mim.encoder_path, max_steps=3, **FAST)
+    b = finetune(source, tmp_path / "con_ft", init=con.encoder_path, max_steps=3, **FAST)
+    assert a.model_path.exists() and a.best_val is not None
+    assert a.card["stage"] == "finetune" and a.card["init"]["stage"] == "pretrain-mim"
+    assert a.card["hyperparameters"]["weight_decay"] == 0.05
+    assert b.card["hyperparameters"]["weight_decay"] == 0.1  # METHOD.md: contrastive branch
+    assert a.card["hyperparameters"]["momentum"] == 0.99 and a.card["hyperparameters"]["optimizer"] == "sgd"
+    seen = sites_seen(a.card)
+    assert [e["role"] for e in seen] == ["ssl-images-only", "supervised"]
+    assert seen[0]["site"] != seen[1]["site"]
+    assert seen[1]["splits"] == ["split=train", "split=val"]
+
+
+def _run_interrupted(fn, kill_at, **kw):
+    class Killed(Exception):
+        pass
+
+    def boom(step, loss):
+        if step == kill_at:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fn(on_step=boom, **kw)
+    return fn(resume=True, **kw)
+
+
+@pytest.mark.parametrize("stage", ["finetune", "mim"])
+def test_resume_after_a_kill_matches_an_uninterrupted_run(sites, tmp_path, stage):
+    source, target = sites
+    if stage == "finetune":
+        fn = lambda **kw: finetune(source, **kw)  # noqa: E731
+    else:
+        fn = lambda **kw: pretrain_mim(target, **kw)  # noqa: E731
+    # 8 frames per batch: several steps per epoch, a mid-epoch checkpoint at step 2, a kill at 3.
+    kw = dict(max_steps=5, batch_size=8, checkpoint_every=2, **FAST)
+    whole = fn(out_dir=tmp_path / "whole", **kw)
+    resumed = _run_interrupted(fn, 3, out_dir=tmp_path / "killed", **kw)
+    a, b = load_file(tmp_path / "whole" / engine.CHECKPOINT), load_file(tmp_path / "killed" / engine.CHECKPOINT)
+    assert a.keys() == b.keys()
+    for k in a:
+        if not k.startswith("rng."):
+            assert torch.equal(a[k], b[k]), k
+    assert whole.last_loss == resumed.last_loss
+    artifact = "model.safetensors" if stage == "finetune" else "encoder.safetensors"
+    wa, wb = load_file(tmp_path / "whole" / artifact), load_file(tmp_path / "killed" / artifact)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(sites, tmp_path, monkeypatch):
+    import pocus_edge.losses as losses
+
+    source, _ = sites
+    real = losses.dice_bce
+    calls = {"n": 0}
+
+    def poisoned(prob, target, smooth=1.0):
+        calls["n"] += 1
+        out = real(prob, target, smooth)
+        return out * float("nan") if calls["n"] == 4 else out
+
+    monkeypatch.setattr(losses, "dice_bce", poisoned)
+    run = tmp_path / "nan"
+    with pytest.raises(TrainingError, match=r"loss became nan at step 4.*last good checkpoint kept"):
+        finetune(source, run, max_steps=6, batch_size=8, checkpoint_every=2, **FAST)
+    meta = json.loads(__import__("safetensors").safe_open(str(run / engine.CHECKPOINT), "pt").metadata()["pocus_edge_trainer"])
+    assert meta["global_step"] == 2
+    weights = load_file(run / engine.CHECKPOINT)
+    assert all(torch.isfinite(v).all() for k, v in weights.items() if v.is_floating_point())
+
+
+def test_full_disk_keeps_previous_checkpoint(sites, tmp_path, monkeypatch):
+    source, _ = sites
+    run = tmp_path / "disk"
+    real = engine._write_safetensors
+    saved = {"n": 0}
+
+    def flaky(tensors, path, metadata):
+        saved["n"] += 1
+        if saved["n"] == 2:
+            Path(path).write_bytes(b"partial")  # half a file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path, metadata)
+
+    monkeypatch.setattr(engine, "_write_safetensors", flaky)
+    with pytest.raises(TrainingError, match="No space left on device.*previous checkpoint is intact"):
+        finetune(source, run, max_steps=6, batch_size=8, checkpoint_every=1, **FAST)
+    meta = json.loads(__import__("safetensors").safe_open(str(run / engine.CHECKPOINT), "pt").metadata()["pocus_edge_trainer"])
+    assert meta["global_step"] == 1
+    assert not [p for p in run.iterdir() if ".tmp" in p.name]  # no half-written leftovers
+
+
+def test_isolation_and_bad_input_refusals(sites, encoders, tmp_path):
+    source, target = sites
+    mim, _ = encoders
+    with pytest.raises(TrainingError, match="exactly one site"):
+        finetune([source, target], tmp_path / "two", **FAST)
+    with pytest.raises(TrainingError, match="exactly one site"):
+        pretrain_mim([target, source], tmp_path / "two_mim", **FAST)
+    with pytest.raises(TrainingError, match="holds 2 sites"):
+        finetune(Path(source).parent, tmp_path / "parent", **FAST)
+    # The target's main split has labeled train frames but no val: refused as an empty split.
+    with pytest.raises(TrainingError, match="split 'val' has no labeled frames"):
+        finetune(target, tmp_path / "ub", split_column="split", **FAST)
+    with pytest.raises(CheckpointError, match="preset 'tiny'.*preset 'small'"):
+        finetune(source, tmp_path / "small", init=mim.encoder_path, **{**FAST, "preset": "small"})
+    # An unlabeled site cannot be fine-tuned on; a site without a train split cannot be pretrained on.
+    writer = SiteWriter(tmp_path / "unlabeled")
+    for i in range(4):
+        writer.add(FrameRecord(f"f{i}.png", "v0", i, patient="p0", split="test"), np.full((20, 20), 9, np.uint8))
+    writer.close()
+    with pytest.raises(TrainingError, match="no labeled frames"):
+        finetune(tmp_path / "unlabeled", tmp_path / "x", **FAST)
+    with pytest.raises(TrainingError, match="split 'train' is empty"):
+        pretrain_contrastive(tmp_path / "unlabeled", tmp_path / "y", **FAST)
+    # An existing run is never overwritten silently.
+    run = tmp_path / "once"
+    finetune(source, run, max_steps=1, **FAST)
+    with pytest.raises(TrainingError, match="pass --resume"):
+        finetune(source, run, max_steps=1, **FAST)
+
+
+def test_cli_refuses_two_sites(sites, tmp_path, capsys):
+    from pocus_edge.cli import main
+
+    source, target = sites
+    code = main(["finetune", "--data", str(source), "--data", str(target), "--out", str(tmp_path / "r"), "--preset", "tiny"])
+    assert code == 2
+    assert "exactly one site" in capsys.readouterr().err
+
+
+def test_card_hash_follows_the_manifest(sites, tmp_path):
+    source, _ = sites
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)
+    site = load_site(copy, check_images=False)
+    before = build_card(preset="tiny", model=model_preset("tiny"), out_channels=1, stage="baseline",
+                        hyperparameters={}, data=[site_entry(site, role="supervised", splits=["split=train"])])
+    records = read_manifest(copy / "manifest.csv")
+    records[0].view = records[0].view + "-relabelled"  # any edit of the manifest
+    write_manifest(copy / "manifest.csv", records)
+    after_entry = site_entry(load_site(copy, check_images=False), role="supervised", splits=["split=train"])
+    assert before["data"][0]["manifest_sha256"] != after_entry["manifest_sha256"]
+    assert before["data"][0]["manifest_sha256"] == load_site(source).manifest_sha256()
+    assert before["code_version"] == code_version() and before["created"].endswith("+00:00")
+
+
+def test_lr_schedule_formula():
+    f = engine.LRFactor("cosine", total_steps=10, warmup_steps=2)
+    assert [f(0), f(1)] == [0.5, 1.0]
+    assert f(2) == pytest.approx(1.0)
+    assert f(6) == pytest.approx(0.5 * (1 + np.cos(np.pi * 4 / 8)))
+    assert engine.LRFactor("constant", 10, 0)(7) == 1.0
+
+
+def test_evaluate_reports_match_independent_computation(sites, encoders, tmp_path):
+    from pocus_edge.metrics import dice_iou_per_image, wilcoxon_p
+    from pocus_edge.models.fusion import fuse
+    from pocus_edge.models.weights import build_segmenter
+    from pocus_edge.data.transforms import preprocess_frame, preprocess_mask
+
+    source, target = sites
+    mim, con = encoders
+    a = finetune(source, tmp_path / "g", init=mim.encoder_path, max_steps=2, **FAST)
+    b = finetune(source, tmp_path / "c", init=con.encoder_path, max_steps=2, seed=1, **FAST)
+    res = evaluate(target, [a.model_path, b.model_path], tmp_path / "ev", fusion=["entropy", "average"], device="cpu",
+                   overlays=1, batch_size=3)
+    site = load_site(target)
+    recs = site.select("test", labeled=True)
+    assert [r.filename for r in res.records] == [r.filename for r in recs]
+    x = torch.from_numpy(np.stack([preprocess_frame(site.read_image(r), 64) for r in recs]))
+    y = np.stack([preprocess_mask(site.read_mask(r), 64) for r in recs])
+    with torch.no_grad():
+        pg = build_segmenter(a.model_path)[0].predict(x)
+        pc = build_segmenter(b.model_path)[0].predict(x)
+    np.testing.assert_allclose(res.dice["g"], dice_iou_per_image(pg, y)[0])
+    np.testing.assert_allclose(res.dice["fused-entropy"], dice_iou_per_image(fuse(pg, pc, method="entropy"), y)[0])
+    np.testing.assert_allclose(res.iou["c"], dice_iou_per_image(pc, y)[1])
+    assert res.wilcoxon["g vs c"] == pytest.approx(wilcoxon_p(res.dice["g"], res.dice["c"]))
+    rows = list(csv.DictReader(open(tmp_path / "ev" / "per_image.csv")))
+    assert len(rows) == 4 * len(recs)
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["models"]["g"]["dice_mean"] == pytest.approx(float(res.dice["g"].mean()))
+    assert summary["manifest_sha256"] == site.manifest_sha256()
+    assert len(list((tmp_path / "ev" / "overlays").glob("*.png"))) == 2 * 4
+    with pytest.raises(TrainingError, match="exactly two models"):
+        evaluate(target, [a.model_path], fusion=["entropy"], device="cpu")
