@@ -3,19 +3,51 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
-
-from . import not_built
 
 
 def register(app: typer.Typer) -> None:
     @app.command("simulate")
     def simulate(
         out: Path = typer.Argument(..., help="Output folder; OUT/source and OUT/target are written."),
-        preset: str = typer.Option("demo", help="tiny | demo | bench"),
-        seed: int = typer.Option(0, help="Random seed (same seed, identical files)."),
+        preset: str = typer.Option(
+            "demo",
+            help="Data set size: tiny (tests, ~430 small frames), demo (CPU demo, ~1300 frames), "
+            "bench (benchmark, a few thousand frames per site).",
+        ),
+        seed: int = typer.Option(0, help="Random seed: the same seed writes byte-identical files."),
+        montage: Optional[Path] = typer.Option(
+            None, help="Also write a PNG montage of labeled source and target frames with mask contours."
+        ),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace sites already in OUT."),
+        source_profile: str = typer.Option(
+            "lumify", help="Source probe profile: a bundled name (lumify, telemed) or a profile YAML path."
+        ),
+        target_profile: str = typer.Option(
+            "telemed", help="Target probe profile: a bundled name (lumify, telemed) or a profile YAML path."
+        ),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     ) -> None:
-        """Simulate two-probe wrist POCUS sweeps (source: Lumify, target: TeleMED) with exact masks."""
-        not_built("simulate", "simulator issue")
+        """Simulate two-probe wrist POCUS sweeps (source: Lumify-like, target: TeleMED-like) with exact
+        bone masks and the paper's patient splits, in the site layout `pocus-edge` trains on."""
+        from ..data.phantom import simulate as run_simulation
+        from ..data.phantom import write_montage
+        from ..data.splits import split_summary
 
+        source, target = run_simulation(
+            out,
+            preset=preset,
+            seed=seed,
+            overwrite=overwrite,
+            progress=progress,
+            source_profile=source_profile,
+            target_profile=target_profile,
+        )
+        for site in (source, target):
+            labeled = sum(r.labeled for r in site.records)
+            splits = ", ".join(f"{row.name} {row.patients}p/{row.frames}f" for row in split_summary(site.records))
+            typer.echo(f"{site.root}: {len(site.records)} frames ({labeled} labeled); {splits}")
+        if montage is not None:
+            typer.echo(f"montage: {write_montage(source.root, target.root, montage)}")

@@ -147,6 +147,45 @@ def render_sweep(
         yield compose_frame(image, mask, profile, scale)
 
 
+def iter_site_frames(
+    domain: str,
+    *,
+    preset: str | SimPreset = "demo",
+    seed: int = 0,
+    profile: str | Path | ProbeProfile | None = None,
+    patients: Sequence[int] | None = None,
+) -> Iterator[tuple[FrameRecord, np.ndarray, np.ndarray]]:
+    """Yield ``(record, frame, label map)`` for every frame of a simulated site, in manifest
+    order (``record.labeled`` says whether the mask is written). Every patient and video has
+    its own seed, so ``patients`` (indices) renders a subset with identical pixels."""
+    if domain not in SITE_KEYS:
+        raise ConfigError(f"unknown domain {domain!r}; choose source or target")
+    p = get_preset(preset)
+    prof = load_profile(profile or (SOURCE_PROFILE if domain == "source" else TARGET_PROFILE))
+    views = SOURCE_VIEWS if domain == "source" else TARGET_VIEWS
+    key = SITE_KEYS[domain]
+    wanted = set(range(p.patients)) if patients is None else set(patients)
+    for pi, patient in enumerate(site_patients(domain, p, seed)):
+        if pi not in wanted:
+            continue
+        frame_in_patient = 0
+        for vi, view in enumerate(views):
+            plan = plan_sweep(patient, view, p.frames_per_video, _rng(seed, key, pi, 1, vi), sweep_step_mm=p.sweep_step_mm)
+            render_seed = int(_rng(seed, key, pi, 2, vi).integers(2**63))
+            video = f"{patient.pid}_{view}"
+            for i, (image, mask) in enumerate(render_sweep(prof, plan, scale=p.scale, oversample=p.oversample, seed=render_seed)):
+                framenum = i * p.frame_stride
+                # Target: every k-th frame of each patient, phase shifted per patient, so the
+                # labeled frames are spread over all patients and views.
+                labeled = domain == "source" or (frame_in_patient + pi) % p.target_label_every == 0
+                frame_in_patient += 1
+                rec = FrameRecord(
+                    filename=f"{video}_{framenum:04d}.png", videoname=video, framenum=framenum,
+                    patient=patient.pid, view=view, labeled=labeled,
+                )
+                yield rec, image, mask
+
+
 def _prepare_site_dir(root: Path, overwrite: bool) -> None:
     if (root / MANIFEST).exists():
         if not overwrite:
@@ -179,24 +218,10 @@ def simulate_site(
     root = Path(root)
     _prepare_site_dir(root, overwrite)
     writer = SiteWriter(root, overwrite=overwrite)
-    views = SOURCE_VIEWS if domain == "source" else TARGET_VIEWS
-    for pi, patient in enumerate(site_patients(domain, p, seed)):
-        frame_in_patient = 0
-        for vi, view in enumerate(views):
-            plan = plan_sweep(patient, view, p.frames_per_video, _rng(seed, SITE_KEYS[domain], pi, 1, vi), sweep_step_mm=p.sweep_step_mm)
-            frames = render_sweep(prof, plan, scale=p.scale, oversample=p.oversample, seed=int(_rng(seed, SITE_KEYS[domain], pi, 2, vi).integers(2**63)))
-            video = f"{patient.pid}_{view}"
-            for i, (image, mask) in enumerate(frames):
-                framenum = i * p.frame_stride
-                if domain == "source":
-                    labeled = True
-                else:
-                    labeled = (frame_in_patient + pi) % p.target_label_every == 0
-                frame_in_patient += 1
-                rec = FrameRecord(filename=f"{video}_{framenum:04d}.png", videoname=video, framenum=framenum, patient=patient.pid, view=view)
-                writer.add(rec, image, mask if labeled else None)
-                if on_frame is not None:
-                    on_frame()
+    for rec, image, mask in iter_site_frames(domain, preset=p, seed=seed, profile=prof):
+        writer.add(rec, image, mask if rec.labeled else None)
+        if on_frame is not None:
+            on_frame()
     writer.records = assign_splits(writer.records, domain=domain, seed=seed)
     return writer.close()
 
@@ -256,16 +281,26 @@ LABEL_COLORS = {1: "#ff4d4d", 2: "#4dd2ff", 3: "#ffd11a"}
 
 
 def _montage_records(site: Site, n: int) -> list[FrameRecord]:
+    """Up to ``n`` labeled frames: different views first, each from another patient."""
     labeled = [r for r in site.records if r.labeled]
     if not labeled:
         raise DataError(f"{site.root}: no labeled frames to show")
-    # One frame per video where possible, spread over the site.
-    by_video: dict[str, FrameRecord] = {}
+    by_view: dict[str, list[FrameRecord]] = {}
     for r in labeled:
-        by_video.setdefault(r.videoname, r)
-    pool = list(by_video.values()) if len(by_video) >= n else labeled
-    idx = np.linspace(0, len(pool) - 1, num=min(n, len(pool))).round().astype(int)
-    return [pool[i] for i in idx]
+        by_view.setdefault(r.view, []).append(r)
+    picked: list[FrameRecord] = []
+    used_patients: set[str] = set()
+    rounds = 0
+    while len(picked) < min(n, len(labeled)) and rounds < len(labeled):
+        for view in sorted(by_view):
+            pool = [r for r in by_view[view] if r not in picked]
+            fresh = [r for r in pool if r.patient not in used_patients] or pool
+            if fresh and len(picked) < n:
+                choice = fresh[len(fresh) // 2]
+                picked.append(choice)
+                used_patients.add(choice.patient)
+        rounds += 1
+    return picked
 
 
 def write_montage(source_dir: str | Path, target_dir: str | Path, out_png: str | Path, n: int = 4) -> Path:

@@ -264,10 +264,11 @@ def plan_sweep(patient: Patient, view: str, n_frames: int, rng: np.random.Genera
         state_a=a,
         state_b=b,
         center_x=float(rng.uniform(*spec.center_x)),
-        slide_mm=float(rng.uniform(-3.0, 3.0)),
+        slide_mm=float(rng.uniform(-2.0, 2.0)),
         theta0=float(np.deg2rad(rng.uniform(-3.0, 3.0))),
-        dtheta=float(np.deg2rad(rng.uniform(-3.0, 3.0))),
-        wobble_mm=float(rng.uniform(0.0, 0.6)),
+        # Tilt changes the depth (so the speckle phase) of lateral scatterers: keep it gentle.
+        dtheta=float(np.deg2rad(rng.uniform(-1.5, 1.5))),
+        wobble_mm=float(rng.uniform(0.0, 0.3)),
         wobble_phase=float(rng.uniform(0, 2 * np.pi)),
         sweep_step_mm=float(sweep_step_mm),
     )

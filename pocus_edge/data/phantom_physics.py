@@ -30,6 +30,8 @@ import numpy as np
 
 from .phantom_anatomy import (
     ATTENUATION_DB_PER_MM_MHZ,
+    BONE,
+    CORTEX,
     ECHOGENICITY,
     SPECULAR_REFLECTIVITY,
     TEXTURE_STRENGTH,
@@ -126,7 +128,9 @@ class Scatterers:
         x = rng.uniform(x_range[0], x_range[1], n).astype(np.float32)
         z = rng.uniform(z_lo, z_hi, n).astype(np.float32)
         y = rng.uniform(y_lo, y_hi, n).astype(np.float32)
-        amp = rng.standard_normal(n, dtype=np.float32)
+        # Unit reflectors (random sign): the sum converges to Gaussian speckle faster than
+        # Gaussian amplitudes do, for the same scatterer count.
+        amp = np.where(rng.random(n, dtype=np.float32) < 0.5, np.float32(-1.0), np.float32(1.0))
         return cls(x, z, y, amp, per_cell, sigma_e)
 
     def field(self, pose: Pose, grid: SimGrid, k2: float) -> np.ndarray:
@@ -215,7 +219,10 @@ def beamform_iq(
     """Demodulated echo signal (nz, nx) complex64 after PSF, noise (if ``rng``) and TGC."""
     psf, acq = profile.psf, profile.acquisition
     tissue = painted.tissue
-    echo = ECHOGENICITY[tissue]
+    echo_table = ECHOGENICITY.copy()
+    # Bone backscatter relative to soft tissue is frequency dependent: a per-probe knob.
+    echo_table[[BONE, CORTEX]] *= np.float32(10.0 ** (acq.bone_echo_db / 10.0))
+    echo = echo_table[tissue]
     if texture is not None:
         strength = TEXTURE_STRENGTH[tissue]
         echo = echo * np.exp(strength * texture - 0.5 * strength * strength)

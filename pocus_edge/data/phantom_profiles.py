@@ -43,7 +43,7 @@ class ProbePSF:
     lateral_fwhm_mm: float = 0.42
     lateral_growth_per_cm: float = 0.25
     focus_mm: float = 12.0
-    elevation_fwhm_mm: float = 1.0
+    elevation_fwhm_mm: float = 1.6
 
 
 @dataclass
@@ -51,6 +51,7 @@ class ProbeAcquisition:
     scatterers_per_resolution_cell: float = 10.0
     specular_gain: float = 1.0
     specular_angle_power: float = 4.0
+    bone_echo_db: float = 0.0
     tgc_db_per_cm: float = 6.5
     noise_db: float = -52.0
 
