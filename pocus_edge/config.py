@@ -67,8 +67,9 @@ def _small() -> ModelConfig:
         num_layers=4,
         num_heads=3,
         mlp_dim=384,
-        decoder_head_channels=128,
-        decoder_channels=(64, 32, 16, 8),
+        # Thin decoder: on CPU the full-resolution convs cost per pixel, not per FLOP.
+        decoder_head_channels=64,
+        decoder_channels=(32, 16, 8, 4),
         proj_hidden=192,
         proj_dim=64,
     )
