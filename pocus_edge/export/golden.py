@@ -66,14 +66,16 @@ def save_npy(path: str | Path, arr: np.ndarray) -> Path:
     return write_bytes_atomic(path, _npy_bytes(arr))
 
 
-def synthetic_frame(height: int, width: int, seed: int) -> np.ndarray:
+def synthetic_frame(height: int, width: int, seed: int, phase: float | None = None) -> np.ndarray:
     """A deterministic ultrasound-like uint8 frame: Rayleigh speckle, a bright curved bone
     surface with an acoustic shadow below it, depth attenuation. Sharp edges and noise make
-    any change of interpolation visible in the resized output."""
+    any change of interpolation visible in the resized output. ``phase`` (default: the seed)
+    shifts the bone curve, for a slowly moving clip."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
     speckle = rng.rayleigh(scale=0.35, size=(height, width))
-    surface = height * (0.45 + 0.15 * np.sin(2 * np.pi * xx / max(width, 2) + seed))
+    shift = float(seed if phase is None else phase)
+    surface = height * (0.45 + 0.15 * np.sin(2 * np.pi * xx / max(width, 2) + shift))
     bone = np.exp(-0.5 * ((yy - surface) / max(height * 0.02, 1.0)) ** 2)
     shadow = np.where(yy > surface, 0.25, 1.0)
     attenuation = np.exp(-1.2 * yy / height)

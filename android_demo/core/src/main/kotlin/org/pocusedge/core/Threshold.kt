@@ -1,10 +1,10 @@
 package org.pocusedge.core
 
 /**
- * Probability -> binary mask. The pipeline (pocus_edge.metrics, golden index "mask_rule") marks
- * bone where prob > threshold, strictly; the rule is read from the golden index or the model
- * card rather than assumed, because >= and > differ exactly on the pixels that matter least
- * visibly and most in a parity test.
+ * Probability -> binary mask. The Python streaming runtime (pocus_edge.runtime.pipeline; the
+ * golden index's "mask_rule") marks bone where prob >= threshold; pocus_edge.metrics scores with
+ * prob > threshold. The two differ only at exactly the threshold, which a parity test does
+ * notice, so the rule is read from the golden index instead of assumed.
  */
 enum class MaskRule(val text: String) {
     GREATER("prob > threshold"),
@@ -14,7 +14,8 @@ enum class MaskRule(val text: String) {
         if (this == GREATER) prob > threshold else prob >= threshold
 
     companion object {
-        val DEFAULT = GREATER
+        /** The streaming runtime's rule, which the app mirrors. */
+        val DEFAULT = GREATER_OR_EQUAL
 
         fun parse(text: String): MaskRule = values().firstOrNull { it.text == text.trim() }
             ?: throw IllegalArgumentException("unknown mask rule '$text'; expected one of " +

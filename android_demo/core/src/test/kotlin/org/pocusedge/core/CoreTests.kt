@@ -131,6 +131,18 @@ object CoreTests {
             for (i in 0 until 25) m.tick(1_000_000_000L + i * 20_000_000L)
             expectClose(50.0, m.fps(), 1e-9, "fps")
         }
+        suite.test("DropOldestQueue keeps the newest frames and counts the dropped ones") {
+            val q = DropOldestQueue<Int>(2)
+            for (i in 1..5) q.offer(i)
+            expectEquals(3L, q.dropped, "dropped")
+            expectEquals(4, q.poll(0), "oldest kept")
+            expectEquals(5, q.poll(0), "newest")
+            expectEquals(null, q.poll(10), "empty after timeout")
+            val producer = Thread { Thread.sleep(20); q.offer(42) }
+            producer.start()
+            expectEquals(42, q.poll(5000), "a waiting consumer wakes on offer")
+            producer.join()
+        }
         suite.test("npy reader: parses a v1.0 header and rejects a truncated file") {
             val header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }"
             val padded = header.padEnd(64 - 10 - 1) + "\n"

@@ -1,0 +1,43 @@
+plugins {
+    id("com.android.application")
+    id("org.jetbrains.kotlin.android")
+}
+
+android {
+    namespace = "org.pocusedge.demo"
+    compileSdk = 34
+
+    defaultConfig {
+        applicationId = "org.pocusedge.demo"
+        minSdk = 26
+        targetSdk = 34
+        versionCode = 1
+        versionName = "0.1.0"
+    }
+
+    buildTypes {
+        release {
+            isMinifyEnabled = false
+        }
+    }
+
+    compileOptions {
+        sourceCompatibility = JavaVersion.VERSION_17
+        targetCompatibility = JavaVersion.VERSION_17
+    }
+
+    kotlinOptions {
+        jvmTarget = "17"
+    }
+
+    androidResources {
+        // The model is memory-read from the APK: keep it uncompressed.
+        noCompress += "onnx"
+    }
+}
+
+dependencies {
+    implementation(project(":core"))
+    // ONNX Runtime Mobile/Android (CPU; NNAPI/XNNPACK execution providers available).
+    implementation("com.microsoft.onnxruntime:onnxruntime-android:1.19.2")
+}
