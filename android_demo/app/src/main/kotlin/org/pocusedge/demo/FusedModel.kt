@@ -5,12 +5,15 @@ import ai.onnxruntime.OnnxTensor
 import ai.onnxruntime.OrtEnvironment
 import ai.onnxruntime.OrtSession
 import ai.onnxruntime.TensorInfo
+import android.content.Context
 import org.pocusedge.core.GrayImage
 import org.pocusedge.core.Interpolation
 import org.pocusedge.core.MaskRule
 import org.pocusedge.core.MiniJson
 import org.pocusedge.core.Preprocess
 import org.pocusedge.core.Threshold
+import java.io.File
+import java.io.IOException
 import java.nio.ByteBuffer
 import java.nio.ByteOrder
 import java.nio.FloatBuffer
@@ -24,7 +27,7 @@ import java.nio.FloatBuffer
  * (the app does pad/resize/scale/repeat) and uint8 (1,1,S,S) (the app pads/resizes, the graph
  * scales and repeats).
  */
-class FusedModel(modelBytes: ByteArray, threads: Int = 4) : AutoCloseable {
+class FusedModel(modelPath: File, threads: Int = 4) : AutoCloseable {
     private val env: OrtEnvironment = OrtEnvironment.getEnvironment()
     private val session: OrtSession
     private val inputName: String
@@ -40,7 +43,9 @@ class FusedModel(modelBytes: ByteArray, threads: Int = 4) : AutoCloseable {
             setIntraOpNumThreads(threads)
             setOptimizationLevel(OrtSession.SessionOptions.OptLevel.ALL_OPT)
         }
-        session = env.createSession(modelBytes, options)
+        // From a file path, not a byte array: the paper-size fused model is ~840 MB in fp32,
+        // which must not pass through the Java heap.
+        session = env.createSession(modelPath.absolutePath, options)
         inputName = session.inputNames.first()
         val info = session.inputInfo.getValue(inputName).info as TensorInfo
         uint8Input = info.type == OnnxJavaType.UINT8
@@ -85,5 +90,22 @@ class FusedModel(modelBytes: ByteArray, threads: Int = 4) : AutoCloseable {
 
     override fun close() {
         session.close()
+    }
+
+    companion object {
+        /**
+         * Copy assets/[assetName] to the app's files folder once (ONNX Runtime needs a real file
+         * to read or memory-map) and open it. Throws FileNotFoundException when the asset is absent.
+         */
+        fun fromAsset(context: Context, assetName: String): FusedModel {
+            val target = File(context.filesDir, assetName)
+            val assetSize = context.assets.openFd(assetName).use { it.length }
+            if (!target.isFile || target.length() != assetSize) {
+                val partial = File(context.filesDir, "$assetName.partial")
+                context.assets.open(assetName).use { input -> partial.outputStream().use { input.copyTo(it, 1 shl 20) } }
+                if (!partial.renameTo(target)) throw IOException("cannot move $partial to $target")
+            }
+            return FusedModel(target)
+        }
     }
 }

@@ -52,7 +52,7 @@ class MainActivity : Activity() {
     }
 
     private fun loadModel(): FusedModel? = try {
-        FusedModel(assets.open(MODEL_ASSET).use { it.readBytes() })
+        FusedModel.fromAsset(this, MODEL_ASSET)
     } catch (e: FileNotFoundException) {
         null
     }
