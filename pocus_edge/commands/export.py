@@ -2,13 +2,73 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
 
-from . import not_built
+
+def _frame_shape(text: Optional[str]) -> Optional[tuple[int, int]]:
+    if text is None:
+        return None
+    from ..errors import ExportError
+
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        height, width = (int(p) for p in parts)
+    except ValueError:
+        raise ExportError(f"--frame-shape expects HEIGHTxWIDTH (e.g. 480x640), got {text!r}") from None
+    return height, width
 
 
 def register(app: typer.Typer) -> None:
     @app.command("export")
-    def export() -> None:
-        """Export the fused two-branch segmenter to ONNX, TensorRT or Core ML."""
-        not_built("export", "export issue")
+    def export(
+        generative: Path = typer.Option(..., "--generative", "-g", help="Fine-tuned generative (MIM) branch checkpoint (RUN/model.safetensors)."),
+        contrastive: Path = typer.Option(..., "--contrastive", "-c", help="Fine-tuned contrastive branch checkpoint (RUN/model.safetensors)."),
+        target: str = typer.Option("onnx", "--target", "-t", help="onnx | tensorrt | coreml."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output: *.onnx (onnx), engine file (tensorrt; its ONNX goes next to it), *.mlpackage (coreml)."),
+        precision: str = typer.Option("fp32", "--precision", "-p", help="fp32 | fp16 | int8 (int8 needs --calib; Core ML: fp16)."),
+        calib: Optional[Path] = typer.Option(None, "--calib", help="TARGET site folder: its unlabeled frames calibrate int8 (masks are never read); its test split also serves the parity check."),
+        calib_frames: int = typer.Option(64, "--calib-frames", help="Number of calibration frames drawn from the site's train split."),
+        batch: int = typer.Option(1, "--batch", help="Fixed batch size of the graph (ignored with --dynamic-batch)."),
+        dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Dynamic batch axis 1..--max-batch instead of a fixed batch."),
+        max_batch: int = typer.Option(8, "--max-batch", help="Largest batch of a dynamic graph / TensorRT optimization profile."),
+        uint8_input: bool = typer.Option(False, "--uint8-input", help="Graph input is uint8 grayscale (N,1,S,S): /255 and channel repeat happen in the graph (ONNX/TensorRT)."),
+        fusion: str = typer.Option("entropy", "--fusion", help="Confidence: entropy | margin | average."),
+        fusion_norm: str = typer.Option("image", "--fusion-norm", help="image (per frame, batch-independent; default) | batch (released code)."),
+        fusion_formula: str = typer.Option("weighted", "--fusion-formula", help="weighted (released code) | paper (1/2 of the weighted sum)."),
+        branches: bool = typer.Option(False, "--branches", help="Also output each branch's probability and normalized confidence."),
+        parity_site: Optional[Path] = typer.Option(None, "--parity-site", help="Site whose test frames the parity check uses (default: --calib; else random frames)."),
+        parity_frames: int = typer.Option(8, "--parity-frames", help="Number of frames in the parity check."),
+        max_diff: float = typer.Option(1e-4, "--max-diff", help="fp32 bar: largest allowed |onnx - pytorch| of the fused probability."),
+        min_dice_fp16: float = typer.Option(0.98, "--min-dice-fp16", help="fp16 bar: mean mask Dice versus PyTorch."),
+        min_dice_int8: float = typer.Option(0.95, "--min-dice-int8", help="int8 bar: mean mask Dice versus PyTorch."),
+        frame_shape: Optional[str] = typer.Option(None, "--frame-shape", help="Core ML: probe frame HEIGHTxWIDTH of the image input (default: the model size)."),
+        timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="TensorRT timing cache file (default: next to the engine)."),
+        opset: int = typer.Option(18, "--opset", help="ONNX opset (17 or newer)."),
+    ) -> None:
+        """Export both fine-tuned branches plus the fusion head as ONE graph, with a parity report.
+
+        Exit codes: 0 done; 2 bad input or parity failure; 3 toolchain missing here (TensorRT/CUDA
+        or macOS): the ONNX is still written and checked, and the trtexec line is printed.
+        """
+        from ..export.api import ToolchainMissing, export_checkpoints
+        from ..export.parity import ParityBars
+
+        try:
+            result = export_checkpoints(
+                generative, contrastive, out, target=target, precision=precision,
+                method=fusion, norm=fusion_norm, formula=fusion_formula,
+                uint8_input=uint8_input, return_branches=branches,
+                calib=calib, calib_frames=calib_frames, parity_site=parity_site, parity_frames=parity_frames,
+                bars=ParityBars(fp32_max_abs=max_diff, fp16_min_dice=min_dice_fp16, int8_min_dice=min_dice_int8),
+                batch=None if dynamic_batch else batch, max_batch=max_batch, opset=opset,
+                frame_shape=_frame_shape(frame_shape), timing_cache=timing_cache,
+            )
+        except ToolchainMissing as exc:
+            for line in exc.result.summary_lines():
+                typer.echo(line)
+            raise
+        for line in result.summary_lines():
+            typer.echo(line)

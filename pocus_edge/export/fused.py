@@ -1,0 +1,159 @@
+"""Both fine-tuned branches plus the confidence-aware fusion head as ONE module.
+
+The paper runs the generative (MIM) and the contrastive TransUNet as two separate models and
+fuses their probabilities in Python. A product ships one graph: a runtime loads it once and a
+compiler (onnxruntime, TensorRT, Core ML) can optimize it end to end. ``FusedSegmenter`` is
+that graph's PyTorch source; every export target traces it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ExportError
+
+FUSION_METHODS = ("entropy", "margin", "average")
+FUSION_NORMS = ("image", "batch")
+FUSION_FORMULAS = ("weighted", "paper")
+
+
+class FusedSegmenter(nn.Module):
+    """Generative + contrastive TransUNet and the fusion head in one forward pass.
+
+    Input: preprocessed frames ``(N, 3, S, S)`` float32 in [0, 1]; or, with ``uint8_input``,
+    padded/resized grayscale probe pixels ``(N, 1, S, S)`` uint8: the /255 scaling and the
+    3-channel repeat then run inside the graph, so a mobile app feeds probe pixels directly.
+
+    Output: the fused bone probability ``(N, 1, S, S)``; with ``return_branches`` the tuple
+    ``(fused, p_generative, p_contrastive, c_generative, c_contrastive)`` (normalized
+    confidences: the fusion weight maps users want to see).
+
+    ``norm="image"`` (default) min-max normalizes each frame's confidence on its own, so a
+    frame's output never depends on its batch mates (needed for streaming); ``norm="batch"``
+    reproduces the released code (normalization over the whole batch tensor).
+    """
+
+    def __init__(
+        self,
+        generative: nn.Module,
+        contrastive: nn.Module,
+        *,
+        method: str = "entropy",
+        norm: str = "image",
+        formula: str = "weighted",
+        uint8_input: bool = False,
+        return_branches: bool = False,
+    ):
+        super().__init__()
+        from ..models.fusion import FusionHead
+
+        for name, branch in (("generative", generative), ("contrastive", contrastive)):
+            out_channels = getattr(branch, "out_channels", 1)
+            if out_channels != 1:
+                raise ExportError(
+                    f"{name} branch has {out_channels} output channels; a segmenter has 1 "
+                    "(is it a MIM pretraining checkpoint rather than a fine-tuned model?)"
+                )
+        size_g, size_c = generative.cfg.img_size, contrastive.cfg.img_size
+        if size_g != size_c:
+            raise ExportError(f"branches disagree on the input size ({size_g} vs {size_c}); fine-tune both on the same preset")
+        if method not in FUSION_METHODS:
+            raise ExportError(f"unknown fusion method {method!r}; choose one of {', '.join(FUSION_METHODS)}")
+        if norm not in FUSION_NORMS:
+            raise ExportError(f"unknown fusion norm {norm!r}; choose one of {', '.join(FUSION_NORMS)}")
+        if formula not in FUSION_FORMULAS:
+            raise ExportError(f"unknown fusion formula {formula!r}; choose one of {', '.join(FUSION_FORMULAS)}")
+        self.generative = generative
+        self.contrastive = contrastive
+        self.fusion = FusionHead(method=method, norm=norm, formula=formula)
+        self.method, self.norm, self.formula = method, norm, formula
+        self.uint8_input = bool(uint8_input)
+        self.return_branches = bool(return_branches)
+        self.img_size = int(size_g)
+        # Filled by load_fused: the two checkpoints' model cards and file hashes (provenance).
+        self.cards: dict[str, Any] = {"generative": None, "contrastive": None}
+        self.checkpoint_sha256: dict[str, str | None] = {"generative": None, "contrastive": None}
+
+    @property
+    def fusion_settings(self) -> dict[str, str]:
+        return {"method": self.method, "norm": self.norm, "formula": self.formula}
+
+    def input_shape(self, batch: int = 1) -> tuple[int, int, int, int]:
+        return (batch, 1 if self.uint8_input else 3, self.img_size, self.img_size)
+
+    def example_input(self, batch: int = 1, *, seed: int = 0) -> torch.Tensor:
+        """A random input of the right dtype and shape (tracing, smoke tests)."""
+        gen = torch.Generator().manual_seed(seed)
+        if self.uint8_input:
+            return torch.randint(0, 256, self.input_shape(batch), generator=gen, dtype=torch.uint8)
+        return torch.rand(self.input_shape(batch), generator=gen)
+
+    def to_model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (N,1,S,S) -> float (N,3,S,S) in [0,1], exactly as preprocess_frame does it
+        (float32 division by 255, then the channel repeat)."""
+        if not self.uint8_input:
+            return x
+        scaled = x.to(torch.float32) / 255.0
+        return scaled.expand(-1, 3, -1, -1)
+
+    def forward(self, x: torch.Tensor):
+        x = self.to_model_input(x)
+        p_generative = torch.sigmoid(self.generative(x))
+        p_contrastive = torch.sigmoid(self.contrastive(x))
+        if self.return_branches:
+            fused, c_generative, c_contrastive = self.fusion(p_generative, p_contrastive, return_confidence=True)
+            return fused, p_generative, p_contrastive, c_generative, c_contrastive
+        return self.fusion(p_generative, p_contrastive)
+
+    def output_names(self) -> list[str]:
+        if self.return_branches:
+            return ["fused", "p_generative", "p_contrastive", "c_generative", "c_contrastive"]
+        return ["fused"]
+
+
+def load_fused(
+    generative_ckpt: str | Path,
+    contrastive_ckpt: str | Path,
+    *,
+    method: str = "entropy",
+    norm: str = "image",
+    formula: str = "weighted",
+    uint8_input: bool = False,
+    return_branches: bool = False,
+) -> FusedSegmenter:
+    """Build a FusedSegmenter (eval mode) from two fine-tuned segmenter checkpoints."""
+    from ..data.layout import sha256_file
+    from ..models.weights import build_segmenter
+
+    generative, card_g = build_segmenter(generative_ckpt)
+    contrastive, card_c = build_segmenter(contrastive_ckpt)
+    for path, card in ((generative_ckpt, card_g), (contrastive_ckpt, card_c)):
+        if int(card.get("out_channels", 1)) != 1:
+            raise ExportError(
+                f"{path}: has {card.get('out_channels')} output channels (stage {card.get('stage')!r}); "
+                "export needs fine-tuned segmenters (1 output channel)"
+            )
+    if card_g.get("model") != card_c.get("model"):
+        raise ExportError(
+            f"{generative_ckpt} and {contrastive_ckpt}: the branches have different model configs "
+            f"({card_g.get('preset')!r} vs {card_c.get('preset')!r}); both must share one preset"
+        )
+    fused = FusedSegmenter(
+        generative,
+        contrastive,
+        method=method,
+        norm=norm,
+        formula=formula,
+        uint8_input=uint8_input,
+        return_branches=return_branches,
+    )
+    fused.cards = {"generative": card_g, "contrastive": card_c}
+    fused.checkpoint_sha256 = {
+        "generative": sha256_file(generative_ckpt),
+        "contrastive": sha256_file(contrastive_ckpt),
+    }
+    return fused.eval()

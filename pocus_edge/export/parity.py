@@ -1,0 +1,227 @@
+"""Parity report written next to every export: the exported graph versus PyTorch on the same
+frames (real frames of a site where one is given, otherwise random frames, and the report says
+so). Max/mean absolute difference of the fused probability and the Dice between the masks
+thresholded at 0.5. An export fails (ExportError) below its precision's bar."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import ExportError
+from ..io import write_json_atomic, write_text_atomic
+
+THRESHOLD = 0.5
+
+
+@dataclass
+class ParityBars:
+    """Pass bars. fp32 is judged on the probabilities, reduced precisions on the masks (their
+    probabilities are expected to move; what the app shows is the thresholded mask)."""
+
+    fp32_max_abs: float = 1e-4
+    fp16_min_dice: float = 0.98
+    int8_min_dice: float = 0.95
+
+
+def parity_frames(
+    site_dir: str | os.PathLike | None,
+    img_size: int,
+    *,
+    n: int = 8,
+    uint8_input: bool = False,
+    seed: int = 0,
+) -> tuple[np.ndarray, str]:
+    """Frames for a parity check and a description of where they came from.
+
+    With a site: ``n`` frames spread evenly over its test split (or over all frames when it has
+    none), preprocessed by the one shared function. Images only: masks are never opened.
+    Without a site: seeded random frames (smooth blobs plus noise, so the model's output is
+    not constant), labelled as such in the report.
+    """
+    from ..data.transforms import preprocess_gray
+
+    if site_dir is not None:
+        from ..data.layout import load_site
+
+        site = load_site(site_dir, check_sizes=False)
+        records = site.select("test") or site.records
+        idx = np.unique(np.linspace(0, len(records) - 1, num=min(n, len(records))).round().astype(int))
+        chosen = [records[i] for i in idx]
+        gray = np.stack([preprocess_gray(site.read_image(r), img_size) for r in chosen])
+        split = "test" if site.select("test") else "all"
+        source = f"site {site.name} ({split} split, {len(chosen)} frames, evenly spaced)"
+    else:
+        rng = np.random.default_rng(seed)
+        yy, xx = np.mgrid[0:img_size, 0:img_size] / img_size
+        frames = []
+        for _ in range(n):
+            img = np.zeros((img_size, img_size))
+            for _ in range(3):
+                cy, cx, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.05, 0.25)
+                img += rng.uniform(0.3, 1.0) * np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)))
+            img = img / max(img.max(), 1e-6) * 200 + rng.normal(0, 12, img.shape)
+            frames.append(np.clip(img, 0, 255).astype(np.uint8))
+        gray = np.stack(frames)
+        source = f"random frames (no site given; {n} seeded synthetic blobs, seed {seed})"
+    if uint8_input:
+        return gray[:, None].copy(), source
+    scaled = gray.astype(np.float32) / np.float32(255.0)
+    return np.repeat(scaled[:, None], 3, axis=1), source
+
+
+def dice_per_image(a: np.ndarray, b: np.ndarray, smooth: float = 1.0) -> np.ndarray:
+    """Dice (smoothing 1, METHOD.md metric) between two binary mask batches, one value per image."""
+    a = a.reshape(a.shape[0], -1).astype(np.float64)
+    b = b.reshape(b.shape[0], -1).astype(np.float64)
+    inter = (a * b).sum(1)
+    return (2 * inter + smooth) / (a.sum(1) + b.sum(1) + smooth)
+
+
+def torch_reference(model, frames: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    """The fused probability from the PyTorch module (eval, no grad), first output only."""
+    import torch
+
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(frames), batch_size):
+            out = model(torch.from_numpy(np.ascontiguousarray(frames[i : i + batch_size])))
+            outs.append((out[0] if isinstance(out, tuple) else out).float().numpy())
+    return np.concatenate(outs)
+
+
+def ort_runner(onnx_path: str | os.PathLike, *, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """``frames -> fused probability`` through onnxruntime (CPU), first output only."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    fixed = session.get_inputs()[0].shape[0]
+    fixed = fixed if isinstance(fixed, int) else None
+
+    def run(frames: np.ndarray) -> np.ndarray:
+        step = fixed or len(frames)
+        outs = [session.run(None, {name: frames[i : i + step]})[0] for i in range(0, len(frames), step)]
+        return np.concatenate(outs).astype(np.float32)
+
+    return run
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, *, threshold: float = THRESHOLD) -> dict[str, Any]:
+    if reference.shape != candidate.shape:
+        raise ExportError(f"parity: output shape {candidate.shape} != PyTorch {reference.shape}")
+    nonfinite = int((~np.isfinite(candidate)).sum())
+    diff = np.abs(reference.astype(np.float64) - np.nan_to_num(candidate.astype(np.float64), nan=0.5))
+    dice = dice_per_image(reference > threshold, candidate > threshold)
+    return {
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "mask_dice_mean": float(dice.mean()),
+        "mask_dice_min": float(dice.min()),
+        "mask_pixel_disagreement": float(((reference > threshold) != (candidate > threshold)).mean()),
+        "foreground_fraction_reference": float((reference > threshold).mean()),
+        "nonfinite_outputs": nonfinite,
+    }
+
+
+def parity_report(
+    artifact: str | os.PathLike,
+    model,
+    frames: np.ndarray,
+    *,
+    precision: str,
+    source: str,
+    runner: Callable[[np.ndarray], np.ndarray] | None = None,
+    bars: ParityBars | None = None,
+    backend: str = "onnxruntime-cpu",
+    reference: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Compare ``artifact`` (run by ``runner``, onnxruntime by default) with ``model`` on
+    ``frames``; the returned dict says whether it passed its precision's bar."""
+    bars = bars or ParityBars()
+    runner = runner or ort_runner(artifact)
+    ref = torch_reference(model, frames) if reference is None else reference
+    cand = runner(frames)
+    stats = compare(ref, cand)
+    if precision == "fp32":
+        bar = {"metric": "max_abs_diff", "max": bars.fp32_max_abs}
+        passed = stats["max_abs_diff"] <= bars.fp32_max_abs
+    else:
+        minimum = bars.fp16_min_dice if precision == "fp16" else bars.int8_min_dice
+        bar = {"metric": "mask_dice_mean", "min": minimum}
+        passed = stats["mask_dice_mean"] >= minimum
+    # A NaN/inf anywhere fails every precision (a masked NaN would otherwise hide in the Dice).
+    passed = passed and stats["nonfinite_outputs"] == 0
+    return {
+        "artifact": Path(artifact).name,
+        "precision": precision,
+        "backend": backend,
+        "reference": "PyTorch FusedSegmenter (fp32, eval)",
+        "frames": {"count": int(len(frames)), "source": source, "dtype": str(frames.dtype), "shape": list(frames.shape)},
+        "threshold": THRESHOLD,
+        **stats,
+        "bar": bar,
+        "passed": bool(passed),
+    }
+
+
+def parity_markdown(report: dict[str, Any]) -> str:
+    bar = report["bar"]
+    bar_text = f"{bar['metric']} <= {bar['max']:g}" if "max" in bar else f"{bar['metric']} >= {bar['min']:g}"
+    lines = [
+        f"# Parity: {report['artifact']} ({report['precision']}, {report['backend']})",
+        "",
+        f"Reference: {report['reference']}. Frames: {report['frames']['source']}.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| max abs diff (fused probability) | {report['max_abs_diff']:.3g} |",
+        f"| mean abs diff | {report['mean_abs_diff']:.3g} |",
+        f"| mask Dice, mean over frames (threshold {report['threshold']}) | {report['mask_dice_mean']:.5f} |",
+        f"| mask Dice, worst frame | {report['mask_dice_min']:.5f} |",
+        f"| pixels whose mask label differs | {100 * report['mask_pixel_disagreement']:.3f}% |",
+        f"| foreground fraction (PyTorch mask) | {100 * report['foreground_fraction_reference']:.1f}% |",
+        f"| non-finite outputs | {report['nonfinite_outputs']} |",
+        "",
+        f"Bar: {bar_text}: **{'PASS' if report['passed'] else 'FAIL'}**",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def parity_paths(artifact: str | os.PathLike) -> tuple[Path, Path]:
+    p = Path(artifact)
+    return p.with_name(p.name + ".parity.json"), p.with_name(p.name + ".parity.md")
+
+
+def write_parity(report: dict[str, Any], artifact: str | os.PathLike) -> tuple[Path, Path]:
+    json_path, md_path = parity_paths(artifact)
+    write_json_atomic(json_path, report)
+    write_text_atomic(md_path, parity_markdown(report))
+    return json_path, md_path
+
+
+def enforce(report: dict[str, Any]) -> None:
+    """Raise ExportError (one line) when the report failed its bar."""
+    if report["passed"]:
+        return
+    bar = report["bar"]
+    metric = bar["metric"]
+    if report.get("nonfinite_outputs"):
+        raise ExportError(
+            f"{report['artifact']}: {report['precision']} parity failed: {report['nonfinite_outputs']} NaN/inf "
+            f"output values (frames: {report['frames']['source']})"
+        )
+    limit = f"<= {bar['max']:g}" if "max" in bar else f">= {bar['min']:g}"
+    raise ExportError(
+        f"{report['artifact']}: {report['precision']} parity failed: {metric} = {report[metric]:.4g}, "
+        f"bar {limit} (frames: {report['frames']['source']}); see {parity_paths(report['artifact'])[1].name}"
+    )
