@@ -94,14 +94,11 @@ class GoldenTests(private val dir: File, private val resizeOverride: String?) {
                     val prob = npy(case["prob"]).float32()
                     val expected = npy(case["mask"]).uint8()
                     val got = Threshold.mask(prob, threshold(index), rule(index))
+                    // (That the committed set's masks are about half bone, so this comparison has
+                    // something to compare, is checked on the Python side: tests/test_golden.py.)
                     var mismatches = 0
-                    var bone = 0
-                    for (i in expected.indices) {
-                        if (expected[i] != got[i]) mismatches++
-                        if (expected[i].toInt() != 0) bone++
-                    }
+                    for (i in expected.indices) if (expected[i] != got[i]) mismatches++
                     expect(mismatches == 0) { "$mismatches of ${expected.size} mask pixels differ" }
-                    expect(bone in 1 until expected.size) { "golden mask is all ${if (bone == 0) "background" else "bone"}: it tests nothing" }
                 }
             }
             if (case["frame_mask"] != null) {
