@@ -132,9 +132,18 @@ def _eager_two_model(ctx: BenchContext) -> Prepared:
     return Prepared(infer, to_input, to_numpy, _checkpoint_bytes(ctx))
 
 
-def _fused_eager(dtype: torch.dtype | None) -> Callable[[BenchContext], Prepared]:
+def _fused_eager(dtype: torch.dtype | None, *, channels_last: bool = False) -> Callable[[BenchContext], Prepared]:
+    """The FusedSegmenter in eager PyTorch, optionally under autocast. ``channels_last`` (CPU
+    only) runs a copy of the model in NHWC layout, oneDNN's native one for convolutions: the
+    shared fp32 module stays NCHW so that the baseline remains the paper's plain path."""
+
     def prepare(ctx: BenchContext) -> Prepared:
         model = ctx.fused
+        nhwc = channels_last and ctx.device.type == "cpu"
+        if nhwc:
+            import copy
+
+            model = copy.deepcopy(model).to(memory_format=torch.channels_last)
 
         def infer(x: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode(), _autocast(ctx, dtype):
@@ -143,17 +152,24 @@ def _fused_eager(dtype: torch.dtype | None) -> Callable[[BenchContext], Prepared
             return out
 
         to_input, to_numpy = _torch_io(ctx)
+        if nhwc:
+            plain_input = to_input
+
+            def to_input(frames: np.ndarray) -> torch.Tensor:
+                return plain_input(frames).contiguous(memory_format=torch.channels_last)
+
         return Prepared(infer, to_input, to_numpy, _checkpoint_bytes(ctx))
 
     return prepare
 
 
 def _compiled(dtype: torch.dtype | None) -> Callable[[BenchContext], Prepared]:
-    """torch.compile of the fused module. On CUDA the default mode is "reduce-overhead" (CUDA
-    graphs: one launch per frame batch instead of hundreds of kernels); on CPU the inductor
-    default with weight freezing, which constant-folds the weight standardization of every
-    StdConv and lets oneDNN pre-pack weights. Compilation happens in the runner's warm-up,
-    which is timed separately from the runs."""
+    """torch.compile of the fused module (static shapes: one compilation per batch size).
+
+    CUDA: mode "reduce-overhead" by default, i.e. CUDA graphs, one launch per batch instead of
+    hundreds of kernels. CPU: the inductor default with weight freezing, which constant-folds the
+    weight standardization of every StdConv and lets oneDNN pre-pack the weights. Compilation
+    happens in the runner's warm-up calls, which are timed separately from the runs."""
 
     def prepare(ctx: BenchContext) -> Prepared:
         import torch._inductor.config as inductor_config
@@ -161,6 +177,7 @@ def _compiled(dtype: torch.dtype | None) -> Callable[[BenchContext], Prepared]:
         model = ctx.fused
         cuda = ctx.device.type == "cuda"
         mode = ctx.compile_mode or ("reduce-overhead" if cuda else "default")
+        graphs = cuda and mode == "reduce-overhead"
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             with _autocast(ctx, dtype):
@@ -169,13 +186,13 @@ def _compiled(dtype: torch.dtype | None) -> Callable[[BenchContext], Prepared]:
         compiled = torch.compile(forward, mode=mode, dynamic=False)
 
         def infer(x: torch.Tensor) -> torch.Tensor:
-            # freezing is read when a graph is compiled (first call per batch size).
-            with torch.inference_mode(), inductor_config.patch(freezing=True):
-                if cuda and mode == "reduce-overhead":
+            # Freezing is read when a graph is compiled (the first call per batch size).
+            with torch.inference_mode(), inductor_config.patch(freezing=not cuda):
+                if graphs:
                     torch.compiler.cudagraph_mark_step_begin()
                 out = compiled(x)
-                if cuda and mode == "reduce-overhead":
-                    out = out.clone()  # CUDA-graph outputs are overwritten by the next replay
+                if graphs:
+                    out = out.clone()  # a CUDA graph's output is overwritten by its next replay
             _sync(ctx.device)
             return out
 
@@ -363,7 +380,7 @@ FORMATS: dict[str, FormatSpec] = {
     for spec in (
         FormatSpec(BASELINE, "fp32", "torch", "two separate networks + Python fusion (the paper's way)", _always, _eager_two_model),
         FormatSpec("fused-fp32", "fp32", "torch", "FusedSegmenter, one module", _always, _fused_eager(None)),
-        FormatSpec("fused-bf16", "bf16", "torch", "FusedSegmenter under bf16 autocast", _check_bf16, _fused_eager(torch.bfloat16)),
+        FormatSpec("fused-bf16", "bf16", "torch", "FusedSegmenter under bf16 autocast (channels-last on CPU)", _check_bf16, _fused_eager(torch.bfloat16, channels_last=True)),
         FormatSpec("fused-fp16", "fp16", "torch", "FusedSegmenter under fp16 autocast", _check_fp16_torch, _fused_eager(torch.float16)),
         FormatSpec("compile-fp32", "fp32", "torch.compile", "torch.compile(FusedSegmenter)", _compiler_reason, _compiled(None)),
         FormatSpec("compile-bf16", "bf16", "torch.compile", "torch.compile(FusedSegmenter) under bf16 autocast", _check_compile_bf16, _compiled(torch.bfloat16)),

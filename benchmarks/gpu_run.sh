@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One prepared benchmark run for a lent GPU machine (see the device notes in DEVELOPERS.md).
+#
+#   bash benchmarks/gpu_run.sh            # from the repository root
+#
+# Paper preset, random weights (speed only: the GFLOPs and the code paths are those of the
+# trained model), batch 1 and 32: the eager two-model fp32 baseline (the paper's way), fused fp32,
+# fused bf16 and fp16, torch.compile bf16 with CUDA graphs ("reduce-overhead"), and every other
+# row that imports here (ONNX Runtime/TensorRT rows are skipped with their reason when the image
+# lacks a CUDA execution provider or tensorrt). Budget: under 3.5 minutes in total. Each format
+# has a hard time limit and the JSON report is rewritten after every format, so a slow or broken
+# format costs only its own row; the table is printed last, from the JSON, whatever happened.
+#
+# Output: $OUT/gpu_benchmark.json (when the device tool sets OUT), else benchmarks/gpu_benchmark.json.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+PY=${PYTHON:-python3}
+DEST=${OUT:-benchmarks}
+mkdir -p "$DEST"
+JSON="$DEST/gpu_benchmark.json"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works even if the editable install fails
+# Dry run on a CPU: PRESET=tiny DEVICE=cpu SKIP_INSTALL=1 PYTHON=.venv/bin/python bash benchmarks/gpu_run.sh
+PRESET=${PRESET:-paper}
+DEVICE=${DEVICE:-cuda}
+
+echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+# The image has torch/timm/onnx/onnxruntime/typer/opencv/h5py/safetensors/scipy/rich/pyyaml:
+# install only the project itself (its pinned torch version is the CPU workplace's).
+[ -n "${SKIP_INSTALL:-}" ] || $PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2 || true
+$PY -c "import pocus_edge, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" || exit 1
+
+# 1) The measured rows. Timeout per format: 45 s for eager paths, compile gets up to 100 s (two
+#    compilations: batch 32 for the accuracy pass and timing, batch 1). The whole command is
+#    bounded at 170 s so that the script ends inside its budget even if a limit misfires.
+timeout -k 10 170 $PY -m pocus_edge benchmark \
+    --preset "$PRESET" \
+    --device "$DEVICE" \
+    --formats eager-2model,fused-fp32,fused-bf16,fused-fp16,compile-bf16,onnx-fp32,onnx-fp16,onnx-int8,tensorrt-fp16,tensorrt-int8,coreml-fp16 \
+    --batch 1,32 \
+    --runs 30 \
+    --warmup 3 \
+    --time-per-batch 6 \
+    --format-timeout 100 \
+    --max-frames 32 \
+    --json "$JSON" > "$DEST/gpu_benchmark.log" 2>&1
+STATUS=$?
+tail -n 25 "$DEST/gpu_benchmark.log" | grep -v "^[┃│┏┡└]" || true
+echo "== benchmark exit status $STATUS after $(( $(date +%s) - START )) s"
+
+# 2) The table, last, from whatever JSON was written (partial if the run was cut short).
+$PY - "$JSON" <<'EOF'
+import json, sys
+from rich.console import Console
+from pocus_edge.benchmark import render_report
+from pocus_edge.benchmark.compare import compare_reports, render_comparison
+try:
+    report = json.load(open(sys.argv[1]))
+except (OSError, ValueError) as exc:
+    sys.exit(f"no report: {exc}")
+console = Console(width=200)
+# Compute floor and fraction of the datasheet peak for every ok row (devices.yaml).
+render_comparison(compare_reports([report], labels=["gpu"]), console)
+render_report(report, console)
+EOF
+echo "== total $(( $(date +%s) - START )) s; report: $JSON"
