@@ -31,13 +31,15 @@ import numpy as np
 # ---------------------------------------------------------------------------------------------
 # Tissues. Echogenicity is the mean backscattered power relative to generic soft tissue;
 # attenuation in dB/(mm MHz), one way (soft tissue ~0.05-0.1, bone an order of magnitude more).
-DEEP, SKIN, FAT, TENDON, MUSCLE, CARTILAGE, BONE, CORTEX = range(8)
-TISSUE_NAMES = ("soft tissue", "skin", "fat", "tendon", "muscle", "cartilage", "bone", "cortex")
-ECHOGENICITY = np.array([0.55, 1.6, 0.22, 1.3, 0.45, 0.015, 0.25, 14.0], dtype=np.float32)
-ATTENUATION_DB_PER_MM_MHZ = np.array([0.065, 0.08, 0.055, 0.09, 0.09, 0.05, 1.6, 0.45], dtype=np.float32)
+DEEP, SKIN, FAT, TENDON, MUSCLE, CARTILAGE, BONE, CORTEX, FASCIA = range(9)
+TISSUE_NAMES = ("soft tissue", "skin", "fat", "tendon", "muscle", "cartilage", "bone", "cortex", "fascia")
+# Fascia (retinaculum, tendon sheaths, muscle fascia) is a thin bright line like the bone
+# surface but casts no shadow: the confounder that makes bone segmentation non-trivial.
+ECHOGENICITY = np.array([0.55, 1.6, 0.22, 1.3, 0.45, 0.015, 0.25, 14.0, 6.0], dtype=np.float32)
+ATTENUATION_DB_PER_MM_MHZ = np.array([0.065, 0.08, 0.055, 0.09, 0.09, 0.05, 1.6, 0.45, 0.1], dtype=np.float32)
 # Strength of the tissue-fixed texture (log-normal modulation of echogenicity): tendon fibrils,
 # muscle striations, fat septa.
-TEXTURE_STRENGTH = np.array([0.45, 0.3, 1.0, 0.8, 0.7, 0.0, 0.3, 0.25], dtype=np.float32)
+TEXTURE_STRENGTH = np.array([0.45, 0.3, 1.0, 0.8, 0.7, 0.0, 0.3, 0.25, 0.9], dtype=np.float32)
 SPECULAR_REFLECTIVITY = 10.0  # coherent bone-surface echo, relative to unit-echogenicity speckle
 
 SOURCE_VIEWS = ("dorsal", "proximal_dorsal", "radial", "volar", "proximal_volar")
@@ -282,11 +284,16 @@ def build_geometry(p: Patient, view: str, st: dict[str, float]) -> Geometry:
     undulation = 0.25 * np.sin(xs / 7.0 + st["undulation_phase"])
     soft: list[tuple[np.ndarray, int]] = []
     depth = top_soft
+    fascia_mm = 0.15 + 0.1 * p.size
+    # Superficial fascia / retinaculum on top of the tendons (or the muscle).
+    soft_fascia = [_band(xs, top_soft - 0.05 + undulation, top_soft - 0.05 + undulation + fascia_mm)]
     if spec.tendons:
         t_top = top_soft + 0.1 + undulation
         t_bot = t_top + st["tendon_mm"]
         soft.append((_band(xs, t_top, t_bot), TENDON))
         depth = top_soft + 0.1 + st["tendon_mm"]
+        if spec.muscle:  # the fascia between the flexor tendons and pronator quadratus
+            soft_fascia.append(_band(xs, t_bot, t_bot + fascia_mm))
     bone_z = depth + (st["muscle_mm"] if spec.muscle else 0.0) + st["bone_gap_mm"]
     half_gap = p.physis_gap_mm / 2
 
@@ -353,6 +360,7 @@ def build_geometry(p: Patient, view: str, st: dict[str, float]) -> Geometry:
         m_bot = m_top + (m_bot - m_top) * (0.25 + 0.75 * taper)
         soft.append((_band(px, m_top, np.maximum(m_bot, m_top + 0.2)), MUSCLE))
 
+    soft.extend((band, FASCIA) for band in soft_fascia)
     for fx_, ftop in fragments:
         bones.append((_bone_polygon(fx_, ftop), 1))
     bones.append((_bone_polygon(ex, epi_top), 2))
