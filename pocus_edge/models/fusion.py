@@ -33,8 +33,6 @@ METHODS = ("entropy", "margin", "average")
 NORMS = ("image", "batch")
 FORMULAS = ("weighted", "paper")
 
-# Keeps log() finite at p in {0, 1}; the entropy error this introduces is < 2e-5 (negligible).
-_P_EPS = 1e-6
 _WEIGHT_EPS = 1e-6  # the released code's denominator guard
 
 
@@ -47,11 +45,19 @@ def _check(method: str, norm: str, formula: str) -> None:
         raise ConfigError(f"unknown fusion formula {formula!r}; choose one of {', '.join(FORMULAS)}")
 
 
+def _x_log_x(v: torch.Tensor) -> torch.Tensor:
+    """v ln v with 0 ln 0 = 0, exactly and without an epsilon: an epsilon such as 1e-6 becomes a
+    subnormal (or 0 with flush-to-zero) once the graph runs in fp16 (TensorRT, Core ML), and then
+    0 * log(0) = NaN; log(1) = 0 at v = 0 keeps every branch of the graph finite."""
+    return v * torch.log(torch.where(v > 0, v, torch.ones_like(v)))
+
+
 def confidence(p: torch.Tensor, method: str = "entropy") -> torch.Tensor:
     """Per-pixel confidence of probability map ``p`` (any shape), before normalization."""
     if method == "entropy":
-        q = p.clamp(_P_EPS, 1.0 - _P_EPS)
-        entropy = -(q * torch.log(q) + (1.0 - q) * torch.log(1.0 - q))  # log, not log1p: every runtime has Log
+        q = p.clamp(0.0, 1.0)
+        r = 1.0 - q
+        entropy = -(_x_log_x(q) + _x_log_x(r))
         return 1.0 - entropy / math.log(2.0)
     if method == "margin":
         return (2.0 * p - 1.0).abs()
@@ -88,7 +94,10 @@ def _fuse_with_confidence(
     c_c = normalize_confidence(confidence(p_c, method), norm)
     weighted_sum = p_g * c_g + p_c * c_c
     if formula == "weighted":
-        fused = weighted_sum / (c_g + c_c + _WEIGHT_EPS)
+        # (p_g c_g + p_c c_c) / (c_g + c_c + 1e-6) as released; where both confidences are 0 the
+        # numerator is 0 too and the result is 0, without relying on 1e-6 surviving fp16.
+        total = c_g + c_c
+        fused = weighted_sum / torch.where(total > 0, total + _WEIGHT_EPS, torch.ones_like(total))
     else:
         fused = 0.5 * weighted_sum
     return fused, c_g, c_c
