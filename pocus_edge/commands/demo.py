@@ -6,11 +6,26 @@ from pathlib import Path
 
 import typer
 
-from . import not_built
-
 
 def register(app: typer.Typer) -> None:
     @app.command("demo")
-    def demo(out: Path = typer.Option(Path("demo_out"), help="Folder for data, runs and report.")) -> None:
+    def demo(
+        out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for data, runs, exported model, stream outputs and report.md."),
+        data_preset: str = typer.Option("demo", help="Simulator size: demo (the 10-minute CPU demo) or tiny (a smoke run)."),
+        preset: str = typer.Option("small", help="Model size: small (CPU-trainable TransUNet) or tiny (tests)."),
+        quick: bool = typer.Option(False, "--quick", help="One epoch per training stage (a smoke run; accuracy is meaningless)."),
+        seed: int = typer.Option(0, help="Seed of the simulator and of every training stage."),
+        threads: int = typer.Option(0, help="onnxruntime threads for the streaming step (0 = all cores)."),
+        max_steps: int = typer.Option(0, help="Cap every training stage at this many steps (0 = the schedule's epochs; smoke runs)."),
+        device: str = typer.Option("auto", help="Training/evaluation device: auto (CUDA if present), cpu, cuda."),
+    ) -> None:
         """End to end on the bundled simulator: simulate, pretrain, finetune, evaluate, export, stream, report."""
-        not_built("demo", "runtime issue")
+        from ..demo import run_demo
+
+        result = run_demo(out, data_preset=data_preset, preset=preset, quick=quick, seed=seed, threads=threads or None,
+                          max_steps=max_steps or None, device=device)
+        typer.echo(f"report: {result.report_md}")
+        for name, acc in result.accuracy.items():
+            typer.echo(f"  {name:<28} Dice {acc['dice']:.4f}  IoU {acc['iou']:.4f}")
+        s = result.stream_report
+        typer.echo(f"  stream: {s['fps']:.1f} FPS, latency p50 {s['latency_ms']['p50']} ms, {s['gflops_per_frame']} GFLOPs/frame ({s['backend']}, {s['precision']}, {s['device']})")

@@ -173,16 +173,17 @@ def run_stream(
     sinks: Iterable[Sink] = (),
     report_path: str | os.PathLike | None = None,
     extra_report: dict | None = None,
+    stats: RunStats | None = None,
 ) -> dict[str, Any]:
     """Stream ``source`` through ``backend`` into ``sinks``; return (and optionally write,
-    atomically) the JSON report."""
+    atomically) the JSON report. Pass a fresh ``stats`` to keep the latency samples (plots)."""
     from .overlay import to_frame_resolution
 
     opts = options or StreamOptions()
     if opts.batch_size < 1:
         raise PocusError(f"batch size must be >= 1, got {opts.batch_size}")
     sinks = list(sinks)
-    stats = RunStats()
+    stats = stats if stats is not None else RunStats()
     threshold = float(opts.threshold if opts.threshold is not None else getattr(backend, "threshold", 0.5))
     queue = _FrameQueue(opts.queue_size, drop_oldest=opts.dropping)
     stop = threading.Event()

@@ -1,0 +1,73 @@
+"""The one-command demo, end to end on the tiny simulator and the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    from pocus_edge.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    messages = []
+    result = run_demo(out, data_preset="tiny", preset="tiny", quick=True, max_steps=3, progress=False,
+                      threads=1, device="cpu", say=messages.append)
+    return out, result, messages
+
+
+def test_demo_writes_a_consistent_report(demo_run):
+    import cv2
+
+    out, result, messages = demo_run
+    assert result.report_md == out / "report.md"
+    text = result.report_md.read_text()
+    # Every stage announced itself, in order.
+    assert [m.split("]")[0] for m in messages if m.startswith("[")] == [f"[{k}/9" for k in range(1, 10)]
+    # The report's accuracy figures are the evaluator's own (summary.json), not recomputed differently.
+    branches = json.loads((out / "eval" / "branches" / "summary.json").read_text())
+    baseline = json.loads((out / "eval" / "baseline" / "summary.json").read_text())
+    evaluated = {**branches["models"], **baseline["models"]}
+    assert set(evaluated) == {"generative_mim", "contrastive_mtnxent", "fused-entropy", "lower_bound"}
+    from pocus_edge.demo import DISPLAY_NAMES
+
+    for name, summary in evaluated.items():
+        shown = result.accuracy[DISPLAY_NAMES[name]]
+        assert shown["dice"] == pytest.approx(summary["dice_mean"], abs=1e-9)
+        assert f"| {DISPLAY_NAMES[name]} | {summary['n']} | {summary['dice_mean']:.4f}" in text
+    # Every picture the report links exists and is a readable PNG.
+    links = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
+    assert len(links) >= 6
+    for link in links:
+        img = cv2.imread(str(out / link))
+        assert img is not None and img.size > 0, link
+
+
+def test_demo_streams_the_target_test_sweep_honestly(demo_run):
+    from pocus_edge.data.layout import load_site
+    from pocus_edge.runtime.sources import TvdH5Source
+
+    out, result, _ = demo_run
+    r = result.stream_report
+    assert r == json.loads((out / "stream" / "stream_report.json").read_text())
+    assert r["frames_in"] == r["frames_processed"] + r["frames_dropped"] + r["frames_invalid"]
+    assert r["frames_dropped"] == 0 and r["frames_invalid"] == 0  # offline run of a clean recording
+    assert r["backend"] == "ort" and r["gflops_per_frame"] > 0
+    # The recording's ROI crop gives back the target test video's frames exactly.
+    site = load_site(out / "data" / "target")
+    with TvdH5Source(out / "stream" / "target_test_sweep.tvd.h5") as src:
+        frames = list(src)
+    assert len(frames) == r["frames_processed"]
+    test_videos = {rec.videoname for rec in site.records if rec.split == "test"}
+    candidates = [rec for rec in site.records if rec.videoname in test_videos]
+    first = frames[0][0]
+    assert any(np.array_equal(site.read_image(rec), first) for rec in candidates)
+    masks = np.load(out / "stream" / "masks.npz")
+    assert len(masks.files) == r["frames_processed"]
+    assert masks[masks.files[0]].shape == first.shape
+    assert (out / "stream" / "overlay.mp4").stat().st_size > 0
