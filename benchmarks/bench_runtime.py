@@ -46,9 +46,17 @@ def export(model, path: Path) -> Path:
     return export_onnx(model, path)
 
 
-class _SyntheticReader:
+def _synthetic_reader(input_name: str, size: int, n: int = 16):
     """onnxruntime CalibrationDataReader over synthetic speckle frames (speed runs only)."""
+    from onnxruntime.quantization import CalibrationDataReader
 
+    class Reader(_SyntheticFrames, CalibrationDataReader):
+        pass
+
+    return Reader(input_name, size, n)
+
+
+class _SyntheticFrames:
     def __init__(self, input_name: str, size: int, n: int = 16):
         from pocus_edge.data.transforms import preprocess_frame
 
@@ -64,7 +72,7 @@ class _SyntheticReader:
 def quantize(fp32: Path, dst: Path, size: int) -> Path:
     from pocus_edge.export.quantize import quantize_int8
 
-    return quantize_int8(fp32, dst, _SyntheticReader("frames", size))
+    return quantize_int8(fp32, dst, _synthetic_reader("frames", size))
 
 
 class CycleSource:
