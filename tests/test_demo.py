@@ -71,3 +71,21 @@ def test_demo_streams_the_target_test_sweep_honestly(demo_run):
     assert len(masks.files) == r["frames_processed"]
     assert masks[masks.files[0]].shape == first.shape
     assert (out / "stream" / "overlay.mp4").stat().st_size > 0
+
+
+def test_torch_backend_on_the_demo_checkpoints_matches_the_exported_graph(demo_run):
+    from pocus_edge.data.transforms import preprocess_frame
+    from pocus_edge.runtime.backends import open_backend
+
+    out, result, _ = demo_run
+    ckpts = f"{out / 'runs' / 'finetune_mim' / 'model.safetensors'},{out / 'runs' / 'finetune_contrastive' / 'model.safetensors'}"
+    torch_be = open_backend(ckpts, "torch")
+    ort_be = open_backend(out / "export" / "fused.onnx", "ort", threads=1)
+    assert torch_be.img_size == ort_be.img_size and torch_be.has_weight_map and ort_be.has_weight_map
+    rng = np.random.default_rng(0)
+    x = np.stack([preprocess_frame(rng.integers(0, 256, (50, 70), dtype=np.uint8), torch_be.img_size) for _ in range(3)])
+    a, b = torch_be.run(x), ort_be.run(x)
+    np.testing.assert_allclose(a["prob"], b["prob"], atol=1e-4)
+    np.testing.assert_allclose(a["weight"], b["weight"], atol=1e-3)
+    # GFLOPs: counted by torch's flop counter vs the exporter's card.
+    assert torch_be.gflops_per_frame == pytest.approx(ort_be.gflops_per_frame, rel=0.02)

@@ -194,6 +194,9 @@ def test_tcp_address_parsing_and_accept_timeout():
         protocol.parse_tcp_address("tcp:abc")
     with pytest.raises(DataError, match="no sender connected"):
         RawStreamSource.listen_tcp("127.0.0.1", 0, accept_timeout=0.1)
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        with pytest.raises(DataError, match="cannot listen"):
+            RawStreamSource.listen_tcp("127.0.0.1", busy.getsockname()[1], accept_timeout=0.1)
 
 
 def test_readme_sender_example_produces_valid_frames():

@@ -244,7 +244,6 @@ def run_stream(
         pass
 
     producer = threading.Thread(target=produce, name="pocus-edge-source", daemon=True)
-    ok = False
     last_report = time.perf_counter()
     want_frame_res = any(getattr(s, "needs_frame_resolution", True) for s in sinks)
 
@@ -298,7 +297,6 @@ def run_stream(
                 if opts.report_every_s and report_path is not None and time.perf_counter() - last_report >= opts.report_every_s:
                     last_report = time.perf_counter()
                     write_report(final=False)
-        ok = True
     finally:
         stop.set()
         producer.join(timeout=5.0)

@@ -244,7 +244,11 @@ class RawStreamSource(FrameSource):
     def listen_tcp(cls, host: str = "127.0.0.1", port: int = 0, *, accept_timeout: float = 30.0, on_listen=None, **kw) -> "RawStreamSource":
         """Bind ``host:port`` (loopback unless told otherwise), accept ONE sender, read its frames.
         ``on_listen(host, port)`` is called once listening (port 0 picks a free port)."""
-        server = socket.create_server((host, port))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            server = socket.create_server((host, port), family=family)
+        except OSError as exc:
+            raise DataError(f"tcp://{host}:{port}: cannot listen ({exc.strerror or exc})") from None
         try:
             server.settimeout(accept_timeout)
             if on_listen is not None:
