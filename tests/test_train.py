@@ -338,3 +338,21 @@ def test_evaluate_reports_match_independent_computation(sites, encoders, tmp_pat
     assert len(list((tmp_path / "ev" / "overlays").glob("*.png"))) == 2 * 4
     with pytest.raises(TrainingError, match="exactly two models"):
         evaluate(target, [a.model_path], fusion=["entropy"], device="cpu")
+
+
+def test_persistent_workers_see_each_epoch(sites, tmp_path):
+    """Augmentations are seeded by (seed, epoch, index): DataLoader workers that persist across
+    epochs must give the same run as the main process (3 epochs of 2 steps)."""
+    _, target = sites
+    kw = dict(epochs=3, max_steps=5, batch_size=64, **FAST)
+    inline = pretrain_contrastive(target, tmp_path / "w0", num_workers=0, **kw)
+    workers = pretrain_contrastive(target, tmp_path / "w2", num_workers=2, **kw)
+    assert inline.epochs_done == 3
+    a, b = load_file(inline.encoder_path), load_file(workers.encoder_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # ... and the epochs really differ (the views are re-drawn each epoch).
+    from pocus_edge.config import ContrastiveConfig
+    from pocus_edge.data.datasets import ContrastivePairDataset
+
+    data = ContrastivePairDataset(load_site(target), load_site(target).select("train"), 64, ContrastiveConfig())
+    assert not torch.equal(data[(0, 0)][0], data[(0, 1)][0])

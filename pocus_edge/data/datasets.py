@@ -39,6 +39,14 @@ def sample_generator(seed: int, epoch: int, index: int, stream: str = "") -> tor
     return g
 
 
+def split_key(key, default_epoch: int) -> tuple[int, int]:
+    """Dataset keys are an index, or ``(index, epoch)`` from the training engine's sampler (so
+    persistent DataLoader workers, which hold their own copy of the dataset, see the epoch)."""
+    if isinstance(key, (tuple, list)):
+        return int(key[0]), int(key[1])
+    return int(key), default_epoch
+
+
 def gray_to_tensor(gray: np.ndarray) -> torch.Tensor:
     """uint8 (S,S) from ``preprocess_gray`` -> float32 (3,S,S) in [0,1], bit-identical to
     ``preprocess_frame`` (same IEEE division by 255, channel repeat)."""
@@ -91,7 +99,8 @@ class _SiteFrames(Dataset):
 class UnlabeledImageDataset(_SiteFrames):
     """Images of the given records; masks are never opened (pretraining reads images only)."""
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, key) -> torch.Tensor:
+        index, _ = split_key(key, self.epoch)
         return self.image(index)
 
 
@@ -119,7 +128,8 @@ class SegmentationDataset(_SiteFrames):
             return torch.from_numpy(self._mask_cache[index]).to(torch.float32)
         return torch.from_numpy(preprocess_mask(self.site.read_mask(self.records[index]), self.size))
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+        index, _ = split_key(key, self.epoch)
         return self.image(index), self.mask(index)
 
 
@@ -152,12 +162,13 @@ class ContrastivePairDataset(_SiteFrames):
         self.video_ids = [index[r.videoname] for r in self.records]
         self.transform = contrastive_transform(self.size, cfg)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        index, epoch = split_key(key, self.epoch)
         image = self.image(index)
         # torchvision draws from the global RNG: fork it and seed per (seed, epoch, index) so the
         # views do not depend on which process or worker asks, and the caller's RNG is untouched.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, index, "views"))
+            torch.manual_seed(sample_seed(self.seed, epoch, index, "views"))
             view1 = self.transform(image)
             view2 = self.transform(image)
         view1 = view1.clamp_(0.0, 1.0)

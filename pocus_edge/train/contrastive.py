@@ -60,6 +60,7 @@ def pretrain_contrastive(
     tensorboard: bool = True,
     checkpoint_every: int = 0,
     on_step: Callable[[int, float], None] | None = None,
+    time_limit_s: float | None = None,
 ) -> PretrainResult:
     """Pretrain a Contrastive-TransUNet encoder on the images of ``split`` of ONE site."""
     from ..models.heads import ContrastiveModel
@@ -99,6 +100,7 @@ def pretrain_contrastive(
         optim=OptimSettings(c_cfg.optimizer, c_cfg.lr, c_cfg.weight_decay, c_cfg.batch_size, c_cfg.epochs),
         train=train_cfg, ctx=ctx, on_end=on_end, resume=resume, checkpoint_every=checkpoint_every,
         progress=progress, tensorboard=tensorboard, description=f"pretrain contrastive {site.name}", on_step=on_step,
+        time_limit_s=time_limit_s,
     )
     holder["batch"] = trainer._local_batch()[0]
     holder["trainer"] = trainer

@@ -82,6 +82,8 @@ class TrainResult:
     batch_size: int
     steps_per_epoch: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    stopped_early: bool = False  # the time limit ended the run before its planned steps
 
 
 def build_optimizer(params, s: OptimSettings) -> torch.optim.Optimizer:
@@ -111,14 +113,20 @@ class LRFactor:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-class _SkipSampler(Sampler):
-    """The first ``skip`` indices of ``sampler`` dropped (resuming in the middle of an epoch)."""
+class _EpochSampler(Sampler):
+    """Yields ``(index, epoch)`` keys of a DistributedSampler's epoch, minus the first ``skip``
+    (resuming in the middle of an epoch). Carrying the epoch in the key lets persistent
+    DataLoader workers, which hold their own dataset copy, seed each sample by epoch."""
 
-    def __init__(self, sampler: Sampler, skip: int):
-        self.sampler, self.skip = sampler, skip
+    def __init__(self, sampler: DistributedSampler):
+        self.sampler, self.epoch, self.skip = sampler, 0, 0
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(list(self.sampler)[self.skip :])
+    def start(self, epoch: int, skip: int) -> None:
+        self.epoch, self.skip = epoch, skip
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(i, self.epoch) for i in list(self.sampler)[self.skip :]])
 
     def __len__(self) -> int:
         return max(0, len(self.sampler) - self.skip)
@@ -307,6 +315,7 @@ class Trainer:
         description: str = "train",
         on_step: Callable[[int, float], None] | None = None,
         collate_fn: Callable | None = None,
+        time_limit_s: float | None = None,
     ):
         self.model = model
         self.loss_fn = loss_fn
@@ -326,6 +335,7 @@ class Trainer:
         self.on_step = on_step
         self.collate_fn = collate_fn
         self.global_step = 0
+        self.time_limit_s = time_limit_s
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -364,6 +374,11 @@ class Trainer:
             model = convert_batchnorm(model, device)
         model = model.to(device)
         self.model = model
+        if device.type == "cuda":
+            # Speed over bit-reproducibility on GPUs (CPU runs stay exact).
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         optimizer = build_optimizer(model.parameters(), self.optim)
         global_batch, local_batch = self._local_batch()
         if global_batch != self.optim.batch_size:
@@ -405,23 +420,25 @@ class Trainer:
         loader_gen = torch.Generator()  # keeps DataLoader seeding off the global RNG (exact resume)
         loader_gen.manual_seed(cfg.seed)
 
+        epoch_sampler = _EpochSampler(sampler)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=local_batch,
+            sampler=epoch_sampler,
+            drop_last=True,
+            num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=cfg.num_workers > 0,  # no worker start-up cost per epoch
+            generator=loader_gen,
+            collate_fn=self.collate_fn,
+            prefetch_factor=4 if cfg.num_workers > 0 else None,
+        )
+
         def make_loader(epoch: int, skip_batches: int) -> DataLoader:
-            sampler.set_epoch(epoch)
+            epoch_sampler.start(epoch, skip_batches * local_batch)
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(epoch)
-            s: Sampler = _SkipSampler(sampler, skip_batches * local_batch) if skip_batches else sampler
-            return DataLoader(
-                self.dataset,
-                batch_size=local_batch,
-                sampler=s,
-                drop_last=True,
-                num_workers=cfg.num_workers,
-                pin_memory=device.type == "cuda",
-                persistent_workers=False,
-                generator=loader_gen,
-                collate_fn=self.collate_fn,
-                prefetch_factor=4 if cfg.num_workers > 0 else None,
-            )
+            return loader
 
         def save(step: int, epoch: int) -> None:
             if ctx.is_main:
@@ -465,8 +482,9 @@ class Trainer:
         step = start_step
         last_loss = float("nan")
         epochs_done = start_step // steps_per_epoch
+        out_of_time = False
         try:
-            while step < total_steps:
+            while step < total_steps and not out_of_time:
                 epoch = step // steps_per_epoch
                 skip = step - epoch * steps_per_epoch
                 ddp_model.train()
@@ -505,12 +523,18 @@ class Trainer:
                         progress.update(task, completed=step, status=f"ep {epoch + 1} loss {last_loss:.4f}")
                     if self.on_step is not None:
                         self.on_step(step, last_loss)
+                    if self.time_limit_s is not None:
+                        # Every rank takes part in the vote (a collective), and any rank over time stops all.
+                        over = time.perf_counter() - t0 > self.time_limit_s
+                        out_of_time = not all_ranks_true(not over, device)
                     epoch_end = step % steps_per_epoch == 0
-                    if step >= total_steps or epoch_end:
+                    if step >= total_steps or epoch_end or out_of_time:
                         break
                     if self.checkpoint_every and step % self.checkpoint_every == 0:
                         save(step, epoch)
-                epoch_end = step % steps_per_epoch == 0 or step >= total_steps
+                epoch_end = step % steps_per_epoch == 0 or step >= total_steps or out_of_time
+                if out_of_time:
+                    self._say(f"[{self.description}] time limit {self.time_limit_s:.0f}s reached at step {step}/{total_steps}")
                 if epoch_end:
                     epochs_done = epoch + 1
                     if self.val_fn is not None:
@@ -544,6 +568,8 @@ class Trainer:
             batch_size=global_batch,
             steps_per_epoch=steps_per_epoch,
             history=list(log.rows),
+            seconds=time.perf_counter() - t0,
+            stopped_early=out_of_time,
         )
 
 

@@ -89,6 +89,7 @@ def evaluate(
     out_dir: str | Path | None = None,
     *,
     split: str = "test",
+    split_column: str = "split",
     names: Sequence[str] | None = None,
     fusion: Sequence[str] = (),
     fusion_norm: str = "image",
@@ -98,7 +99,8 @@ def evaluate(
     overlays: int = 3,
 ) -> EvaluationResult:
     """Score ``models`` (fine-tuned ``model.safetensors`` files) on the labeled frames of ``split``
-    of ONE site; write the reports to ``out_dir`` when given."""
+    of ONE site (``split_column="ub_split"`` selects the upper-bound split's frames instead); write
+    the reports to ``out_dir`` when given."""
     from ..models.fusion import fuse
     from ..models.weights import build_segmenter
 
@@ -108,9 +110,14 @@ def evaluate(
         raise TrainingError(f"fusion combines exactly two models (generative, contrastive), got {len(models)}")
     dev = resolve_device(device)
     site = open_one_site(site_dir, what="evaluate", check_images=True)
-    records = site.select(split, labeled=True)
+    if split_column == "split":
+        records = site.select(split, labeled=True)
+    elif split_column == "ub_split":  # the target's upper-bound train/val frames (e.g. for tuning)
+        records = site.select(labeled=True, ub_split=split)
+    else:
+        raise TrainingError(f"split column must be split or ub_split, got {split_column!r}")
     if not records:
-        raise TrainingError(f"{site.manifest_path}: split {split!r} has no labeled frames to evaluate (empty split)")
+        raise TrainingError(f"{site.manifest_path}: {split_column} {split!r} has no labeled frames to evaluate (empty split)")
 
     taken: set[str] = set()
     loaded = []
@@ -183,6 +190,7 @@ def evaluate(
             "site_path": str(site.root.resolve()),
             "manifest_sha256": site.manifest_sha256(),
             "split": split,
+            "split_column": split_column,
             "n_images": len(records),
             "fusion": {"methods": list(fusion), "norm": fusion_norm, "formula": fusion_formula} if fusion else None,
             "models": {

@@ -103,6 +103,7 @@ def finetune(
     tensorboard: bool = True,
     checkpoint_every: int = 0,
     on_step: Callable[[int, float], None] | None = None,
+    time_limit_s: float | None = None,
 ) -> FinetuneResult:
     """Fine-tune (or train a baseline) on one labeled site; returns the run summary and the path
     of the best-validation checkpoint (``out_dir/model.safetensors``)."""
@@ -205,6 +206,7 @@ def finetune(
         tensorboard=tensorboard,
         description=f"{stage} {site.name}",
         on_step=on_step,
+        time_limit_s=time_limit_s,
     )
     result_holder["batch"] = trainer._local_batch()[0]
     res = trainer.fit()

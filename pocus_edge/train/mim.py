@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..card import build_card, site_entry
-from ..data.datasets import UnlabeledImageDataset, sample_generator
+from ..data.datasets import UnlabeledImageDataset, sample_generator, split_key
 from ..errors import TrainingError
 from .common import check_image_files, hyperparameters, open_one_site, resolve_configs, seeded_model
 from .distributed import setup
@@ -64,9 +64,10 @@ class MaskedImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        index, epoch = split_key(key, self.epoch)
         image = self.images[index]
-        g = sample_generator(self.seed, self.epoch, index, "mim")
+        g = sample_generator(self.seed, epoch, index, "mim")
         mask, speckle = self.mask_generator(1, generator=g)
         noise = torch.randn((1, *image.shape[1:]), generator=g)  # shared by the 3 gray channels
         return image, mask[0], speckle[0], noise
@@ -107,6 +108,7 @@ def pretrain_mim(
     tensorboard: bool = True,
     checkpoint_every: int = 0,
     on_step: Callable[[int, float], None] | None = None,
+    time_limit_s: float | None = None,
 ) -> PretrainResult:
     """Pretrain a MIM-TransUNet on the images of ``split`` of ONE site; returns the run summary and
     ``out_dir/encoder.safetensors``."""
@@ -150,6 +152,7 @@ def pretrain_mim(
         optim=OptimSettings(mim_cfg.optimizer, mim_cfg.lr, mim_cfg.weight_decay, mim_cfg.batch_size, mim_cfg.epochs),
         train=train_cfg, ctx=ctx, on_end=on_end, resume=resume, checkpoint_every=checkpoint_every,
         progress=progress, tensorboard=tensorboard, description=f"pretrain mim {site.name}", on_step=on_step,
+        time_limit_s=time_limit_s,
     )
     holder["batch"] = trainer._local_batch()[0]
     holder["trainer"] = trainer
