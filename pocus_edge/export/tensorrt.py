@@ -194,30 +194,92 @@ def tensorrt_available() -> tuple[bool, str]:
     return True, trt.__version__
 
 
+def _onnx_input(onnx_path) -> tuple[str, tuple[int, ...]]:
+    """Name and (1, C, H, W) shape of the graph's single input (symbolic batch read as 1)."""
+    from .onnx import onnx_io
+
+    first = onnx_io(onnx_path)["inputs"][0]
+    dims = [d if isinstance(d, int) and d > 0 else 1 for d in first["shape"]]
+    return first["name"], (1, *dims[1:])
+
+
+def _has_qdq(onnx_path) -> bool:
+    import onnx
+
+    proto = onnx.load_model(str(onnx_path), load_external_data=False)
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node)
+
+
+def _entropy_calibrator(trt, frames, batch_size: int, cache_path: Path | None):
+    """TensorRT implicit-quantization calibrator over preprocessed frames (N, C, S, S) float32,
+    used when int8 is asked for from an fp32 ONNX (no Q/DQ nodes). Device memory via torch."""
+    import numpy as np
+    import torch
+
+    class Calibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self):
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self.position = 0
+            self.device_batch = None
+
+        def get_batch_size(self) -> int:
+            return batch_size
+
+        def get_batch(self, names):
+            if self.position + batch_size > len(frames):
+                return None
+            chunk = np.ascontiguousarray(frames[self.position : self.position + batch_size], dtype=np.float32)
+            self.position += batch_size
+            self.device_batch = torch.from_numpy(chunk).cuda()
+            return [int(self.device_batch.data_ptr())]
+
+        def read_calibration_cache(self):
+            if cache_path is not None and cache_path.is_file():
+                return cache_path.read_bytes()
+            return None
+
+        def write_calibration_cache(self, cache) -> None:
+            if cache_path is not None:
+                write_bytes_atomic(cache_path, bytes(cache))
+
+    return Calibrator()
+
+
 def build_engine(
     onnx_path: str | os.PathLike,
     engine_path: str | os.PathLike,
     *,
-    input_name: str,
-    input_shape: tuple[int, ...],
     precision: str = "fp16",
     batch: int | None = None,
     max_batch: int = 8,
+    input_name: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
     timing_cache: str | os.PathLike | None = None,
     workspace_gib: float = 4.0,
+    calibration=None,
+    calibration_cache: str | os.PathLike | None = None,
 ) -> Path:
     """Build and serialize a TensorRT engine from an ONNX export (TensorRT 10 Python API).
 
-    ``precision``: fp32 | fp16 | int8. For int8 pass the Q/DQ-quantized ONNX (explicit
-    quantization: the scales come from the graph, no calibrator); FP16 is enabled too so the
-    layers kept unquantized run in half precision. The timing cache is read from and written
-    back to ``timing_cache`` so rebuilds on the same GPU are fast.
+    ``precision``: fp32 | fp16 | int8. int8 from a Q/DQ-quantized ONNX uses explicit
+    quantization (the scales come from the graph); int8 from an fp32 ONNX needs
+    ``calibration`` (float32 frames (N, C, S, S) of the target site) for TensorRT's entropy
+    calibrator. FP16 is enabled with int8 so unquantized layers run in half precision. The
+    input name/shape default to the ONNX's; the timing cache is read from and written back to
+    ``timing_cache`` so rebuilds on the same GPU are fast.
     """
     ok, why = tensorrt_available()
     if not ok:
         raise ToolchainUnavailable(f"TensorRT engine not built: {why}")
     import tensorrt as trt
 
+    if input_name is None or input_shape is None:
+        found_name, found_shape = _onnx_input(onnx_path)
+        input_name = input_name or found_name
+        input_shape = input_shape or found_shape
+    explicit_int8 = precision == "int8" and _has_qdq(onnx_path)
+    if precision == "int8" and not explicit_int8 and calibration is None:
+        raise ExportError(f"{onnx_path}: int8 from an fp32 ONNX needs calibration frames (or pass the Q/DQ int8 ONNX)")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
@@ -237,10 +299,14 @@ def build_engine(
     profile = builder.create_optimization_profile()
     profile.set_shape(input_name, (lo, *rest), (opt, *rest), (hi, *rest))
     config.add_optimization_profile(profile)
+    if precision == "int8" and not explicit_int8:
+        cache = Path(calibration_cache) if calibration_cache is not None else Path(str(engine_path) + ".calib.cache")
+        config.int8_calibrator = _entropy_calibrator(trt, calibration, opt, cache)
+        config.set_calibration_profile(profile)
     cache_path = Path(timing_cache) if timing_cache is not None else None
     cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    timing = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(timing, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"{onnx_path}: TensorRT engine build failed (see the TensorRT log above)")
