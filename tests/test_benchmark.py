@@ -197,11 +197,13 @@ def test_planted_failures_do_not_stop_the_others(site, monkeypatch):
 
 @pytest.mark.slow
 def test_onnx_and_compile_rows_ok(site):
-    """The exported and compiled formats (slow: ONNX export + int8 calibration + two inductor
-    compilations of the tiny model)."""
+    """The exported formats (ONNX export, fp16 conversion, int8 calibration: slow) and the
+    torch.compile rows. The compile rows trace with the aot_eager backend: the same dynamo
+    capture, autocast and per-batch recompilation as inductor, without its C++ code generation,
+    which costs minutes of CPU on 2 cores (benchmarks/notes/benchmark.md runs inductor)."""
     names = ["onnx-fp32", "onnx-fp16", "onnx-int8", "compile-fp32", "compile-bf16"]
-    report = run_benchmark(_options(site, names))
-    assert [r["format"] for r in report["rows"]] == names
+    report = run_benchmark(_options(site, names, compile_backend="aot_eager"))
+    assert [r["format"] for r in report["rows"]] == [n for n in FORMATS if n in names]  # registry order
     _check_rows(report)
     sizes = {r["format"]: r["artifact_bytes"] for r in report["rows"] if r["status"] == "ok"}
     # Reduced-precision artifacts are smaller: fp16 weights are half of fp32, int8 a quarter (+ scales).

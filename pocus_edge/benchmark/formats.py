@@ -42,6 +42,7 @@ class BenchContext:
     max_batch: int = 64
     threads: int | None = None
     compile_mode: str | None = None  # torch.compile mode; None = the device's default
+    compile_backend: str = "inductor"  # "aot_eager" traces without code generation (tests)
     cache: dict[str, Any] = field(default_factory=dict)  # artifacts shared between formats
 
 
@@ -183,7 +184,10 @@ def _compiled(dtype: torch.dtype | None) -> Callable[[BenchContext], Prepared]:
             with _autocast(ctx, dtype):
                 return model(x).float()
 
-        compiled = torch.compile(forward, mode=mode, dynamic=False)
+        if ctx.compile_backend == "inductor":
+            compiled = torch.compile(forward, mode=mode, dynamic=False)
+        else:  # modes are inductor options; other backends take none
+            compiled = torch.compile(forward, backend=ctx.compile_backend, dynamic=False)
 
         def infer(x: torch.Tensor) -> torch.Tensor:
             # Freezing is read when a graph is compiled (the first call per batch size).

@@ -49,6 +49,7 @@ ROW_SCHEMA = {
         "memory_kind": {"enum": ["cuda_max_allocated", "rss_delta", None]},
         "setup_s": _number_or_null,
         "latency": {"type": "array", "items": LATENCY_SCHEMA},
+        "load_average": {"type": ["array", "null"], "items": {"type": "number"}},
     },
     "additionalProperties": False,
     # An ok row must carry timings; a skipped or failed one must say why.
