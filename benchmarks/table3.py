@@ -1,0 +1,317 @@
+#!/usr/bin/env python
+"""The paper's Table 3 on the simulator: the whole protocol on one simulated two-probe data set.
+
+    python benchmarks/table3.py --data bench_data --out bench_runs --preset small --device cpu --budget quick
+
+Stages (each reads ONE site; only weights move between them):
+  lower bound    finetune(source)                          random init
+  SimMIM branch  pretrain_mim(target) -> finetune(source)
+  SimCLR         pretrain_contrastive(target, gap 0) -> finetune(source)
+  MT-NXent       pretrain_contrastive(target, gap g) -> finetune(source), for each g in the budget's
+                 gaps; the gap is chosen on the target's labeled ub_split=val frames (never the test)
+  fused          entropy / margin / average of SimMIM + the chosen MT-NXent branch
+  upper bound    finetune(target, ub_split)                random init, target labels
+Every model is scored on the target's labeled test frames (and the source test split), with
+Wilcoxon signed-rank p-values on per-image Dice against the lower bound.
+
+Budgets: ``quick`` (CPU, ~10-15 min of training on 2 idle cores, small preset), ``gpu`` (one
+H100/H200 in ~5 min of training: bf16, large batches, workers, in-memory frames; each stage has a
+time limit so the whole run keeps to ``--train-seconds``), ``full`` (the preset's own epochs:
+METHOD.md for ``paper``). Data: ``--data`` holds ``source/`` and ``target/``; missing, it is
+simulated (``--sim-preset bench``) with one process per CPU core.
+
+Re-running with the same --out resumes: finished stages are skipped, a killed one resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+# name: (stage, steps, global batch); "gaps": MT-NXent frame gaps tried; "seconds": training time
+# budget over all stages (None: no limit); "workers": DataLoader workers.
+BUDGETS = {
+    # A few steps per stage: checks the script end to end (e.g. with --preset tiny), numbers meaningless.
+    "smoke": {
+        "mim": (3, 8), "contrastive": (3, 8), "finetune": (3, 8),
+        "gaps": [5, 15], "seconds": None, "workers": 2, "ft_lr": None,
+    },
+    "quick": {
+        "mim": (140, 32), "contrastive": (90, 32), "finetune": (150, 16),
+        "gaps": [15], "seconds": None, "workers": 0, "ft_lr": None,
+    },
+    "gpu": {
+        "mim": (2500, 128), "contrastive": (1500, 128), "finetune": (1200, 64),
+        "gaps": [8, 15], "seconds": 270.0, "workers": 10, "ft_lr": None,
+    },
+    "full": {
+        "mim": (None, None), "contrastive": (None, None), "finetune": (None, None),
+        "gaps": [10, 15, 20], "seconds": None, "workers": 8, "ft_lr": None,
+    },
+}
+# Relative cost of one sample-step per stage (contrastive: two views; finetune: + validation).
+COST = {"mim": 1.0, "contrastive": 1.4, "finetune": 1.1}
+PAPER_TARGET_DSC = {
+    "lower bound": 0.6605, "SimMIM branch": 0.7116, "SimCLR (gap 0)": 0.6992, "MT-NXent": 0.7181,
+    "fused (entropy)": 0.7221, "upper bound": 0.7798,
+}
+
+
+def say(text: str) -> None:
+    print(f"[table3 {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: the simulator, parallel over patients (same pixels as phantom.simulate)
+
+
+def _render_patients(args):
+    domain, preset, seed, patients, root = args
+    from pocus_edge.data.layout import IMAGES, MASKS, write_gray_png
+    from pocus_edge.data.phantom import iter_site_frames
+
+    records = []
+    for rec, image, mask in iter_site_frames(domain, preset=preset, seed=seed, patients=patients):
+        write_gray_png(Path(root) / IMAGES / rec.filename, image)
+        if rec.labeled:
+            write_gray_png(Path(root) / MASKS / rec.filename, mask.astype("uint8"))
+        records.append(rec)
+    return patients[0], records
+
+
+def simulate_parallel(out: Path, preset: str, seed: int, workers: int) -> None:
+    from pocus_edge.data.layout import MANIFEST, load_site, write_manifest
+    from pocus_edge.data.phantom import get_preset
+    from pocus_edge.data.splits import assign_splits
+
+    p = get_preset(preset)
+    jobs = []
+    for domain in ("source", "target"):
+        root = out / domain
+        if (root / MANIFEST).exists():
+            continue
+        (root / "Images").mkdir(parents=True, exist_ok=True)
+        (root / "Masks").mkdir(parents=True, exist_ok=True)
+        jobs += [(domain, preset, seed, [i], str(root)) for i in range(p.patients)]
+    if not jobs:
+        return
+    t0 = time.perf_counter()
+    say(f"simulating {preset} data into {out} with {workers} processes ({len(jobs)} patient sweeps)")
+    results: dict[str, list] = {"source": [], "target": []}
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for job, (first, recs) in zip(jobs, pool.map(_render_patients, jobs)):
+            results[job[0]].append((first, recs))
+    for domain, parts in results.items():
+        if not parts:
+            continue
+        records = [r for _, recs in sorted(parts, key=lambda t: t[0]) for r in recs]
+        records = assign_splits(records, domain=domain, seed=seed)
+        write_manifest(out / domain / MANIFEST, records)
+        load_site(out / domain)
+    say(f"simulated in {time.perf_counter() - t0:.0f}s")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path("bench_data"), help="folder with source/ and target/ (simulated if missing)")
+    ap.add_argument("--out", type=Path, default=Path("bench_runs"), help="runs, evaluation reports")
+    ap.add_argument("--preset", default="small", choices=["small", "paper", "tiny"])
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--budget", default="quick", choices=sorted(BUDGETS))
+    ap.add_argument("--train-seconds", type=float, default=None, help="override the budget's total training time")
+    ap.add_argument("--gaps", default=None, help="comma-separated MT-NXent frame gaps to try (overrides the budget)")
+    ap.add_argument("--sim-preset", default="bench", help="simulator preset when --data is missing")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default per budget)")
+    ap.add_argument("--table", type=Path, default=None, help="Markdown table path (default OUT/table3.md)")
+    ap.add_argument("--json", type=Path, default=None, help="JSON results path (default OUT/table3.json)")
+    args = ap.parse_args(argv)
+
+    t_start = time.perf_counter()
+    import torch
+
+    from pocus_edge.card import code_version
+    from pocus_edge.io import write_json_atomic, write_text_atomic
+    from pocus_edge.metrics import summarize, wilcoxon_p
+    from pocus_edge.train import evaluate, finetune, pretrain_contrastive, pretrain_mim
+    from pocus_edge.train.distributed import resolve_device
+
+    device = resolve_device(args.device)
+    budget = dict(BUDGETS[args.budget])
+    if args.train_seconds is not None:
+        budget["seconds"] = args.train_seconds
+    gaps = [int(g) for g in args.gaps.split(",")] if args.gaps else list(budget["gaps"])
+    workers = args.workers if args.workers is not None else (budget["workers"] if device.type == "cuda" else 0)
+    cpu_count = os.cpu_count() or 1
+    if not (args.data / "source" / "manifest.csv").exists() or not (args.data / "target" / "manifest.csv").exists():
+        simulate_parallel(args.data, args.sim_preset, args.seed, max(1, cpu_count))
+    source, target = args.data / "source", args.data / "target"
+    runs = args.out / "runs"
+    say(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}), "
+        f"preset {args.preset}, budget {args.budget}, gaps {gaps}, workers {workers}, torch threads {torch.get_num_threads()}")
+
+    # Plan: (name, kind, fn, site, kwargs)
+    plan: list[tuple[str, str, dict]] = [("mim", "mim", {})]
+    plan.append(("simclr", "contrastive", {"min_frame_gap": 0}))
+    plan += [(f"mtnxent_gap{g}", "contrastive", {"min_frame_gap": g}) for g in gaps]
+    plan.append(("lower", "finetune", {"site": source}))
+    plan.append(("ft_mim", "finetune", {"site": source, "init": "mim"}))
+    plan.append(("ft_simclr", "finetune", {"site": source, "init": "simclr"}))
+    plan += [(f"ft_mtnxent_gap{g}", "finetune", {"site": source, "init": f"mtnxent_gap{g}"}) for g in gaps]
+    plan.append(("upper", "finetune", {"site": target}))
+
+    def work(kind: str) -> float:
+        steps, batch = budget[kind]
+        return (steps or 1) * (batch or 1) * COST[kind]
+
+    total_work = sum(work(kind) for _, kind, _ in plan)
+    train_deadline = None if budget["seconds"] is None else time.perf_counter() + budget["seconds"]
+    remaining_work = total_work
+    stage_info: dict[str, dict] = {}
+    common = dict(preset=args.preset, device=str(device), seed=args.seed, preload=True, num_workers=workers,
+                  tensorboard=True, progress=True)
+
+    for name, kind, extra in plan:
+        run_dir = runs / name
+        done_file = run_dir / "done.json"
+        steps, batch = budget[kind]
+        share = work(kind) / remaining_work
+        remaining_work -= work(kind)
+        if done_file.exists():
+            stage_info[name] = json.loads(done_file.read_text())
+            say(f"{name}: done earlier, skipped")
+            continue
+        limit = None
+        if train_deadline is not None:
+            limit = max(5.0, (train_deadline - time.perf_counter()) * share)
+        resume = (run_dir / "checkpoint.safetensors").exists()
+        kw = dict(common, max_steps=steps, batch_size=batch, resume=resume, time_limit_s=limit)
+        if steps is not None:
+            kw["overrides"] = {"log_every": max(1, steps // 8)}
+        if kind == "finetune":
+            # The validation set is scored at each epoch end; with short budgets an "epoch" is capped
+            # by max_steps, so the best checkpoint is still chosen among several evaluations.
+            if steps is not None:
+                kw["epochs"] = 10_000  # the step budget, not epochs, bounds these runs
+        elif steps is not None:
+            kw["epochs"] = 10_000
+        say(f"{name}: {kind}, {steps} steps x batch {batch}" + (f", time limit {limit:.0f}s" if limit else ""))
+        t0 = time.perf_counter()
+        if kind == "mim":
+            res = pretrain_mim(target, run_dir, **kw)
+            artifact = res.encoder_path
+        elif kind == "contrastive":
+            res = pretrain_contrastive(target, run_dir, min_frame_gap=extra["min_frame_gap"], **kw)
+            artifact = res.encoder_path
+        else:
+            init = runs / extra["init"] / "encoder.safetensors" if "init" in extra else None
+            if budget["ft_lr"]:
+                kw["lr"] = budget["ft_lr"]
+            res = finetune(extra["site"], run_dir, init=init, **kw)
+            artifact = res.model_path
+        info = {"stage": kind, "steps": res.global_step, "planned_steps": steps, "batch": res.batch_size,
+                "seconds": round(time.perf_counter() - t0, 1), "stopped_early": res.stopped_early,
+                "last_loss": res.last_loss, "best_val": res.best_val, "artifact": str(artifact)}
+        stage_info[name] = info
+        write_json_atomic(done_file, info)
+        say(f"{name}: {info['steps']} steps in {info['seconds']}s, last loss {res.last_loss:.4f}"
+            + (f", best val DiceBCE {res.best_val:.4f}" if res.best_val is not None else ""))
+
+    # --- model selection: the MT-NXent gap with the best Dice on the target's ub_split=val frames
+    t_eval = time.perf_counter()
+    model = {name: runs / name / "model.safetensors" for name, kind, _ in plan if kind == "finetune"}
+    tuning = {}
+    if len(gaps) > 1:
+        tune = evaluate(target, [model[f"ft_mtnxent_gap{g}"] for g in gaps], args.out / "eval_tuning",
+                        split="val", split_column="ub_split", names=[f"gap{g}" for g in gaps], device=str(device),
+                        overlays=0)
+        tuning = {g: tune.summaries[f"gap{g}"].dice_mean for g in gaps}
+        best_gap = max(gaps, key=lambda g: tuning[g])
+    else:
+        best_gap = gaps[0]
+    say(f"MT-NXent gap chosen on target ub_split=val: {best_gap} ({tuning or 'single gap'})")
+
+    rows = [("lower bound", "lower"), ("SimMIM branch", "ft_mim"), ("SimCLR (gap 0)", "ft_simclr")]
+    rows += [(f"MT-NXent (gap {g}{', chosen' if g == best_gap else ''})", f"ft_mtnxent_gap{g}") for g in gaps]
+    rows.append(("upper bound", "upper"))
+    results = {}
+    for site_name, site in (("target", target), ("source", source)):
+        singles = evaluate(site, [model[key] for _, key in rows], args.out / f"eval_{site_name}",
+                           names=[key for _, key in rows], device=str(device), overlays=2)
+        fused = evaluate(site, [model["ft_mim"], model[f"ft_mtnxent_gap{best_gap}"]], args.out / f"eval_{site_name}_fused",
+                         names=["g", "c"], fusion=["entropy", "margin", "average"], device=str(device), overlays=2)
+        dice = {key: singles.dice[key] for _, key in rows}
+        iou = {key: singles.iou[key] for _, key in rows}
+        for method in ("entropy", "margin", "average"):
+            dice[f"fused-{method}"] = fused.dice[f"fused-{method}"]
+            iou[f"fused-{method}"] = fused.iou[f"fused-{method}"]
+        results[site_name] = {
+            key: {**vars(summarize(dice[key], iou[key])),
+                  "p_vs_lower": (wilcoxon_p(dice[key], dice["lower"]) if key != "lower" else None)}
+            for key in dice
+        }
+    eval_seconds = time.perf_counter() - t_eval
+
+    order = rows[:-1] + [(f"fused ({m})", f"fused-{m}") for m in ("entropy", "margin", "average")] + [rows[-1]]
+    tgt, src = results["target"], results["source"]
+    chosen = f"ft_mtnxent_gap{best_gap}"
+    singles_ssl = [tgt["ft_mim"]["dice_mean"], tgt["ft_simclr"]["dice_mean"], tgt[chosen]["dice_mean"]]
+    fused_best = max(tgt[f"fused-{m}"]["dice_mean"] for m in ("entropy", "margin", "average"))
+    checks = {
+        "lower < every SSL branch": all(d > tgt["lower"]["dice_mean"] for d in singles_ssl),
+        "SSL branches < fused (best fusion)": fused_best > max(singles_ssl),
+        "fused (entropy) < upper": tgt["fused-entropy"]["dice_mean"] < tgt["upper"]["dice_mean"],
+        "fused (entropy) >= lower + 0.03": tgt["fused-entropy"]["dice_mean"] >= tgt["lower"]["dice_mean"] + 0.03,
+    }
+    n_t, n_s = tgt["lower"]["n"], src["lower"]["n"]
+    lines = [
+        f"Target test: {n_t} labeled frames; source test: {n_s} frames. Preset `{args.preset}`, budget `{args.budget}`, "
+        f"device {device}. Wilcoxon signed-rank p on per-image target Dice vs the lower bound.",
+        "",
+        "| method | target DSC | target IoU | p vs lower | source DSC | paper target DSC |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, key in order:
+        t, s = tgt[key], src[key]
+        p = "" if t["p_vs_lower"] is None else f"{t['p_vs_lower']:.2g}"
+        paper_key = "MT-NXent" if key == chosen else ("fused (entropy)" if key == "fused-entropy" else label)
+        paper = PAPER_TARGET_DSC.get(paper_key)
+        lines.append(f"| {label} | {t['dice_mean']:.4f} | {t['iou_mean']:.4f} | {p} | {s['dice_mean']:.4f} | "
+                     f"{'' if paper is None else f'{paper:.4f}'} |")
+    lines += ["", "Ordering checks (target DSC): " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items())]
+    table = "\n".join(lines) + "\n"
+    total_s = time.perf_counter() - t_start
+    payload = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "machine": {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                    "cpu_count": cpu_count, "platform": platform.platform(), "torch": torch.__version__},
+        "code_version": code_version(),
+        "preset": args.preset, "budget": args.budget, "budget_spec": {k: v for k, v in budget.items()},
+        "gaps": gaps, "gap_tuning_ub_val_dice": tuning, "chosen_gap": best_gap,
+        "stages": stage_info, "results": results, "checks": checks,
+        "seconds": {"total": round(total_s, 1), "evaluation": round(eval_seconds, 1),
+                    "training": round(sum(i.get("seconds", 0) for i in stage_info.values()), 1)},
+    }
+    table_path = args.table or args.out / "table3.md"
+    json_path = args.json or args.out / "table3.json"
+    write_text_atomic(table_path, table)
+    write_json_atomic(json_path, payload)
+    print(table, flush=True)
+    say(f"total {total_s:.0f}s (training {payload['seconds']['training']}s, evaluation {eval_seconds:.0f}s); "
+        f"table -> {table_path}, json -> {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
