@@ -153,6 +153,8 @@ def render_comparison(comparison: dict[str, Any], console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from .runner import fmt_fps
+
     console = console or Console()
     machines = Table(title="Machines", title_justify="left")
     for col in ("", "device", "matched peak table entry", "preset", "GFLOPs/frame"):
@@ -179,7 +181,7 @@ def render_comparison(comparison: dict[str, Any], console=None) -> None:
                 cells += ["-", "-"]
                 continue
             ratio = f" ({cell['ratio']:.2f}x)" if cell["ratio"] is not None else ""
-            cells.append(f"{cell['fps']:,.1f}{ratio}")
+            cells.append(f"{fmt_fps(cell['fps'])}{ratio}")
             if cell["floor_ms"] is None:
                 cells.append("n/a")
             else:

@@ -24,6 +24,7 @@ LATENCY_SCHEMA = {
         "fps": {"type": "number", "exclusiveMinimum": 0},
         "runs": {"type": "integer", "minimum": 1},
         "warmup_s": {"type": "number", "minimum": 0},
+        "cpu_p50_ms": {"type": "number", "minimum": 0},
     },
     "additionalProperties": False,
 }

@@ -67,6 +67,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from ..benchmark import FORMATS, BenchmarkOptions, render_report, run_benchmark
+        from ..benchmark.runner import fmt_fps
         from ..io import write_json_atomic
 
         console = Console(width=max(Console().width, 160) if not sys.stdout.isatty() else None)
@@ -102,7 +103,7 @@ def register(app: typer.Typer) -> None:
 
         def on_row(row, report) -> None:
             note = "" if row["status"] == "ok" else f": {row['reason']}"
-            fps = ", ".join(f"b{l['batch']} {l['fps']:.1f} FPS" for l in row["latency"])
+            fps = ", ".join(f"b{l['batch']} {fmt_fps(l['fps'])} FPS" for l in row["latency"])
             console.print(f"    {row['format']}: {row['status']}{note} {fps}")
             if json_out:
                 write_json_atomic(json_out, report)
