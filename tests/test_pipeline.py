@@ -324,3 +324,30 @@ def test_stream_command_on_an_image_folder_and_on_stdin(tiny_onnx, tmp_path, cap
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     report = json.loads((tmp_path / "stdin.json").read_text())
     assert (report["frames_processed"], report["frames_invalid"], report["frames_in"]) == (3, 1, 4)
+
+
+def test_absent_accelerators_are_reported_not_crashed(tiny_onnx, tmp_path):
+    import onnxruntime
+
+    from pocus_edge.cli import main
+    from pocus_edge.errors import PocusError, ToolchainUnavailable
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(ToolchainUnavailable, match="CUDAExecutionProvider"):
+            open_backend(tiny_onnx[0], "ort", device="cuda")
+    try:
+        import tensorrt  # noqa: F401
+
+        has_trt = torch.cuda.is_available()
+    except ImportError:
+        has_trt = False
+    if has_trt:
+        pytest.skip("TensorRT and a GPU are present: engines are built and run by the export tests")
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"not an engine")
+    with pytest.raises(ToolchainUnavailable):
+        open_backend(engine, "tensorrt")
+    # The CLI exits 3 ("cannot run here"), distinct from 2 (bad input).
+    assert main(["stream", str(tmp_path), "--model", str(engine), "--backend", "tensorrt", "-q"]) == 3
+    with pytest.raises(PocusError, match="unknown backend"):
+        open_backend(tiny_onnx[0], "tflite")
