@@ -14,13 +14,18 @@ Stages (each reads ONE site; only weights move between them):
 Every model is scored on the target's labeled test frames (and the source test split), with
 Wilcoxon signed-rank p-values on per-image Dice against the lower bound.
 
-Budgets: ``quick`` (CPU, ~10-15 min of training on 2 idle cores, small preset), ``gpu`` (one
-H100/H200 in ~5 min of training: bf16, large batches, workers, in-memory frames; each stage has a
-time limit so the whole run keeps to ``--train-seconds``), ``full`` (the preset's own epochs:
-METHOD.md for ``paper``). Data: ``--data`` holds ``source/`` and ``target/``; missing, it is
+Budgets: ``quick`` (CPU, 12 min of training + ~2 min evaluation, small preset), ``gpu`` (one
+H100/H200: 4 min of training, bf16, large batches, DataLoader workers, in-memory frames; ~5.5 min
+in all with simulation and evaluation), ``full`` (the preset's own epochs: METHOD.md for
+``paper``), ``smoke`` (3 steps per stage). Timed budgets give each stage a share of
+``--train-seconds`` and fit its cosine schedule to the measured pace, so the run keeps to time on
+any machine (slower machine = fewer steps; the JSON records the steps each stage made). Data: ``--data`` holds ``source/`` and ``target/``; missing, it is
 simulated (``--sim-preset bench``) with one process per CPU core.
 
 Re-running with the same --out resumes: finished stages are skipped, a killed one resumes.
+On the lent GPU machine (only 8 files come back from $OUT), keep the runs outside $OUT:
+    python benchmarks/table3.py --data /tmp/bench_data --out /tmp/bench_runs --device cuda \
+        --budget gpu --table $OUT/table3.md --json $OUT/table3.json
 """
 
 from __future__ import annotations
@@ -43,13 +48,15 @@ BUDGETS = {
         "mim": (3, 8), "contrastive": (3, 8), "finetune": (3, 8),
         "gaps": [5, 15], "seconds": None, "workers": 2, "ft_lr": None,
     },
+    # Planned steps are upper bounds: with "seconds" set, every stage gets a share of the time
+    # (planned steps x batch x cost) and the engine fits its cosine schedule to the pace it measures.
     "quick": {
-        "mim": (140, 32), "contrastive": (90, 32), "finetune": (150, 16),
-        "gaps": [15], "seconds": None, "workers": 0, "ft_lr": None,
+        "mim": (600, 32), "contrastive": (400, 32), "finetune": (400, 16),
+        "gaps": [15], "seconds": 720.0, "workers": 0, "ft_lr": None,
     },
     "gpu": {
-        "mim": (2500, 128), "contrastive": (1500, 128), "finetune": (1200, 64),
-        "gaps": [8, 15], "seconds": 270.0, "workers": 10, "ft_lr": None,
+        "mim": (4000, 128), "contrastive": (3000, 128), "finetune": (2000, 64),
+        "gaps": [8, 15], "seconds": 240.0, "workers": 10, "ft_lr": None,
     },
     "full": {
         "mim": (None, None), "contrastive": (None, None), "finetune": (None, None),

@@ -356,3 +356,9 @@ def test_persistent_workers_see_each_epoch(sites, tmp_path):
 
     data = ContrastivePairDataset(load_site(target), load_site(target).select("train"), 64, ContrastiveConfig())
     assert not torch.equal(data[(0, 0)][0], data[(0, 1)][0])
+
+
+def test_time_budgeted_schedule_fits_the_measured_pace():
+    # 30 steps in 10 s of a 60 s budget: 50 s left at 3 steps/s, 5% margin -> 30 + 142 steps.
+    assert engine._fit_steps(30, 0, 10.0, 60.0) == 30 + int(50 * 0.95 * 3)
+    assert engine._fit_steps(40, 10, 70.0, 60.0) == 40  # over time: no more steps

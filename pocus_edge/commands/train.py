@@ -128,7 +128,7 @@ def register(app: typer.Typer) -> None:
         split_column: str = typer.Option("auto", "--split-column", help="auto | split | ub_split: which manifest column gives train/val (auto: split if it has labeled train+val, else ub_split)."),
         epochs: Optional[int] = typer.Option(None, help="Epochs [paper 200, small 5, tiny 2]."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="GLOBAL batch over all processes [paper 512, small 16, tiny 8]."),
-        lr: Optional[float] = typer.Option(None, help="SGD learning rate [2e-4], momentum 0.99 (--set momentum=...)."),
+        lr: Optional[float] = typer.Option(None, help="SGD learning rate [paper 2e-4; small/tiny 2e-3 for short CPU runs], momentum 0.99 (--set momentum=...)."),
         weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="[0.05; 0.1 when --init is a contrastive encoder]."),
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (the LR schedule spans them)."),
         device: str = typer.Option("auto", help="auto | cpu | cuda (bf16 autocast on CUDA)."),

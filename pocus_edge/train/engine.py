@@ -393,7 +393,9 @@ class Trainer:
         if cfg.max_steps is not None:
             total_steps = min(total_steps, int(cfg.max_steps))
         warmup = cfg.warmup_epochs * steps_per_epoch
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(cfg.schedule, total_steps, warmup))
+        planned_steps = total_steps
+        lr_factor = LRFactor(cfg.schedule, total_steps, warmup)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
         start_step, best_val, best_epoch = 0, None, None
         if self.resume and ckpt_path.exists():
@@ -523,11 +525,18 @@ class Trainer:
                         progress.update(task, completed=step, status=f"ep {epoch + 1} loss {last_loss:.4f}")
                     if self.on_step is not None:
                         self.on_step(step, last_loss)
+                    epoch_end = step % steps_per_epoch == 0
                     if self.time_limit_s is not None:
                         # Every rank takes part in the vote (a collective), and any rank over time stops all.
                         over = time.perf_counter() - t0 > self.time_limit_s
                         out_of_time = not all_ranks_true(not over, device)
-                    epoch_end = step % steps_per_epoch == 0
+                        if (step - start_step == 30 or epoch_end) and not out_of_time:
+                            # Time-budgeted schedule: shrink the planned steps to what the measured
+                            # pace (start-up and validation included) fits, so the cosine still anneals.
+                            new_total = _fit_steps(step, start_step, time.perf_counter() - t0, self.time_limit_s)
+                            new_total = int(all_reduce_mean(torch.tensor(float(new_total), device=device)).item())
+                            total_steps = min(planned_steps, max(step + 1, new_total))
+                            lr_factor.total = max(1, total_steps)
                     if step >= total_steps or epoch_end or out_of_time:
                         break
                     if self.checkpoint_every and step % self.checkpoint_every == 0:
@@ -543,8 +552,10 @@ class Trainer:
                             val = self.val_fn(model)
                         row = {"step": step, "epoch": epoch + 1, "phase": "val", **val}
                         log.add(row)
-                        self._say(f"[{self.description}] epoch {epoch + 1}: train loss {loss_sum / max(1, loss_n):.4f}, "
-                                  + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                        n_epochs = max(1, math.ceil(total_steps / steps_per_epoch))
+                        if (epoch + 1) % max(1, n_epochs // 8) == 0 or step >= total_steps or out_of_time:
+                            self._say(f"[{self.description}] epoch {epoch + 1}: train loss {loss_sum / max(1, loss_n):.4f}, "
+                                      + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
                         if best_val is None or val["val_loss"] < best_val:
                             best_val, best_epoch = float(val["val_loss"]), epoch + 1
                             if ctx.is_main and self.on_best is not None:
@@ -571,6 +582,12 @@ class Trainer:
             seconds=time.perf_counter() - t0,
             stopped_early=out_of_time,
         )
+
+
+def _fit_steps(step: int, start_step: int, elapsed: float, limit: float) -> int:
+    """Planned total steps that fit ``limit`` seconds at the pace measured so far (5% margin)."""
+    done = max(1, step - start_step)
+    return step + int(max(0.0, limit - elapsed) * 0.95 * done / max(elapsed, 1e-6))
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
