@@ -295,6 +295,33 @@ def test_compare_cli_and_bad_input(tmp_path, capsys):
     assert "--preset" in capsys.readouterr().err
 
 
+def test_fold_weight_standardization_is_exact():
+    """The folded copy (plain Conv2d with the standardized weight) computes the same function as
+    the StdConv2d original, has no StdConv2d left, and leaves the original untouched."""
+    from timm.layers import StdConv2d
+
+    from pocus_edge.config import model_preset
+    from pocus_edge.export.fused import FusedSegmenter
+    from pocus_edge.models.transunet import TransUNet
+
+    torch.manual_seed(0)
+    cfg = model_preset("tiny")
+    fused = FusedSegmenter(TransUNet(cfg), TransUNet(cfg)).eval()
+    copy_ = fmt.inference_copy(fused, None, channels_last=False)
+    assert not any(isinstance(m, StdConv2d) for m in copy_.modules())
+    assert sum(isinstance(m, StdConv2d) for m in fused.modules()) > 0
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        logits_original = fused.generative(x)
+        logits_folded = copy_.generative(x)
+    assert torch.allclose(logits_folded, logits_original, atol=1e-5, rtol=1e-4)
+    bf16 = fmt.inference_copy(fused, torch.bfloat16, channels_last=True)
+    convs = [m for m in bf16.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.dtype == torch.bfloat16 for m in convs)
+    norms = [m for m in bf16.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+    assert norms and all(m.weight.dtype == torch.float32 for m in norms)
+
+
 def test_devices_table_is_dense_and_matches_names():
     devices = load_devices()
     names = {d["name"] for d in devices}

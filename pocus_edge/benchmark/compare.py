@@ -153,6 +153,8 @@ def render_comparison(comparison: dict[str, Any], console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from rich.markup import escape
+
     from .runner import fmt_fps
 
     console = console or Console()
@@ -161,8 +163,8 @@ def render_comparison(comparison: dict[str, Any], console=None) -> None:
         machines.add_column(col)
     for m in comparison["machines"]:
         machines.add_row(
-            m["label"],
-            f"{m['device_name']} ({m['device']})",
+            escape(m["label"]),
+            escape(f"{m['device_name']} ({m['device']})"),
             m["known_device"] or "(none: measured matmul rate)",
             m["preset"],
             f"{m['gflops_per_frame']:.2f}",

@@ -102,7 +102,7 @@ def _eval_frames(opts: BenchmarkOptions, img_size: int) -> tuple[np.ndarray, np.
 
     if opts.data is None:
         rng = np.random.default_rng(opts.seed)
-        n = max(opts.eval_batch or 8, 4)
+        n = max(opts.eval_batch or 1, min(opts.max_frames, 8))
         # Smooth random blobs rather than white noise: closer to ultrasound texture statistics,
         # so reduced-precision errors are measured on inputs of a realistic spectrum.
         import cv2
@@ -379,7 +379,9 @@ def run_format(
         else:
             row["status"] = "ok"
     except Exception as exc:
-        row.update(status="failed", reason=_one_line(exc), latency=[])
+        # Latencies measured before the failure stay: a compile that times out at batch 1
+        # after finishing batch 32 still tells the batch-32 speed.
+        row.update(status="failed", reason=_one_line(exc))
     finally:
         # The 1-minute load average before and after: timings on a shared machine need it.
         row["load_average"] = [load_before, _load1()] if load_before is not None else None
@@ -547,6 +549,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def render_report(report: dict[str, Any], console=None) -> None:
     """Print the report as a rich table (one row per format, one latency column per batch)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -559,7 +562,7 @@ def render_report(report: dict[str, Any], console=None) -> None:
         f"{machine['device_name']} [{machine['device']}], {machine['cpu']['cores']} cores, "
         f"eval: {report['data']['source']}"
     )
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     for col, justify in (("format", "left"), ("status", "left"), ("size", "right"), ("Dice", "right"), ("IoU", "right"), ("agree", "right")):
         table.add_column(col, justify=justify, no_wrap=True)
     cpu_device = machine["device"] == "cpu"
@@ -602,4 +605,4 @@ def render_report(report: dict[str, Any], console=None) -> None:
         )
     console.print(table)
     for note in notes:
-        console.print(note, highlight=False)
+        console.print(note, highlight=False, markup=False)

@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
         console = Console(width=max(Console().width, 160) if not sys.stdout.isatty() else None)
         if list_formats:
             for spec in FORMATS.values():
-                console.print(f"{spec.name:15s} {spec.precision:5s} {spec.engine:14s} {spec.summary}")
+                console.print(f"{spec.name:15s} {spec.precision:5s} {spec.engine:14s} {spec.summary}", markup=False)
             return
         opts = BenchmarkOptions(
             generative=generative,
@@ -104,7 +104,7 @@ def register(app: typer.Typer) -> None:
         def on_row(row, report) -> None:
             note = "" if row["status"] == "ok" else f": {row['reason']}"
             fps = ", ".join(f"b{l['batch']} {fmt_fps(l['fps'])} FPS" for l in row["latency"])
-            console.print(f"    {row['format']}: {row['status']}{note} {fps}")
+            console.print(f"    {row['format']}: {row['status']}{note} {fps}", markup=False, highlight=False)
             if json_out:
                 write_json_atomic(json_out, report)
 
