@@ -37,9 +37,8 @@ patient); unlabeled frames have no mask file.
 
 from __future__ import annotations
 
-import math
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -334,7 +333,11 @@ def write_montage(source_dir: str | Path, target_dir: str | Path, out_png: str |
                 if (mask == lab).any():
                     ax.contour((mask == lab).astype(float), levels=[0.5], colors=color, linewidths=0.7)
             ax.set_title(f"{site.name}: {rec.view}", fontsize=7)
-    fig.suptitle("pocus-edge simulator: source (Lumify-like, top) vs target (TeleMED-like, bottom)", fontsize=8)
+    fig.suptitle(
+        "pocus-edge simulator: source (Lumify-like, top) vs target (TeleMED-like, bottom); "
+        "label contours: red metaphysis, blue epiphysis, yellow carpal",
+        fontsize=8,
+    )
     fig.tight_layout()
     buf = _io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
