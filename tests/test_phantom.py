@@ -371,3 +371,13 @@ def test_overwrite_replaces_a_simulated_site(tmp_path):
     second = simulate_site(tmp_path / "s", domain="source", preset=small, seed=3, overwrite=True)
     assert not stale.exists()
     assert len(second.records) == len(first.records)
+
+
+def test_a_preset_too_small_for_the_splits_fails_before_writing(tmp_path):
+    from pocus_edge.data.phantom import SimPreset, simulate
+    from pocus_edge.errors import DataError
+
+    too_small = SimPreset("two", patients=2, frames_per_video=2, frame_stride=1, scale=0.3, oversample=1, sweep_step_mm=0.3)
+    with pytest.raises(DataError, match="patient"):
+        simulate(tmp_path / "out", preset=too_small, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -106,8 +106,7 @@ SITE_KEYS = {"source": 1, "target": 2}
 
 
 def site_patients(domain: str, preset: SimPreset, seed: int) -> list[Patient]:
-    prefix = "S" if domain == "source" else "T"
-    return [sample_patient(f"{prefix}{i + 1:03d}", _rng(seed, SITE_KEYS[domain], i, 0)) for i in range(preset.patients)]
+    return [sample_patient(_patient_id(domain, i), _rng(seed, SITE_KEYS[domain], i, 0)) for i in range(preset.patients)]
 
 
 def render_sweep(
@@ -146,6 +145,37 @@ def render_sweep(
         yield compose_frame(image, mask, profile, scale)
 
 
+def _patient_id(domain: str, index: int) -> str:
+    return f"{'S' if domain == 'source' else 'T'}{index + 1:03d}"
+
+
+def planned_records(domain: str, preset: str | SimPreset = "demo") -> list[FrameRecord]:
+    """The manifest rows a simulated site will have (no splits yet), without rendering."""
+    if domain not in SITE_KEYS:
+        raise ConfigError(f"unknown domain {domain!r}; choose source or target")
+    p = get_preset(preset)
+    views = SOURCE_VIEWS if domain == "source" else TARGET_VIEWS
+    records = []
+    for pi in range(p.patients):
+        pid = _patient_id(domain, pi)
+        frame_in_patient = 0
+        for view in views:
+            video = f"{pid}_{view}"
+            for i in range(p.frames_per_video):
+                framenum = i * p.frame_stride
+                # Target: every k-th frame of each patient, phase shifted per patient, so the
+                # labeled frames are spread over all patients and views.
+                labeled = domain == "source" or (frame_in_patient + pi) % p.target_label_every == 0
+                frame_in_patient += 1
+                records.append(
+                    FrameRecord(
+                        filename=f"{video}_{framenum:04d}.png", videoname=video, framenum=framenum,
+                        patient=pid, view=view, labeled=labeled,
+                    )
+                )
+    return records
+
+
 def iter_site_frames(
     domain: str,
     *,
@@ -157,31 +187,21 @@ def iter_site_frames(
     """Yield ``(record, frame, label map)`` for every frame of a simulated site, in manifest
     order (``record.labeled`` says whether the mask is written). Every patient and video has
     its own seed, so ``patients`` (indices) renders a subset with identical pixels."""
-    if domain not in SITE_KEYS:
-        raise ConfigError(f"unknown domain {domain!r}; choose source or target")
     p = get_preset(preset)
+    records = iter(planned_records(domain, p))
     prof = load_profile(profile or (SOURCE_PROFILE if domain == "source" else TARGET_PROFILE))
     views = SOURCE_VIEWS if domain == "source" else TARGET_VIEWS
     key = SITE_KEYS[domain]
     wanted = set(range(p.patients)) if patients is None else set(patients)
     for pi, patient in enumerate(site_patients(domain, p, seed)):
-        if pi not in wanted:
-            continue
-        frame_in_patient = 0
         for vi, view in enumerate(views):
+            video_records = [next(records) for _ in range(p.frames_per_video)]
+            if pi not in wanted:
+                continue
             plan = plan_sweep(patient, view, p.frames_per_video, _rng(seed, key, pi, 1, vi), sweep_step_mm=p.sweep_step_mm)
             render_seed = int(_rng(seed, key, pi, 2, vi).integers(2**63))
-            video = f"{patient.pid}_{view}"
-            for i, (image, mask) in enumerate(render_sweep(prof, plan, scale=p.scale, oversample=p.oversample, seed=render_seed)):
-                framenum = i * p.frame_stride
-                # Target: every k-th frame of each patient, phase shifted per patient, so the
-                # labeled frames are spread over all patients and views.
-                labeled = domain == "source" or (frame_in_patient + pi) % p.target_label_every == 0
-                frame_in_patient += 1
-                rec = FrameRecord(
-                    filename=f"{video}_{framenum:04d}.png", videoname=video, framenum=framenum,
-                    patient=patient.pid, view=view, labeled=labeled,
-                )
+            frames = render_sweep(prof, plan, scale=p.scale, oversample=p.oversample, seed=render_seed)
+            for rec, (image, mask) in zip(video_records, frames):
                 yield rec, image, mask
 
 
@@ -215,6 +235,8 @@ def simulate_site(
     p = get_preset(preset)
     prof = load_profile(profile or (SOURCE_PROFILE if domain == "source" else TARGET_PROFILE))
     root = Path(root)
+    # Fail on a preset too small for the paper's splits before rendering anything.
+    assign_splits(planned_records(domain, p), domain=domain, seed=seed)
     _prepare_site_dir(root, overwrite)
     writer = SiteWriter(root, overwrite=overwrite)
     for rec, image, mask in iter_site_frames(domain, preset=p, seed=seed, profile=prof):
@@ -249,7 +271,10 @@ def simulate(
     profiles = {"source": load_profile(source_profile), "target": load_profile(target_profile)}
     out = Path(out)
     counts = frames_per_site(p)
+    from .splits import assign_splits
+
     for domain in ("source", "target"):
+        assign_splits(planned_records(domain, p), domain=domain, seed=seed)  # too few patients?
         root = out / domain
         if (root / MANIFEST).exists() and not overwrite:
             raise DataError(f"{root}: already holds a site (manifest.csv exists); pass --overwrite to replace it")
