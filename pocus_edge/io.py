@@ -48,12 +48,15 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
         raise
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> Path:
+    """``fsync=False`` skips the flush to disk (still atomic against a killed process; only an
+    OS crash can lose the file): for bulk data that can be regenerated, e.g. simulated frames."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if fsync:
+                os.fsync(fh.fileno())
     return Path(path)
 
 

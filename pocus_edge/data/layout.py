@@ -144,8 +144,8 @@ def read_gray_png(path: str | Path) -> np.ndarray:
     return img
 
 
-def write_gray_png(path: str | Path, img: np.ndarray) -> None:
-    """Write a 2-D uint8 array as PNG atomically (temp name + rename)."""
+def write_gray_png(path: str | Path, img: np.ndarray, *, fsync: bool = True) -> None:
+    """Write a 2-D uint8 array as PNG atomically (temp name + rename; see write_bytes_atomic)."""
     import cv2
 
     from ..io import write_bytes_atomic
@@ -155,7 +155,7 @@ def write_gray_png(path: str | Path, img: np.ndarray) -> None:
     ok, enc = cv2.imencode(".png", img)
     if not ok:
         raise DataError(f"{path}: PNG encoding failed")
-    write_bytes_atomic(path, enc.tobytes())
+    write_bytes_atomic(path, enc.tobytes(), fsync=fsync)
 
 
 def _parse_bool(text: str) -> bool:
@@ -342,7 +342,10 @@ class SiteWriter:
     """Write a site folder frame by frame (simulator, importer); the manifest is written last,
     atomically, so an interrupted write never leaves a manifest that points at missing files."""
 
-    def __init__(self, root: str | Path, *, overwrite: bool = False):
+    def __init__(self, root: str | Path, *, overwrite: bool = False, fsync_frames: bool = True):
+        # fsync_frames=False (the simulator): frames are not flushed one by one, which costs
+        # more than rendering them on a busy disk; the data can be regenerated from its seed.
+        self.fsync_frames = fsync_frames
         self.root = Path(root)
         if (self.root / MANIFEST).exists() and not overwrite:
             raise DataError(f"{self.root}: already holds a site (manifest.csv exists); pass overwrite")
@@ -359,10 +362,10 @@ class SiteWriter:
             if mask.size and (mask.min() < 0 or mask.max() > 255 or not np.array_equal(mask, np.round(mask))):
                 raise DataError(f"{record.filename}: mask values must be integers 0-255")
         self._filenames.add(record.filename)
-        write_gray_png(self.root / IMAGES / record.filename, image)
+        write_gray_png(self.root / IMAGES / record.filename, image, fsync=self.fsync_frames)
         if mask is not None:
             (self.root / MASKS).mkdir(exist_ok=True)
-            write_gray_png(self.root / MASKS / record.filename, mask.astype(np.uint8))
+            write_gray_png(self.root / MASKS / record.filename, mask.astype(np.uint8), fsync=self.fsync_frames)
         record.labeled = mask is not None
         self.records.append(record)
 

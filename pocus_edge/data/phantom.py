@@ -238,7 +238,7 @@ def simulate_site(
     # Fail on a preset too small for the paper's splits before rendering anything.
     assign_splits(planned_records(domain, p), domain=domain, seed=seed)
     _prepare_site_dir(root, overwrite)
-    writer = SiteWriter(root, overwrite=overwrite)
+    writer = SiteWriter(root, overwrite=overwrite, fsync_frames=False)
     for rec, image, mask in iter_site_frames(domain, preset=p, seed=seed, profile=prof):
         writer.add(rec, image, mask if rec.labeled else None)
         if on_frame is not None:
