@@ -27,6 +27,23 @@ from .layout import FrameRecord, Site, read_gray_png
 from .transforms import preprocess_frame, preprocess_gray, preprocess_mask
 
 
+# preload=True keeps decoded, resized frames for the life of the process, keyed by file and size,
+# so several stages in one process (a benchmark running the whole protocol) decode each file once.
+_PRELOAD_CACHE: dict[tuple[str, int, str], np.ndarray] = {}
+
+
+def clear_preload_cache() -> None:
+    _PRELOAD_CACHE.clear()
+
+
+def _cached(path, size: int, kind: str, load) -> np.ndarray:
+    key = (str(path), int(size), kind)
+    hit = _PRELOAD_CACHE.get(key)
+    if hit is None:
+        hit = _PRELOAD_CACHE[key] = load()
+    return hit
+
+
 def sample_seed(seed: int, epoch: int, index: int, stream: str = "") -> int:
     """A 63-bit seed for one sample's randomness in one epoch (stable across processes/runs)."""
     digest = hashlib.blake2b(f"{seed}:{epoch}:{index}:{stream}".encode(), digest_size=8).digest()
@@ -70,7 +87,10 @@ class _SiteFrames(Dataset):
         self.epoch = 0
         self._gray_cache: list[np.ndarray] | None = None
         if preload:
-            self._gray_cache = self._parallel(self._load_gray, preload_threads)
+            self._gray_cache = self._parallel(
+                lambda i: _cached(self.site.image_path(self.records[i]), self.size, "image", lambda: self._load_gray(i)),
+                preload_threads,
+            )
 
     def _parallel(self, fn, threads: int) -> list:
         # OpenCV decoding releases the GIL: threads give a real speed-up without pickling.
@@ -117,7 +137,10 @@ class SegmentationDataset(_SiteFrames):
         super().__init__(site, records, size, seed=seed, preload=preload, preload_threads=preload_threads)
         self._mask_cache: list[np.ndarray] | None = None
         if preload:
-            self._mask_cache = self._parallel(self._load_mask, preload_threads)
+            self._mask_cache = self._parallel(
+                lambda i: _cached(self.site.mask_path(self.records[i]), self.size, "mask", lambda: self._load_mask(i)),
+                preload_threads,
+            )
 
     def _load_mask(self, index: int) -> np.ndarray:
         m = preprocess_mask(self.site.read_mask(self.records[index]), self.size)

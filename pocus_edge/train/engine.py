@@ -530,7 +530,8 @@ class Trainer:
                         # Every rank takes part in the vote (a collective), and any rank over time stops all.
                         over = time.perf_counter() - t0 > self.time_limit_s
                         out_of_time = not all_ranks_true(not over, device)
-                        if (step - start_step == 30 or epoch_end) and not out_of_time:
+                        done = step - start_step
+                        if (done in (5, 10, 20) or done % 25 == 0 or epoch_end) and not out_of_time:
                             # Time-budgeted schedule: shrink the planned steps to what the measured
                             # pace (start-up and validation included) fits, so the cosine still anneals.
                             new_total = _fit_steps(step, start_step, time.perf_counter() - t0, self.time_limit_s)
