@@ -381,3 +381,15 @@ def test_a_preset_too_small_for_the_splits_fails_before_writing(tmp_path):
     with pytest.raises(DataError, match="patient"):
         simulate(tmp_path / "out", preset=too_small, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_parallel_workers_write_identical_files(tmp_path):
+    from pocus_edge.data.phantom import SimPreset
+
+    mini = SimPreset("mini", patients=3, frames_per_video=1, frame_stride=1, scale=0.3, oversample=1, sweep_step_mm=0.3)
+    one = simulate_site(tmp_path / "one", domain="source", preset=mini, seed=4)
+    two = simulate_site(tmp_path / "two", domain="source", preset=mini, seed=4, workers=2)
+    files = sorted(p.relative_to(one.root) for p in one.root.rglob("*") if p.is_file())
+    assert len(files) == 1 + 2 * 3 * len(SOURCE_VIEWS)
+    assert files == sorted(p.relative_to(two.root) for p in two.root.rglob("*") if p.is_file())
+    assert all((one.root / f).read_bytes() == (two.root / f).read_bytes() for f in files)

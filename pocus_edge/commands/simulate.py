@@ -29,6 +29,9 @@ def register(app: typer.Typer) -> None:
             "telemed", help="Target probe profile: a bundled name (lumify, telemed) or a profile YAML path."
         ),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+        workers: int = typer.Option(
+            1, min=1, help="Processes rendering patients in parallel (the files are identical for any number)."
+        ),
     ) -> None:
         """Simulate two-probe wrist POCUS sweeps (source: Lumify-like, target: TeleMED-like) with exact
         bone masks and the paper's patient splits, in the site layout `pocus-edge` trains on."""
@@ -44,6 +47,7 @@ def register(app: typer.Typer) -> None:
             progress=progress,
             source_profile=source_profile,
             target_profile=target_profile,
+            workers=workers,
         )
         for site in (source, target):
             labeled = sum(r.labeled for r in site.records)

@@ -226,8 +226,11 @@ def simulate_site(
     profile: str | Path | ProbeProfile | None = None,
     overwrite: bool = False,
     on_frame=None,
+    workers: int = 1,
 ) -> Site:
-    """Write one simulated site (``domain`` = source | target) and assign its splits."""
+    """Write one simulated site (``domain`` = source | target) and assign its splits.
+
+    ``workers`` > 1 renders patients in that many processes; the files are identical."""
     from .splits import assign_splits
 
     if domain not in SITE_KEYS:
@@ -239,12 +242,35 @@ def simulate_site(
     assign_splits(planned_records(domain, p), domain=domain, seed=seed)
     _prepare_site_dir(root, overwrite)
     writer = SiteWriter(root, overwrite=overwrite, fsync_frames=False)
-    for rec, image, mask in iter_site_frames(domain, preset=p, seed=seed, profile=prof):
+    for rec, image, mask in _site_frames(domain, p, seed, prof, workers):
         writer.add(rec, image, mask if rec.labeled else None)
         if on_frame is not None:
             on_frame()
     writer.records = assign_splits(writer.records, domain=domain, seed=seed)
     return writer.close()
+
+
+def _render_patient(args) -> list[tuple[FrameRecord, np.ndarray, np.ndarray]]:
+    domain, preset, seed, profile, index = args
+    return list(iter_site_frames(domain, preset=preset, seed=seed, profile=profile, patients=[index]))
+
+
+def _site_frames(
+    domain: str, preset: SimPreset, seed: int, profile: ProbeProfile, workers: int
+) -> Iterator[tuple[FrameRecord, np.ndarray, np.ndarray]]:
+    """Frames in manifest order, rendered here or by ``workers`` processes (one patient per task;
+    every patient has its own seeds, so the pixels do not depend on the split of the work)."""
+    if workers <= 1:
+        yield from iter_site_frames(domain, preset=preset, seed=seed, profile=profile)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the caller may hold threads (torch, OpenMP) that fork would copy badly.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [(domain, preset, seed, profile, i) for i in range(preset.patients)]
+        for frames in pool.map(_render_patient, jobs):
+            yield from frames
 
 
 def frames_per_site(preset: str | SimPreset) -> dict[str, int]:
@@ -264,8 +290,10 @@ def simulate(
     progress: bool = True,
     source_profile: str | Path | ProbeProfile = SOURCE_PROFILE,
     target_profile: str | Path | ProbeProfile = TARGET_PROFILE,
+    workers: int = 1,
 ) -> tuple[Site, Site]:
-    """Write ``out/source`` and ``out/target``; returns the two loaded sites."""
+    """Write ``out/source`` and ``out/target``; returns the two loaded sites. ``workers`` > 1
+    renders in that many processes (same files, faster on an idle multi-core machine)."""
     p = get_preset(preset)
     # Validate both profiles before writing anything.
     profiles = {"source": load_profile(source_profile), "target": load_profile(target_profile)}
@@ -289,11 +317,14 @@ def simulate(
                 task = bar.add_task(f"{domain} ({profiles[domain].name})", total=counts[domain])
                 sites[domain] = simulate_site(
                     out / domain, domain=domain, preset=p, seed=seed, profile=profiles[domain], overwrite=overwrite,
-                    on_frame=lambda t=task: bar.advance(t),
+                    on_frame=lambda t=task: bar.advance(t), workers=workers,
                 )
     else:
         for domain in ("source", "target"):
-            sites[domain] = simulate_site(out / domain, domain=domain, preset=p, seed=seed, profile=profiles[domain], overwrite=overwrite)
+            sites[domain] = simulate_site(
+                out / domain, domain=domain, preset=p, seed=seed, profile=profiles[domain], overwrite=overwrite,
+                workers=workers,
+            )
     return sites["source"], sites["target"]
 
 
