@@ -365,3 +365,7 @@ def test_paper_gflops_match_flop_counter():
     independent = 2 * counter.get_total_flops() / 1e9
     assert reported == pytest.approx(independent, rel=0.02)
     assert reported == pytest.approx(2 * 58.3, rel=0.02)
+    # ... and the models issue's figure (`pocus-edge flops`).
+    from pocus_edge.models.flops import model_report
+
+    assert reported == pytest.approx(model_report("paper")["fused"]["gflops"], rel=0.02)

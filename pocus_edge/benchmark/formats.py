@@ -384,54 +384,71 @@ def _ort(precision: str) -> Callable[[BenchContext], Prepared]:
 
 
 def _check_tensorrt(ctx: BenchContext) -> str | None:
-    if importlib.util.find_spec("tensorrt") is None:
-        return "tensorrt is not installed (pip install 'pocus-edge[tensorrt]' on a CUDA machine)"
-    if not torch.cuda.is_available():
-        return "TensorRT needs a CUDA GPU; none is visible"
+    from ..export.tensorrt import tensorrt_available
+
+    ok, why = tensorrt_available()
+    if not ok:
+        return why
+    if ctx.device.type != "cuda":
+        return "TensorRT rows run with --device cuda"
     return None
 
 
 def _tensorrt(precision: str) -> Callable[[BenchContext], Prepared]:
+    """An engine built from the fp32 ONNX export (int8: TensorRT's entropy calibrator on the
+    benchmark frames), run by the runtime's TensorRT backend."""
+
     def prepare(ctx: BenchContext) -> Prepared:
-        from ..export import tensorrt as trt_export
+        from ..export.tensorrt import build_engine
         from ..runtime.backends import open_backend
 
         src = _onnx_fp32_path(ctx)
-        engine = ctx.workdir / f"fused-{precision}.engine"
-        trt_export.build_engine(src, engine, precision=precision, calibration=ctx.calibration, max_batch=ctx.max_batch)
-        backend = open_backend(engine, "tensorrt", device="cuda")
+        engine = build_engine(
+            src,
+            ctx.workdir / f"fused-{precision}.engine",
+            precision=precision,
+            max_batch=ctx.max_batch,
+            calibration=ctx.calibration if precision == "int8" else None,
+        )
+        backend = open_backend(engine, "tensorrt", device=str(ctx.device))
 
         def to_input(frames: np.ndarray) -> np.ndarray:
             return np.ascontiguousarray(frames, dtype=np.float32)
 
-        return Prepared(backend.infer, to_input, np.asarray, engine.stat().st_size, close=getattr(backend, "close", None))
+        return Prepared(backend.infer, to_input, np.asarray, Path(engine).stat().st_size, close=getattr(backend, "close", None))
 
     return prepare
 
 
 def _check_coreml(ctx: BenchContext) -> str | None:
-    if platform.system() != "Darwin":
-        return "Core ML runs only on macOS/iOS (coremltools cannot predict on this OS)"
-    if importlib.util.find_spec("coremltools") is None:
-        return "coremltools is not installed (pip install 'pocus-edge[coreml]')"
-    return None
+    if platform.system() != "Darwin":  # answered without importing coremltools (noisy off macOS)
+        return f"Core ML prediction needs macOS (this is {platform.system()}); coremltools only converts here"
+    from ..export.coreml import coremltools_status
+
+    importable, can_predict, message = coremltools_status()
+    return None if (importable and can_predict) else message
 
 
 def _coreml(ctx: BenchContext) -> Prepared:
+    """The Core ML package (fp16 ML Program, grayscale image input of batch 1) predicted with
+    coremltools on macOS; a batch is run frame by frame, as an app would."""
     import coremltools as ct
+    from PIL import Image
 
-    from ..export import coreml as coreml_export
+    from ..export.coreml import INPUT_NAME, OUTPUT_NAME, export_coreml
 
-    package = coreml_export.export_coreml(_cpu_copy(ctx.fused), ctx.workdir / "fused-fp16.mlpackage")
+    package = export_coreml(_cpu_copy(ctx.fused), ctx.workdir / "fused-fp16.mlpackage")
     model = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.ALL)
-    input_name = model.get_spec().description.input[0].name
-    output_name = model.get_spec().description.output[0].name
 
-    def infer(frames: np.ndarray) -> np.ndarray:
-        return model.predict({input_name: frames})[output_name]
+    def to_input(frames: np.ndarray) -> list:
+        gray = np.clip(np.rint(frames[:, 0] * 255.0), 0, 255).astype(np.uint8)
+        return [Image.fromarray(g, mode="L") for g in gray]
+
+    def infer(images: list) -> np.ndarray:
+        return np.concatenate([np.asarray(model.predict({INPUT_NAME: im})[OUTPUT_NAME]) for im in images])
 
     size = sum(f.stat().st_size for f in Path(package).rglob("*") if f.is_file())
-    return Prepared(infer, lambda f: np.ascontiguousarray(f, dtype=np.float32), np.asarray, size)
+    return Prepared(infer, to_input, lambda out: np.asarray(out, dtype=np.float32), size)
 
 
 # ---------------------------------------------------------------------------------------------
