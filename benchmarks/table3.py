@@ -46,21 +46,21 @@ BUDGETS = {
     # A few steps per stage: checks the script end to end (e.g. with --preset tiny), numbers meaningless.
     "smoke": {
         "mim": (3, 8), "contrastive": (3, 8), "finetune": (3, 8),
-        "gaps": [5, 15], "seconds": None, "workers": 2, "ft_lr": None, "seeds": 2,
+        "gaps": [5, 15], "seconds": None, "workers": 2, "ft_lr": None, "seeds": 2, "val_frames": None,
     },
     # Planned steps are upper bounds: with "seconds" set, every stage gets a share of the time
     # (planned steps x batch x cost) and the engine fits its cosine schedule to the pace it measures.
     "quick": {
         "mim": (600, 32), "contrastive": (400, 32), "finetune": (400, 16),
-        "gaps": [15], "seconds": 720.0, "workers": 0, "ft_lr": None, "seeds": 1,
+        "gaps": [15], "seconds": 720.0, "workers": 0, "ft_lr": None, "seeds": 1, "val_frames": 64,
     },
     "gpu": {
         "mim": (3000, 128), "contrastive": (2000, 128), "finetune": (2000, 64),
-        "gaps": [8, 15], "seconds": 220.0, "workers": 10, "ft_lr": None, "seeds": 2,
+        "gaps": [8, 15], "seconds": 220.0, "workers": 10, "ft_lr": None, "seeds": 2, "val_frames": None,
     },
     "full": {
         "mim": (None, None), "contrastive": (None, None), "finetune": (None, None),
-        "gaps": [10, 15, 20], "seconds": None, "workers": 8, "ft_lr": None, "seeds": 1,
+        "gaps": [10, 15, 20], "seconds": None, "workers": 8, "ft_lr": None, "seeds": 1, "val_frames": None,
     },
 }
 # Relative cost of one sample-step per stage (contrastive: two views; finetune: + validation).
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             if budget["ft_lr"]:
                 kw["lr"] = budget["ft_lr"]
             kw["seed"] = extra["seed"]
+            kw["max_val_frames"] = budget["val_frames"]
             res = finetune(extra["site"], run_dir, init=init, **kw)
             artifact = res.model_path
         info = {"stage": kind, "steps": res.global_step, "planned_steps": steps, "batch": res.batch_size,

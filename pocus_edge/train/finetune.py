@@ -104,9 +104,11 @@ def finetune(
     checkpoint_every: int = 0,
     on_step: Callable[[int, float], None] | None = None,
     time_limit_s: float | None = None,
+    max_val_frames: int | None = None,
 ) -> FinetuneResult:
     """Fine-tune (or train a baseline) on one labeled site; returns the run summary and the path
-    of the best-validation checkpoint (``out_dir/model.safetensors``)."""
+    of the best-validation checkpoint (``out_dir/model.safetensors``). ``max_val_frames`` scores an
+    evenly spaced subset of the validation split (cheaper epochs on CPUs)."""
     from ..models.weights import read_checkpoint
 
     overrides = dict(overrides or {})
@@ -126,6 +128,10 @@ def finetune(
     ctx = setup(device)
     site = open_one_site(site_dir, what="finetune", check_images=True)
     column, train_recs, val_recs = select_labeled_splits(site, split_column)
+    if max_val_frames is not None and len(val_recs) > max_val_frames > 0:
+        # Evenly spaced, deterministic subset: validation cost matters on short CPU budgets.
+        stride = -(-len(val_recs) // max_val_frames)
+        val_recs = val_recs[::stride]
 
     model, loaded_card = build_finetune_model(model_cfg, train_cfg.seed, init)
     init_card = loaded_card if init is not None else None
@@ -176,7 +182,7 @@ def finetune(
             model=model_cfg,
             out_channels=1,
             stage=stage,
-            hyperparameters=hyperparameters(ft_cfg, train_cfg, split_column=column, **extra),
+            hyperparameters=hyperparameters(ft_cfg, train_cfg, split_column=column, val_frames=len(val_recs), **extra),
             data=[site_entry(site, role="supervised", splits=[f"{column}=train", f"{column}=val"])],
             init=init_card,
         )
