@@ -52,6 +52,9 @@ def ort_session(path: Path, threads: int, level: str = "all", optimized_out: Pat
     if optimized_out is not None:
         opts.optimized_model_filepath = str(optimized_out)
     opts.log_severity_level = 3
+    # No busy-waiting after a run: with interleaved rounds on 2 cores, spinning onnxruntime
+    # workers would steal the CPU from the next variant (PyTorch) and skew the comparison.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -75,6 +78,7 @@ def main() -> None:
     ap.add_argument("--dynamic-int8", action="store_true", help="also time onnxruntime dynamic int8 quantization")
     ap.add_argument("--opt-levels", action="store_true", help="also time fp32 at ORT_ENABLE_BASIC / EXTENDED")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--reuse", action="store_true", help="reuse fused.fp32.onnx / fused.int8.onnx already in --workdir (same seed, same weights)")
     ap.add_argument("--out", default=None, help="write the results JSON here")
     args = ap.parse_args()
 
@@ -107,16 +111,20 @@ def main() -> None:
     timings_log: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    fp32_path = export_onnx(fused_model, work / "fused.fp32.onnx", batch=1)
-    timings_log["export_fp32_s"] = round(time.perf_counter() - t0, 1)
+    fp32_path = work / "fused.fp32.onnx"
+    if not (args.reuse and fp32_path.is_file()):
+        export_onnx(fused_model, fp32_path, batch=1)
+        timings_log["export_fp32_s"] = round(time.perf_counter() - t0, 1)
     if args.site:
         reader = SiteCalibrationReader(args.site, size, n_frames=args.calib_frames)
     else:
         calib, _ = parity_mod.parity_frames(None, size, n=args.calib_frames, seed=7)
         reader = ArrayCalibrationReader(calib, source="random frames")
     t0 = time.perf_counter()
-    int8_path = quantize_int8(fp32_path, work / "fused.int8.onnx", reader)
-    timings_log["quantize_int8_s"] = round(time.perf_counter() - t0, 1)
+    int8_path = work / "fused.int8.onnx"
+    if not (args.reuse and int8_path.is_file()):
+        quantize_int8(fp32_path, int8_path, reader)
+        timings_log["quantize_int8_s"] = round(time.perf_counter() - t0, 1)
 
     variants: dict[str, object] = {}
 
@@ -191,7 +199,7 @@ def main() -> None:
         "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
         "preset": fused_model.generative.cfg.name, "img_size": size, "batch": 1, "threads": args.threads,
         "runs": args.runs, "warmup": args.warmup, "weights": weights, "agreement_frames": frames_source,
-        "setup": timings_log, "artifacts_mb": artifacts, "rows": rows,
+        "setup": timings_log, "torch_threads": torch.get_num_threads(), "ort_spinning": False, "artifacts_mb": artifacts, "rows": rows,
     }
     print(json.dumps(result, indent=2))
     print()

@@ -186,6 +186,36 @@ def test_return_branches_outputs_fusion_inputs(branches):
         assert torch.allclose(c_g.amax(dim=(1, 2, 3)), torch.ones(2)) and torch.all(c_g.amin(dim=(1, 2, 3)) == 0)
 
 
+def test_fp32_bar_excludes_only_ill_conditioned_fusion_pixels(fused):
+    """Where both normalized confidences are ~0 the fusion ratio amplifies 1e-7 rounding to
+    >1e-4 (the premise); the fp32 bar skips exactly those pixels and still catches a real error."""
+    from pocus_edge.models.fusion import fuse
+
+    # premise: a 1e-7 change of one branch's probability at p ~ 0.5 (confidence ~ 0 after the
+    # per-image min-max) moves the fused output by far more than 1e-4
+    p_g = torch.tensor([0.5, 0.9, 0.1, 0.4986]).reshape(1, 1, 2, 2)
+    p_c = torch.tensor([0.5, 0.95, 0.05, 0.5002]).reshape(1, 1, 2, 2)
+    moved = fuse(p_g + torch.tensor([0, 0, 0, 1e-6]).reshape(1, 1, 2, 2), p_c) - fuse(p_g, p_c)
+    assert moved.abs().max() > 1e-4
+    frames = frames_of(2, seed=8)
+    reference, weight_sum = parity_mod.torch_reference_with_weights(fused, frames)
+    with torch.no_grad():
+        assert np.array_equal(reference, fused(torch.from_numpy(frames)).numpy())
+    low = np.argwhere(weight_sum < parity_mod.WELL_CONDITIONED_MIN_WEIGHT)
+    high = np.argwhere(weight_sum >= 0.5)
+    assert len(high) > 0
+    if len(low):
+        noisy = reference.copy()
+        noisy[tuple(low[0])] += 0.01
+        stats = parity_mod.compare(reference, noisy, weight_sum=weight_sum)
+        assert stats["max_abs_diff"] == pytest.approx(0.01, abs=1e-6)
+        assert stats["max_abs_diff_well_conditioned"] == 0 and stats["ill_conditioned_pixels"] == len(low)
+    broken = reference.copy()
+    broken[tuple(high[0])] += 1e-3
+    stats = parity_mod.compare(reference, broken, weight_sum=weight_sum)
+    assert stats["max_abs_diff_well_conditioned"] == pytest.approx(1e-3, abs=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # Reduced precision
 

