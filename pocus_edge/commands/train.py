@@ -40,6 +40,10 @@ def _overrides(items: Optional[List[str]]) -> dict:
 
 
 def _echo_run(kind: str, res, extra: str = "") -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # launched by torchrun: leave the group cleanly
+        dist.destroy_process_group()
     if not _main_process():
         return
     typer.echo(
