@@ -332,22 +332,9 @@ def _onnx_artifact(precision: str) -> Callable[[BenchContext], Path]:
         from ..export.quantize import ArrayCalibrationReader, quantize_int8
 
         reader = ArrayCalibrationReader(ctx.calibration, source="benchmark frames")
-        # onnxruntime's calibration leaves a uuid-named external-data file in the current
-        # directory: run it from the work folder so the user's folder stays clean.
-        with _working_directory(ctx.workdir):
-            return quantize_int8(src, ctx.workdir / "fused-int8.onnx", reader)
+        return quantize_int8(src, ctx.workdir / "fused-int8.onnx", reader)
 
     return build
-
-
-@contextlib.contextmanager
-def _working_directory(path: Path):
-    previous = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
 
 
 def _file_bytes(path: Path) -> int:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -159,7 +160,8 @@ class SiteCalibrationReader(_CalibrationDataReader):
                  n_frames: int = 64, uint8_input: bool = False, batch_size: int = 1, seed: int = 0):
         from ..data.layout import load_site
 
-        self.site = load_site(site_dir, check_sizes=False)
+        # Absolute: quantize_int8 calls the reader from inside its staging folder.
+        self.site = load_site(Path(site_dir).resolve(), check_sizes=False)
         self.records = calibration_records(self.site, n_frames, seed)
         self.img_size = int(img_size)
         self.input_name = input_name
@@ -276,36 +278,41 @@ def quantize_int8(
         raise ExportError(f"unknown calibration method {calibrate_method!r}; choose one of {', '.join(methods)}")
     card = read_onnx_card(src)
     dst = Path(dst)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent if dst.parent.exists() else None))
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent if dst.parent.exists() else None)).resolve()
+    # onnxruntime's pre-processing and calibration write scratch files (a uuid-named external
+    # data file, sym_shape_infer_temp.onnx) into the *current* directory: run them from the
+    # staging folder so nothing leaks into the user's folder.
+    src = Path(src).resolve()
     try:
-        prepared = staging / "prepared.onnx"
-        # Shape inference + graph cleanup recommended by onnxruntime before quantization. Its
-        # symbolic shape inference gives up on some exporter patterns (dynamic-batch Reshape
-        # chains); onnx's own shape inference is then enough for QDQ placement.
-        try:
-            quant_pre_process(str(src), str(prepared), skip_symbolic_shape=False)
-        except Exception:
-            quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-        proto = onnx.load_model(str(prepared))
-        excluded = set(_fusion_tail_nodes(proto)) | set(exclude_nodes or [])
-        if keep_head_fp32:
-            excluded |= set(_precision_sensitive_convs(proto))
-        excluded = sorted(excluded)
-        quantized = staging / "quantized.onnx"
-        quantize_static(
-            str(prepared),
-            str(quantized),
-            calibration_data_reader=reader,
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(op_types),
-            per_channel=per_channel,
-            activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=excluded,
-            calibrate_method=methods[calibrate_method],
-            extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
-        )
-        out = onnx.load_model(str(quantized))
+        with contextlib.chdir(staging):
+            prepared = staging / "prepared.onnx"
+            # Shape inference + graph cleanup recommended by onnxruntime before quantization. Its
+            # symbolic shape inference gives up on some exporter patterns (dynamic-batch Reshape
+            # chains); onnx's own shape inference is then enough for QDQ placement.
+            try:
+                quant_pre_process(str(src), str(prepared), skip_symbolic_shape=False)
+            except Exception:
+                quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+            proto = onnx.load_model(str(prepared))
+            excluded = set(_fusion_tail_nodes(proto)) | set(exclude_nodes or [])
+            if keep_head_fp32:
+                excluded |= set(_precision_sensitive_convs(proto))
+            excluded = sorted(excluded)
+            quantized = staging / "quantized.onnx"
+            quantize_static(
+                str(prepared),
+                str(quantized),
+                calibration_data_reader=reader,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(op_types),
+                per_channel=per_channel,
+                activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=excluded,
+                calibrate_method=methods[calibrate_method],
+                extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
+            )
+            out = onnx.load_model(str(quantized))
     except (ExportError, DataError):
         raise
     except Exception as exc:
