@@ -36,7 +36,6 @@ import os
 import platform
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -76,52 +75,16 @@ def say(text: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: the simulator, parallel over patients (same pixels as phantom.simulate)
-
-
-def _render_patients(args):
-    domain, preset, seed, patients, root = args
-    from pocus_edge.data.layout import IMAGES, MASKS, write_gray_png
-    from pocus_edge.data.phantom import iter_site_frames
-
-    records = []
-    for rec, image, mask in iter_site_frames(domain, preset=preset, seed=seed, patients=patients):
-        write_gray_png(Path(root) / IMAGES / rec.filename, image)
-        if rec.labeled:
-            write_gray_png(Path(root) / MASKS / rec.filename, mask.astype("uint8"))
-        records.append(rec)
-    return patients[0], records
+# Data
 
 
 def simulate_parallel(out: Path, preset: str, seed: int, workers: int) -> None:
-    from pocus_edge.data.layout import MANIFEST, load_site, write_manifest
-    from pocus_edge.data.phantom import get_preset
-    from pocus_edge.data.splits import assign_splits
+    """The simulator's own parallel mode (byte-identical to a single process)."""
+    from pocus_edge.data.phantom import simulate
 
-    p = get_preset(preset)
-    jobs = []
-    for domain in ("source", "target"):
-        root = out / domain
-        if (root / MANIFEST).exists():
-            continue
-        (root / "Images").mkdir(parents=True, exist_ok=True)
-        (root / "Masks").mkdir(parents=True, exist_ok=True)
-        jobs += [(domain, preset, seed, [i], str(root)) for i in range(p.patients)]
-    if not jobs:
-        return
     t0 = time.perf_counter()
-    say(f"simulating {preset} data into {out} with {workers} processes ({len(jobs)} patient sweeps)")
-    results: dict[str, list] = {"source": [], "target": []}
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        for job, (first, recs) in zip(jobs, pool.map(_render_patients, jobs)):
-            results[job[0]].append((first, recs))
-    for domain, parts in results.items():
-        if not parts:
-            continue
-        records = [r for _, recs in sorted(parts, key=lambda t: t[0]) for r in recs]
-        records = assign_splits(records, domain=domain, seed=seed)
-        write_manifest(out / domain / MANIFEST, records)
-        load_site(out / domain)
+    say(f"simulating {preset} data into {out} with {workers} processes")
+    simulate(out, preset=preset, seed=seed, progress=False, workers=workers, overwrite=True)
     say(f"simulated in {time.perf_counter() - t0:.0f}s")
 
 
