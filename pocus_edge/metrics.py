@@ -11,6 +11,15 @@ from dataclasses import dataclass
 import numpy as np
 
 THRESHOLD = 0.5
+# The one mask rule of the project (METHOD.md: threshold 0.5): bone where the probability is
+# strictly greater than the threshold. Scoring, export parity, the runtime, the golden vectors
+# and the Android port all use it, so a pixel at exactly 0.5 is background everywhere.
+MASK_RULE = "prob > threshold"
+
+
+def binarize(prob, threshold: float = THRESHOLD):
+    """Bone mask of a probability map (numpy or torch) under MASK_RULE."""
+    return prob > threshold
 
 
 def _as_binary_batch(x: np.ndarray, threshold: float | None) -> np.ndarray:
@@ -24,7 +33,7 @@ def _as_binary_batch(x: np.ndarray, threshold: float | None) -> np.ndarray:
         arr = arr[:, 0]
     if arr.ndim != 3:
         raise ValueError(f"expected (N,1,H,W), (N,H,W) or (H,W), got shape {arr.shape}")
-    binary = arr > threshold if threshold is not None else arr.astype(bool)
+    binary = binarize(arr, threshold) if threshold is not None else arr.astype(bool)
     return binary.reshape(binary.shape[0], -1)
 
 

@@ -26,7 +26,7 @@ def _check_golden_folder(folder: Path) -> dict:
     """Every array in a golden folder against an independent recomputation by the pipeline."""
     index = golden.read_golden(folder)
     assert index["interpolation"] == transforms.INTERPOLATION
-    assert index["mask_rule"] == "prob >= threshold"
+    assert index["mask_rule"] == "prob > threshold"
     threshold = np.float32(index["threshold"])
     for case in index["cases"]:
         frame = np.load(folder / case["frame"])
@@ -48,14 +48,14 @@ def _check_golden_folder(folder: Path) -> dict:
             prob = np.load(folder / case["prob"])
             mask = np.load(folder / case["mask"])
             assert prob.dtype == np.float32 and prob.shape == (case["prob_size"],) * 2
-            np.testing.assert_array_equal(mask, (prob >= threshold).astype(np.uint8))
+            np.testing.assert_array_equal(mask, (prob > threshold).astype(np.uint8))
             assert 0.05 < mask.mean() < 0.95, "a mask that is (nearly) all one class tests no thresholding"
             frame_mask = np.load(folder / case["frame_mask"])
             assert frame_mask.shape == frame.shape
     probe_p = np.load(folder / index["threshold_probe"]["prob"])
     probe_m = np.load(folder / index["threshold_probe"]["mask"])
     assert np.any(probe_p == threshold), "the probe must hold the threshold itself"
-    np.testing.assert_array_equal(probe_m, (probe_p >= threshold).astype(np.uint8))
+    np.testing.assert_array_equal(probe_m, (probe_p > threshold).astype(np.uint8))
     lat = index["latency_probe"]
     for q, value in lat["percentiles"].items():
         assert value == pytest.approx(np.percentile(lat["samples_ms"], float(q)), abs=1e-12)

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError, PocusError
+from ..metrics import THRESHOLD
 from .formats import BASELINE, BenchContext, FormatSpec, Prepared, resolve_formats
 from .machine import describe_machine, device_label, probe_matmul_gflops
 from .schema import SCHEMA_VERSION, validate_report
 
-THRESHOLD = 0.5
 
 
 @dataclass

@@ -21,10 +21,9 @@ trivial to parse without NumPy). For every frame ``i`` and every output size ``S
 plus ``threshold_probe_prob.npy``/``threshold_probe_mask.npy``: values at and next to the
 threshold, so a port that uses ``>=`` where Python uses ``>`` (or the reverse) fails.
 
-The mask rule follows the streaming runtime (``pocus_edge.runtime.pipeline``: ``prob >=
-threshold``, the threshold from the model card, 0.5), which is what the app mirrors.
-``pocus_edge.metrics`` scores with ``prob > 0.5`` instead; the two differ only on pixels whose
-probability is exactly 0.5. ``index.json`` states the rule and threshold so a port reads them
+The mask rule is the project's one rule, ``pocus_edge.metrics.MASK_RULE`` (``prob >
+threshold``, the threshold from the model card, 0.5), used alike by scoring, export parity and
+the streaming runtime. ``index.json`` states the rule and threshold so a port reads them
 instead of guessing.
 
 Probabilities come from onnxruntime on a fused ONNX file when one is given; otherwise from a
@@ -44,6 +43,7 @@ import numpy as np
 from ..data import transforms
 from ..errors import DataError, ExportError
 from ..io import write_bytes_atomic, write_json_atomic
+from ..metrics import MASK_RULE, THRESHOLD, binarize
 
 GOLDEN_FORMAT = "pocus-edge-golden/1"
 # Raw frame sizes (H, W): wide and tall, down- and upscaled, one padded side of exactly 2x the
@@ -202,9 +202,7 @@ def _probability_model(model: str | Path | None, seed: int):
         return None
 
 
-# The streaming runtime's rule (pocus_edge.runtime.pipeline thresholds with ``p >= threshold``).
-MASK_RULE = "prob >= threshold"
-DEFAULT_THRESHOLD = 0.5  # METHOD.md; exported model cards carry it as "threshold"
+DEFAULT_THRESHOLD = THRESHOLD  # METHOD.md; exported model cards carry it as "threshold"
 
 
 def threshold_probe(threshold: float) -> np.ndarray:
@@ -215,8 +213,8 @@ def threshold_probe(threshold: float) -> np.ndarray:
 
 
 def mask_of(prob: np.ndarray, threshold: float) -> np.ndarray:
-    """The runtime's mask rule (MASK_RULE): bone where prob >= threshold."""
-    return (np.asarray(prob) >= np.float32(threshold)).astype(np.uint8)
+    """The project's mask rule (MASK_RULE) as uint8: 1 where prob > threshold."""
+    return binarize(np.asarray(prob), np.float32(threshold)).astype(np.uint8)
 
 
 def probability_at_frame(prob: np.ndarray, frame_shape: tuple[int, int]) -> np.ndarray:

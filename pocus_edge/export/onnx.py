@@ -22,6 +22,7 @@ import torch
 
 from ..errors import ExportError
 from ..io import atomic_path
+from ..metrics import THRESHOLD
 
 CARD_KEY = "pocus_edge_card"
 CARD_FORMAT = "pocus-edge-export/1"
@@ -29,7 +30,6 @@ DEFAULT_OPSET = 18
 MIN_OPSET = 17
 INPUT_NAME = "frames"
 DEFAULT_MAX_BATCH = 64
-THRESHOLD = 0.5
 # protobuf cannot serialize a message over 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 

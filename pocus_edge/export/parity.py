@@ -14,8 +14,8 @@ import numpy as np
 
 from ..errors import ExportError
 from ..io import write_json_atomic, write_text_atomic
+from ..metrics import THRESHOLD, binarize
 
-THRESHOLD = 0.5
 
 
 @dataclass
@@ -148,7 +148,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, *, threshold: float = 
         raise ExportError(f"parity: output shape {candidate.shape} != PyTorch {reference.shape}")
     nonfinite = int((~np.isfinite(candidate)).sum())
     diff = np.abs(reference.astype(np.float64) - np.nan_to_num(candidate.astype(np.float64), nan=0.5))
-    dice = dice_per_image(reference > threshold, candidate > threshold)
+    dice = dice_per_image(binarize(reference, threshold), binarize(candidate, threshold))
     conditioned = np.ones(diff.shape, dtype=bool) if weight_sum is None else weight_sum >= WELL_CONDITIONED_MIN_WEIGHT
     return {
         "max_abs_diff": float(diff.max()),
@@ -157,8 +157,8 @@ def compare(reference: np.ndarray, candidate: np.ndarray, *, threshold: float = 
         "mean_abs_diff": float(diff.mean()),
         "mask_dice_mean": float(dice.mean()),
         "mask_dice_min": float(dice.min()),
-        "mask_pixel_disagreement": float(((reference > threshold) != (candidate > threshold)).mean()),
-        "foreground_fraction_reference": float((reference > threshold).mean()),
+        "mask_pixel_disagreement": float((binarize(reference, threshold) != binarize(candidate, threshold)).mean()),
+        "foreground_fraction_reference": float(binarize(reference, threshold).mean()),
         "nonfinite_outputs": nonfinite,
     }
 

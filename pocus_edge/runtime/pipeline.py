@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from ..metrics import binarize
 from ..errors import DataError, PocusError
 from .stats import ProgressLine, RunStats
 
@@ -283,11 +284,11 @@ def run_stream(
                             w_frame = to_frame_resolution(weight[k, 0], item.frame.shape) if weight is not None else None
                         else:
                             p_frame, w_frame = p, (weight[k, 0] if weight is not None else None)
-                        result = FrameResult(item.index, item.timestamp_ms, item.frame, p_frame, p_frame >= threshold, w_frame)
+                        result = FrameResult(item.index, item.timestamp_ms, item.frame, p_frame, binarize(p_frame, threshold), w_frame)
                         for sink in sinks:
                             sink.write(result)
                     else:
-                        _ = p >= threshold  # the threshold is part of the measured work
+                        _ = binarize(p, threshold)  # the threshold is part of the measured work
                     t1 = time.perf_counter()
                     stats.stages["infer"].add(infer_ms)
                     stats.stages["postprocess"].add((t1 - t0) * 1000.0)

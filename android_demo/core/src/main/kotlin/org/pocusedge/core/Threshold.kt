@@ -1,10 +1,10 @@
 package org.pocusedge.core
 
 /**
- * Probability -> binary mask. The Python streaming runtime (pocus_edge.runtime.pipeline; the
- * golden index's "mask_rule") marks bone where prob >= threshold; pocus_edge.metrics scores with
- * prob > threshold. The two differ only at exactly the threshold, which a parity test does
- * notice, so the rule is read from the golden index instead of assumed.
+ * Probability -> binary mask. The Python project has one rule (pocus_edge.metrics.MASK_RULE,
+ * written into the golden index as "mask_rule"): bone where prob > threshold. Scoring, export
+ * parity and the streaming runtime all use it; the golden tests read the rule from the index and
+ * probe values at the threshold, so a port that used >= would fail.
  */
 enum class MaskRule(val text: String) {
     GREATER("prob > threshold"),
@@ -14,8 +14,8 @@ enum class MaskRule(val text: String) {
         if (this == GREATER) prob > threshold else prob >= threshold
 
     companion object {
-        /** The streaming runtime's rule, which the app mirrors. */
-        val DEFAULT = GREATER_OR_EQUAL
+        /** The Python project's rule (pocus_edge.metrics.MASK_RULE), which the app mirrors. */
+        val DEFAULT = GREATER
 
         fun parse(text: String): MaskRule = values().firstOrNull { it.text == text.trim() }
             ?: throw IllegalArgumentException("unknown mask rule '$text'; expected one of " +
