@@ -16,10 +16,6 @@ from torch import nn
 
 from ..errors import ExportError
 
-FUSION_METHODS = ("entropy", "margin", "average")
-FUSION_NORMS = ("image", "batch")
-FUSION_FORMULAS = ("weighted", "paper")
-
 
 class FusedSegmenter(nn.Module):
     """Generative + contrastive TransUNet and the fusion head in one forward pass.
@@ -61,12 +57,6 @@ class FusedSegmenter(nn.Module):
         size_g, size_c = generative.cfg.img_size, contrastive.cfg.img_size
         if size_g != size_c:
             raise ExportError(f"branches disagree on the input size ({size_g} vs {size_c}); fine-tune both on the same preset")
-        if method not in FUSION_METHODS:
-            raise ExportError(f"unknown fusion method {method!r}; choose one of {', '.join(FUSION_METHODS)}")
-        if norm not in FUSION_NORMS:
-            raise ExportError(f"unknown fusion norm {norm!r}; choose one of {', '.join(FUSION_NORMS)}")
-        if formula not in FUSION_FORMULAS:
-            raise ExportError(f"unknown fusion formula {formula!r}; choose one of {', '.join(FUSION_FORMULAS)}")
         self.generative = generative
         self.contrastive = contrastive
         self.fusion = FusionHead(method=method, norm=norm, formula=formula)
