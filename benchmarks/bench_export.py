@@ -28,16 +28,6 @@ import numpy as np
 import torch
 
 
-def spread_logits(branch, frames: np.ndarray, std: float = 3.0) -> None:
-    x = torch.from_numpy(frames)
-    with torch.no_grad():
-        logits = branch(x)
-        head = branch.decoder.head
-        head.weight.mul_(std / logits.std())
-        head.bias.mul_(std / logits.std())
-        head.bias.sub_(branch(x).mean())
-
-
 def ort_session(path: Path, threads: int, level: str = "all", optimized_out: Path | None = None):
     import onnxruntime as ort
 
@@ -85,6 +75,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from pocus_edge.config import model_preset
     from pocus_edge.export import parity as parity_mod
+    from pocus_edge.export.parity import spread_head_logits
     from pocus_edge.export.fused import FusedSegmenter, load_fused
     from pocus_edge.export.onnx import export_onnx
     from pocus_edge.export.quantize import ArrayCalibrationReader, SiteCalibrationReader, convert_fp16, quantize_int8
@@ -101,8 +92,8 @@ def main() -> None:
         torch.manual_seed(0)
         g, c = TransUNet(cfg).eval(), TransUNet(cfg).eval()
         probe, _ = parity_mod.parity_frames(None, cfg.img_size, n=2, seed=99)
-        spread_logits(g, probe)
-        spread_logits(c, probe)
+        spread_head_logits(g, probe)
+        spread_head_logits(c, probe)
         fused_model = FusedSegmenter(g, c).eval()
         weights = "random (head rescaled to logit std 3)"
     size = fused_model.img_size

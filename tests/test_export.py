@@ -16,6 +16,7 @@ import torch
 from pocus_edge.config import model_preset, to_dict
 from pocus_edge.errors import ExportError
 from pocus_edge.export import parity as parity_mod
+from pocus_edge.export.parity import spread_head_logits
 from pocus_edge.export.fused import FusedSegmenter, load_fused
 from pocus_edge.export.onnx import CARD_KEY, INPUT_NAME, check_onnx, export_onnx, read_onnx_card
 from pocus_edge.models.transunet import TransUNet
@@ -24,24 +25,13 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 
-def spread_logits(branch: TransUNet, frames: np.ndarray, std: float = 3.0) -> None:
-    """Rescale the head so the logits on ``frames`` have mean 0 and the given std."""
-    x = torch.from_numpy(frames)
-    with torch.no_grad():
-        logits = branch(x)
-        head = branch.decoder.head
-        head.weight.mul_(std / logits.std())
-        head.bias.mul_(std / logits.std())
-        head.bias.sub_(branch(x).mean())
-
-
 def make_branches(preset: str = "tiny", seed: int = 0) -> tuple[TransUNet, TransUNet]:
     cfg = model_preset(preset)
     torch.manual_seed(seed)
     g, c = TransUNet(cfg).eval(), TransUNet(cfg).eval()
     frames, _ = parity_mod.parity_frames(None, cfg.img_size, n=4, seed=99)
-    spread_logits(g, frames)
-    spread_logits(c, frames)
+    spread_head_logits(g, frames)
+    spread_head_logits(c, frames)
     return g, c
 
 
@@ -120,7 +110,7 @@ def test_per_image_fusion_is_independent_of_batch_mates(fused, fp32_onnx, branch
     torch.manual_seed(1)
     g, c = (TransUNet(branches[0].cfg).eval() for _ in range(2))
     for branch in (g, c):
-        spread_logits(branch, x, std=0.05)
+        spread_head_logits(branch, x, std=0.05)
     mates = np.concatenate([x[:1], np.zeros_like(x[1:2]), x[2:]])
     with torch.no_grad():
         for norm, moves in (("batch", True), ("image", False)):

@@ -261,3 +261,19 @@ def enforce(report: dict[str, Any]) -> None:
         f"{report['artifact']}: {report['precision']} parity failed: {metric} = {report[metric]:.4g}, "
         f"bar {limit} (frames: {report['frames']['source']}); see {parity_paths(report['artifact'])[1].name}"
     )
+
+
+def spread_head_logits(branch, frames: np.ndarray, std: float = 3.0) -> None:
+    """Rescale a random-weight branch's output head so its logits on ``frames`` have mean 0 and
+    standard deviation ``std``. Raw random heads put every probability within a few hundredths of
+    0.5, so every mask is empty and any two graphs "agree"; parity checks and speed benchmarks on
+    random weights use this to get trained-like, decisive masks. Never used on trained weights."""
+    import torch
+
+    x = torch.from_numpy(frames)
+    with torch.no_grad():
+        logits = branch(x)
+        head = branch.decoder.head
+        head.weight.mul_(std / logits.std())
+        head.bias.mul_(std / logits.std())
+        head.bias.sub_(branch(x).mean())
