@@ -14,23 +14,16 @@ object Postprocess {
     private class Taps(val i0: IntArray, val i1: IntArray, val w0: FloatArray, val w1: FloatArray)
 
     private fun taps(nIn: Int, nOut: Int, clampEdges: Boolean): Taps {
+        val src = Preprocess.openCvLinearSource(nIn, nOut, clampEdges)
         val i0 = IntArray(nOut)
         val i1 = IntArray(nOut)
         val w0 = FloatArray(nOut)
         val w1 = FloatArray(nOut)
-        val scale = 1.0 / (nOut.toDouble() / nIn.toDouble())
         for (i in 0 until nOut) {
-            var f = ((i + 0.5) * scale - 0.5).toFloat()
-            var s = Math.floor(f.toDouble()).toInt()
-            f -= s.toFloat()
-            if (clampEdges) {
-                if (s < 0) { f = 0f; s = 0 }
-                if (s >= nIn - 1) { f = 0f; s = nIn - 1 }
-            }
-            i0[i] = clip(s, nIn)
-            i1[i] = clip(s + 1, nIn)
-            w0[i] = 1f - f
-            w1[i] = f
+            i0[i] = clip(src.start[i], nIn)
+            i1[i] = clip(src.start[i] + 1, nIn)
+            w0[i] = 1f - src.frac[i]
+            w1[i] = src.frac[i]
         }
         return Taps(i0, i1, w0, w1)
     }

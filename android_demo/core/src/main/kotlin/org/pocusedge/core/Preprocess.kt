@@ -135,10 +135,16 @@ object Preprocess {
     /** OpenCV's per-axis source index and fixed-point weights. */
     private class FixedTaps(val index: IntArray, val w0: IntArray, val w1: IntArray)
 
-    private fun openCvTaps(nIn: Int, nOut: Int, clampEdges: Boolean): FixedTaps {
-        val index = IntArray(nOut)
-        val w0 = IntArray(nOut)
-        val w1 = IntArray(nOut)
+    /** OpenCV INTER_LINEAR's source position per output index along one axis: the left tap
+     *  and the float32 fraction towards the next one. Positions follow OpenCV (scale from the
+     *  inverse ratio in double, half-pixel centres, float32 fraction); with ``clampEdges`` (the
+     *  horizontal axis) positions outside the image snap to the edge with fraction 0. Shared by
+     *  the uint8 fixed-point path here and the float path of Postprocess. */
+    internal class LinearSource(val start: IntArray, val frac: FloatArray)
+
+    internal fun openCvLinearSource(nIn: Int, nOut: Int, clampEdges: Boolean): LinearSource {
+        val start = IntArray(nOut)
+        val frac = FloatArray(nOut)
         // OpenCV derives the scale from the inverse ratio: 1 / (dst / src), in double.
         val scale = 1.0 / (nOut.toDouble() / nIn.toDouble())
         for (i in 0 until nOut) {
@@ -149,12 +155,23 @@ object Preprocess {
                 if (s < 0) { f = 0f; s = 0 }
                 if (s >= nIn - 1) { f = 0f; s = nIn - 1 }
             }
-            index[i] = s
+            start[i] = s
+            frac[i] = f
+        }
+        return LinearSource(start, frac)
+    }
+
+    private fun openCvTaps(nIn: Int, nOut: Int, clampEdges: Boolean): FixedTaps {
+        val src = openCvLinearSource(nIn, nOut, clampEdges)
+        val w0 = IntArray(nOut)
+        val w1 = IntArray(nOut)
+        for (i in 0 until nOut) {
+            val f = src.frac[i]
             // saturate_cast<short>(float): round half to even, like lrint.
             w0[i] = Math.rint(((1f - f) * COEF_SCALE.toFloat()).toDouble()).toInt()
             w1[i] = Math.rint((f * COEF_SCALE.toFloat()).toDouble()).toInt()
         }
-        return FixedTaps(index, w0, w1)
+        return FixedTaps(src.start, w0, w1)
     }
 
     private fun clip(v: Int, n: Int): Int = if (v < 0) 0 else if (v >= n) n - 1 else v
