@@ -53,6 +53,23 @@ def test_missing_folder_exits_2_with_one_line(tmp_path, args):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("export", "--no-such-option"), "No such option: --no-such-option"),
+        (("no-such-command",), "No such command 'no-such-command'"),
+        (("benchmark", "--batch", "1", "--runs", "0"), "--runs"),
+    ],
+)
+def test_usage_errors_exit_2_without_traceback(args, expected):
+    # typer >= 0.22 raises its vendored click's exceptions, which are not click.ClickException:
+    # main() must still turn them into click's short usage message.
+    result = run_cli(*args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
 def _small_site(root, n_patients=8):
     writer = SiteWriter(root)
     img = np.zeros((6, 8), np.uint8)
