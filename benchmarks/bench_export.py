@@ -95,7 +95,7 @@ def main() -> None:
         spread_head_logits(g, probe)
         spread_head_logits(c, probe)
         fused_model = FusedSegmenter(g, c).eval()
-        weights = "random (head rescaled to logit std 3)"
+        weights = "random (head rescaled: logits median 0, std 3)"
     size = fused_model.img_size
     generative, contrastive = fused_model.generative, fused_model.contrastive
     frames, frames_source = parity_mod.parity_frames(args.site, size, n=args.frames)

@@ -126,22 +126,14 @@ def _eval_frames(opts: BenchmarkOptions, img_size: int) -> tuple[np.ndarray, np.
 
 
 def _decisive_random_head(fused, frames: np.ndarray, device: torch.device) -> None:
-    """Random weights give probabilities within ~0.03 of 0.5 everywhere and all-empty masks, on
-    which every format "agrees" trivially. Rescale each branch's output head so that its logits
-    on the eval frames have median 0 and standard deviation 4 (about half the pixels foreground,
-    most of them confident, a few near the threshold, as in a trained model): the agreement
-    check then measures real disagreement. Only done for random weights."""
+    """Random weights give all-empty masks on which every format "agrees" trivially: rescale each
+    branch's output head (logits median 0, standard deviation 4 on the eval frames) so that the
+    agreement check measures real disagreement. Only done for random weights."""
+    from ..export.parity import spread_head_logits
+
     x = torch.from_numpy(frames).to(device)
     for branch in (fused.generative, fused.contrastive):
-        with torch.inference_mode():
-            logits = branch(x).float()
-        median = float(logits.median())
-        spread = float(logits.std()) or 1.0
-        scale = 4.0 / spread
-        head = branch.decoder.head
-        with torch.no_grad():
-            head.weight.mul_(scale)
-            head.bias.sub_(median).mul_(scale)
+        spread_head_logits(branch, x, std=4.0)
 
 
 # ---------------------------------------------------------------------------------------------

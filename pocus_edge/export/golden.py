@@ -164,24 +164,16 @@ class _RandomFusedProbabilities:
         }
 
     def calibrate(self, frames: list[np.ndarray]) -> None:
-        """Rescale each branch's output layer so its logits on these frames have median 0 and a
-        spread of about +-4: random weights alone give probabilities bunched just under 0.5 and
-        an empty mask, which would not test a port's thresholding at all."""
-        import torch
+        """Rescale each branch's output layer so its logits on these frames have median 0 and
+        standard deviation 3 (:func:`.parity.spread_head_logits`): random weights alone give
+        probabilities bunched just under 0.5 and an empty mask, which would not test a port's
+        thresholding at all."""
+        from .parity import spread_head_logits
 
-        x = torch.from_numpy(np.stack([transforms.preprocess_frame(f, self.img_size) for f in frames]))
-        with torch.no_grad():
-            for branch in (self.model.generative, self.model.contrastive):
-                head = getattr(branch.decoder, "head", None)
-                if not isinstance(head, torch.nn.Conv2d) or head.bias is None:
-                    continue
-                logits = branch(x).flatten().double()
-                centre = float(logits.median())
-                spread = float(logits.quantile(0.95) - logits.quantile(0.05)) or 1.0
-                gain = 8.0 / spread
-                head.weight.mul_(gain)
-                head.bias.copy_((head.bias - centre) * gain)
-        self.description["calibrated"] = "output layers rescaled: median logit 0, 5-95% spread 8"
+        x = np.stack([transforms.preprocess_frame(f, self.img_size) for f in frames])
+        for branch in (self.model.generative, self.model.contrastive):
+            spread_head_logits(branch, x, std=3.0)
+        self.description["calibrated"] = "output layers rescaled: logits median 0, standard deviation 3"
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         import torch

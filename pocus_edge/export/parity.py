@@ -263,17 +263,24 @@ def enforce(report: dict[str, Any]) -> None:
     )
 
 
-def spread_head_logits(branch, frames: np.ndarray, std: float = 3.0) -> None:
-    """Rescale a random-weight branch's output head so its logits on ``frames`` have mean 0 and
-    standard deviation ``std``. Raw random heads put every probability within a few hundredths of
-    0.5, so every mask is empty and any two graphs "agree"; parity checks and speed benchmarks on
-    random weights use this to get trained-like, decisive masks. Never used on trained weights."""
+def spread_head_logits(branch, frames, std: float = 3.0) -> None:
+    """Rescale a random-weight branch's output head so its logits on ``frames`` have median 0
+    and standard deviation ``std``: about half the pixels foreground, most of them confident and
+    a few near the threshold, as in a trained model. Raw random heads put every probability
+    within a few hundredths of 0.5, so every mask is empty and any two graphs "agree"; parity
+    tests, speed benchmarks and the Android golden set use this on random weights, never on
+    trained ones. ``frames`` (N, C, S, S) float32, numpy or torch; the head is a linear 1x1
+    convolution, so logits' = gain * (logits - median) is exact."""
     import torch
 
-    x = torch.from_numpy(frames)
+    head = getattr(getattr(branch, "decoder", None), "head", None)
+    if not isinstance(head, torch.nn.Conv2d) or head.bias is None:
+        raise TypeError(f"{type(branch).__name__} has no biased 1x1 output head (decoder.head) to rescale")
+    x = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(frames))
+    x = x.to(head.weight.device)
     with torch.no_grad():
-        logits = branch(x)
-        head = branch.decoder.head
-        head.weight.mul_(std / logits.std())
-        head.bias.mul_(std / logits.std())
-        head.bias.sub_(branch(x).mean())
+        logits = branch(x).double()
+        gain = std / (float(logits.std()) or 1.0)
+        centre = float(logits.median())
+        head.weight.mul_(gain)
+        head.bias.sub_(centre).mul_(gain)
