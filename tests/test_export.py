@@ -7,6 +7,7 @@ thresholded masks and min-max normalized confidences are degenerate and parity m
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,28 @@ def make_branches(preset: str = "tiny", seed: int = 0) -> tuple[TransUNet, Trans
     spread_head_logits(g, frames)
     spread_head_logits(c, frames)
     return g, c
+
+
+def test_spread_head_logits_sets_median_and_spread():
+    """The random-weight head rescaling used by the parity tests, the benchmark and the golden set:
+    afterwards the branch's logits on the same frames have median 0 and the requested std."""
+    cfg = model_preset("tiny")
+    torch.manual_seed(3)
+    branch = TransUNet(cfg).eval()
+    frames, _ = parity_mod.parity_frames(None, cfg.img_size, n=3, seed=5)
+    with torch.no_grad():
+        before = branch(torch.from_numpy(frames)).double()
+    assert float(before.std()) < 0.5  # raw random heads are indecisive
+    spread_head_logits(branch, frames, std=4.0)
+    with torch.no_grad():
+        after = branch(torch.from_numpy(frames)).double()
+    assert float(after.median()) == pytest.approx(0.0, abs=1e-4)
+    assert float(after.std()) == pytest.approx(4.0, rel=1e-4)
+    # an affine map of the old logits: the ranking of the pixels is unchanged
+    gain = float(after.std() / before.std())
+    np.testing.assert_allclose((after - after.median()).numpy(), (gain * (before - before.median())).numpy(), atol=1e-3)
+    with pytest.raises(TypeError, match="output head"):
+        spread_head_logits(torch.nn.Identity(), frames)
 
 
 def ort_run(path, x: np.ndarray) -> np.ndarray:
@@ -212,6 +235,22 @@ def test_fp32_bar_excludes_only_ill_conditioned_fusion_pixels(fused):
 
 def test_fp16_conversion_parity(fused, fp32_onnx, tmp_path):
     from pocus_edge.export.quantize import convert_fp16
+
+    # Plant values fp16 cannot hold in one weight: the converter clamps them, and convert_fp16
+    # counts its per-tensor warnings into the card instead of printing them.
+    planted = onnx.load(str(fp32_onnx))
+    weight = next(t for t in planted.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4)
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values.flat[:3] = [3e-9, -2e-8, 1e5]  # positive and negative underflow, positive overflow
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    onnx.save(planted, str(tmp_path / "planted.onnx"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning that escapes fails the test
+        clamped = read_onnx_card(convert_fp16(tmp_path / "planted.onnx", tmp_path / "planted.fp16.onnx"))["fp16"]
+    baseline = read_onnx_card(convert_fp16(fp32_onnx, tmp_path / "base.fp16.onnx"))["fp16"]["tensors_clamped"]
+    assert clamped["tensors_clamped"]["overflow"] == baseline["overflow"] + 1
+    # the planted tensor may already have had underflowing values of either sign
+    assert baseline["underflow"] <= clamped["tensors_clamped"]["underflow"] <= baseline["underflow"] + 2
 
     path = convert_fp16(fp32_onnx, tmp_path / "fused.fp16.onnx")
     proto = onnx.load(str(path))

@@ -17,6 +17,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,6 +31,8 @@ INT8_OP_TYPES = ("Conv", "MatMul", "Gemm")
 # Op types kept out of fp16 wherever they occur: the branch sigmoids (their outputs feed the
 # entropy confidence, where fp16 rounds 1 - 1e-6 to 1 and log(0) turns into NaN).
 FP16_BLOCK_OPS = ("Sigmoid",)
+# onnxconverter-common's warning for a value it clamps to +-1e-7 (below fp16's normal range).
+_FP16_CLAMP_WARNING = "will be truncated to"
 
 
 def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, *, keep_io_types: bool = True,
@@ -45,9 +48,21 @@ def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, *, keep_io_type
     block = list(float16.DEFAULT_OP_BLOCK_LIST) + list(op_block_list or ())
     tail = _fusion_tail_nodes(proto)
     private = _private_tail_constants(proto, set(tail))
-    converted = float16.convert_float_to_float16(
-        proto, keep_io_types=keep_io_types, op_block_list=block, node_block_list=tail
-    )
+    # The converter warns for every tensor holding values outside fp16's range, which it clamps
+    # (its defaults: |x| < 1e-7 -> +-1e-7, |x| > 1e4 -> +-1e4): hundreds of lines on a real network. Count
+    # them into the card (underflow is harmless; overflow would change results) instead.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = float16.convert_float_to_float16(
+            proto, keep_io_types=keep_io_types, op_block_list=block, node_block_list=tail
+        )
+    clamps = {"underflow": 0, "overflow": 0}
+    for w in caught:
+        text = str(w.message)
+        if issubclass(w.category, UserWarning) and _FP16_CLAMP_WARNING in text:
+            clamps["overflow" if _clamp_target(text) >= 1.0 else "underflow"] += 1
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     _restore_fp32_constants(converted, private)
     _drop_fp16_round_trips(converted)
     import onnxslim
@@ -55,11 +70,20 @@ def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, *, keep_io_type
     converted = onnxslim.slim(converted)  # folds the Identity nodes left by the bypass
     card = dict(card, precision="fp16", fp16={
         "keep_io_types": keep_io_types, "fp32_ops": sorted(set(op_block_list or ())), "fp32_tail_nodes": len(tail),
+        "tensors_clamped": clamps,
     })
     set_card(converted, card)
     save_onnx_atomic(converted, dst)
     check_onnx(dst)
     return Path(dst)
+
+
+def _clamp_target(message: str) -> float:
+    """|value| a converter warning clamps to ("the float32 number X will be truncated to Y" -> |Y|)."""
+    try:
+        return abs(float(message.rsplit(_FP16_CLAMP_WARNING, 1)[1].strip()))
+    except ValueError:
+        return 0.0
 
 
 def _private_tail_constants(proto, fp32_nodes: set[str]) -> set[str]:
