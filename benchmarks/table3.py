@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--budget", default="quick", choices=sorted(BUDGETS))
     ap.add_argument("--train-seconds", type=float, default=None, help="override the budget's total training time")
+    ap.add_argument("--steps", default=None,
+                    help="planned steps per stage kind, e.g. contrastive=800,mim=600 (overrides the budget; "
+                         "contrastive pretraining on the small preset sits at chance for its first ~200-300 steps)")
     ap.add_argument("--gaps", default=None, help="comma-separated MT-NXent frame gaps to try (overrides the budget)")
     ap.add_argument("--sim-preset", default="bench", help="simulator preset when --data is missing")
     ap.add_argument("--seed", type=int, default=0)
@@ -123,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     budget = dict(BUDGETS[args.budget])
     if args.train_seconds is not None:
         budget["seconds"] = args.train_seconds
+    for item in filter(None, (args.steps or "").split(",")):
+        kind, _, value = item.partition("=")
+        if kind not in ("mim", "contrastive", "finetune") or not value.isdigit() or int(value) < 1:
+            ap.error(f"--steps: {item!r} is not KIND=N with KIND mim, contrastive or finetune and N >= 1")
+        budget[kind] = (int(value), budget[kind][1])
     gaps = [int(g) for g in args.gaps.split(",")] if args.gaps else list(budget["gaps"])
     n_seeds = args.seeds if args.seeds is not None else budget["seeds"]
     # Source-only -> target transfer varies a lot between runs (benchmarks/notes/simulator.md), so
