@@ -369,3 +369,51 @@ def test_paper_gflops_match_flop_counter():
     from pocus_edge.models.flops import model_report
 
     assert reported == pytest.approx(model_report("paper")["fused"]["gflops"], rel=0.02)
+
+
+# ---------------------------------------------------------------------------------------------
+# plot
+
+
+def test_plot_draws_the_reported_fps_speedups_and_agreement(tmp_path):
+    import matplotlib.patches
+
+    from pocus_edge.benchmark.plot import plot_reports
+
+    cpu = _hand_report("Intel Xeon", [("eager-2model", "fp32", {1: 2.0}), ("fused-bf16", "bf16", {1: 5.0}),
+                                      ("onnx-int8", "int8", {32: 9.0})])
+    cpu["rows"][1].update(agreement_dice=0.981, agreement_bar=0.95)
+    cpu["rows"].append({"format": "tensorrt-fp16", "precision": "fp16", "engine": "tensorrt", "device": "x",
+                        "status": "skipped", "reason": "no tensorrt", "latency": []})
+    gpu = _hand_report("NVIDIA H100 80GB HBM3", [("eager-2model", "fp32", {1: 40.0}), ("fused-bf16", "bf16", {1: 300.0})])
+    out = tmp_path / "fig.png"
+    fig, data = plot_reports([cpu, gpu], ["cpu", "h100"], out, batch=1)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # onnx-int8 has no batch-1 figure: not drawn; the skipped row is listed, not drawn.
+    assert data["formats"] == ["eager-2model", "fused-bf16"]
+    assert data["series"][0]["speedup"]["fused-bf16"] == pytest.approx(2.5)
+    assert data["series"][1]["speedup"]["fused-bf16"] == pytest.approx(7.5)
+    assert data["series"][0]["not_ok"] == [("tensorrt-fp16", "skipped", "no tensorrt")]
+    ax_fps, ax_agree = fig.axes[:2]
+    widths = sorted(p.get_width() for p in ax_fps.patches if isinstance(p, matplotlib.patches.Rectangle))
+    assert widths == pytest.approx([2.0, 5.0, 40.0, 300.0])
+    labels = {t.get_text().strip() for t in ax_fps.texts}
+    assert {"1.00x", "2.50x", "7.50x"} <= labels
+    points = np.concatenate([c.get_offsets() for c in ax_agree.collections])
+    assert points[:, 0].tolist() == pytest.approx([0.981])
+    with pytest.raises(DataError, match="batch 8"):
+        plot_reports([cpu], ["cpu"], tmp_path / "none.png", batch=8)
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_plot_cli(tmp_path, capsys):
+    from pocus_edge.cli import main
+
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps(_hand_report("Intel Xeon", [("eager-2model", "fp32", {1: 2.0})])))
+    assert main(["benchmark", "plot", str(a), "--out", str(tmp_path / "f.svg")]) == 0
+    assert (tmp_path / "f.svg").read_text().lstrip().startswith("<?xml")
+    assert "1 formats x 1 report(s)" in capsys.readouterr().out
+    assert main(["benchmark", "plot", str(a), "--batch", "4", "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert "batch 4" in err and len(err.strip().splitlines()) == 1

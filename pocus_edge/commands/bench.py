@@ -134,4 +134,19 @@ def register(app: typer.Typer) -> None:
         if json_out:
             write_json_atomic(json_out, comparison)
 
+    @bench_app.command("plot")
+    def plot(
+        reports: list[Path] = typer.Argument(..., help="Benchmark JSON reports (from `pocus-edge benchmark --json`), one bar colour each."),
+        out: Path = typer.Option(Path("benchmark.png"), "--out", "-o", help="Figure path (.png, .svg or .pdf)."),
+        batch: int = typer.Option(1, "--batch", "-b", min=1, help="Batch size whose FPS is drawn."),
+    ) -> None:
+        """One figure: FPS of every measured format (with its speed-up over the eager two-model
+        baseline) next to its mask agreement with fp32 and the agreement bar."""
+        from ..benchmark import load_report
+        from ..benchmark.plot import plot_reports
+
+        loaded = [load_report(p) for p in reports]
+        _, data = plot_reports(loaded, [p.stem for p in reports], out, batch=batch)
+        typer.echo(f"wrote {out}: {len(data['formats'])} formats x {len(loaded)} report(s) at batch {batch}")
+
     app.add_typer(bench_app, name="benchmark")
