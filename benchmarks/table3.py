@@ -50,7 +50,7 @@ BUDGETS = {
     # Planned steps are upper bounds: with "seconds" set, every stage gets a share of the time
     # (planned steps x batch x cost) and the engine fits its cosine schedule to the pace it measures.
     "quick": {
-        "mim": (600, 32), "contrastive": (400, 32), "finetune": (400, 16),
+        "mim": (600, 32), "contrastive": (800, 32), "finetune": (400, 16),
         "gaps": [15], "seconds": 720.0, "workers": 0, "ft_lr": None, "seeds": 1, "val_frames": 64,
     },
     "gpu": {

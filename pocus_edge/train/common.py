@@ -43,6 +43,16 @@ PRESET_STAGE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# Engine defaults that differ by stage (every preset); ``--set train.X=...`` still wins.
+# Contrastive: no gradient clipping. METHOD.md gives none, and with the engine's 1.0 the loss
+# sits at chance (ln(2B - 1)) for ~250 steps longer (tiny preset, batch 32, Adam 1e-4, constant
+# LR: leaves chance near step 450 instead of 200; with the cosine schedule of a 500-step run it
+# never leaves). benchmarks/RESULTS.md section 3 has the measurements.
+STAGE_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "contrastive": {"grad_clip": None},
+}
+
+
 def stage_defaults(stage: str, preset: str) -> Any:
     """The stage config for a preset before user overrides (paper = METHOD.md values)."""
     cfg = STAGE_CONFIGS[stage]()
@@ -91,7 +101,7 @@ def resolve_configs(
             raise ConfigError(f"unknown option {key!r} for stage {stage}")
     model_cfg = model_preset(preset, **buckets["model"])
     stage_cfg = apply_overrides(stage_defaults(stage, preset), buckets[stage])
-    train_cfg = apply_overrides(TrainConfig(), buckets["train"])
+    train_cfg = apply_overrides(TrainConfig(), {**STAGE_TRAIN_DEFAULTS.get(stage, {}), **buckets["train"]})
     return model_cfg, stage_cfg, train_cfg
 
 
