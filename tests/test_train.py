@@ -298,6 +298,28 @@ def test_card_hash_follows_the_manifest(sites, tmp_path):
     assert before["code_version"] == code_version() and before["created"].endswith("+00:00")
 
 
+def test_contrastive_stage_does_not_clip_gradients_and_the_others_do(sites, tmp_path, monkeypatch):
+    """METHOD.md gives the contrastive stage no clipping, and clipping at 1.0 keeps MT-NXent at
+    chance for hundreds of steps (RESULTS.md section 3): the engine must not clip there, must
+    clip the other stages at 1.0, and an explicit --set train.grad_clip must still win."""
+    source, target = sites
+    calls: list[float] = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        calls.append(float(max_norm))
+        return original(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    con = pretrain_contrastive(target, tmp_path / "con", max_steps=2, **FAST)
+    assert calls == [] and con.card["hyperparameters"]["train.grad_clip"] is None
+    pretrain_contrastive(target, tmp_path / "con_clip", max_steps=2, overrides={"train.grad_clip": 0.5}, **FAST)
+    assert calls == [0.5, 0.5]
+    calls.clear()
+    mim = pretrain_mim(target, tmp_path / "mim", max_steps=2, **FAST)
+    assert calls == [1.0, 1.0] and mim.card["hyperparameters"]["train.grad_clip"] == 1.0
+
+
 def test_lr_schedule_formula():
     f = engine.LRFactor("cosine", total_steps=10, warmup_steps=2)
     assert [f(0), f(1)] == [0.5, 1.0]
