@@ -108,7 +108,7 @@ def register(app: typer.Typer) -> None:
         num_workers: Optional[int] = typer.Option(None, "--num-workers", help="DataLoader worker processes (default: 0) (augmentations run there)."),
         preload: bool = typer.Option(False, "--preload/--no-preload", help="Decode and resize every frame into memory first."),
         checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps (0 = at each epoch end)."),
-        set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any setting: key=value (crop_scale, jitter, flip_p, grad_clip, model.dropout, ...)."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any setting: key=value (crop_scale, jitter, flip_p, grad_clip (default: none for this stage), model.dropout, ...)."),
     ) -> None:
         """Contrastive pretraining with MT-NXent (two augmented views per frame; temporal neighbours masked). Defaults follow METHOD.md for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
         from ..train import pretrain_contrastive
