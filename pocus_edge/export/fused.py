@@ -90,14 +90,20 @@ class FusedSegmenter(nn.Module):
         scaled = x.to(torch.float32) / 255.0
         return scaled.expand(-1, 3, -1, -1)
 
-    def forward(self, x: torch.Tensor):
+    def branch_outputs(self, x: torch.Tensor):
+        """``(fused, p_generative, p_contrastive, c_generative, c_contrastive)`` of ``x``: the
+        ``return_branches`` outputs, whatever ``return_branches`` is set to."""
         x = self.to_model_input(x)
         p_generative = torch.sigmoid(self.generative(x))
         p_contrastive = torch.sigmoid(self.contrastive(x))
+        fused, c_generative, c_contrastive = self.fusion(p_generative, p_contrastive, return_confidence=True)
+        return fused, p_generative, p_contrastive, c_generative, c_contrastive
+
+    def forward(self, x: torch.Tensor):
         if self.return_branches:
-            fused, c_generative, c_contrastive = self.fusion(p_generative, p_contrastive, return_confidence=True)
-            return fused, p_generative, p_contrastive, c_generative, c_contrastive
-        return self.fusion(p_generative, p_contrastive)
+            return self.branch_outputs(x)
+        x = self.to_model_input(x)
+        return self.fusion(torch.sigmoid(self.generative(x)), torch.sigmoid(self.contrastive(x)))
 
     def output_names(self) -> list[str]:
         if self.return_branches:

@@ -82,18 +82,6 @@ def dice_per_image(a: np.ndarray, b: np.ndarray, smooth: float = 1.0) -> np.ndar
     return (2 * inter + smooth) / (a.sum(1) + b.sum(1) + smooth)
 
 
-def torch_reference(model, frames: np.ndarray, batch_size: int = 8) -> np.ndarray:
-    """The fused probability from the PyTorch module (eval, no grad), first output only."""
-    import torch
-
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(frames), batch_size):
-            out = model(torch.from_numpy(np.ascontiguousarray(frames[i : i + batch_size])))
-            outs.append((out[0] if isinstance(out, tuple) else out).float().numpy())
-    return np.concatenate(outs)
-
-
 def ort_runner(onnx_path: str | os.PathLike, *, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """``frames -> fused probability`` through onnxruntime (CPU), first output only."""
     import onnxruntime as ort
@@ -132,10 +120,8 @@ def torch_reference_with_weights(model, frames: np.ndarray, batch_size: int = 8)
     fused_out, weights = [], []
     with torch.no_grad():
         for i in range(0, len(frames), batch_size):
-            x = model.to_model_input(torch.from_numpy(np.ascontiguousarray(frames[i : i + batch_size])))
-            p_g = torch.sigmoid(model.generative(x))
-            p_c = torch.sigmoid(model.contrastive(x))
-            fused, c_g, c_c = model.fusion(p_g, p_c, return_confidence=True)
+            x = torch.from_numpy(np.ascontiguousarray(frames[i : i + batch_size]))
+            fused, _, _, c_g, c_c = model.branch_outputs(x)
             fused_out.append(fused.float().numpy())
             weights.append((c_g + c_c).float().numpy())
     weight_sum = np.concatenate(weights) if getattr(model, "formula", "weighted") == "weighted" else None
@@ -148,7 +134,8 @@ def compare(reference: np.ndarray, candidate: np.ndarray, *, threshold: float = 
         raise ExportError(f"parity: output shape {candidate.shape} != PyTorch {reference.shape}")
     nonfinite = int((~np.isfinite(candidate)).sum())
     diff = np.abs(reference.astype(np.float64) - np.nan_to_num(candidate.astype(np.float64), nan=0.5))
-    dice = dice_per_image(binarize(reference, threshold), binarize(candidate, threshold))
+    mask_ref, mask_cand = binarize(reference, threshold), binarize(candidate, threshold)
+    dice = dice_per_image(mask_ref, mask_cand)
     conditioned = np.ones(diff.shape, dtype=bool) if weight_sum is None else weight_sum >= WELL_CONDITIONED_MIN_WEIGHT
     return {
         "max_abs_diff": float(diff.max()),
@@ -157,8 +144,8 @@ def compare(reference: np.ndarray, candidate: np.ndarray, *, threshold: float = 
         "mean_abs_diff": float(diff.mean()),
         "mask_dice_mean": float(dice.mean()),
         "mask_dice_min": float(dice.min()),
-        "mask_pixel_disagreement": float((binarize(reference, threshold) != binarize(candidate, threshold)).mean()),
-        "foreground_fraction_reference": float(binarize(reference, threshold).mean()),
+        "mask_pixel_disagreement": float((mask_ref != mask_cand).mean()),
+        "foreground_fraction_reference": float(mask_ref.mean()),
         "nonfinite_outputs": nonfinite,
     }
 
