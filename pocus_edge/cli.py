@@ -44,38 +44,27 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # typer/click exits (e.g. --help, typer.Exit)
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except Exception as exc:  # usage errors ("No such option", a bad value) and aborts
-        if isinstance(exc, _click_errors()) and hasattr(exc, "show"):
+        if isinstance(exc, _click_exceptions("ClickException")) and hasattr(exc, "show"):
             exc.show()  # click's own "Usage: ... / Error: ..." lines, no traceback
             return int(getattr(exc, "exit_code", 2))
-        if isinstance(exc, _click_aborts()):
+        if isinstance(exc, _click_exceptions("Abort")):
             typer.echo("aborted", err=True)
             return 1
         raise
     return 0
 
 
-def _click_errors() -> tuple[type[BaseException], ...]:
-    """Usage-error classes of whichever click this typer uses: typer >= 0.22 vendors its own
-    (``typer._click``, based on the public ``typer.TyperException``), older ones use ``click``."""
-    classes: list[type[BaseException]] = []
-    if hasattr(typer, "TyperException"):
-        classes.append(typer.TyperException)
+def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
+    """``ClickException`` or ``Abort`` classes of whichever click this typer uses: typer >= 0.22
+    vendors its own (based on the public ``typer.TyperException`` / ``typer.Abort``), older ones
+    use the ``click`` package."""
+    public = {"ClickException": getattr(typer, "TyperException", None), "Abort": typer.Abort}[name]
+    classes: list[type[BaseException]] = [public] if public is not None else []
     try:
         import click
 
-        classes.append(click.exceptions.ClickException)
+        classes.append(getattr(click.exceptions, name))
     except ImportError:  # pragma: no cover - typer without the click package
-        pass
-    return tuple(classes)
-
-
-def _click_aborts() -> tuple[type[BaseException], ...]:
-    classes: list[type[BaseException]] = [typer.Abort]
-    try:
-        import click
-
-        classes.append(click.exceptions.Abort)
-    except ImportError:  # pragma: no cover
         pass
     return tuple(classes)
 

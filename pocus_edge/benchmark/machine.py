@@ -132,14 +132,19 @@ def _gpu() -> dict[str, Any] | None:
     }
 
 
+def load_average() -> list[float]:
+    """The 1, 5 and 15-minute load averages ([] where the OS has none)."""
+    try:
+        return list(os.getloadavg())
+    except (OSError, AttributeError):
+        return []
+
+
 def describe_machine() -> dict[str, Any]:
     """Everything a reader needs to interpret the numbers: CPU model, usable cores, the flags that
     decide the bf16/int8 paths, GPU and driver, library versions, and the load at the time."""
     model, flags = _cpuinfo()
-    try:
-        load = list(os.getloadavg())
-    except OSError:
-        load = []
+    load = load_average()
     try:
         import torch
 

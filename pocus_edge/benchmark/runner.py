@@ -28,7 +28,7 @@ import torch
 from ..errors import ConfigError, DataError, PocusError
 from ..metrics import THRESHOLD
 from .formats import BASELINE, BenchContext, FormatSpec, Prepared, resolve_formats
-from .machine import describe_machine, device_label, probe_matmul_gflops
+from .machine import describe_machine, device_label, load_average, probe_matmul_gflops
 from .schema import SCHEMA_VERSION, validate_report
 
 
@@ -269,12 +269,8 @@ def _time_batch(prepared: Prepared, frames: np.ndarray, batch: int, opts: Benchm
 
 
 def _load1() -> float | None:
-    try:
-        import os
-
-        return float(os.getloadavg()[0])
-    except (OSError, AttributeError):
-        return None
+    load = load_average()
+    return load[0] if load else None
 
 
 def _one_line(exc: BaseException) -> str:

@@ -31,7 +31,7 @@ INT8_OP_TYPES = ("Conv", "MatMul", "Gemm")
 # Op types kept out of fp16 wherever they occur: the branch sigmoids (their outputs feed the
 # entropy confidence, where fp16 rounds 1 - 1e-6 to 1 and log(0) turns into NaN).
 FP16_BLOCK_OPS = ("Sigmoid",)
-# onnxconverter-common's warning for a value it clamps to +-1e-7 (below fp16's normal range).
+# onnxconverter-common's warning for a tensor whose values it clamps into fp16's range.
 _FP16_CLAMP_WARNING = "will be truncated to"
 
 
