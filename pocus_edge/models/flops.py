@@ -9,6 +9,8 @@ mapped here to the counter's own SDPA formula so attention matmuls are counted o
 
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Any
 
 import torch
@@ -127,7 +129,12 @@ def students_report(presets: tuple[str, ...] | None = None) -> dict[str, Any]:
     its GFLOPs as a fraction of the fused teacher's at the same preset."""
     from ..config import PRESETS
 
-    presets = tuple(presets or PRESETS)
+    return copy.deepcopy(_students_report(tuple(presets or PRESETS)))
+
+
+@functools.lru_cache(maxsize=4)
+def _students_report(presets: tuple[str, ...]) -> dict[str, Any]:
+    # Cached: shapes are fixed by the registry, and counting all of them takes seconds.
     teacher = {p: model_report(p)["fused"]["gflops"] for p in presets}
     rows = []
     for name in student_names():
