@@ -70,7 +70,7 @@ def build_deployed(name: str, img_size: int, probe: np.ndarray):
     return student, student.reparameterize()
 
 
-def export_both(name: str, deployed, work: Path, reader, gflops: float) -> tuple[Path, Path]:
+def export_both(name: str, deployed, work: Path, reader, gflops: float, op_types: tuple[str, ...]) -> tuple[Path, Path]:
     """fp32 ONNX through the toolkit's exporter and its int8 (QDQ) quantization."""
     from pocus_edge.export.onnx import DEFAULT_OPSET, export_onnx
     from pocus_edge.export.quantize import quantize_int8
@@ -79,7 +79,7 @@ def export_both(name: str, deployed, work: Path, reader, gflops: float) -> tuple
             "precision": "fp32", "batch": 1, "opset": DEFAULT_OPSET, "gflops_per_frame": gflops,
             "weights": "random (benchmark)"}
     fp32 = export_onnx(ProbabilityGraph(deployed), work / f"{name}.fp32.onnx", batch=1, card=card)
-    int8 = quantize_int8(fp32, work / f"{name}.int8.onnx", reader)
+    int8 = quantize_int8(fp32, work / f"{name}.int8.onnx", reader, op_types=op_types)
     return fp32, int8
 
 
@@ -112,7 +112,7 @@ def prepare_student(name: str, args, work: Path, frames: np.ndarray, reader) -> 
     shape = (1, 3, args.img_size, args.img_size)
     gflops = count_flops(deployed, shape) / 1e9
     t0 = time.perf_counter()
-    fp32, int8 = export_both(name, deployed, work, reader, gflops)
+    fp32, int8 = export_both(name, deployed, work, reader, gflops, tuple(args.int8_op_types))
     export_s = time.perf_counter() - t0
     with torch.inference_mode():
         reference = np.concatenate([student.predict(torch.from_numpy(frames[i : i + 1])).numpy() for i in range(len(frames))])
@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--frames", type=int, default=8, help="frames for the agreement check")
     ap.add_argument("--calib-frames", type=int, default=8, help="int8 calibration frames")
+    ap.add_argument("--int8-op-types", nargs="+", default=["Conv", "MatMul", "Gemm"],
+                    help="operator types quantized to int8 (Conv alone keeps attention products in fp32)")
     ap.add_argument("--site", default=None, help="site folder: calibrate on its train split, check agreement on its test split")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the ONNX files here (default: a temp folder)")
     ap.add_argument("--out", type=Path, default=None, help="write the results JSON here")
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-        "img_size": args.img_size, "batch": 1, "threads": args.threads, "runs": args.runs, "warmup": args.warmup,
+        "img_size": args.img_size, "batch": 1, "int8_op_types": args.int8_op_types, "threads": args.threads, "runs": args.runs, "warmup": args.warmup,
         "weights": "random (output head rescaled: logits median 0, std 3)", "agreement_frames": frames_source,
         "load_average_start": load_start, "load_average_end": round(os.getloadavg()[0], 2),
         "teacher_gflops": teacher_gflops,
