@@ -14,16 +14,13 @@ synthetic frames) and report:
 * int8 and fp32 agreement with PyTorch (mask Dice at 0.5, max |p diff|) on ``--frames`` frames;
 * the goals: >= 60 FPS with the best format, GFLOPs <= 1/30 of the fused teacher, int8 <= 10 MB.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_student.py --threads 2 --runs 200 \
-        --out benchmarks/notes/student_paper.json
+    OMP_NUM_THREADS=2 python benchmarks/bench_student.py --threads 2 --runs 200 --out benchmarks/notes/student_paper.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -154,8 +151,10 @@ def add_timings(row: dict, samples: dict[tuple[str, str], list[float]], teacher_
 
 
 def print_table(result: dict) -> None:
+    cpu = result["machine"]["cpu"]
     print(f"\nstudents at {result['img_size']} px, batch 1, {result['threads']} onnxruntime threads "
-          f"({result['machine']}; load average at start {result['load_average_start']})")
+          f"({cpu['model']}, {cpu['cores']} cores; 1/5/15-min load average at start {result['load_average_start']}, "
+          f"at end {result['load_average_end']})")
     print("| student | encoder | params | GFLOPs | fp32 MB | int8 MB | fp32 ms (FPS) | int8 ms (FPS) | int8 mask Dice vs torch | goals |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
@@ -192,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_student_"))
     work.mkdir(parents=True, exist_ok=True)
     frames, frames_source = parity_mod.parity_frames(args.site, args.img_size, n=args.frames)
-    load_start = round(os.getloadavg()[0], 2)
+    from pocus_edge.benchmark.machine import describe_machine, load_average
+
+    load_start = [round(x, 2) for x in load_average()]
     rows, runners = [], {}
     for name in args.students:
         if args.site:
@@ -210,12 +211,12 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": describe_machine(),
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
         "img_size": args.img_size, "batch": 1, "int8_op_types": args.int8_op_types, "threads": args.threads, "runs": args.runs, "warmup": args.warmup,
         "weights": "random (output head rescaled: logits median 0, std 3)", "agreement_frames": frames_source,
-        "load_average_start": load_start, "load_average_end": round(os.getloadavg()[0], 2),
+        "load_average_start": load_start, "load_average_end": [round(x, 2) for x in load_average()],
         "teacher_gflops": teacher_gflops,
         "rows": [add_timings(row, samples, teacher_gflops) for row in rows],
     }
