@@ -101,3 +101,67 @@ def masked_l1(reconstruction: torch.Tensor, original: torch.Tensor, mask: torch.
     mask = mask.to(reconstruction.dtype).expand_as(reconstruction)
     error = (reconstruction - original).abs() * mask
     return error.sum() / mask.sum().clamp_min(1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation: a compact student learns the fused teacher's per-pixel probabilities on unlabeled
+# target frames, and the labels on source frames.
+
+
+def _log_probs(prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, log(1 - p)) in float32, clamped at -100 as PyTorch's BCE (and ``dice_bce``) do."""
+    p = prob.float()
+    return torch.log(p).clamp_min(-100.0), torch.log(1.0 - p).clamp_min(-100.0)
+
+
+def soft_bce(prob: torch.Tensor, teacher_prob: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy of probabilities against soft targets (the teacher's probabilities):
+    ``sum_i w_i * -(t_i log p_i + (1 - t_i) log(1 - p_i)) / sum_i w_i`` (plain mean without ``weight``).
+
+    Minimal, with zero gradient, exactly where ``p = t`` (its value there is the teacher's mean
+    binary entropy, not 0); with respect to the student's logit the gradient is ``w (p - t) / sum w``.
+    ``weight`` (non-negative, broadcastable to ``prob``), e.g. the teacher's per-pixel fusion
+    confidence, lets confident teacher pixels count more. Teacher and weight get no gradient.
+    Computed in float32 (safe under autocast); hard 0/1 targets give exactly ``dice_bce``'s BCE term.
+    """
+    if prob.shape != teacher_prob.shape:
+        raise ValueError(f"student {tuple(prob.shape)} and teacher {tuple(teacher_prob.shape)} probabilities differ in shape")
+    target = teacher_prob.detach().float()
+    log_p, log_not_p = _log_probs(prob)
+    per_pixel = -(target * log_p + (1.0 - target) * log_not_p)
+    if weight is None:
+        return per_pixel.mean()
+    try:
+        w = weight.detach().float().expand_as(per_pixel)
+    except RuntimeError:
+        raise ValueError(f"weight {tuple(weight.shape)} does not broadcast to {tuple(prob.shape)}") from None
+    # All-zero weights (a fully unsure teacher) give 0, not 0/0.
+    return (w * per_pixel).sum() / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def distillation_loss(
+    target_prob: torch.Tensor,
+    teacher_prob: torch.Tensor,
+    source_prob: torch.Tensor | None = None,
+    source_mask: torch.Tensor | None = None,
+    *,
+    teacher_weight: torch.Tensor | None = None,
+    soft_weight: float = 1.0,
+) -> torch.Tensor:
+    """``soft_weight * soft_bce(target_prob, teacher_prob, teacher_weight) + dice_bce(source_prob, source_mask)``.
+
+    ``target_prob``: the student on unlabeled target frames; ``teacher_prob``: the fused teacher
+    on the same frames (never labels). ``source_prob`` / ``source_mask``: the student on labeled
+    source frames and their masks (both or neither; without them only the soft term).
+    """
+    if (source_prob is None) != (source_mask is None):
+        raise ValueError("source_prob and source_mask go together: pass both or neither")
+    if soft_weight < 0:
+        raise ValueError(f"soft_weight must be >= 0, got {soft_weight}")
+    loss = soft_weight * soft_bce(target_prob, teacher_prob, teacher_weight)
+    if source_prob is not None:
+        loss = loss + dice_bce(source_prob, source_mask)
+    return loss
+
+
+__all__ += ["soft_bce", "distillation_loss"]

@@ -1,4 +1,5 @@
-"""Model size: parameters and FLOPs (``torch.utils.flop_counter``; FLOPs = 2 x multiply-adds).
+"""Model size: parameters and FLOPs (``torch.utils.flop_counter``; FLOPs = 2 x multiply-adds) of the
+teacher (one branch, the fused two-branch model) and of the compact students.
 
 The CPU build of PyTorch runs ``scaled_dot_product_attention`` through
 ``_scaled_dot_product_flash_attention_for_cpu``, which the flop counter has no formula for; it is
@@ -8,6 +9,8 @@ mapped here to the counter's own SDPA formula so attention matmuls are counted o
 
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Any
 
 import torch
@@ -16,9 +19,10 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_c
 
 from ..config import ModelConfig, model_preset, to_dict
 from .fusion import FusionHead
+from .students import StudentConfig, build_student, student_config, student_names
 from .transunet import TransUNet
 
-__all__ = ["count_params", "count_flops", "model_report", "TwoBranchModel"]
+__all__ = ["count_params", "count_flops", "model_report", "TwoBranchModel", "student_size", "students_report"]
 
 
 def _cpu_attention_flops(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> int:
@@ -106,4 +110,40 @@ def model_report(preset_or_cfg: str | ModelConfig, **overrides: Any) -> dict[str
         "branch": {"params": branch_params, "flops": branch_flops, "gflops": branch_flops / 1e9},
         "fused": {"params": fused_params, "flops": fused_flops, "gflops": fused_flops / 1e9},
         "flop_convention": "torch.utils.flop_counter, FLOPs = 2 x multiply-adds, batch 1, eval mode",
+    }
+
+
+def student_size(name_or_cfg: str | StudentConfig, preset: str = "paper", **overrides: Any) -> dict[str, Any]:
+    """Parameters and FLOPs of one student as deployed (reparameterized where its encoder allows),
+    batch 1, at its config's ``img_size``; counted on the meta device like the teacher."""
+    cfg = name_or_cfg if isinstance(name_or_cfg, StudentConfig) else student_config(name_or_cfg, preset, **overrides)
+    with torch.device("meta"):
+        deployed = build_student(cfg).reparameterize()
+    flops = count_flops(deployed, (1, cfg.in_chans, cfg.img_size, cfg.img_size))
+    return {"student": cfg.name, "preset": cfg.preset, "img_size": cfg.img_size, "encoder": cfg.encoder,
+            "encoder_args": dict(cfg.encoder_args), "params": count_params(deployed), "flops": flops, "gflops": flops / 1e9}
+
+
+def students_report(presets: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Every registered student at every preset (``paper`` = the 224 px deployment input), with
+    its GFLOPs as a fraction of the fused teacher's at the same preset."""
+    from ..config import PRESETS
+
+    return copy.deepcopy(_students_report(tuple(presets or PRESETS)))
+
+
+@functools.lru_cache(maxsize=4)
+def _students_report(presets: tuple[str, ...]) -> dict[str, Any]:
+    # Cached: shapes are fixed by the registry, and counting all of them takes seconds.
+    teacher = {p: model_report(p)["fused"]["gflops"] for p in presets}
+    rows = []
+    for name in student_names():
+        for preset in presets:
+            row = student_size(name, preset)
+            row["teacher_fraction"] = row["gflops"] / teacher[preset]
+            rows.append(row)
+    return {
+        "form": "deployed: reparameterizable blocks fused, batch 1, eval mode",
+        "teacher_fused_gflops": teacher,
+        "rows": rows,
     }

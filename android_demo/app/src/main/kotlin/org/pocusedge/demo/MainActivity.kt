@@ -4,6 +4,7 @@ import android.app.Activity
 import android.graphics.Bitmap
 import android.os.Bundle
 import android.util.Log
+import android.widget.Button
 import android.widget.ImageView
 import android.widget.TextView
 import org.pocusedge.core.FpsMeter
@@ -16,17 +17,22 @@ import org.pocusedge.core.Threshold
 import java.io.FileNotFoundException
 
 /**
- * Frame -> preprocess (core) -> fused ONNX model (ONNX Runtime) -> threshold -> overlay, on a
+ * Frame -> preprocess (core) -> segmentation model (ONNX Runtime) -> threshold -> overlay, on a
  * worker thread; the UI thread only shows the bitmap and the live latency/FPS line.
  *
- * The model is assets/fused.onnx (not committed: build it with `pocus-edge export`, see
- * README.md). Without it the app still plays the clip (no mask) so the pipeline can be seen.
+ * The model is the first of [MODEL_ASSETS] found in assets/ (not committed: build it with
+ * `pocus-edge export`, see README.md): a compact student (student.onnx) or the fused teacher
+ * (fused.onnx). Without one the app still plays the clip (no mask) so the pipeline can be seen.
+ * The button cycles the execution provider preference (auto, NNAPI, XNNPACK, CPU); the status
+ * line shows the provider that actually runs.
  */
 class MainActivity : Activity() {
     private lateinit var frameView: ImageView
     private lateinit var statsText: TextView
     private lateinit var statusText: TextView
+    private lateinit var providerButton: Button
     @Volatile private var running = false
+    private var preference = ProviderPreference.AUTO
     private var worker: Thread? = null
 
     override fun onCreate(savedInstanceState: Bundle?) {
@@ -35,24 +41,53 @@ class MainActivity : Activity() {
         frameView = findViewById(R.id.frame_view)
         statsText = findViewById(R.id.stats_text)
         statusText = findViewById(R.id.status_text)
+        providerButton = findViewById(R.id.provider_button)
+        preference = savedInstanceState?.getString(KEY_PROVIDER)
+            ?.let { name -> ProviderPreference.values().firstOrNull { it.name == name } } ?: ProviderPreference.AUTO
+        showPreference()
+        providerButton.setOnClickListener {
+            // Reopen the model with the next provider: stop the loop, then start it again.
+            preference = preference.next()
+            showPreference()
+            stopLoop()
+            startLoop()
+        }
+    }
+
+    override fun onSaveInstanceState(outState: Bundle) {
+        super.onSaveInstanceState(outState)
+        outState.putString(KEY_PROVIDER, preference.name)
     }
 
     override fun onResume() {
         super.onResume()
-        running = true
-        worker = Thread({ runLoop() }, "segmentation").also { it.start() }
+        startLoop()
     }
 
     override fun onPause() {
+        stopLoop()
+        super.onPause()
+    }
+
+    private fun startLoop() {
+        running = true
+        val chosen = preference
+        worker = Thread({ runLoop(chosen) }, "segmentation").also { it.start() }
+    }
+
+    private fun stopLoop() {
         running = false
         worker?.interrupt()
         worker?.join(2000)
         worker = null
-        super.onPause()
     }
 
-    private fun loadModel(): FusedModel? = try {
-        FusedModel.fromAsset(this, MODEL_ASSET)
+    private fun showPreference() {
+        providerButton.text = getString(R.string.provider_button, preference.label)
+    }
+
+    private fun loadModel(chosen: ProviderPreference): Pair<String, SegmentationModel>? = try {
+        SegmentationModel.fromAssets(this, MODEL_ASSETS, chosen)
     } catch (e: FileNotFoundException) {
         null
     }
@@ -61,14 +96,15 @@ class MainActivity : Activity() {
     private fun openSource(): FrameSource = SampleClipSource(this)
     // private fun openSource(): FrameSource = TeleMedProbeSource()
 
-    private fun runLoop() {
-        val model = try {
-            loadModel()
+    private fun runLoop(chosen: ProviderPreference) {
+        val loaded = try {
+            loadModel(chosen)
         } catch (e: Exception) {
             Log.e(TAG, "cannot load the model", e)
-            showStatus("cannot load assets/$MODEL_ASSET: ${e.message}")
+            showStatus("cannot load the model (${MODEL_ASSETS.joinToString(" or ")}): ${e.message}")
             null
         }
+        val model = loaded?.second
         val source = try {
             openSource().also { it.start() }
         } catch (e: Exception) {
@@ -78,9 +114,11 @@ class MainActivity : Activity() {
         }
         showStatus(
             "source: ${source.name}\n" +
-                (model?.let { "model: ${it.description}" } ?: "no assets/$MODEL_ASSET: showing frames without a mask")
+                (loaded?.let { (asset, m) -> "model: assets/$asset: ${m.description}\nexecution provider: ${m.provider.summary}" }
+                    ?: "no ${MODEL_ASSETS.joinToString(" or ")} in assets/: showing frames without a mask")
         )
         val size = model?.imgSize ?: 224
+        val providerName = model?.let { ActiveProvider.shortName(it.provider.provider) } ?: ""
         val interpolation = model?.interpolation ?: Interpolation.DEFAULT
         val preprocessStats = LatencyStats()
         val inferStats = LatencyStats()
@@ -112,7 +150,7 @@ class MainActivity : Activity() {
                     ?: Bitmap.createBitmap(frame.image.width, frame.image.height, Bitmap.Config.ARGB_8888)
                 bitmap = bmp
                 val stats = "pre   ${preprocessStats.summary()}\n" +
-                    (inferStats.summary()?.let { "infer $it\n" } ?: "") +
+                    (inferStats.summary()?.let { "infer $it ($providerName)\n" } ?: "") +
                     "total ${totalStats.summary()}\n" +
                     String.format(java.util.Locale.ROOT, "display %.1f FPS, frame #%d", fps.fps(), frame.index)
                 runOnUiThread {
@@ -138,6 +176,9 @@ class MainActivity : Activity() {
 
     companion object {
         private const val TAG = "PocusEdgeDemo"
-        const val MODEL_ASSET = "fused.onnx"
+        private const val KEY_PROVIDER = "execution_provider"
+
+        /** Tried in this order: the compact student first (it runs live on a phone). */
+        val MODEL_ASSETS = listOf("student.onnx", "fused.onnx")
     }
 }
