@@ -301,7 +301,7 @@ def test_fold_weight_standardization_is_exact():
     from timm.layers import StdConv2d
 
     from pocus_edge.config import model_preset
-    from pocus_edge.export.fused import FusedSegmenter
+    from pocus_edge.models.fused import FusedSegmenter
     from pocus_edge.models.transunet import TransUNet
 
     torch.manual_seed(0)
@@ -352,7 +352,7 @@ def test_paper_gflops_match_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     from pocus_edge.config import model_preset
-    from pocus_edge.export.fused import FusedSegmenter
+    from pocus_edge.models.fused import FusedSegmenter
     from pocus_edge.models.transunet import TransUNet
 
     cfg = model_preset("paper")
