@@ -369,7 +369,7 @@ def _openvino_ir(job: _Job) -> None:
     calibration = info = None
     if job.spec.precision == "int8":
         reader = _calibration_reader(job)
-        calibration = list(iter(reader.get_next, None))
+        calibration = [next(iter(feed.values())) for feed in iter(reader.get_next, None)]  # {input name: batch}
         info = reader.describe()
         info = info if isinstance(info, dict) else None
     staged = job.staged(job.out)

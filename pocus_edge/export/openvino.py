@@ -104,8 +104,11 @@ def _quantize(model, onnx_path, calibration, calibration_info):
         import nncf
     except ImportError:
         raise ToolchainUnavailable("OpenVINO int8 needs NNCF (pip install 'pocus-edge[openvino]')") from None
+    import logging
+
     import onnx
 
+    nncf.set_log_level(logging.ERROR)  # one INFO line per op otherwise
     frames = [np.ascontiguousarray(batch) for batch in calibration]
     if not frames:
         raise ExportError("OpenVINO int8: no calibration frames")
