@@ -287,24 +287,15 @@ def _torch_rate(device: str, dtype_name: str, size: int, seconds: float) -> floa
     return _best_rate(run, 2.0 * size**3, seconds)
 
 
-def _ort_rate(precision: str, size: int, seconds: float, threads: int | None) -> float | None:
-    """The rate onnxruntime's CPU kernels reach on one (size x size) @ (size x size) MatMul in
-    ``precision`` (int8: the Q/DQ form the int8 exports use, which onnxruntime runs on its
-    integer kernels). None without onnx/onnxruntime."""
-    try:
-        import onnx
-        import onnxruntime as ort
-        from onnx import TensorProto, helper, numpy_helper
-    except ImportError:
-        return None
+def _matmul_onnx(precision: str, size: int):
+    """(ONNX model, input) of one (size x size) @ (size x size) MatMul in ``precision`` (int8:
+    the Q/DQ form the int8 exports use, which runtimes run on their integer kernels)."""
+    from onnx import TensorProto, helper, numpy_helper
+
     rng = np.random.default_rng(0)
-    if precision in ("fp32", "fp16"):
-        elem, dtype = (TensorProto.FLOAT, np.float32) if precision == "fp32" else (TensorProto.FLOAT16, np.float16)
-        weight = numpy_helper.from_array(rng.standard_normal((size, size)).astype(dtype), "w")
-        nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
-        inits, x = [weight], rng.standard_normal((size, size)).astype(dtype)
-    elif precision == "int8":
-        elem, dtype = TensorProto.FLOAT, np.float32
+    x = rng.standard_normal((size, size)).astype(np.float16 if precision == "fp16" else np.float32)
+    if precision == "int8":
+        elem = TensorProto.FLOAT
         inits = [
             numpy_helper.from_array(rng.integers(-127, 127, (size, size), dtype=np.int8), "w_q"),
             numpy_helper.from_array(np.array(0.01, np.float32), "w_scale"),
@@ -318,13 +309,27 @@ def _ort_rate(precision: str, size: int, seconds: float, threads: int | None) ->
             helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w_dq"]),
             helper.make_node("MatMul", ["x_dq", "w_dq"], ["y"]),
         ]
-        x = rng.standard_normal((size, size)).astype(np.float32)
     else:
-        return None
+        elem = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
+        inits = [numpy_helper.from_array(rng.standard_normal((size, size)).astype(x.dtype), "w")]
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
     graph = helper.make_graph(nodes, "matmul_probe", [helper.make_tensor_value_info("x", elem, [size, size])],
                               [helper.make_tensor_value_info("y", elem, [size, size])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    return model, x
+
+
+def _ort_rate(precision: str, size: int, seconds: float, threads: int | None) -> float | None:
+    """onnxruntime's CPU rate on the probe MatMul (None without onnx/onnxruntime)."""
+    if precision not in ("fp32", "fp16", "int8"):
+        return None
+    try:
+        import onnxruntime as ort
+
+        model, x = _matmul_onnx(precision, size)
+    except ImportError:
+        return None
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
@@ -336,13 +341,42 @@ def _ort_rate(precision: str, size: int, seconds: float, threads: int | None) ->
     return _best_rate(lambda: session.run(None, {"x": x}), 2.0 * size**3, seconds)
 
 
+def _openvino_rate(precision: str, size: int, seconds: float, threads: int | None) -> float | None:
+    """OpenVINO's CPU rate on the probe MatMul at its inference precision (bf16: the fp32 graph
+    with the bf16 hint, on CPUs with native bf16). None without OpenVINO."""
+    if precision not in ("fp32", "bf16", "int8") or (precision == "bf16" and not native_bf16_cpu()):
+        return None
+    try:
+        import openvino as ov
+
+        model, x = _matmul_onnx(precision, size)
+    except ImportError:
+        return None
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.onnx"
+        path.write_bytes(model.SerializeToString())
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        except Exception:
+            return None
+    request = compiled.create_infer_request()
+    return _best_rate(lambda: request.infer({0: x}), 2.0 * size**3, seconds)
+
+
 def probe_matmul(device: str = "cpu", *, size: int | None = None, seconds: float = 0.3,
                  threads: int | None = None) -> dict[str, dict[str, Any]]:
     """Measured dense matrix-product rate per precision on ``device``, in GFLOP/s (GOPS for
     int8): ``{"gflops": {precision: rate}, "engine": {precision: "torch" | "onnxruntime"}}``.
 
-    Each precision takes the best of the libraries present (torch's BLAS/oneDNN/cuBLAS and
-    onnxruntime's CPU kernels): it is the machine's measured peak for that precision, which each
+    Each precision takes the best of the libraries present (torch's BLAS/oneDNN/cuBLAS,
+    onnxruntime's and OpenVINO's CPU kernels): it is the machine's measured peak for that
+    precision, which each
     benchmark row's achieved GFLOP/s is divided by. It is what the libraries reach, not a
     datasheet figure; devices.yaml holds those for known devices.
     """
@@ -352,8 +386,9 @@ def probe_matmul(device: str = "cpu", *, size: int | None = None, seconds: float
     engines: dict[str, str] = {}
     for precision, dtype_name in (("fp32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16"), ("int8", "int8")):
         candidates = {"torch": _torch_rate(device, dtype_name, size, seconds)}
-        if not cuda and precision != "bf16":
+        if not cuda:
             candidates["onnxruntime"] = _ort_rate(precision, size, seconds, threads)
+            candidates["openvino"] = _openvino_rate(precision, size, seconds, threads)
         found = {k: v for k, v in candidates.items() if v}
         if found:
             engine = max(found, key=found.get)
