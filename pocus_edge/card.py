@@ -217,13 +217,10 @@ def read_sidecar(artifact: str | Path) -> dict[str, Any] | None:
 
 
 def file_sha256(path: str | Path) -> str:
-    import hashlib
+    """SHA-256 of a file (the one helper, ``pocus_edge.data.layout.sha256_file``)."""
+    from .data.layout import sha256_file
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def check_artifact_card(card: dict[str, Any], io_spec: dict[str, Any], artifact: str | Path) -> None:

@@ -14,26 +14,19 @@ import numpy as np
 import pytest
 import torch
 
-from pocus_edge.config import model_preset
 from pocus_edge.errors import ExportError, ToolchainUnavailable
 from pocus_edge.export import parity as parity_mod
 from pocus_edge.export.onnx import export_onnx
-from pocus_edge.export.parity import spread_head_logits
 from pocus_edge.models.fused import FusedSegmenter, SingleSegmenter
-from pocus_edge.models.transunet import TransUNet
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 
 def _branches(seed: int = 0):
-    cfg = model_preset("tiny")
-    torch.manual_seed(seed)
-    g, c = TransUNet(cfg).eval(), TransUNet(cfg).eval()
-    frames, _ = parity_mod.parity_frames(None, cfg.img_size, n=4, seed=99)
-    spread_head_logits(g, frames)
-    spread_head_logits(c, frames)
-    return g, c
+    from test_export import make_branches  # the tiny random-weight branches with rescaled heads
+
+    return make_branches("tiny", seed)
 
 
 @pytest.fixture(scope="module")

@@ -425,25 +425,13 @@ def _check_coreml(ctx: BenchContext) -> str | None:
 
 
 def _coreml(ctx: BenchContext) -> Prepared:
-    """The Core ML package (fp16 ML Program, grayscale image input of batch 1) predicted with
-    coremltools on macOS; a batch is run frame by frame, as an app would."""
-    import coremltools as ct
-    from PIL import Image
-
-    from ..export.coreml import INPUT_NAME, OUTPUT_NAME, export_coreml
+    """The Core ML package (fp16 ML Program, grayscale image input of batch 1) run by the
+    runtime's Core ML backend on macOS; a batch is run frame by frame, as an app would."""
+    from ..export.coreml import export_coreml
+    from ..runtime.backends import open_backend
 
     package = export_coreml(_cpu_copy(ctx.fused), ctx.workdir / "fused-fp16.mlpackage")
-    model = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.ALL)
-
-    def to_input(frames: np.ndarray) -> list:
-        gray = np.clip(np.rint(frames[:, 0] * 255.0), 0, 255).astype(np.uint8)
-        return [Image.fromarray(g, mode="L") for g in gray]
-
-    def infer(images: list) -> np.ndarray:
-        return np.concatenate([np.asarray(model.predict({INPUT_NAME: im})[OUTPUT_NAME]) for im in images])
-
-    size = sum(f.stat().st_size for f in Path(package).rglob("*") if f.is_file())
-    return Prepared(infer, to_input, lambda out: np.asarray(out, dtype=np.float32), size)
+    return _backend_prepared(open_backend(package, "coreml"), package)
 
 
 # ---------------------------------------------------------------------------------------------
