@@ -293,3 +293,50 @@ def test_single_network_is_a_first_class_export(tmp_path):
         expected = torch.sigmoid(network(torch.from_numpy(x))).numpy()
     assert parity_mod.dice_per_image(backend.infer(x) > 0.5, expected > 0.5).mean() >= 0.98
     assert backend.precision == "fp16" and backend.gflops_per_frame == pytest.approx(card["gflops_per_frame"])
+
+
+def test_sigterm_during_export_removes_the_staging_folder(tmp_path):
+    """SIGTERM arrives in the middle of an export (sent by the process to itself at the parity
+    step, so the test is deterministic): the process exits 143 and leaves nothing behind."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import os, signal, sys, time
+import torch
+from pocus_edge.config import model_preset
+from pocus_edge.export import api
+from pocus_edge.models.fused import FusedSegmenter
+from pocus_edge.models.transunet import TransUNet
+
+def killed(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+api.parity_mod.parity_report = killed
+cfg = model_preset("tiny")
+api.export_model(FusedSegmenter(TransUNet(cfg), TransUNet(cfg)), sys.argv[1], precision="fp16", parity_frames=1)
+"""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "f.onnx")], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 143, done.stderr[-1500:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_cli_exports_a_single_network_and_refuses_half_a_pair(tmp_path, capsys):
+    from pocus_edge.cli import main
+    from pocus_edge.config import to_dict
+    from pocus_edge.models.weights import save_checkpoint
+
+    network = _branches(seed=2)[0]
+    card = {"format": "pocus-edge/1", "preset": "tiny", "model": to_dict(network.cfg), "out_channels": 1,
+            "stage": "finetune", "hyperparameters": {}, "data": [], "init": None}
+    ckpt = save_checkpoint(tmp_path / "student.safetensors", network, card)
+    out = tmp_path / "student.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--parity-frames", "2"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert [o.name for o in onnx.load(str(out)).graph.output] == ["prob"]
+    assert main(["export", "-g", str(ckpt), "--out", str(tmp_path / "half.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--contrastive" in err and len(err.splitlines()) == 1 and not (tmp_path / "half.onnx").exists()
