@@ -7,8 +7,12 @@
 # Paper preset, random weights (speed only: the GFLOPs and the code paths are those of the
 # trained model), batch 1 and 32: the eager two-model fp32 baseline (the paper's way), fused fp32,
 # fused bf16 and fp16, torch.compile bf16 with CUDA graphs ("reduce-overhead"), and every other
-# row that imports here (ONNX Runtime/TensorRT rows are skipped with their reason when the image
-# lacks a CUDA execution provider or tensorrt). Budget: under 3.5 minutes in total. Each format
+# row that imports here: TensorRT fp16/int8 engines built by the export builder (strongly typed,
+# TensorRT 10.x or 11.x, precision from the mixed fp16 / Q/DQ int8 ONNX), ONNX Runtime rows when
+# the image has a CUDA execution provider (set PROVIDERS=tensorrt,cuda for onnxruntime-gpu's
+# TensorRT EP); rows whose toolchain is absent say why. Every row reports its fraction of the
+# matmul peak the run measures per precision, and the machine record carries the NVML driver,
+# clocks and power limit where nvidia-ml-py is installed. Budget: under 3.5 minutes in total. Each format
 # has a hard time limit and the JSON report is rewritten after every format, so a slow or broken
 # format costs only its own row; the table is printed last, from the JSON, whatever happened.
 #
@@ -46,6 +50,7 @@ timeout -k 10 185 $PY -m pocus_edge benchmark \
     --time-per-batch 5 \
     --format-timeout 120 \
     --max-frames 32 \
+    ${PROVIDERS:+--providers "$PROVIDERS"} \
     --json "$JSON" > "$DEST/gpu_benchmark.log" 2>&1
 STATUS=$?
 tail -n 25 "$DEST/gpu_benchmark.log" | grep -v "^[┃│┏┡└]" || true

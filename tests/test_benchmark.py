@@ -65,6 +65,8 @@ def _expected_skip(name: str) -> str | None:
     """Which rows must be skipped here, decided independently of the formats module."""
     if name.startswith("tensorrt") and importlib.util.find_spec("tensorrt") is None:
         return "tensorrt"
+    if name.startswith("openvino") and importlib.util.find_spec("openvino") is None:
+        return "openvino"
     if name.startswith("coreml") and platform.system() != "Darwin":
         return "macOS"
     if name == "fused-fp16":
@@ -301,7 +303,7 @@ def test_fold_weight_standardization_is_exact():
     from timm.layers import StdConv2d
 
     from pocus_edge.config import model_preset
-    from pocus_edge.export.fused import FusedSegmenter
+    from pocus_edge.models.fused import FusedSegmenter
     from pocus_edge.models.transunet import TransUNet
 
     torch.manual_seed(0)
@@ -352,7 +354,7 @@ def test_paper_gflops_match_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     from pocus_edge.config import model_preset
-    from pocus_edge.export.fused import FusedSegmenter
+    from pocus_edge.models.fused import FusedSegmenter
     from pocus_edge.models.transunet import TransUNet
 
     cfg = model_preset("paper")
@@ -417,3 +419,46 @@ def test_plot_cli(tmp_path, capsys):
     assert main(["benchmark", "plot", str(a), "--batch", "4", "--out", str(tmp_path / "g.png")]) == 2
     err = capsys.readouterr().err
     assert "batch 4" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenVINO rows, fraction of peak, machine description
+
+
+@pytest.mark.slow
+def test_openvino_rows_and_fraction_of_peak(site):
+    """OpenVINO rows built by export_model from the shared table reach their agreement bars, and
+    every timed batch reports achieved GFLOP/s over this run's measured peak for its precision."""
+    pytest.importorskip("openvino")
+    names = ["openvino-fp32", "openvino-bf16", "openvino-int8"]
+    report = run_benchmark(_options(site, names, probe=True))
+    assert [r["format"] for r in report["rows"]] == names
+    _check_rows(report)
+    peaks = report["machine"]["matmul_gflops"]
+    assert peaks["fp32"] > 0 and peaks["int8"] > 0
+    for row in report["rows"]:
+        for lat in row["latency"]:
+            assert lat["fraction_of_peak"] == pytest.approx(lat["fps"] * row["gflops_per_frame"] / peaks[row["precision"]])
+    ok = {r["format"]: r for r in report["rows"] if r["status"] == "ok"}
+    assert ok["openvino-int8"]["artifact_bytes"] < 0.8 * ok["openvino-fp32"]["artifact_bytes"]
+
+
+def test_machine_description_leaves_the_hostname_out_unless_asked():
+    import platform
+
+    from pocus_edge.benchmark.machine import describe_machine, parse_nvpmodel
+
+    assert "hostname" not in describe_machine()
+    assert describe_machine(hostname=True)["hostname"] == platform.node()
+    assert parse_nvpmodel("NV Power Mode: MAXN_SUPER\n2\n") == {"name": "MAXN_SUPER", "id": 2}
+    assert parse_nvpmodel("") is None
+
+
+def test_annotate_peak_fraction_follows_its_formula():
+    machine = {"matmul_gflops": {"bf16": 800.0}}
+    row = {"precision": "bf16", "gflops_per_frame": 100.0, "latency": [{"batch": 1, "fps": 2.0}, {"batch": 8, "fps": 4.0}]}
+    runner.annotate_peak_fraction(row, machine)
+    assert [lat["fraction_of_peak"] for lat in row["latency"]] == pytest.approx([0.25, 0.5])
+    unknown = {"precision": "int8", "gflops_per_frame": 100.0, "latency": [{"batch": 1, "fps": 2.0}]}
+    runner.annotate_peak_fraction(unknown, machine)
+    assert "fraction_of_peak" not in unknown["latency"][0]  # no int8 peak measured: no fraction

@@ -18,7 +18,7 @@ from pocus_edge.config import model_preset, to_dict
 from pocus_edge.errors import ExportError
 from pocus_edge.export import parity as parity_mod
 from pocus_edge.export.parity import spread_head_logits
-from pocus_edge.export.fused import FusedSegmenter, load_fused
+from pocus_edge.models.fused import FusedSegmenter, load_fused
 from pocus_edge.export.onnx import CARD_KEY, INPUT_NAME, check_onnx, export_onnx, read_onnx_card
 from pocus_edge.models.transunet import TransUNet
 
@@ -331,13 +331,18 @@ def test_tensorrt_op_check_flags_asymmetric_quantization(fp32_onnx, tmp_path):
     assert check_tensorrt_ops(sym)["compatible"]
 
 
-def test_trtexec_command_line():
+def test_trtexec_command_line_follows_the_tensorrt_version():
     from pocus_edge.export.tensorrt import trtexec_command
 
-    line = trtexec_command("m.onnx", "m.engine", input_name="frames", input_shape=(1, 3, 224, 224),
-                           precision="int8", batch=None, max_batch=8, timing_cache="t.cache")
-    assert "--minShapes=frames:1x3x224x224" in line and "--maxShapes=frames:8x3x224x224" in line
-    assert "--int8" in line and "--fp16" in line and "--timingCacheFile=t.cache" in line
+    common = dict(input_name="frames", input_shape=(1, 3, 224, 224), batch=None, max_batch=8, timing_cache="t.cache")
+    ten = trtexec_command("m.onnx", "m.engine", tensorrt_version="10.8.0.43", **common)
+    eleven = trtexec_command("m.onnx", "m.engine", tensorrt_version="11.4.0", **common)
+    for line in (ten, eleven):
+        assert "--minShapes=frames:1x3x224x224" in line and "--maxShapes=frames:8x3x224x224" in line
+        assert "--timingCacheFile=t.cache" in line
+        # precision lives in the ONNX: no weak-typing flags (11.x removed them)
+        assert not any(flag in line.split() for flag in ("--fp16", "--int8", "--bf16", "--best"))
+    assert "--stronglyTyped" in ten.split() and "--stronglyTyped" not in eleven.split()
 
 
 def test_tensorrt_engine_build(fp32_onnx, tmp_path):
@@ -347,8 +352,33 @@ def test_tensorrt_engine_build(fp32_onnx, tmp_path):
     if not ok:
         pytest.skip(f"TensorRT engine build not testable here: {why}")
     engine = build_engine(fp32_onnx, tmp_path / "m.engine", input_name=INPUT_NAME, input_shape=(1, 3, 64, 64),
-                          precision="fp16", batch=None, max_batch=4, timing_cache=tmp_path / "t.cache")
+                          batch=None, max_batch=4, timing_cache=tmp_path / "t.cache")
     assert engine.stat().st_size > 0 and (tmp_path / "t.cache").stat().st_size > 0
+    card = json.loads((tmp_path / "m.engine.json").read_text())
+    assert card["precision"] == "fp32" and card["tensorrt"]["strongly_typed"]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_tensorrt_engine_export_agrees_with_onnxruntime(checkpoints, tiny_sites, tmp_path, precision):
+    """Where TensorRT and a GPU exist: fp16 and int8 engines through export (precision from the
+    graph), run by the runtime backend, against the ONNX they were built from in onnxruntime."""
+    from pocus_edge.export.api import ExportOptions, export_checkpoints
+    from pocus_edge.export.tensorrt import tensorrt_available
+    from pocus_edge.runtime.backends import open_backend
+
+    ok, why = tensorrt_available()
+    if not ok:
+        pytest.skip(f"TensorRT engine build not testable here: {why}")
+    _, target = tiny_sites
+    out = tmp_path / f"f-{precision}.engine"
+    result = export_checkpoints(*checkpoints, out, ExportOptions(target="tensorrt", precision=precision, calib=target,
+                                                                 calib_frames=16, batch=None, max_batch=4))
+    assert result.parity["passed"] and result.parity["backend"] == "tensorrt"
+    engine = open_backend(out, "tensorrt")
+    assert engine.precision == precision and engine.gflops_per_frame > 0
+    frames = frames_of(4)
+    agreement = parity_mod.dice_per_image(engine.infer(frames) > 0.5, ort_run(result.onnx_path, frames) > 0.5)
+    assert agreement.mean() >= 0.98
 
 
 def test_cli_tensorrt_without_toolchain_writes_onnx_and_exits_3(checkpoints, tiny_sites, tmp_path, capsys):
@@ -364,7 +394,8 @@ def test_cli_tensorrt_without_toolchain_writes_onnx_and_exits_3(checkpoints, tin
                  "--precision", "int8", "--calib", str(target), "--calib-frames", "16", "--dynamic-batch"])
     captured = capsys.readouterr()
     assert code == 3
-    assert "trtexec --onnx=" in captured.out and "--int8" in captured.out
+    assert "trtexec --onnx=" in captured.out and "--int8" not in captured.out and "--fp16" not in captured.out
+    assert "TensorRT 10.x" in captured.out and "TensorRT 11.x" in captured.out  # no TensorRT here: both lines
     assert "TensorRT" in captured.err and "Traceback" not in captured.err
     onnx_path = out.with_suffix(".onnx")
     assert onnx_path.is_file() and not out.exists()

@@ -17,7 +17,7 @@ from pocus_edge.data import transforms
 from pocus_edge.errors import DataError
 from pocus_edge.export import golden
 
-HAVE_FUSED = importlib.util.find_spec("pocus_edge.export.fused") is not None
+HAVE_FUSED = importlib.util.find_spec("pocus_edge.models.fused") is not None
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "android_demo" / "core" / "src" / "test" / "resources" / "golden"
 
@@ -76,7 +76,7 @@ def test_written_golden_equals_the_python_pipeline(written):
     if HAVE_FUSED:
         assert "random-weight tiny" in index["probabilities"]["kind"]
         assert all("prob" in case for case in index["cases"])
-    else:  # preprocessing goldens only until pocus_edge.export.fused exists
+    else:  # preprocessing goldens only without the model code
         assert index["probabilities"] is None
         assert not any("prob" in case for case in index["cases"])
 

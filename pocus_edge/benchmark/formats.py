@@ -1,10 +1,13 @@
 """The formats `pocus-edge benchmark` measures, one :class:`FormatSpec` each.
 
 A spec says whether its toolchain is present here (``check`` returns a skip reason or None)
-and how to turn the fp32 :class:`~pocus_edge.export.fused.FusedSegmenter` into something that
-runs (``prepare`` returns a :class:`Prepared`: build the artifact with the export package, open it
-with the runtime package). The runner owns timing, accuracy and error handling, so a spec holds
-no measurement code and a failing spec cannot take the others down.
+and how to turn the fp32 :class:`~pocus_edge.models.fused.FusedSegmenter` into something that
+runs (``prepare`` returns a :class:`Prepared`). The exported formats (ONNX, TensorRT, OpenVINO)
+come from the export package's format table (:data:`pocus_edge.export.formats.ARTIFACTS`): each
+row is built by ``export_model`` with the same steps and graphs as ``pocus-edge export`` (the
+TensorRT rows by the same strongly typed builder) and opened by the runtime's backend. The
+runner owns timing, accuracy and error handling, so a spec holds no measurement code and a
+failing spec cannot take the others down. torch is imported only by the formats that use it.
 """
 
 from __future__ import annotations
@@ -19,22 +22,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from .machine import native_bf16_cpu
 
 # Mask Dice agreement with the fp32 PyTorch reference that each precision must reach for its
 # row to count as ok: fp32 formats differ from the reference only by summation order; bf16/fp16
 # round every activation to 8/11 significant bits; int8 quantizes weights and activations.
-AGREEMENT_BARS = {"fp32": 0.99, "bf16": 0.95, "fp16": 0.95, "int8": 0.90}
+AGREEMENT_BARS = {"fp32": 0.99, "bf16": 0.95, "fp16": 0.95, "int8": 0.90, "unknown": 0.90}
 
 
 @dataclass
 class BenchContext:
     """What every format's ``prepare`` may use."""
 
-    fused: torch.nn.Module  # FusedSegmenter, fp32, eval mode, on ``device``
-    device: torch.device
+    fused: Any  # FusedSegmenter (torch), fp32, eval mode, on ``device``; None for an artifact benchmark
+    device: Any  # torch.device, or anything with ``.type`` ("cpu") when torch is absent
     img_size: int
     workdir: Path  # artifacts (ONNX files, engines) go here
     calibration: np.ndarray  # float32 (N,3,S,S) frames for int8 calibration
@@ -44,6 +46,8 @@ class BenchContext:
     compile_mode: str | None = None  # torch.compile mode; None = the device's default
     compile_backend: str = "inductor"  # "aot_eager" traces without code generation (tests)
     cache: dict[str, Any] = field(default_factory=dict)  # artifacts shared between formats
+    providers: list[str] | None = None  # onnxruntime execution providers for the ort rows
+    artifact: Path | None = None  # an exported model benchmarked as is (``--model``)
 
 
 @dataclass
@@ -76,12 +80,14 @@ class FormatSpec:
 # PyTorch formats
 
 
-def _sync(device: torch.device) -> None:
+def _sync(device) -> None:
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
 
 
-def _state_bytes(*modules: torch.nn.Module) -> int:
+def _state_bytes(*modules) -> int:
     """Bytes of the weights a deployment ships (parameters and buffers), as stored now."""
     total = 0
     for module in modules:
@@ -98,6 +104,8 @@ def _checkpoint_bytes(ctx: BenchContext) -> int:
 
 
 def _torch_io(ctx: BenchContext) -> tuple[Callable[[np.ndarray], Any], Callable[[Any], np.ndarray]]:
+    import torch
+
     def to_input(frames: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).to(ctx.device)
 
@@ -107,14 +115,18 @@ def _torch_io(ctx: BenchContext) -> tuple[Callable[[np.ndarray], Any], Callable[
     return to_input, to_numpy
 
 
-def _autocast(ctx: BenchContext, dtype: torch.dtype | None):
-    if dtype is None:
+def _autocast(ctx: BenchContext, dtype_name: str | None):
+    if dtype_name is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=ctx.device.type, dtype=dtype)
+    import torch
+
+    return torch.autocast(device_type=ctx.device.type, dtype=getattr(torch, dtype_name))
 
 
 def _eager_two_model(ctx: BenchContext) -> Prepared:
     """The paper's way: two separate networks, sigmoid, then fusion in Python."""
+    import torch
+
     from ..models.fusion import fuse
 
     fused = ctx.fused
@@ -133,13 +145,14 @@ def _eager_two_model(ctx: BenchContext) -> Prepared:
     return Prepared(infer, to_input, to_numpy, _checkpoint_bytes(ctx))
 
 
-def fold_weight_standardization(model: torch.nn.Module) -> torch.nn.Module:
+def fold_weight_standardization(model):
     """Replace every timm ``StdConv2d`` by a plain ``Conv2d`` holding its standardized weight.
 
     A StdConv2d re-standardizes its weight (a batch-norm over each filter) on every call: pure
     overhead at inference, about a sixth of the paper preset's fp32 CPU time, and it keeps the
     weights fp32. Folded, the weights can be stored in bf16/fp16 once instead of being cast by
     autocast on every call. In place; returns ``model``."""
+    import torch
     import torch.nn.functional as F
     from timm.layers import StdConv2d
 
@@ -163,28 +176,32 @@ def fold_weight_standardization(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def inference_copy(model: torch.nn.Module, dtype: torch.dtype | None, *, channels_last: bool) -> torch.nn.Module:
+def inference_copy(model, dtype_name: str | None, *, channels_last: bool):
     """A deployment-style copy of the fused module: weight standardization folded, convolution and
     linear weights stored in ``dtype`` (norms stay fp32; autocast picks the op precisions), NHWC
     layout on request. The shared fp32 module stays untouched: it is the paper's baseline."""
     import copy
 
+    import torch
+
     prepared = fold_weight_standardization(copy.deepcopy(model))
-    if dtype is not None:
+    if dtype_name is not None:
         for module in prepared.modules():
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-                module.to(dtype)
+                module.to(getattr(torch, dtype_name) if isinstance(dtype_name, str) else dtype_name)
     if channels_last:
         prepared = prepared.to(memory_format=torch.channels_last)
     return prepared.eval()
 
 
-def _fused_eager(dtype: torch.dtype | None, *, optimized: bool = False) -> Callable[[BenchContext], Prepared]:
+def _fused_eager(dtype: str | None, *, optimized: bool = False) -> Callable[[BenchContext], Prepared]:
     """The FusedSegmenter in eager PyTorch, optionally under autocast. ``optimized`` runs an
     :func:`inference_copy` (folded weight standardization, weights pre-cast to ``dtype``, and on
     CPU the NHWC layout that oneDNN's convolutions prefer)."""
 
     def prepare(ctx: BenchContext) -> Prepared:
+        import torch
+
         model = ctx.fused
         nhwc = optimized and ctx.device.type == "cpu"
         size = _checkpoint_bytes(ctx)
@@ -210,7 +227,7 @@ def _fused_eager(dtype: torch.dtype | None, *, optimized: bool = False) -> Calla
     return prepare
 
 
-def _compiled(dtype: torch.dtype | None) -> Callable[[BenchContext], Prepared]:
+def _compiled(dtype: str | None) -> Callable[[BenchContext], Prepared]:
     """torch.compile of the fused module (static shapes: one compilation per batch size).
 
     CUDA: mode "reduce-overhead" by default, i.e. CUDA graphs, one launch per batch instead of
@@ -219,6 +236,7 @@ def _compiled(dtype: torch.dtype | None) -> Callable[[BenchContext], Prepared]:
     happens in the runner's warm-up calls, which are timed separately from the runs."""
 
     def prepare(ctx: BenchContext) -> Prepared:
+        import torch
         import torch._inductor.config as inductor_config
 
         # Folded weight standardization and pre-cast weights: on CUDA (no freezing) this saves
@@ -260,6 +278,8 @@ def _always(ctx: BenchContext) -> str | None:
 
 def _check_bf16(ctx: BenchContext) -> str | None:
     if ctx.device.type == "cuda":
+        import torch
+
         return None if torch.cuda.is_bf16_supported() else "this GPU has no bf16 support"
     if ctx.device.type == "cpu" and not native_bf16_cpu():
         return "CPU lacks native bf16 (avx512_bf16 / amx_bf16 / Arm bf16): it would be emulated, slower than fp32"
@@ -287,124 +307,112 @@ def _check_compile_bf16(ctx: BenchContext) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# ONNX Runtime formats (artifacts from pocus_edge.export, sessions from pocus_edge.runtime)
+# Exported formats: built by export_model from the shared format table, run by runtime.backends
+
+
+def _onnx_fp32_path(ctx: BenchContext) -> Path:
+    """Export the fp32 ONNX once per benchmark; the other exported formats derive from it."""
+    if "onnx-fp32" not in ctx.cache:
+        from ..export.onnx import export_onnx
+
+        fused_cpu = ctx.fused if ctx.device.type == "cpu" else _cpu_copy(ctx.fused)
+        ctx.cache["onnx-fp32"] = export_onnx(fused_cpu, ctx.workdir / "fused-fp32.onnx", batch=None, max_batch=ctx.max_batch)
+    return ctx.cache["onnx-fp32"]
+
+
+def _cpu_copy(model):
+    import copy
+
+    return copy.deepcopy(model).to("cpu")
+
+
+def _file_bytes(path: Path) -> int:
+    """An artifact plus the files that travel with it (external data, OpenVINO weights)."""
+    from ..export.staging import companions
+
+    path = Path(path)
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size + sum(c.stat().st_size for c in companions(path) if c.suffix != ".json")
+
+
+def _backend_prepared(backend, path: Path) -> Prepared:
+    def to_input(frames: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(frames, dtype=np.float32)
+
+    def to_numpy(out: np.ndarray) -> np.ndarray:
+        return np.asarray(out, dtype=np.float32)
+
+    return Prepared(backend.infer, to_input, to_numpy, _file_bytes(path), close=getattr(backend, "close", None))
+
+
+def _exported(target: str, precision: str) -> Callable[[BenchContext], Prepared]:
+    """Build the (target, precision) artifact with export_model (no parity step: the runner
+    measures agreement itself) and open it with the runtime backend the table names."""
+
+    def prepare(ctx: BenchContext) -> Prepared:
+        from ..export.api import ExportOptions, export_model
+        from ..export.formats import artifact_format
+        from ..runtime.backends import open_backend
+
+        spec = artifact_format(target, precision)
+        fp32 = _onnx_fp32_path(ctx)
+        if spec.target == "onnx" and spec.precision == "fp32":
+            path = fp32
+        else:
+            options = ExportOptions(target=target, precision=precision, calibration_frames=ctx.calibration, parity_frames=0,
+                                    batch=None, max_batch=ctx.max_batch, fp32_onnx=fp32)
+            fused_cpu = ctx.fused if ctx.device.type == "cpu" else _cpu_copy(ctx.fused)
+            path = export_model(fused_cpu, ctx.workdir / f"fused-{target}-{precision}{spec.suffix}", options).artifact
+        kwargs: dict[str, Any] = {"device": str(ctx.device)}
+        if spec.backend in ("ort", "openvino"):
+            kwargs["threads"] = ctx.threads
+        if spec.backend == "ort" and ctx.providers:
+            kwargs["providers"] = ctx.providers
+        return _backend_prepared(open_backend(path, spec.backend, **kwargs), path)
+
+    return prepare
+
+
+def _check_exported(target: str, precision: str) -> Callable[[BenchContext], str | None]:
+    def check(ctx: BenchContext) -> str | None:
+        from ..export.formats import artifact_format
+
+        spec = artifact_format(target, precision)
+        missing = spec.missing()
+        if missing:
+            return f"{missing} (pip install 'pocus-edge[{spec.target}]')" if spec.target != "onnx" else missing
+        if importlib.util.find_spec("onnxruntime") is None:
+            return "onnxruntime is not installed"
+        if spec.backend == "ort":
+            wanted = ctx.providers or (["cuda"] if ctx.device.type == "cuda" else ["cpu"])
+            from ..runtime.backends import ORT_PROVIDERS
+
+            names = [ORT_PROVIDERS.get(p.lower(), p) for p in wanted]
+            absent = [n for n in names if n not in _ort_providers()]
+            if absent:
+                return f"onnxruntime here has no {', '.join(absent)} (available: {', '.join(_ort_providers())})"
+        if spec.target == "tensorrt":
+            from ..export.tensorrt import tensorrt_available
+
+            ok, why = tensorrt_available()
+            if not ok:
+                return why
+            if ctx.device.type != "cuda":
+                return "TensorRT rows run with --device cuda"
+        if spec.target == "openvino" and ctx.device.type == "cuda":
+            return "OpenVINO rows run on the CPU (--device cpu)"
+        if spec.precision == "bf16" and ctx.device.type == "cpu" and not native_bf16_cpu():
+            return "CPU lacks native bf16 (avx512_bf16 / amx_bf16): OpenVINO would emulate it"
+        return None
+
+    return check
 
 
 def _ort_providers() -> list[str]:
     import onnxruntime
 
     return list(onnxruntime.get_available_providers())
-
-
-def _check_ort(ctx: BenchContext) -> str | None:
-    if importlib.util.find_spec("onnxruntime") is None:
-        return "onnxruntime is not installed"
-    if ctx.device.type == "cuda" and "CUDAExecutionProvider" not in _ort_providers():
-        return "onnxruntime here has no CUDAExecutionProvider (CPU-only build); run with --device cpu for its CPU rows"
-    return None
-
-
-def _onnx_fp32_path(ctx: BenchContext) -> Path:
-    """Export the fp32 ONNX once per benchmark; the fp16 and int8 formats derive from it."""
-    if "onnx-fp32" not in ctx.cache:
-        from ..export.onnx import export_onnx
-
-        fused_cpu = ctx.fused if ctx.device.type == "cpu" else _cpu_copy(ctx.fused)
-        ctx.cache["onnx-fp32"] = export_onnx(fused_cpu, ctx.workdir / "fused-fp32.onnx", max_batch=ctx.max_batch)
-    return ctx.cache["onnx-fp32"]
-
-
-def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(model).to("cpu")
-
-
-def _onnx_artifact(precision: str) -> Callable[[BenchContext], Path]:
-    def build(ctx: BenchContext) -> Path:
-        src = _onnx_fp32_path(ctx)
-        if precision == "fp32":
-            return src
-        if precision == "fp16":
-            from ..export.quantize import convert_fp16
-
-            return convert_fp16(src, ctx.workdir / "fused-fp16.onnx")
-        from ..export.quantize import ArrayCalibrationReader, quantize_int8
-
-        reader = ArrayCalibrationReader(ctx.calibration, source="benchmark frames")
-        return quantize_int8(src, ctx.workdir / "fused-int8.onnx", reader)
-
-    return build
-
-
-def _file_bytes(path: Path) -> int:
-    """An ONNX file plus its external-data sidecar files, if any."""
-    path = Path(path)
-    total = path.stat().st_size
-    for sidecar in path.parent.glob(path.name + ".*data"):
-        total += sidecar.stat().st_size
-    return total
-
-
-def _ort(precision: str) -> Callable[[BenchContext], Prepared]:
-    build = _onnx_artifact(precision)
-
-    def prepare(ctx: BenchContext) -> Prepared:
-        from ..runtime.backends import open_backend
-
-        path = build(ctx)
-        backend = open_backend(path, "ort", device=ctx.device.type, threads=ctx.threads)
-
-        def to_input(frames: np.ndarray) -> np.ndarray:
-            return np.ascontiguousarray(frames, dtype=np.float32)
-
-        def to_numpy(out: np.ndarray) -> np.ndarray:
-            return np.asarray(out, dtype=np.float32)
-
-        return Prepared(backend.infer, to_input, to_numpy, _file_bytes(path), close=getattr(backend, "close", None))
-
-    return prepare
-
-
-# ---------------------------------------------------------------------------------------------
-# TensorRT and Core ML
-
-
-def _check_tensorrt(ctx: BenchContext) -> str | None:
-    from ..export.tensorrt import tensorrt_available
-
-    ok, why = tensorrt_available()
-    if not ok:
-        return why
-    if ctx.device.type != "cuda":
-        return "TensorRT rows run with --device cuda"
-    return None
-
-
-def _tensorrt(precision: str) -> Callable[[BenchContext], Prepared]:
-    """An engine built from the fp32 ONNX export (int8: TensorRT's entropy calibrator on the
-    benchmark frames), run by the runtime's TensorRT backend."""
-
-    def prepare(ctx: BenchContext) -> Prepared:
-        from ..export.tensorrt import build_engine
-        from ..runtime.backends import open_backend
-
-        src = _onnx_fp32_path(ctx)
-        engine = build_engine(
-            src,
-            ctx.workdir / f"fused-{precision}.engine",
-            precision=precision,
-            max_batch=ctx.max_batch,
-            calibration=ctx.calibration if precision == "int8" else None,
-        )
-        backend = open_backend(engine, "tensorrt", device=str(ctx.device))
-
-        def to_input(frames: np.ndarray) -> np.ndarray:
-            return np.ascontiguousarray(frames, dtype=np.float32)
-
-        return Prepared(backend.infer, to_input, np.asarray, Path(engine).stat().st_size, close=getattr(backend, "close", None))
-
-    return prepare
 
 
 def _check_coreml(ctx: BenchContext) -> str | None:
@@ -417,25 +425,13 @@ def _check_coreml(ctx: BenchContext) -> str | None:
 
 
 def _coreml(ctx: BenchContext) -> Prepared:
-    """The Core ML package (fp16 ML Program, grayscale image input of batch 1) predicted with
-    coremltools on macOS; a batch is run frame by frame, as an app would."""
-    import coremltools as ct
-    from PIL import Image
-
-    from ..export.coreml import INPUT_NAME, OUTPUT_NAME, export_coreml
+    """The Core ML package (fp16 ML Program, grayscale image input of batch 1) run by the
+    runtime's Core ML backend on macOS; a batch is run frame by frame, as an app would."""
+    from ..export.coreml import export_coreml
+    from ..runtime.backends import open_backend
 
     package = export_coreml(_cpu_copy(ctx.fused), ctx.workdir / "fused-fp16.mlpackage")
-    model = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.ALL)
-
-    def to_input(frames: np.ndarray) -> list:
-        gray = np.clip(np.rint(frames[:, 0] * 255.0), 0, 255).astype(np.uint8)
-        return [Image.fromarray(g, mode="L") for g in gray]
-
-    def infer(images: list) -> np.ndarray:
-        return np.concatenate([np.asarray(model.predict({INPUT_NAME: im})[OUTPUT_NAME]) for im in images])
-
-    size = sum(f.stat().st_size for f in Path(package).rglob("*") if f.is_file())
-    return Prepared(infer, to_input, lambda out: np.asarray(out, dtype=np.float32), size)
+    return _backend_prepared(open_backend(package, "coreml"), package)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,20 +440,30 @@ def _coreml(ctx: BenchContext) -> Prepared:
 
 BASELINE = "eager-2model"
 
+def _exported_spec(target: str, precision: str, engine: str) -> FormatSpec:
+    from ..export.formats import artifact_format
+
+    spec = artifact_format(target, precision)
+    return FormatSpec(spec.name, precision, engine, spec.summary, _check_exported(target, precision), _exported(target, precision))
+
+
 FORMATS: dict[str, FormatSpec] = {
     spec.name: spec
     for spec in (
         FormatSpec(BASELINE, "fp32", "torch", "two separate networks + Python fusion (the paper's way)", _always, _eager_two_model),
         FormatSpec("fused-fp32", "fp32", "torch", "FusedSegmenter, one module", _always, _fused_eager(None)),
-        FormatSpec("fused-bf16", "bf16", "torch", "FusedSegmenter, bf16 weights + autocast, folded weight standardization (NHWC on CPU)", _check_bf16, _fused_eager(torch.bfloat16, optimized=True)),
-        FormatSpec("fused-fp16", "fp16", "torch", "FusedSegmenter, fp16 weights + autocast, folded weight standardization", _check_fp16_torch, _fused_eager(torch.float16, optimized=True)),
+        FormatSpec("fused-bf16", "bf16", "torch", "FusedSegmenter, bf16 weights + autocast, folded weight standardization (NHWC on CPU)", _check_bf16, _fused_eager("bfloat16", optimized=True)),
+        FormatSpec("fused-fp16", "fp16", "torch", "FusedSegmenter, fp16 weights + autocast, folded weight standardization", _check_fp16_torch, _fused_eager("float16", optimized=True)),
         FormatSpec("compile-fp32", "fp32", "torch.compile", "torch.compile of the folded FusedSegmenter (CUDA graphs on CUDA, frozen weights on CPU)", _compiler_reason, _compiled(None)),
-        FormatSpec("compile-bf16", "bf16", "torch.compile", "as compile-fp32, bf16 weights + autocast", _check_compile_bf16, _compiled(torch.bfloat16)),
-        FormatSpec("onnx-fp32", "fp32", "onnxruntime", "ONNX export in onnxruntime", _check_ort, _ort("fp32")),
-        FormatSpec("onnx-fp16", "fp16", "onnxruntime", "ONNX fp16 weights/activations in onnxruntime", _check_ort, _ort("fp16")),
-        FormatSpec("onnx-int8", "int8", "onnxruntime", "ONNX static int8 (QDQ) in onnxruntime", _check_ort, _ort("int8")),
-        FormatSpec("tensorrt-fp16", "fp16", "tensorrt", "TensorRT engine, fp16", _check_tensorrt, _tensorrt("fp16")),
-        FormatSpec("tensorrt-int8", "int8", "tensorrt", "TensorRT engine, int8", _check_tensorrt, _tensorrt("int8")),
+        FormatSpec("compile-bf16", "bf16", "torch.compile", "as compile-fp32, bf16 weights + autocast", _check_compile_bf16, _compiled("bfloat16")),
+        _exported_spec("onnx", "fp32", "onnxruntime"),
+        _exported_spec("onnx", "fp16", "onnxruntime"),
+        _exported_spec("onnx", "int8", "onnxruntime"),
+        _exported_spec("openvino", "fp32", "openvino"),
+        _exported_spec("openvino", "bf16", "openvino"),
+        _exported_spec("openvino", "int8", "openvino"),
+        _exported_spec("tensorrt", "fp16", "tensorrt"),
+        _exported_spec("tensorrt", "int8", "tensorrt"),
         FormatSpec("coreml-fp16", "fp16", "coreml", "Core ML package (Neural Engine / GPU / CPU)", _check_coreml, _coreml),
     )
 }

@@ -3,14 +3,20 @@
 For each format (formats.FORMATS): status (ok / skipped: reason / failed: reason), artifact
 size, Dice and IoU on the site's labeled test frames, mask Dice agreement with the PyTorch fp32
 reference (the paper's two-model eager path), latency p50/p95 per batch size, frames per second,
-GFLOPs per frame and peak memory. A failure inside one format (an exception, a time-out, an
-agreement below its bar) becomes that row's status and never stops the others.
+GFLOPs per frame, the fraction of the machine's measured matmul peak for the row's precision,
+and peak memory. A failure inside one format (an exception, a time-out, an agreement below its
+bar) becomes that row's status and never stops the others.
+
+``--model ARTIFACT`` benchmarks an exported model as it is (an ONNX file, an OpenVINO IR, a
+TensorRT engine) without torch: its own backend, plus OpenVINO at fp32/bf16 for an ONNX file
+where OpenVINO is installed; agreement is then measured against the artifact's first row.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import datetime as _dt
 import math
 import signal
@@ -23,12 +29,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from ..errors import ConfigError, DataError, PocusError
 from ..metrics import THRESHOLD
-from .formats import BASELINE, BenchContext, FormatSpec, Prepared, resolve_formats
-from .machine import describe_machine, device_label, load_average, probe_matmul_gflops
+from .formats import AGREEMENT_BARS, BASELINE, BenchContext, FormatSpec, Prepared, resolve_formats
+from .machine import describe_machine, device_label, load_average, probe_matmul
 from .schema import SCHEMA_VERSION, validate_report
 
 
@@ -39,6 +44,7 @@ class BenchmarkOptions:
 
     generative: Path | None = None
     contrastive: Path | None = None
+    model: Path | None = None  # an exported artifact, benchmarked as it is (no torch needed)
     preset: str | None = None
     data: Path | None = None  # a site folder: its labeled test frames are the eval set
     formats: list[str] | None = None  # None = every format
@@ -60,6 +66,8 @@ class BenchmarkOptions:
     device_name: str | None = None  # override the recorded device name (e.g. "Jetson Orin Nano")
     probe: bool = True  # measure a matmul rate for devices without a devices.yaml entry
     workdir: Path | None = None
+    providers: list[str] | None = None  # onnxruntime execution providers (cpu, cuda, tensorrt, openvino, coreml)
+    hostname: bool = False  # record the machine's hostname in the report
     seed: int = 0
     command: str = ""
 
@@ -68,9 +76,11 @@ class BenchmarkOptions:
 # Inputs: models and frames
 
 
-def _build_fused(opts: BenchmarkOptions, device: torch.device):
+def _build_fused(opts: BenchmarkOptions, device):
     """The fp32 FusedSegmenter from two checkpoints, or from a preset with random weights."""
-    from ..export.fused import FusedSegmenter, load_fused
+    import torch
+
+    from ..models.fused import FusedSegmenter, load_fused
 
     fusion = dict(method=opts.method, norm=opts.norm, formula=opts.formula)
     if opts.generative or opts.contrastive:
@@ -81,7 +91,7 @@ def _build_fused(opts: BenchmarkOptions, device: torch.device):
         preset = (fused.cards.get("generative") or {}).get("preset") or fused.generative.cfg.name
     else:
         if not opts.preset:
-            raise ConfigError("give --generative and --contrastive checkpoints, or --preset for random weights")
+            raise ConfigError("give --generative and --contrastive checkpoints, --preset for random weights, or --model for an exported artifact")
         from ..config import model_preset
         from ..models.transunet import TransUNet
 
@@ -125,10 +135,12 @@ def _eval_frames(opts: BenchmarkOptions, img_size: int) -> tuple[np.ndarray, np.
     return frames, masks, f"{site.root} test split ({len(records)} labeled frames)"
 
 
-def _decisive_random_head(fused, frames: np.ndarray, device: torch.device) -> None:
+def _decisive_random_head(fused, frames: np.ndarray, device) -> None:
     """Random weights give all-empty masks on which every format "agrees" trivially: rescale each
     branch's output head (logits median 0, standard deviation 4 on the eval frames) so that the
     agreement check measures real disagreement. Only done for random weights."""
+    import torch
+
     from ..export.parity import spread_head_logits
 
     x = torch.from_numpy(frames).to(device)
@@ -332,6 +344,8 @@ def run_format(
     prepared: Prepared | None = None
     sampler = _RssSampler()
     if cuda:
+        import torch
+
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(ctx.device)
     load_before = _load1()
@@ -387,8 +401,10 @@ def gflops_per_frame(fused) -> float:
     """GFLOPs (2 x multiply-adds, torch.utils.flop_counter via pocus_edge.models.flops) of one
     frame through both branches and the fusion head. Counted on a weightless twin on the meta
     device: the shapes fix the count, and no arithmetic (seconds for the paper preset) runs."""
-    from ..export.fused import FusedSegmenter
+    import torch
+
     from ..models.flops import count_flops
+    from ..models.fused import FusedSegmenter
     from ..models.transunet import TransUNet
 
     shape = (1, 3, fused.img_size, fused.img_size)
@@ -403,7 +419,23 @@ def gflops_per_frame(fused) -> float:
         return count_flops(fused, shape) / 1e9
 
 
-def _resolve_device(name: str) -> torch.device:
+class _Device(str):
+    """The CPU device where torch is absent: ``.type`` like a torch.device."""
+
+    @property
+    def type(self) -> str:
+        return str(self).split(":")[0]
+
+
+def _resolve_device(name: str):
+    try:
+        import torch
+    except ImportError:
+        if name != "cpu":
+            from ..errors import ToolchainUnavailable
+
+            raise ToolchainUnavailable(f"--device {name}: benchmarking on a GPU without torch is not supported; use --device cpu") from None
+        return _Device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -426,82 +458,155 @@ def run_benchmark(
     ``on_start(spec)`` is called before each format and ``on_row(row, report)`` after it with the
     report so far, so callers can print progress and write partial JSON.
     """
-    from ..models.flops import count_params
-
-    specs = resolve_formats(opts.formats)
     if any(b < 1 for b in opts.batches) or not opts.batches:
         raise ConfigError(f"--batch sizes must be positive integers, got {list(opts.batches)}")
+    if opts.model is not None and (opts.generative or opts.contrastive or opts.formats):
+        raise ConfigError("--model benchmarks one exported artifact: drop --generative/--contrastive/--formats")
     device = _resolve_device(opts.device)
     if opts.eval_batch is None:
         # The largest timed batch: a compiled format then sees no extra input shape.
         opts = dataclasses.replace(opts, eval_batch=min(max(opts.batches), 32))
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
+    if opts.threads and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(opts.threads)
+    with contextlib.ExitStack() as stack:
+        workdir = opts.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pocus-bench-")))
+        workdir.mkdir(parents=True, exist_ok=True)
+        if opts.model is not None:
+            setup = _artifact_setup(opts, device, workdir)
+        else:
+            setup = _model_setup(opts, device, workdir)
+        report = _new_report(opts, device, setup)
+        for spec in setup["specs"]:
+            if on_start:
+                on_start(spec)
+            row = run_format(spec, setup["ctx"], opts, setup["frames"], setup["masks"], setup["reference"], setup["gflops"])
+            annotate_peak_fraction(row, report["machine"])
+            report["rows"].append(row)
+            if on_row:
+                on_row(row, report)
+    validate_report(report, source="benchmark report (internal)")
+    return report
+
+
+def _model_setup(opts: BenchmarkOptions, device, workdir: Path) -> dict[str, Any]:
+    """The fused model (checkpoints or a preset's random weights), its eval frames, the
+    registry's formats and the agreement reference: the paper's two-model fp32 path."""
+    from ..models.flops import count_params
+
+    specs = resolve_formats(opts.formats)
     fused, preset, weights = _build_fused(opts, device)
-    img_size = fused.img_size
-    frames, masks, frames_source = _eval_frames(opts, img_size)
+    frames, masks, frames_source = _eval_frames(opts, fused.img_size)
     if weights == "random":
         _decisive_random_head(fused, frames, device)
-    gflops = gflops_per_frame(fused)
-    machine = describe_machine()
+    ctx = BenchContext(
+        fused=fused,
+        device=device,
+        img_size=fused.img_size,
+        workdir=workdir,
+        calibration=frames[: max(1, min(len(frames), 16))],
+        checkpoints=(Path(opts.generative), Path(opts.contrastive)) if opts.generative else None,
+        max_batch=max(64, max(opts.batches)),
+        threads=opts.threads,
+        compile_mode=opts.compile_mode,
+        compile_backend=opts.compile_backend,
+        providers=opts.providers,
+    )
+    model = {"preset": preset, "img_size": fused.img_size, "gflops_per_frame": gflops_per_frame(fused),
+             "params": count_params(fused), "fusion": {"method": opts.method, "norm": opts.norm, "formula": opts.formula},
+             "weights": weights}
+    # Computed once, outside the rows, so that a planted or real failure of the baseline row
+    # cannot remove it.
+    reference = _reference_probs(ctx, frames, opts)
+    return {"specs": specs, "ctx": ctx, "frames": frames, "masks": masks, "frames_source": frames_source,
+            "reference": reference, "gflops": model["gflops_per_frame"], "model": model}
+
+
+def _artifact_setup(opts: BenchmarkOptions, device, workdir: Path) -> dict[str, Any]:
+    """An exported artifact as it is: its own backend first (the agreement reference), then
+    OpenVINO on the same ONNX file at fp32 and bf16 where OpenVINO is installed."""
+    from ..runtime.backends import backend_for, open_backend
+
+    path = Path(opts.model)
+    kind = backend_for(path)
+    kwargs: dict[str, Any] = {"device": str(device), "threads": opts.threads} if kind in ("ort", "openvino") else {"device": str(device)}
+    if opts.providers:
+        kwargs["providers"] = opts.providers
+    first = open_backend(path, kind, **kwargs)
+    card = first.card or {}
+    precision = first.precision if first.precision in AGREEMENT_BARS else "unknown"
+    label = "+".join(p.replace("ExecutionProvider", "").lower() for p in getattr(first, "providers", [])) or kind
+    specs = [_artifact_spec(f"{kind}-{precision}", precision, kind, f"{path.name} in {label}", lambda ctx: first)]
+    if kind == "ort" and device.type == "cpu" and importlib.util.find_spec("openvino") is not None:
+        from .machine import native_bf16_cpu
+
+        # An fp32 graph at fp32 and bf16; an int8 graph as it is (its fp32 parts pinned to f32).
+        hints = {"fp32": ("fp32", "bf16"), "unknown": ("fp32", "bf16"), "int8": ("int8",)}.get(precision, ())
+        for hint in hints:
+            if hint == "bf16" and not native_bf16_cpu():
+                continue
+            specs.append(_artifact_spec(f"openvino-{hint}", hint, "openvino", f"{path.name} compiled by OpenVINO at {hint}",
+                                        lambda ctx, hint=hint: open_backend(path, "openvino", device="cpu", threads=opts.threads, precision=hint)))
+    frames, masks, frames_source = _eval_frames(opts, first.img_size)
+    ctx = BenchContext(fused=None, device=device, img_size=first.img_size, workdir=workdir, calibration=frames[:1],
+                       threads=opts.threads, providers=opts.providers, artifact=path)
+    reference = _predict(_artifact_prepared(first, path), frames, opts.eval_batch)
+    gflops = first.gflops_per_frame
+    model = {"preset": card.get("preset") or "unknown", "img_size": int(first.img_size), "gflops_per_frame": gflops or 0.0,
+             "params": None, "fusion": card.get("fusion") or {}, "weights": f"exported artifact {path.name}",
+             "artifact": {"file": str(path), "backend": kind, "precision": first.precision, "card": bool(card)}}
+    return {"specs": specs, "ctx": ctx, "frames": frames, "masks": masks, "frames_source": frames_source,
+            "reference": reference, "gflops": gflops, "model": model}
+
+
+def _artifact_prepared(backend, path: Path) -> Prepared:
+    from .formats import _backend_prepared
+
+    return _backend_prepared(backend, path)
+
+
+def _artifact_spec(name: str, precision: str, engine: str, summary: str, opener) -> FormatSpec:
+    return FormatSpec(name, precision, engine, summary, lambda ctx: None, lambda ctx: _artifact_prepared(opener(ctx), ctx.artifact))
+
+
+def _new_report(opts: BenchmarkOptions, device, setup: dict[str, Any]) -> dict[str, Any]:
+    machine = describe_machine(hostname=opts.hostname)
     machine["device"] = str(device)
     machine["device_name"] = opts.device_name or device_label(machine, str(device))
     if opts.probe:
+        # The peak each row's achieved rate is divided by, measured in this run, per precision.
         with contextlib.suppress(Exception):
-            machine["matmul_gflops"] = probe_matmul_gflops(str(device))
-    report: dict[str, Any] = {
+            probe = probe_matmul(str(device), threads=opts.threads)
+            machine["matmul_gflops"], machine["matmul_engine"] = probe["gflops"], probe["engine"]
+    torch = sys.modules.get("torch")
+    return {
         "schema": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": opts.command,
         "machine": machine,
-        "model": {
-            "preset": preset,
-            "img_size": img_size,
-            "gflops_per_frame": gflops,
-            "params": count_params(fused),
-            "fusion": {"method": opts.method, "norm": opts.norm, "formula": opts.formula},
-            "weights": weights,
-        },
-        "data": {"source": frames_source, "frames": int(len(frames)), "labeled": masks is not None},
+        "model": setup["model"],
+        "data": {"source": setup["frames_source"], "frames": int(len(setup["frames"])), "labeled": setup["masks"] is not None},
         "settings": {
             "batches": list(opts.batches),
             "runs": opts.runs,
             "warmup": opts.warmup,
             "time_per_batch_s": opts.time_per_batch_s,
             "format_timeout_s": opts.format_timeout_s,
-            "threads": torch.get_num_threads(),
-            "formats": [s.name for s in specs],
+            "threads": opts.threads or (torch.get_num_threads() if torch is not None else None),
+            "providers": opts.providers,
+            "formats": [s.name for s in setup["specs"]],
         },
         "rows": [],
     }
-    with contextlib.ExitStack() as stack:
-        workdir = opts.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pocus-bench-")))
-        workdir.mkdir(parents=True, exist_ok=True)
-        calibration = frames[: max(1, min(len(frames), 16))]
-        ctx = BenchContext(
-            fused=fused,
-            device=device,
-            img_size=img_size,
-            workdir=workdir,
-            calibration=calibration,
-            checkpoints=(Path(opts.generative), Path(opts.contrastive)) if opts.generative else None,
-            max_batch=max(64, max(opts.batches)),
-            threads=opts.threads,
-            compile_mode=opts.compile_mode,
-            compile_backend=opts.compile_backend,
-        )
-        # The agreement reference: the paper's two-model fp32 path, computed once, outside the
-        # rows, so that a planted or real failure of the baseline row cannot remove it.
-        reference = _reference_probs(ctx, frames, opts)
-        for spec in specs:
-            if on_start:
-                on_start(spec)
-            row = run_format(spec, ctx, opts, frames, masks, reference, gflops)
-            report["rows"].append(row)
-            if on_row:
-                on_row(row, report)
-    validate_report(report, source="benchmark report (internal)")
-    return report
+
+
+def annotate_peak_fraction(row: dict[str, Any], machine: dict[str, Any]) -> None:
+    """Each timed batch of ``row`` gets ``fraction_of_peak``: achieved GFLOP/s (FPS x GFLOPs
+    per frame) over the machine's measured matmul rate for the row's precision."""
+    peak = (machine.get("matmul_gflops") or {}).get(row["precision"])
+    gflops = row.get("gflops_per_frame")
+    for lat in row["latency"]:
+        if peak and gflops:
+            lat["fraction_of_peak"] = lat["fps"] * gflops / peak
 
 
 def _reference_probs(ctx: BenchContext, frames: np.ndarray, opts: BenchmarkOptions) -> np.ndarray:
@@ -559,6 +664,7 @@ def render_report(report: dict[str, Any], console=None) -> None:
         if cpu_device:
             table.add_column(f"b{b} cpu ms", justify="right")
         table.add_column(f"b{b} FPS (x)", justify="right")
+        table.add_column(f"b{b} % peak", justify="right")
     table.add_column("peak mem", justify="right")
     table.add_column("setup s", justify="right")
     notes: list[str] = []
@@ -578,8 +684,10 @@ def render_report(report: dict[str, Any], console=None) -> None:
                 if cpu_device:
                     cells.append(_fmt(lat[b].get("cpu_p50_ms"), ".1f"))
                 cells.append(f"{fmt_fps(lat[b]['fps'])}{ratio}")
+                fraction = lat[b].get("fraction_of_peak")
+                cells.append("-" if fraction is None else f"{100 * fraction:.0f}%")
             else:
-                cells += ["-"] * (3 if cpu_device else 2)
+                cells += ["-"] * (4 if cpu_device else 3)
         table.add_row(
             row["format"],
             f"[{style}]{status}[/{style}]",
@@ -594,3 +702,9 @@ def render_report(report: dict[str, Any], console=None) -> None:
     console.print(table)
     for note in notes:
         console.print(note, highlight=False, markup=False)
+    probe = machine.get("matmul_gflops") or {}
+    if probe:
+        engines = machine.get("matmul_engine") or {}
+        rates = ", ".join(f"{p} {v:,.0f}" + (f" ({engines[p]})" if p in engines else "") for p, v in probe.items())
+        console.print(f"% peak: achieved GFLOP/s over this run's measured matmul rate per precision (GFLOP/s; int8 GOPS): {rates}",
+                      highlight=False, markup=False)

@@ -10,7 +10,7 @@ from ..errors import DataError
 
 SCHEMA_VERSION = "pocus-edge-benchmark/1"
 STATUSES = ("ok", "skipped", "failed")
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "unknown")
 
 _number_or_null = {"type": ["number", "null"]}
 
@@ -25,6 +25,8 @@ LATENCY_SCHEMA = {
         "runs": {"type": "integer", "minimum": 1},
         "warmup_s": {"type": "number", "minimum": 0},
         "cpu_p50_ms": {"type": "number", "minimum": 0},
+        # achieved GFLOP/s over the machine's measured matmul rate for the row's precision
+        "fraction_of_peak": {"type": "number", "minimum": 0},
     },
     "additionalProperties": False,
 }
@@ -106,8 +108,8 @@ REPORT_SCHEMA: dict[str, Any] = {
             "properties": {
                 "preset": {"type": "string"},
                 "img_size": {"type": "integer", "minimum": 16},
-                "gflops_per_frame": {"type": "number", "exclusiveMinimum": 0},
-                "params": {"type": "integer", "minimum": 1},
+                "gflops_per_frame": {"type": "number", "minimum": 0},
+                "params": {"type": ["integer", "null"], "minimum": 1},
                 "fusion": {"type": "object"},
                 "weights": {"type": "string"},
             },

@@ -29,8 +29,12 @@ def register(app: typer.Typer) -> None:
             "Accuracy and speed of every available format/precision in one table.\n\n"
             "`pocus-edge benchmark --generative G --contrastive C --data SITE` measures each format "
             "(PyTorch eager two-model = the paper's way and the baseline, fused fp32/bf16/fp16, "
-            "torch.compile, ONNX fp32/fp16/int8 in onnxruntime, TensorRT, Core ML): status, size, "
-            "Dice/IoU, agreement with the fp32 reference, latency p50/p95, FPS, GFLOPs, peak memory. "
+            "torch.compile, ONNX fp32/fp16/int8 in onnxruntime, OpenVINO fp32/bf16/int8, TensorRT, "
+            "Core ML): status, size, Dice/IoU, agreement with the fp32 reference, latency p50/p95, "
+            "FPS, GFLOPs, the fraction of this machine's measured matmul peak for the row's "
+            "precision, peak memory.\n\n"
+            "`pocus-edge benchmark --model fused.onnx [--data SITE]` benchmarks an exported model as it "
+            "is (no torch needed): its own backend, plus OpenVINO where installed.\n\n"
             "`pocus-edge benchmark compare A.json B.json` sets machines side by side."
         ),
         invoke_without_command=True,
@@ -42,6 +46,7 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         generative: Optional[Path] = typer.Option(None, "--generative", "-g", help="Fine-tuned generative (MIM) branch checkpoint (.safetensors)."),
         contrastive: Optional[Path] = typer.Option(None, "--contrastive", "-c", help="Fine-tuned contrastive branch checkpoint (.safetensors)."),
+        model: Optional[Path] = typer.Option(None, "--model", "-m", help="An exported model to benchmark as it is (.onnx, OpenVINO .xml, TensorRT engine): no checkpoints or torch needed."),
         data: Optional[Path] = typer.Option(None, "--data", "-d", help="Target site folder: Dice/IoU on its labeled test frames. Without it: random frames, no Dice/IoU."),
         preset: Optional[str] = typer.Option(None, "--preset", "-p", help="paper | small | tiny: random weights of this preset when no checkpoints are given (speed only)."),
         formats: Optional[str] = typer.Option(None, "--formats", "-f", help="Comma-separated subset, e.g. eager-2model,fused-bf16,onnx-int8 (default: all). See --list-formats."),
@@ -58,6 +63,8 @@ def register(app: typer.Typer) -> None:
         formula: str = typer.Option("weighted", help="Fusion formula: weighted (released code) | paper."),
         compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile mode (default: reduce-overhead on CUDA = CUDA graphs, default on CPU)."),
         device_name: Optional[str] = typer.Option(None, "--device-name", help="Name recorded for this device (matches devices.yaml in `compare`), e.g. 'Jetson Orin Nano Super'."),
+        providers: Optional[str] = typer.Option(None, "--providers", help="onnxruntime execution providers for the ONNX rows, in priority order: cpu, cuda, tensorrt, openvino, coreml (those installed; CPU is always the fallback)."),
+        hostname: bool = typer.Option(False, "--hostname", help="Record this machine's hostname in the report (left out by default)."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report here (updated after every format, atomically)."),
         workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keep exported artifacts here (default: a temporary folder)."),
         list_formats: bool = typer.Option(False, "--list-formats", help="List the formats and exit."),
@@ -78,6 +85,7 @@ def register(app: typer.Typer) -> None:
         opts = BenchmarkOptions(
             generative=generative,
             contrastive=contrastive,
+            model=model,
             preset=preset,
             data=data,
             formats=[f.strip() for f in formats.split(",") if f.strip()] if formats else None,
@@ -94,6 +102,8 @@ def register(app: typer.Typer) -> None:
             formula=formula,
             compile_mode=compile_mode,
             device_name=device_name,
+            providers=[p.strip() for p in providers.split(",") if p.strip()] if providers else None,
+            hostname=hostname,
             workdir=workdir,
             command=shlex.join(["pocus-edge", *sys.argv[1:]]),
         )

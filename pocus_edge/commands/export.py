@@ -1,4 +1,4 @@
-"""`export`: both branches plus the fusion head as one graph."""
+"""`export`: both branches plus the fusion head as one graph (or one single network)."""
 
 from __future__ import annotations
 
@@ -24,11 +24,12 @@ def _frame_shape(text: Optional[str]) -> Optional[tuple[int, int]]:
 def register(app: typer.Typer) -> None:
     @app.command("export")
     def export(
-        generative: Path = typer.Option(..., "--generative", "-g", help="Fine-tuned generative (MIM) branch checkpoint (RUN/model.safetensors)."),
-        contrastive: Path = typer.Option(..., "--contrastive", "-c", help="Fine-tuned contrastive branch checkpoint (RUN/model.safetensors)."),
-        target: str = typer.Option("onnx", "--target", "-t", help="onnx | tensorrt | coreml."),
-        out: Path = typer.Option(..., "--out", "-o", help="Output: *.onnx (onnx), engine file (tensorrt; its ONNX goes next to it), *.mlpackage (coreml)."),
-        precision: str = typer.Option("fp32", "--precision", "-p", help="fp32 | fp16 | int8 (int8 needs --calib; Core ML: fp16)."),
+        generative: Optional[Path] = typer.Option(None, "--generative", "-g", help="Fine-tuned generative (MIM) branch checkpoint (RUN/model.safetensors)."),
+        contrastive: Optional[Path] = typer.Option(None, "--contrastive", "-c", help="Fine-tuned contrastive branch checkpoint (RUN/model.safetensors)."),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-k", help="Instead of -g/-c: ONE fine-tuned segmenter (a single network, e.g. a student), exported without fusion; output 'prob'."),
+        target: str = typer.Option("onnx", "--target", "-t", help="onnx | tensorrt | openvino | coreml."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output: *.onnx (onnx), *.engine (tensorrt; its precision-explicit ONNX and its .json card go next to it), *.xml (openvino, + .bin), *.mlpackage (coreml)."),
+        precision: str = typer.Option("fp32", "--precision", "-p", help="fp32 | fp16 | int8 (onnx, tensorrt); fp32 | bf16 | int8 (openvino); fp16 (coreml). int8 needs --calib."),
         calib: Optional[Path] = typer.Option(None, "--calib", help="TARGET site folder: its unlabeled frames calibrate int8 (masks are never read); its test split also serves the parity check."),
         calib_frames: int = typer.Option(64, "--calib-frames", help="Number of calibration frames drawn from the site's train split."),
         batch: int = typer.Option(1, "--batch", help="Fixed batch size of the graph (ignored with --dynamic-batch)."),
@@ -43,6 +44,7 @@ def register(app: typer.Typer) -> None:
         parity_frames: int = typer.Option(8, "--parity-frames", help="Number of frames in the parity check."),
         max_diff: float = typer.Option(1e-4, "--max-diff", help="fp32 bar: largest allowed |onnx - pytorch| of the fused probability."),
         min_dice_fp16: float = typer.Option(0.98, "--min-dice-fp16", help="fp16 bar: mean mask Dice versus PyTorch."),
+        min_dice_bf16: float = typer.Option(0.95, "--min-dice-bf16", help="bf16 bar (OpenVINO): mean mask Dice versus PyTorch."),
         min_dice_int8: float = typer.Option(0.95, "--min-dice-int8", help="int8 bar: mean mask Dice versus PyTorch."),
         frame_shape: Optional[str] = typer.Option(None, "--frame-shape", help="Core ML: probe frame HEIGHTxWIDTH of the image input (default: the model size)."),
         timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="TensorRT timing cache file (default: next to the engine)."),
@@ -50,22 +52,40 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Export both fine-tuned branches plus the fusion head as ONE graph, with a parity report.
 
-        Exit codes: 0 done; 2 bad input or parity failure; 3 toolchain missing here (TensorRT/CUDA
-        or macOS): the ONNX is still written and checked, and the trtexec line is printed.
+        Precision lives in the graph: fp16 is a mixed graph (branches fp16; sigmoids, confidences
+        and fusion fp32), int8 a static Q/DQ graph calibrated on the unlabeled frames of --calib
+        (fusion kept fp32). TensorRT builds a strongly typed engine from that graph (TensorRT 10.x
+        or 11.x) on the GPU that will run it. The artifact is written only after its parity check
+        passed; a failed check leaves nothing under --out (its report: OUT.parity-failed.md).
+
+        Exit codes: 0 done; 2 bad input or parity failure; 3 toolchain missing here (TensorRT/CUDA,
+        OpenVINO, or macOS): for TensorRT the ONNX is still written and checked, and the trtexec
+        line is printed.
         """
-        from ..export.api import ToolchainMissing, export_checkpoints
+        from ..errors import ExportError
+        from ..export.api import ExportOptions, ToolchainMissing, export_checkpoints
         from ..export.parity import ParityBars
 
+        if checkpoint is not None and (generative is not None or contrastive is not None):
+            raise ExportError("give --checkpoint (one network) or --generative and --contrastive (the fused pair), not both")
+        if checkpoint is None and (generative is None or contrastive is None):
+            raise ExportError("give --generative and --contrastive (the fused pair), or --checkpoint for a single network")
+        options = ExportOptions(
+            target=target, precision=precision, calib=calib, calib_frames=calib_frames, parity_site=parity_site,
+            parity_frames=parity_frames,
+            bars=ParityBars(fp32_max_abs=max_diff, fp16_min_dice=min_dice_fp16, bf16_min_dice=min_dice_bf16, int8_min_dice=min_dice_int8),
+            batch=None if dynamic_batch else batch, max_batch=max_batch, opset=opset,
+            frame_shape=_frame_shape(frame_shape), timing_cache=timing_cache,
+        )
         try:
-            result = export_checkpoints(
-                generative, contrastive, out, target=target, precision=precision,
-                method=fusion, norm=fusion_norm, formula=fusion_formula,
-                uint8_input=uint8_input, return_branches=branches,
-                calib=calib, calib_frames=calib_frames, parity_site=parity_site, parity_frames=parity_frames,
-                bars=ParityBars(fp32_max_abs=max_diff, fp16_min_dice=min_dice_fp16, int8_min_dice=min_dice_int8),
-                batch=None if dynamic_batch else batch, max_batch=max_batch, opset=opset,
-                frame_shape=_frame_shape(frame_shape), timing_cache=timing_cache,
-            )
+            from ..export.staging import sigterm_as_exit
+
+            with sigterm_as_exit():
+                result = export_checkpoints(
+                    checkpoint if checkpoint is not None else generative, None if checkpoint is not None else contrastive,
+                    out, options, method=fusion, norm=fusion_norm, formula=fusion_formula,
+                    uint8_input=uint8_input, return_branches=branches,
+                )
         except ToolchainMissing as exc:
             for line in exc.result.summary_lines():
                 typer.echo(line)

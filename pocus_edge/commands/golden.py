@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
         model: Optional[Path] = typer.Option(
             None,
             "--model",
-            help="Fused ONNX file (from `pocus-edge export`): its probabilities and input size are used. "
+            help="Exported model (from `pocus-edge export`; .onnx, or an OpenVINO .xml), run by its runtime backend: its probabilities and input size are used. "
             "Default: two seeded random-weight tiny TransUNets fused in PyTorch (input size 64).",
         ),
         data: Optional[Path] = typer.Option(

@@ -18,9 +18,10 @@ def register(app: typer.Typer) -> None:
                 "tcp://HOST:PORT to listen for one raw-protocol sender (see README 'Streaming')."
             ),
         ),
-        model: str = typer.Option(..., "--model", "-m", help="Exported model: .onnx (ort), a TensorRT engine (tensorrt), or GEN.safetensors,CON.safetensors (torch)."),
-        backend: str = typer.Option("ort", help="ort | tensorrt | torch."),
-        device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+        model: str = typer.Option(..., "--model", "-m", help="Exported model: .onnx (ort), OpenVINO .xml, a TensorRT .engine/.plan (with its .json card), a Core ML .mlpackage (macOS), or GEN.safetensors,CON.safetensors (torch)."),
+        backend: str = typer.Option("auto", help="auto (by the model's suffix) | ort | openvino | tensorrt | coreml | torch."),
+        device: str = typer.Option("cpu", help="cpu, cuda or cuda:N (OpenVINO: cpu, gpu, npu)."),
+        providers: str = typer.Option("", "--providers", help="onnxruntime execution providers in priority order, e.g. tensorrt,cuda or openvino (those installed; CPU is always the fallback)."),
         threads: int = typer.Option(0, help="CPU threads for onnxruntime (0 = its default)."),
         realtime: bool = typer.Option(False, "--realtime", help="Release recorded frames at their own timestamps; when inference falls behind, drop the OLDEST queued frame (counted)."),
         no_drop: bool = typer.Option(False, "--no-drop", help="Never drop a frame (offline processing; with --realtime the run falls behind instead)."),
@@ -69,6 +70,7 @@ def register(app: typer.Typer) -> None:
             accept_timeout=accept_timeout,
             progress=False if quiet else None,
             on_listen=lambda host, port: typer.echo(f"listening on tcp://{host}:{port}", err=True),
+            providers=[p.strip() for p in providers.split(",") if p.strip()] or None,
         )
         keys = ("frames_in", "frames_processed", "frames_dropped", "frames_invalid", "latency_ms", "fps", "gflops_per_frame", "backend", "precision", "device")
         typer.echo(json.dumps({k: result[k] for k in keys}, indent=2))

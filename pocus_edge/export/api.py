@@ -1,22 +1,58 @@
-"""One call per export: build the fused graph, write the artifact(s), check parity, and say
-what was written. ``pocus-edge export`` is a thin wrapper around :func:`export_checkpoints`."""
+"""One call per export: build the artifact, check its parity, and say what was written.
+
+``export_model`` looks its (target, precision) up in the format table (:mod:`.formats`, shared
+with the benchmark) and runs that target's list of steps. Every file is built in a staging
+folder beside the output and moved into place only after its parity check passed: a failed or
+interrupted export leaves nothing under the final name and never replaces a good artifact.
+``pocus-edge export`` is a thin wrapper around :func:`export_checkpoints`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from ..errors import ExportError, ToolchainUnavailable
 from ..io import write_json_atomic
 from . import parity as parity_mod
+from .formats import ARTIFACTS, PRECISIONS, TARGETS, ArtifactFormat, artifact_format
 from .parity import ParityBars
 
-TARGETS = ("onnx", "tensorrt", "coreml")
-PRECISIONS = ("fp32", "fp16", "int8")
+__all__ = ["ExportOptions", "ExportResult", "ToolchainMissing", "export_checkpoints", "export_model", "TARGETS", "PRECISIONS", "ARTIFACTS"]
+
+
+@dataclass
+class ExportOptions:
+    """Everything an export takes besides the model and the output path.
+
+    ``batch=None`` exports a dynamic batch axis (1..max_batch). int8 needs ``calib`` (a target
+    site whose unlabeled frames calibrate the quantizer) or ``calibration_frames`` (model-input
+    frames in memory). Parity frames come from ``parity_site`` (default: the calibration site's
+    test split), else random frames (the report says so); ``parity_frames=0`` skips the parity
+    step (the benchmark measures agreement itself). ``fp32_onnx``: reuse this fp32 export of
+    the same model instead of tracing it again.
+    """
+
+    target: str = "onnx"
+    precision: str = "fp32"
+    calib: str | os.PathLike | None = None
+    calib_frames: int = 64
+    calibration_frames: np.ndarray | None = None
+    parity_site: str | os.PathLike | None = None
+    parity_frames: int = 8
+    bars: ParityBars = field(default_factory=ParityBars)
+    batch: int | None = 1
+    max_batch: int = 8
+    opset: int = 18
+    frame_shape: tuple[int, int] | None = None
+    timing_cache: str | os.PathLike | None = None
+    fp32_onnx: str | os.PathLike | None = None
+    seed: int = 0
 
 
 @dataclass
@@ -29,13 +65,15 @@ class ExportResult:
     parity: dict[str, Any] | None = None
     parity_paths: tuple[Path, Path] | None = None
     tensorrt_ops: dict[str, Any] | None = None
-    trtexec: str | None = None
+    trtexec: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def summary_lines(self) -> list[str]:
         lines = []
         if self.artifact is not None:
             lines.append(f"wrote {self.artifact} ({self.target}, {self.precision}, {_size(self.artifact)})")
+        elif self.onnx_path is not None:
+            lines.append(f"wrote {self.onnx_path} (precision-explicit ONNX, {self.precision}, {_size(self.onnx_path)})")
         for path in self.intermediate:
             lines.append(f"wrote {path} ({_size(path)})")
         if self.parity is not None:
@@ -49,8 +87,7 @@ class ExportResult:
             from .tensorrt import describe_op_issues
 
             lines.append("TensorRT op check: " + describe_op_issues(self.tensorrt_ops))
-        if self.trtexec:
-            lines.append(f"trtexec equivalent: {self.trtexec}")
+        lines.extend(self.trtexec)
         lines.extend(self.notes)
         return lines
 
@@ -68,257 +105,323 @@ def _size(path: Path) -> str:
     if p.is_dir():
         total = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     elif p.exists():
-        total = p.stat().st_size
+        from .staging import companions
+
+        total = p.stat().st_size + sum(c.stat().st_size for c in companions(p) if c.suffix != ".json")
     else:
         return "missing"
     return f"{total / 1e6:.1f} MB"
 
 
-def _validate(target: str, precision: str, batch: int | None, max_batch: int) -> None:
-    if target not in TARGETS:
-        raise ExportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    if precision not in PRECISIONS:
-        raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if batch is not None and batch < 1:
-        raise ExportError(f"--batch must be >= 1, got {batch}")
-    if max_batch < 1:
-        raise ExportError(f"--max-batch must be >= 1, got {max_batch}")
-    if target == "coreml" and precision == "int8":
-        raise ExportError("Core ML export supports fp16 (ML Program FP16 compute) or fp32, not int8")
+def _validate(opts: ExportOptions, out: Path, spec: ArtifactFormat) -> None:
+    if opts.batch is not None and opts.batch < 1:
+        raise ExportError(f"--batch must be >= 1, got {opts.batch}")
+    if opts.max_batch < 1:
+        raise ExportError(f"--max-batch must be >= 1, got {opts.max_batch}")
+    if spec.graph is not None and spec.precision == "int8" and opts.calib is None and opts.calibration_frames is None:
+        raise ExportError("int8 needs --calib TARGET_SITE: unlabeled target-probe frames calibrate the quantizer")
+    if out.suffix != spec.suffix and not (spec.target == "tensorrt" and out.suffix in (".plan", ".trt")):
+        raise ExportError(f"{out}: a {spec.target} export is written to a *{spec.suffix} {'folder' if spec.suffix == '.mlpackage' else 'file'}")
+    # An existing folder where a file goes (or a non-package folder where a package goes) is
+    # refused before any work: promotion would otherwise have to delete it.
+    if out.is_dir() and not (spec.suffix == ".mlpackage" and (out / "Manifest.json").is_file()):
+        raise ExportError(f"{out}: is an existing folder; choose a file name for the {spec.target} artifact")
 
 
 def export_checkpoints(
     generative_ckpt: str | os.PathLike,
-    contrastive_ckpt: str | os.PathLike,
+    contrastive_ckpt: str | os.PathLike | None,
     out: str | os.PathLike,
+    options: ExportOptions | None = None,
     *,
-    target: str = "onnx",
-    precision: str = "fp32",
     method: str = "entropy",
     norm: str = "image",
     formula: str = "weighted",
     uint8_input: bool = False,
     return_branches: bool = False,
-    **options: Any,
 ) -> ExportResult:
-    """Load two fine-tuned checkpoints into a FusedSegmenter and export it (see export_model)."""
-    from .fused import load_fused
+    """Load two fine-tuned checkpoints into a FusedSegmenter (or ONE into a SingleSegmenter when
+    ``contrastive_ckpt`` is None) and export it (see :func:`export_model`)."""
+    from ..models.fused import load_fused, load_single
 
-    _validate(target, precision, options.get("batch", 1), options.get("max_batch", 8))
+    options = options or ExportOptions()
+    spec = artifact_format(options.target, options.precision)
+    _validate(options, Path(out), spec)
     for path in (generative_ckpt, contrastive_ckpt):
-        if not Path(path).is_file():
+        if path is not None and not Path(path).is_file():
             raise ExportError(f"{path}: checkpoint not found")
-    fused = load_fused(generative_ckpt, contrastive_ckpt, method=method, norm=norm, formula=formula,
-                       uint8_input=uint8_input, return_branches=return_branches)
-    return export_model(fused, out, target=target, precision=precision, **options)
+    if contrastive_ckpt is None:
+        model = load_single(generative_ckpt, uint8_input=uint8_input)
+    else:
+        model = load_fused(generative_ckpt, contrastive_ckpt, method=method, norm=norm, formula=formula,
+                           uint8_input=uint8_input, return_branches=return_branches)
+    return export_model(model, out, options)
 
 
-def export_model(
-    fused,
-    out: str | os.PathLike,
-    *,
-    target: str = "onnx",
-    precision: str = "fp32",
-    calib: str | os.PathLike | None = None,
-    calib_frames: int = 64,
-    parity_site: str | os.PathLike | None = None,
-    parity_frames: int = 8,
-    bars: ParityBars | None = None,
-    batch: int | None = 1,
-    max_batch: int = 8,
-    opset: int | None = None,
-    frame_shape: tuple[int, int] | None = None,
-    timing_cache: str | os.PathLike | None = None,
-    seed: int = 0,
-) -> ExportResult:
-    """Export ``fused`` to ``out`` and write its parity report next to it.
+# ---------------------------------------------------------------------------------------------
+# The job every step reads and writes
 
-    * onnx: ``out`` is the .onnx file at ``precision``; fp16/int8 keep the fp32 export next to it
-      as ``<stem>.fp32.onnx`` (the source of the conversion, and what TensorRT parses).
-    * tensorrt: writes ``<stem>.onnx`` (int8: symmetric Q/DQ, as TensorRT requires), checks its
-      ops against TensorRT's parser, then builds the engine at ``out``; where TensorRT or a GPU
-      is missing raises :class:`ToolchainMissing` (exit code 3) after writing the ONNX.
+
+@dataclass
+class _Job:
+    model: Any  # an ExportableSegmenter, eval mode
+    out: Path
+    opts: ExportOptions
+    spec: ArtifactFormat
+    staging: Path
+    result: ExportResult
+    frames: np.ndarray | None = None
+    frames_source: str = ""
+    reference: np.ndarray | None = None
+    weight_sum: np.ndarray | None = None
+    gflops: float | None = None
+    fp32_onnx: Path | None = None  # the fp32 graph (staged, or reused)
+    graph: Path | None = None  # the precision-explicit graph the artifact is built from (staged)
+    pending: list[tuple[Path, Path]] = field(default_factory=list)  # (staged, final) to promote
+
+    def staged(self, final: Path) -> Path:
+        return self.staging / final.name
+
+    def keep(self, staged: Path, final: Path, *, intermediate: bool = False) -> None:
+        self.pending.append((staged, final))
+        if intermediate:
+            self.result.intermediate.append(final)
+
+    def promote(self) -> None:
+        from .staging import promote
+
+        for staged, final in self.pending:
+            promote(staged, final)
+        self.pending.clear()
+
+
+def export_model(model, out: str | os.PathLike, options: ExportOptions | None = None, **overrides: Any) -> ExportResult:
+    """Export ``model`` (a FusedSegmenter or a SingleSegmenter) to ``out`` and write its parity
+    report next to it.
+
+    * onnx: ``out`` is the .onnx file at its precision; fp16/int8 keep the fp32 export beside it
+      as ``<stem>.fp32.onnx``.
+    * tensorrt: writes the precision-explicit ``<stem>.onnx`` (fp32; fp16 mixed; int8 symmetric
+      Q/DQ), checks its ops against TensorRT's parser, then builds the strongly typed engine at
+      ``out`` with its card in ``<out>.json``; where TensorRT or a GPU is missing raises
+      :class:`ToolchainMissing` (exit code 3) after writing the ONNX.
+    * openvino: ``out`` is NAME.xml (+ NAME.bin).
     * coreml: ``out`` is a .mlpackage with a grayscale image input of ``frame_shape``.
 
-    ``batch=None`` exports a dynamic batch axis (1..max_batch). int8 needs ``calib``: a target
-    site whose unlabeled frames calibrate the quantizer. Parity frames come from ``parity_site``
-    (default: the calibration site's test split), else random frames (the report says so).
+    ``options`` (an :class:`ExportOptions`); keyword ``overrides`` replace its fields.
     """
-    from .onnx import DEFAULT_OPSET, build_card, export_onnx, gflops_per_frame
+    from .staging import sigterm_as_exit, staging_dir
 
-    _validate(target, precision, batch, max_batch)
-    bars = bars or ParityBars()
-    opset = opset or DEFAULT_OPSET
+    opts = dataclasses.replace(options or ExportOptions(), **overrides)
+    spec = artifact_format(opts.target, opts.precision)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if precision == "int8" and target != "coreml" and calib is None:
-        raise ExportError("int8 needs --calib TARGET_SITE: unlabeled target-probe frames calibrate the quantizer")
-    fused = fused.eval()
-    site_for_parity = parity_site if parity_site is not None else calib
-    frames, source = parity_mod.parity_frames(site_for_parity, fused.img_size, n=parity_frames,
-                                              uint8_input=fused.uint8_input, seed=seed)
-    reference, weight_sum = parity_mod.torch_reference_with_weights(fused, frames)
-    gflops = gflops_per_frame(fused)
+    _validate(opts, out, spec)
+    missing = spec.missing()
+    if missing and spec.target in ("openvino", "coreml"):
+        raise ToolchainUnavailable(f"{spec.target} export unavailable: {missing} (pip install 'pocus-edge[{spec.target}]')")
+    model = model.eval()
+    with sigterm_as_exit(), staging_dir(out) as staging:
+        job = _Job(model, out, opts, spec, staging, ExportResult(target=spec.target, precision=spec.precision, artifact=None))
+        for step in STEPS[spec.target]:
+            step(job)
+    return job.result
 
-    if target == "coreml":
-        return _export_coreml(fused, out, precision=precision, frame_shape=frame_shape, bars=bars,
-                              frames_site=site_for_parity, n_frames=parity_frames, seed=seed, gflops=gflops,
-                              batch=batch, max_batch=max_batch, opset=opset)
 
-    # ---- ONNX (also the input of TensorRT) ----
-    if target == "tensorrt":
-        onnx_final = out.with_suffix(".onnx") if out.suffix != ".onnx" else out.with_name(out.stem + ".trt.onnx")
+# ---------------------------------------------------------------------------------------------
+# Steps
+
+
+def _reference(job: _Job) -> None:
+    """Parity frames and the PyTorch reference on them; GFLOPs per frame for the card."""
+    from .onnx import gflops_per_frame
+
+    opts = job.opts
+    job.gflops = gflops_per_frame(job.model)
+    if opts.parity_frames <= 0:
+        return
+    site = opts.parity_site if opts.parity_site is not None else opts.calib
+    job.frames, job.frames_source = parity_mod.parity_frames(site, job.model.img_size, n=opts.parity_frames,
+                                                             uint8_input=job.model.uint8_input, seed=opts.seed)
+    job.reference, job.weight_sum = parity_mod.torch_reference_with_weights(job.model, job.frames)
+
+
+def _onnx_names(job: _Job) -> tuple[Path, Path]:
+    """(final path of the precision-explicit graph, final path of its fp32 source)."""
+    out = job.out
+    if job.spec.target == "onnx":
+        graph = out
+    elif job.spec.target == "tensorrt":
+        graph = out.with_suffix(".onnx") if out.suffix != ".onnx" else out.with_name(out.stem + ".trt.onnx")
     else:
-        if out.suffix != ".onnx":
-            raise ExportError(f"{out}: an ONNX export is written to a *.onnx file")
-        onnx_final = out
-    result = ExportResult(target=target, precision=precision, artifact=None)
-    needs_fp32_copy = precision != "fp32" and not (target == "tensorrt" and precision == "fp16")
-    fp32_path = onnx_final.with_name(onnx_final.stem + ".fp32.onnx") if needs_fp32_copy else onnx_final
-    card = build_card(fused, precision="fp32", batch=batch, max_batch=max_batch, opset=opset, gflops=gflops)
-    export_onnx(fused, fp32_path, batch=batch, max_batch=max_batch, opset=opset, card=card)
-    if needs_fp32_copy:
-        result.intermediate.append(fp32_path)
-    artifact_onnx = fp32_path
-    if precision == "fp16" and target == "onnx":
+        graph = out.with_suffix(".fp32.onnx")
+    fp32 = graph if job.spec.graph == "fp32" else graph.with_name(graph.stem + ".fp32.onnx")
+    return graph, fp32
+
+
+def _graph(job: _Job) -> None:
+    """The precision-explicit ONNX graph: fp32 export, then the fp16 or int8 pass."""
+    from .onnx import build_card, export_onnx
+
+    opts, spec = job.opts, job.spec
+    graph_final, fp32_final = _onnx_names(job)
+    if opts.fp32_onnx is not None:
+        job.fp32_onnx = Path(opts.fp32_onnx)
+    else:
+        card = build_card(job.model, precision="fp32", batch=opts.batch, max_batch=opts.max_batch, opset=opts.opset, gflops=job.gflops)
+        job.fp32_onnx = export_onnx(job.model, job.staged(fp32_final), batch=opts.batch, max_batch=opts.max_batch,
+                                    opset=opts.opset, card=card)
+        if spec.target != "openvino":  # an IR is converted from it; the ONNX is not kept beside the IR
+            job.keep(job.fp32_onnx, fp32_final, intermediate=fp32_final != graph_final)
+    if spec.graph == "fp32":
+        job.graph = job.fp32_onnx
+    elif spec.graph == "fp16":
         from .quantize import convert_fp16
 
-        artifact_onnx = convert_fp16(fp32_path, onnx_final)
-    elif precision == "int8":
-        from .onnx import INPUT_NAME
-        from .quantize import SiteCalibrationReader, quantize_int8
+        job.graph = convert_fp16(job.fp32_onnx, job.staged(graph_final))
+        job.keep(job.graph, graph_final)
+    else:
+        from .quantize import quantize_int8
 
-        reader = SiteCalibrationReader(calib, fused.img_size, input_name=INPUT_NAME, n_frames=calib_frames,
-                                       uint8_input=fused.uint8_input, seed=seed)
-        if batch is not None and batch > 1:
-            reader.batch_size = batch
-        artifact_onnx = quantize_int8(fp32_path, onnx_final, reader, symmetric_activations=(target == "tensorrt"))
-    result.onnx_path = Path(artifact_onnx)
-    # For TensorRT fp16 the ONNX stays fp32 (TensorRT picks fp16 kernels itself); its parity is
-    # the fp32 graph's, judged by the fp32 bar.
-    onnx_precision = "fp32" if (target == "tensorrt" and precision == "fp16") else precision
-    report = parity_mod.parity_report(artifact_onnx, fused, frames, precision=onnx_precision, source=source,
-                                      bars=bars, reference=reference, weight_sum=weight_sum)
-    result.parity = report
-    result.parity_paths = parity_mod.write_parity(report, artifact_onnx)
+        job.graph = quantize_int8(job.fp32_onnx, job.staged(graph_final), _calibration_reader(job),
+                                  symmetric_activations=spec.graph == "int8-tensorrt")
+        job.keep(job.graph, graph_final)
+    if spec.target != "openvino":
+        job.result.onnx_path = graph_final
+
+
+def _calibration_reader(job: _Job):
+    from ..card import EXPORT_INPUT_NAME
+    from .quantize import ArrayCalibrationReader, SiteCalibrationReader
+
+    opts = job.opts
+    if opts.calibration_frames is not None:
+        return ArrayCalibrationReader(opts.calibration_frames, input_name=EXPORT_INPUT_NAME, source="frames in memory")
+    reader = SiteCalibrationReader(opts.calib, job.model.img_size, input_name=EXPORT_INPUT_NAME, n_frames=opts.calib_frames,
+                                   uint8_input=job.model.uint8_input, seed=opts.seed)
+    if opts.batch is not None and opts.batch > 1:
+        reader.batch_size = opts.batch
+    return reader
+
+
+def _check_parity(job: _Job, staged: Path, final: Path, backend: str, precision: str, runner: Callable | None = None,
+                  label: str | None = None) -> None:
+    """The one parity step: the staged artifact through its runtime backend against PyTorch;
+    the report is written beside the final name, and a failure stops the export before any
+    promotion."""
+    if job.frames is None:
+        return
+    if runner is None:
+        runner = parity_mod.backend_runner(staged, backend)
+    report = parity_mod.parity_report(final, job.model, job.frames, precision=precision, source=job.frames_source,
+                                      bars=job.opts.bars, reference=job.reference, weight_sum=job.weight_sum,
+                                      runner=runner, backend=label or backend)
+    job.result.parity = report
+    job.result.parity_paths = parity_mod.write_parity(report, final)
     parity_mod.enforce(report)
 
-    if target == "onnx":
-        result.artifact = Path(artifact_onnx)
-        return result
 
-    # ---- TensorRT ----
-    from .onnx import INPUT_NAME
-    from .tensorrt import build_engine, check_tensorrt_ops, describe_op_issues, tensorrt_available, trtexec_command
+def _parity_graph(job: _Job) -> None:
+    graph_final, _ = _onnx_names(job)
+    # The graph's own precision; an fp32 graph under an OpenVINO bf16/int8 target is judged as fp32.
+    _check_parity(job, job.graph, graph_final, "ort", job.spec.precision if job.spec.graph != "fp32" else "fp32",
+                  label="onnxruntime-cpu")
 
-    ops = check_tensorrt_ops(artifact_onnx)
-    result.tensorrt_ops = ops
-    write_json_atomic(Path(str(artifact_onnx) + ".tensorrt_ops.json"), ops)
-    cache = Path(timing_cache) if timing_cache is not None else out.with_suffix(".timing.cache")
-    shape = tuple(fused.input_shape(1))
-    result.trtexec = trtexec_command(artifact_onnx, out, input_name=INPUT_NAME, input_shape=shape,
-                                     precision=precision, batch=batch, max_batch=max_batch, timing_cache=cache)
+
+def _promote(job: _Job) -> None:
+    job.promote()
+    if job.spec.target == "onnx":
+        job.result.artifact = job.out
+
+
+def _tensorrt_engine(job: _Job) -> None:
+    """Op check, trtexec lines, then (where TensorRT and a GPU exist) the strongly typed engine."""
+    from .tensorrt import build_engine, check_tensorrt_ops, describe_op_issues, tensorrt_available, trtexec_lines
+
+    opts = job.opts
+    onnx_final = job.result.onnx_path
+    ops = check_tensorrt_ops(onnx_final)
+    job.result.tensorrt_ops = ops
+    write_json_atomic(Path(str(onnx_final) + ".tensorrt_ops.json"), ops)
+    cache = Path(opts.timing_cache) if opts.timing_cache is not None else job.out.with_suffix(".timing.cache")
+    shape = tuple(job.model.input_shape(1))
+    from ..card import EXPORT_INPUT_NAME
+
+    job.result.trtexec = trtexec_lines(onnx_final, job.out, input_name=EXPORT_INPUT_NAME, input_shape=shape,
+                                       batch=opts.batch, max_batch=opts.max_batch, timing_cache=cache)
     if not ops["compatible"]:
-        raise ExportError(f"{artifact_onnx}: {describe_op_issues(ops)}")
+        raise ExportError(f"{onnx_final}: {describe_op_issues(ops)}")
     available, why = tensorrt_available()
     if not available:
-        raise ToolchainMissing(f"TensorRT engine not built: {why}; the ONNX is written and checked, build it with the trtexec line", result)
-    engine = build_engine(artifact_onnx, out, input_name=INPUT_NAME, input_shape=shape, precision=precision,
-                          batch=batch, max_batch=max_batch, timing_cache=cache)
-    result.artifact = engine
-    engine_report = parity_mod.parity_report(
-        engine, fused, frames, precision=precision, source=source, bars=bars, reference=reference, weight_sum=weight_sum,
-        runner=_tensorrt_runner(engine, INPUT_NAME), backend="tensorrt",
-    )
-    result.parity = engine_report
-    result.parity_paths = parity_mod.write_parity(engine_report, engine)
-    parity_mod.enforce(engine_report)
-    return result
+        raise ToolchainMissing(f"TensorRT engine not built: {why}; the ONNX is written and checked, build it with the trtexec line", job.result)
+    staged = job.staged(job.out)
+    build_engine(onnx_final, staged, input_name=EXPORT_INPUT_NAME, input_shape=shape, batch=opts.batch,
+                 max_batch=opts.max_batch, timing_cache=cache)
+    _check_parity(job, staged, job.out, "tensorrt", job.spec.precision)
+    job.keep(staged, job.out)
+    job.promote()
+    job.result.artifact = job.out
 
 
-def _tensorrt_runner(engine_path: Path, input_name: str):
-    """frames -> fused probability through a TensorRT engine (TensorRT 10 tensor-address API)."""
-    import tensorrt as trt
-    import torch
+def _openvino_ir(job: _Job) -> None:
+    from .openvino import export_openvino
+    from .onnx import read_onnx_card
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
-    context = engine.create_execution_context()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-    max_batch = engine.get_tensor_profile_shape(input_name, 0)[2][0]
-
-    def run(frames: np.ndarray) -> np.ndarray:
-        results = []
-        stream = torch.cuda.Stream()
-        for i in range(0, len(frames), max_batch):
-            x = torch.from_numpy(np.ascontiguousarray(frames[i : i + max_batch])).cuda()
-            if x.shape[0] < max_batch and engine.get_tensor_profile_shape(input_name, 0)[0][0] == max_batch:
-                raise ExportError(f"{engine_path}: fixed-batch engine needs batches of {max_batch}")
-            context.set_input_shape(input_name, tuple(x.shape))
-            context.set_tensor_address(input_name, x.data_ptr())
-            buffers = {}
-            for name in outputs:
-                shape = tuple(context.get_tensor_shape(name))
-                buffers[name] = torch.empty(shape, dtype=torch.float32, device="cuda")
-                context.set_tensor_address(name, buffers[name].data_ptr())
-            context.execute_async_v3(stream.cuda_stream)
-            stream.synchronize()
-            results.append(buffers[outputs[0]].cpu().numpy())
-        return np.concatenate(results)
-
-    return run
+    calibration = info = None
+    if job.spec.precision == "int8":
+        reader = _calibration_reader(job)
+        calibration = [next(iter(feed.values())) for feed in iter(reader.get_next, None)]  # {input name: batch}
+        info = reader.describe()
+        info = info if isinstance(info, dict) else None
+    staged = job.staged(job.out)
+    export_openvino(job.fp32_onnx, staged, precision=job.spec.precision, card=read_onnx_card(job.fp32_onnx),
+                    calibration=calibration, calibration_info=info)
+    _check_parity(job, staged, job.out, "openvino", job.spec.precision)
+    job.keep(staged, job.out)
+    job.promote()
+    job.result.artifact = job.out
 
 
-def _export_coreml(fused, out: Path, *, precision: str, frame_shape, bars: ParityBars, frames_site, n_frames: int,
-                   seed: int, gflops: float, batch, max_batch, opset) -> ExportResult:
+def _coreml_package(job: _Job) -> None:
+    """Core ML: the package with in-graph padding and resizing, and its parity (Core ML's own
+    prediction on macOS; elsewhere the same in-graph preprocessing run in PyTorch)."""
     from .coreml import ProbeFrameModel, coremltools_status, export_coreml
     from .onnx import build_card
 
-    if fused.uint8_input:
+    model, opts = job.model, job.opts
+    if model.uint8_input:
         raise ExportError("Core ML export: drop --uint8-input (the grayscale image input already takes probe pixels)")
-    if precision == "fp32":
-        raise ExportError("Core ML export is FP16 compute (ML Program); pass --precision fp16")
-    card = build_card(fused, precision="fp16", batch=1, max_batch=1, opset=opset, gflops=gflops)
-    height, width = frame_shape or (fused.img_size, fused.img_size)
-    path = export_coreml(fused, out, frame_shape=(height, width), card=card)
-    result = ExportResult(target="coreml", precision="fp16", artifact=path)
-    # Parity: the probe-frame preprocessing baked into the package (pad + resize in-graph) versus
-    # the Python pipeline (OpenCV preprocess_frame), both through the same PyTorch weights; Core
-    # ML's own fp16 prediction is compared where it can run (macOS).
-    raw, source = _raw_frames(frames_site, height, width, n_frames, seed)
-    from ..data.transforms import preprocess_frame
+    card = build_card(model, precision="fp16", batch=1, max_batch=1, opset=opts.opset, gflops=job.gflops)
+    height, width = opts.frame_shape or (model.img_size, model.img_size)
+    staged = export_coreml(model, job.staged(job.out), frame_shape=(height, width), card=card)
+    job.keep(staged, job.out)
+    if opts.parity_frames > 0:
+        raw, source = _raw_frames(opts.parity_site if opts.parity_site is not None else opts.calib, height, width, opts.parity_frames, opts.seed)
+        from ..data.transforms import preprocess_frame
 
-    pipeline = np.stack([preprocess_frame(f, fused.img_size) for f in raw])
-    reference, weight_sum = parity_mod.torch_reference_with_weights(fused, pipeline)
-    wrapper = ProbeFrameModel(fused, height, width).eval()
-    _, can_predict, message = coremltools_status()
-    if can_predict:
-        import coremltools as ct
-        from PIL import Image
+        job.frames = np.stack([preprocess_frame(f, model.img_size) for f in raw])
+        job.frames_source = source
+        job.reference, job.weight_sum = parity_mod.torch_reference_with_weights(model, job.frames)
+        _, can_predict, message = coremltools_status()
+        if can_predict:
+            from ..runtime.backends import open_backend
 
-        mlmodel = ct.models.MLModel(str(path))
+            backend = open_backend(staged, "coreml")
+            runner, label = (lambda _frames: backend.run(raw)["prob"]), "coreml (macOS)"
+        else:
+            import torch
 
-        def runner(_frames):
-            return np.stack([np.asarray(mlmodel.predict({"frame": Image.fromarray(f)})["fused"], dtype=np.float32)[0] for f in raw])
+            wrapper = ProbeFrameModel(model, height, width).eval()
 
-        backend = "coreml (macOS)"
-    else:
-        import torch
+            def runner(_frames):
+                with torch.no_grad():
+                    x = torch.from_numpy(raw.astype(np.float32)[:, None] / 255.0)
+                    return np.concatenate([wrapper(x[i : i + 1]).numpy() for i in range(len(x))])
 
-        def runner(_frames):
-            with torch.no_grad():
-                x = torch.from_numpy(raw.astype(np.float32)[:, None] / 255.0)
-                return np.concatenate([wrapper(x[i : i + 1]).numpy() for i in range(len(x))])
-
-        backend = "pytorch ProbeFrameModel (in-graph preprocessing; Core ML prediction needs macOS)"
-        result.notes.append(f"Core ML prediction not run: {message}")
-    report = parity_mod.parity_report(path, fused, pipeline, precision="fp16", source=source, bars=bars,
-                                      reference=reference, weight_sum=weight_sum, runner=runner, backend=backend)
-    result.parity = report
-    result.parity_paths = parity_mod.write_parity(report, path)
-    parity_mod.enforce(report)
-    return result
+            label = "pytorch ProbeFrameModel (in-graph preprocessing; Core ML prediction needs macOS)"
+            job.result.notes.append(f"Core ML prediction not run: {message}")
+        _check_parity(job, staged, job.out, "coreml", "fp16", runner=runner, label=label)
+    job.promote()
+    job.result.artifact = job.out
 
 
 def _raw_frames(site, height: int, width: int, n: int, seed: int) -> tuple[np.ndarray, str]:
@@ -342,3 +445,13 @@ def _raw_frames(site, height: int, width: int, n: int, seed: int) -> tuple[np.nd
     side = max(height, width)
     gray, source = parity_mod.parity_frames(None, side, n=n, uint8_input=True, seed=seed)
     return np.ascontiguousarray(gray[:, 0, :height, :width]), f"random frames at {height}x{width} (no site given)"
+
+
+# Each target's steps, in order. The format table says which graph, backend and file; these say
+# how. A new target adds one line here and its rows in formats.ARTIFACTS.
+STEPS: dict[str, tuple[Callable[[_Job], None], ...]] = {
+    "onnx": (_reference, _graph, _parity_graph, _promote),
+    "tensorrt": (_reference, _graph, _parity_graph, _promote, _tensorrt_engine),
+    "openvino": (_reference, _graph, _openvino_ir),
+    "coreml": (_reference, _coreml_package),
+}

@@ -26,7 +26,8 @@ threshold``, the threshold from the model card, 0.5), used alike by scoring, exp
 the streaming runtime. ``index.json`` states the rule and threshold so a port reads them
 instead of guessing.
 
-Probabilities come from onnxruntime on a fused ONNX file when one is given; otherwise from a
+Probabilities come from the runtime backend of an exported model when one is given (onnxruntime
+for a fused ONNX file); otherwise from a
 ``FusedSegmenter`` over two seeded random-weight ``tiny`` TransUNets (the numbers are not a
 trained model's, but a port's post-processing is checked on them just the same).
 """
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from ..data import transforms
-from ..errors import DataError, ExportError
+from ..errors import DataError
 from ..io import write_bytes_atomic, write_json_atomic
 from ..metrics import MASK_RULE, THRESHOLD, binarize
 
@@ -104,42 +105,25 @@ def site_frames(site_dir: str | Path, n: int) -> list[tuple[np.ndarray, str]]:
     return out
 
 
-class _OnnxProbabilities:
-    """Fused probability from an exported ONNX file (float (N,3,S,S) or uint8 (N,1,S,S) input)."""
+class _ArtifactProbabilities:
+    """Fused probability from an exported model, run by the runtime backend its suffix names
+    (onnxruntime for .onnx; float (N,3,S,S) or uint8 (N,1,S,S) input)."""
 
     def __init__(self, model_path: Path):
-        import onnxruntime as ort
+        from ..runtime.backends import open_backend
 
-        if not model_path.is_file():
-            raise ExportError(f"{model_path}: ONNX file not found")
-        try:
-            self.session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ExportError(f"{model_path}: onnxruntime cannot load it ({type(exc).__name__})") from None
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        self.uint8_input = "uint8" in inp.type
-        size = inp.shape[-1]
-        card = self.session.get_modelmeta().custom_metadata_map.get("pocus_edge_card")
-        self.card = json.loads(card) if card else None
-        if not isinstance(size, int):
-            size = int((self.card or {}).get("img_size", 0)) or None
-        if not size:
-            raise ExportError(f"{model_path}: cannot tell the input size (dynamic shape and no model card)")
-        self.img_size = int(size)
+        self.backend = open_backend(model_path, "auto")
+        self.card = self.backend.card or None
+        self.img_size = int(self.backend.img_size)
         self.description = {
-            "kind": "onnxruntime",
+            "kind": {"ort": "onnxruntime"}.get(self.backend.name, self.backend.name),
             "file": model_path.name,
-            "input": "uint8 (1,1,S,S)" if self.uint8_input else "float32 (1,3,S,S)",
+            "input": "uint8 (1,1,S,S)" if self.backend.input_dtype == "uint8" else "float32 (1,3,S,S)",
             "card": self.card,
         }
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
-        if self.uint8_input:
-            x = transforms.preprocess_gray(frame, self.img_size)[None, None]
-        else:
-            x = transforms.preprocess_frame(frame, self.img_size)[None]
-        out = self.session.run(None, {self.input_name: x})[0]
+        out = self.backend.run(self.backend.prepare(frame)[None])["prob"]
         return np.asarray(out, dtype=np.float32).reshape(self.img_size, self.img_size)
 
 
@@ -151,7 +135,7 @@ class _RandomFusedProbabilities:
 
         from ..config import model_preset
         from ..models.transunet import TransUNet
-        from .fused import FusedSegmenter
+        from ..models.fused import FusedSegmenter
 
         cfg = model_preset("tiny")
         torch.manual_seed(seed)
@@ -186,7 +170,7 @@ class _RandomFusedProbabilities:
 
 def _probability_model(model: str | Path | None, seed: int):
     if model is not None:
-        return _OnnxProbabilities(Path(model))
+        return _ArtifactProbabilities(Path(model))
     try:
         return _RandomFusedProbabilities(seed)
     except ImportError:
@@ -210,16 +194,11 @@ def mask_of(prob: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def probability_at_frame(prob: np.ndarray, frame_shape: tuple[int, int]) -> np.ndarray:
-    """(S, S) probability -> (H, W): bilinear (cv2.INTER_LINEAR, float32) to the padded side,
-    then crop the padding. The same computation as the runtime's display/mask path
-    (``pocus_edge.runtime.overlay.to_frame_resolution``; not imported because the export layer
-    sits above the runtime; tests/test_golden.py checks the two agree)."""
-    import cv2
+    """(S, S) probability -> (H, W): bilinear to the padded side, then crop the padding; the
+    runtime's own display/mask computation (``pocus_edge.runtime.overlay.to_frame_resolution``)."""
+    from ..runtime.overlay import to_frame_resolution
 
-    h, w = frame_shape
-    side = max(h, w)
-    up = cv2.resize(np.asarray(prob, dtype=np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
-    return np.ascontiguousarray(up[:h, :w])
+    return np.ascontiguousarray(to_frame_resolution(np.asarray(prob, dtype=np.float32), frame_shape))
 
 
 def write_golden(

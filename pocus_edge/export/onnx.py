@@ -9,7 +9,6 @@ to ~4e-6 (legacy: ~7e-5, and it exports batch_norm with training=True).
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import shutil
@@ -20,93 +19,29 @@ from typing import Any
 
 import torch
 
+from ..card import CARD_KEY, EXPORT_CARD_FORMAT as CARD_FORMAT, EXPORT_INPUT_NAME as INPUT_NAME, export_card, parse_card
 from ..errors import ExportError
 from ..io import atomic_path
-from ..metrics import THRESHOLD
+from .staging import STAGING_PREFIX
 
-CARD_KEY = "pocus_edge_card"
-CARD_FORMAT = "pocus-edge-export/1"
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
-INPUT_NAME = "frames"
 DEFAULT_MAX_BATCH = 64
 # protobuf cannot serialize a message over 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-
-
 def gflops_per_frame(model: "torch.nn.Module") -> float:
-    """FLOPs (2 x MACs, torch.utils.flop_counter) of one frame through the whole fused graph."""
+    """FLOPs (2 x MACs, torch.utils.flop_counter) of one frame through the whole exported graph."""
     from ..models.flops import count_flops
 
     return round(count_flops(model, tuple(model.input_shape(1))) / 1e9, 3)
 
 
-def build_card(
-    model: "torch.nn.Module",
-    *,
-    precision: str = "fp32",
-    batch: int | None = None,
-    max_batch: int = DEFAULT_MAX_BATCH,
-    opset: int = DEFAULT_OPSET,
-    gflops: float | None = None,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The model card stored under ``pocus_edge_card`` in every exported artifact."""
-    import pocus_edge
-    from ..config import to_dict
-    from ..data.transforms import INTERPOLATION
-
-    cfg = model.generative.cfg
-    cards = getattr(model, "cards", {}) or {}
-    in_graph = ["uint8 -> float32 / 255", "repeat to 3 channels"] if model.uint8_input else []
-    card: dict[str, Any] = {
-        "format": CARD_FORMAT,
-        "preset": cfg.name,
-        "model": to_dict(cfg),
-        "img_size": int(model.img_size),
-        "input": {
-            "name": INPUT_NAME,
-            "dtype": "uint8" if model.uint8_input else "float32",
-            "shape": ["batch" if batch is None else int(batch), *model.input_shape(1)[1:]],
-            "layout": "NCHW",
-            "range": "0..255" if model.uint8_input else "0..1",
-        },
-        "outputs": model.output_names(),
-        "preprocessing": {
-            "function": "pocus_edge.data.transforms.preprocess_gray" if model.uint8_input else "pocus_edge.data.transforms.preprocess_frame",
-            "steps": [
-                "grayscale uint8 frame",
-                "zero-pad bottom/right to a square",
-                f"resize to {model.img_size}x{model.img_size}",
-                "scale to [0,1] (x/255)",
-                "repeat to 3 channels",
-                "no mean/std normalization",
-            ],
-            "interpolation": INTERPOLATION,
-            "in_graph": in_graph,
-        },
-        "threshold": THRESHOLD,
-        "fusion": model.fusion_settings,
-        "gflops_per_frame": gflops,
-        "precision": precision,
-        "batch": {"dynamic": batch is None, "size": batch, "max": int(max_batch) if batch is None else int(batch)},
-        "opset": int(opset),
-        "branches": {"generative": cards.get("generative"), "contrastive": cards.get("contrastive")},
-        "provenance": {
-            "generative_sha256": getattr(model, "checkpoint_sha256", {}).get("generative"),
-            "contrastive_sha256": getattr(model, "checkpoint_sha256", {}).get("contrastive"),
-            "code_version": pocus_edge.__version__,
-            "torch": torch.__version__.split("+")[0],
-            "created": _now(),
-        },
-    }
-    if extra:
-        card.update(extra)
-    return card
+def build_card(model: "torch.nn.Module", **kwargs: Any) -> dict[str, Any]:
+    """The model card stored under ``pocus_edge_card`` in every exported artifact
+    (:func:`pocus_edge.card.export_card`)."""
+    return export_card(model, **kwargs)
 
 
 def set_card(model_proto, card: dict[str, Any]) -> None:
@@ -132,10 +67,7 @@ def read_onnx_card(path: str | os.PathLike) -> dict[str, Any]:
         raise ExportError(f"{p}: not a readable ONNX model ({type(exc).__name__})") from None
     for prop in proto.metadata_props:
         if prop.key == CARD_KEY:
-            try:
-                return json.loads(prop.value)
-            except json.JSONDecodeError:
-                raise ExportError(f"{p}: metadata {CARD_KEY!r} is not valid JSON") from None
+            return parse_card(prop.value, p)
     raise ExportError(f"{p}: no {CARD_KEY!r} metadata (not exported by pocus-edge?)")
 
 
@@ -155,7 +87,7 @@ def save_onnx_atomic(model_proto, path: str | os.PathLike) -> Path:
             onnx.save_model(model_proto, str(tmp))
         return final
     data_name = final.name + ".data"
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{final.name}.", dir=final.parent))
     try:
         onnx.save_model(
             model_proto, str(staging / final.name), save_as_external_data=True,
@@ -207,7 +139,7 @@ def export_onnx(
     if batch is None:
         dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=int(max_batch))},)
     final = Path(path)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent if final.parent.exists() else None))
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{final.name}.", dir=final.parent if final.parent.exists() else None))
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")

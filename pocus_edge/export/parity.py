@@ -25,6 +25,7 @@ class ParityBars:
 
     fp32_max_abs: float = 1e-4
     fp16_min_dice: float = 0.98
+    bf16_min_dice: float = 0.95  # 8 significant bits against fp16's 11
     int8_min_dice: float = 0.95
 
 
@@ -82,25 +83,12 @@ def dice_per_image(a: np.ndarray, b: np.ndarray, smooth: float = 1.0) -> np.ndar
     return (2 * inter + smooth) / (a.sum(1) + b.sum(1) + smooth)
 
 
-def ort_runner(onnx_path: str | os.PathLike, *, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """``frames -> fused probability`` through onnxruntime (CPU), first output only."""
-    import onnxruntime as ort
+def backend_runner(artifact: str | os.PathLike, backend: str = "auto", **options: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """``frames -> probability`` through the runtime backend that runs ``artifact`` (the one
+    runner of exported artifacts, :func:`pocus_edge.runtime.backends.open_backend`)."""
+    from ..runtime.backends import open_backend
 
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    fixed = session.get_inputs()[0].shape[0]
-    fixed = fixed if isinstance(fixed, int) else None
-
-    def run(frames: np.ndarray) -> np.ndarray:
-        step = fixed or len(frames)
-        outs = [session.run(None, {name: frames[i : i + step]})[0] for i in range(0, len(frames), step)]
-        return np.concatenate(outs).astype(np.float32)
-
-    return run
+    return open_backend(artifact, backend, **options).infer
 
 
 # Below this sum of the two normalized confidences the released fusion formula
@@ -113,19 +101,20 @@ WELL_CONDITIONED_MIN_WEIGHT = 1e-3
 
 
 def torch_reference_with_weights(model, frames: np.ndarray, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray | None]:
-    """(fused probability, c_g + c_c per pixel) from a FusedSegmenter in one pass; the weight
-    sum is None for fusions whose output is well conditioned everywhere (formula "paper")."""
+    """(probability, c_g + c_c per pixel) from an exportable model in one pass
+    (``reference_outputs``); the weight sum is None where the output is well conditioned
+    everywhere (a single network, or the fusion formula "paper")."""
     import torch
 
-    fused_out, weights = [], []
+    probs, weights = [], []
     with torch.no_grad():
         for i in range(0, len(frames), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(frames[i : i + batch_size]))
-            fused, _, _, c_g, c_c = model.branch_outputs(x)
-            fused_out.append(fused.float().numpy())
-            weights.append((c_g + c_c).float().numpy())
-    weight_sum = np.concatenate(weights) if getattr(model, "formula", "weighted") == "weighted" else None
-    return np.concatenate(fused_out), weight_sum
+            prob, weight = model.reference_outputs(x)
+            probs.append(prob.float().numpy())
+            if weight is not None:
+                weights.append(weight.float().numpy())
+    return np.concatenate(probs), (np.concatenate(weights) if weights else None)
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, *, threshold: float = THRESHOLD,
@@ -163,10 +152,10 @@ def parity_report(
     reference: np.ndarray | None = None,
     weight_sum: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Compare ``artifact`` (run by ``runner``, onnxruntime by default) with ``model`` on
-    ``frames``; the returned dict says whether it passed its precision's bar."""
+    """Compare ``artifact`` (run by ``runner``, by default the runtime backend its suffix names)
+    with ``model`` on ``frames``; the returned dict says whether it passed its precision's bar."""
     bars = bars or ParityBars()
-    runner = runner or ort_runner(artifact)
+    runner = runner or backend_runner(artifact)
     if reference is None:
         reference, weight_sum = torch_reference_with_weights(model, frames)
     cand = runner(frames)
@@ -176,7 +165,7 @@ def parity_report(
                "note": f"pixels with c_g + c_c < {WELL_CONDITIONED_MIN_WEIGHT:g} excluded (ill-conditioned fusion ratio)"}
         passed = stats["max_abs_diff_well_conditioned"] <= bars.fp32_max_abs
     else:
-        minimum = bars.fp16_min_dice if precision == "fp16" else bars.int8_min_dice
+        minimum = {"fp16": bars.fp16_min_dice, "bf16": bars.bf16_min_dice}.get(precision, bars.int8_min_dice)
         bar = {"metric": "mask_dice_mean", "min": minimum}
         passed = stats["mask_dice_mean"] >= minimum
     # A NaN/inf anywhere fails every precision (a masked NaN would otherwise hide in the Dice).
@@ -185,7 +174,7 @@ def parity_report(
         "artifact": Path(artifact).name,
         "precision": precision,
         "backend": backend,
-        "reference": "PyTorch FusedSegmenter (fp32, eval)",
+        "reference": f"PyTorch {type(model).__name__} (fp32, eval)",
         "frames": {"count": int(len(frames)), "source": source, "dtype": str(frames.dtype), "shape": list(frames.shape)},
         "threshold": THRESHOLD,
         **stats,
@@ -225,10 +214,21 @@ def parity_paths(artifact: str | os.PathLike) -> tuple[Path, Path]:
     return p.with_name(p.name + ".parity.json"), p.with_name(p.name + ".parity.md")
 
 
+def failed_parity_paths(artifact: str | os.PathLike) -> tuple[Path, Path]:
+    p = Path(artifact)
+    return p.with_name(p.name + ".parity-failed.json"), p.with_name(p.name + ".parity-failed.md")
+
+
 def write_parity(report: dict[str, Any], artifact: str | os.PathLike) -> tuple[Path, Path]:
-    json_path, md_path = parity_paths(artifact)
+    """Write the report next to ``artifact`` (its final name): ``<name>.parity.json/.md`` when it
+    passed; ``<name>.parity-failed.json/.md`` when it failed, so the report of a good artifact
+    already there is not replaced by that of one that was refused."""
+    json_path, md_path = parity_paths(artifact) if report["passed"] else failed_parity_paths(artifact)
     write_json_atomic(json_path, report)
     write_text_atomic(md_path, parity_markdown(report))
+    if report["passed"]:
+        for stale in failed_parity_paths(artifact):
+            stale.unlink(missing_ok=True)
     return json_path, md_path
 
 
@@ -246,7 +246,7 @@ def enforce(report: dict[str, Any]) -> None:
     limit = f"<= {bar['max']:g}" if "max" in bar else f">= {bar['min']:g}"
     raise ExportError(
         f"{report['artifact']}: {report['precision']} parity failed: {metric} = {report[metric]:.4g}, "
-        f"bar {limit} (frames: {report['frames']['source']}); see {parity_paths(report['artifact'])[1].name}"
+        f"bar {limit} (frames: {report['frames']['source']}); nothing written under that name; see {failed_parity_paths(report['artifact'])[1].name}"
     )
 
 

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ import numpy as np
 
 from ..errors import DataError, ExportError
 from .onnx import CARD_KEY, check_onnx, read_onnx_card, save_onnx_atomic, set_card
+from .staging import STAGING_PREFIX, working_directory
 
 # Op types the int8 pass quantizes: where the time goes, and where int8 kernels exist.
 INT8_OP_TYPES = ("Conv", "MatMul", "Gemm")
@@ -65,6 +65,8 @@ def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, *, keep_io_type
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     _restore_fp32_constants(converted, private)
     _drop_fp16_round_trips(converted)
+    if keep_io_types:
+        _fp32_outputs(converted)
     import onnxslim
 
     converted = onnxslim.slim(converted)  # folds the Identity nodes left by the bypass
@@ -142,6 +144,28 @@ def _drop_fp16_round_trips(proto) -> int:
     del proto.graph.node[:]
     proto.graph.node.extend(keep)
     return bypassed
+
+
+def _fp32_outputs(proto) -> None:
+    """Graph outputs the converter left fp16 (it casts the fp32 fusion tail's result down to
+    fp16 right before the output, even with keep_io_types) become fp32 again: the cast is
+    turned into an fp32 Identity, so the fused probability leaves the graph unrounded."""
+    import onnx
+
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    for output in proto.graph.output:
+        tensor_type = output.type.tensor_type
+        if tensor_type.elem_type != onnx.TensorProto.FLOAT16:
+            continue
+        node = producer.get(output.name)
+        if node is None or node.op_type != "Cast":
+            continue
+        node.op_type = "Identity"
+        del node.attribute[:]
+        tensor_type.elem_type = onnx.TensorProto.FLOAT
+    keep = [v for v in proto.graph.value_info if v.name not in {o.name for o in proto.graph.output}]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(keep)
 
 
 def _restore_fp32_constants(proto, names: set[str]) -> None:
@@ -302,13 +326,13 @@ def quantize_int8(
         raise ExportError(f"unknown calibration method {calibrate_method!r}; choose one of {', '.join(methods)}")
     card = read_onnx_card(src)
     dst = Path(dst)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent if dst.parent.exists() else None)).resolve()
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{dst.name}.", dir=dst.parent if dst.parent.exists() else None)).resolve()
     # onnxruntime's pre-processing and calibration write scratch files (a uuid-named external
     # data file, sym_shape_infer_temp.onnx) into the *current* directory: run them from the
     # staging folder so nothing leaks into the user's folder.
     src = Path(src).resolve()
     try:
-        with contextlib.chdir(staging):
+        with working_directory(staging):
             prepared = staging / "prepared.onnx"
             # Shape inference + graph cleanup recommended by onnxruntime before quantization. Its
             # symbolic shape inference gives up on some exporter patterns (dynamic-batch Reshape

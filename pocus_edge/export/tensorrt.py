@@ -6,14 +6,18 @@ Two halves:
   list of TensorRT's ONNX parser (kept below as data), and ``trtexec_command`` prints the
   equivalent command line, so a machine without TensorRT still tells the user whether the graph
   will parse and how to build it on the target.
-* Where ``tensorrt`` imports and a CUDA GPU exists: ``build_engine`` (TensorRT 10 Python API:
-  builder, network from the ONNX parser, an optimization profile over the batch range, FP16 /
-  INT8 flags, a persistent timing cache, the serialized engine written atomically).
-  Elsewhere it raises ToolchainUnavailable (exit code 3).
+* Where ``tensorrt`` (10.x or 11.x) imports and a CUDA GPU exists: ``build_engine`` parses the
+  precision-explicit ONNX into a STRONGLY TYPED network (every layer runs at the type the graph
+  gives it: fp16 from the mixed-precision graph, int8 from its Q/DQ nodes), adds an
+  optimization profile over the batch range and a persistent timing cache, serializes the
+  engine atomically and writes its model card next to it. No precision builder flag and no
+  calibrator on either version: TensorRT 11 removed them, and on 10.x a strongly typed network
+  does not accept them. Elsewhere it raises ToolchainUnavailable (exit code 3).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,52 +150,112 @@ def batch_profile(batch: int | None, max_batch: int) -> tuple[int, int, int]:
     return 1, 1, max_batch
 
 
+# TensorRT major versions this builder supports. Both build strongly typed networks; they differ
+# only in how that is asked for.
+SUPPORTED_MAJORS = (10, 11)
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """How to ask a given TensorRT for a strongly typed build."""
+
+    version: str
+    major: int
+    strongly_typed_flag: bool  # pass NetworkDefinitionCreationFlag.STRONGLY_TYPED to create_network
+    trtexec_flags: tuple[str, ...]
+
+
+def build_plan(version: str) -> BuildPlan:
+    """The strongly typed build for TensorRT ``version``: 10.x opts in with the STRONGLY_TYPED
+    network flag (``--stronglyTyped`` for trtexec); 11.x is always strongly typed and takes no
+    flag. Other majors raise ToolchainUnavailable naming the supported range."""
+    try:
+        major = int(str(version).split(".")[0])
+    except ValueError:
+        raise ToolchainUnavailable(f"cannot read the TensorRT version {version!r}") from None
+    if major not in SUPPORTED_MAJORS:
+        raise ToolchainUnavailable(
+            f"TensorRT {version} is not supported: pocus-edge builds with TensorRT 10.x or 11.x (pip install 'pocus-edge[tensorrt]')"
+        )
+    if major == 10:
+        return BuildPlan(str(version), major, True, ("--stronglyTyped",))
+    return BuildPlan(str(version), major, False, ())
+
+
+def network_flags(trt, plan: BuildPlan) -> int:
+    """The ``create_network`` flags of ``plan`` with the installed module's enum."""
+    if plan.strongly_typed_flag:
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return 0
+
+
+def installed_tensorrt_version() -> str | None:
+    """The importable TensorRT's version (None when it is not installed)."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return None
+    return str(trt.__version__)
+
+
 def trtexec_command(
     onnx_path: str | os.PathLike,
     engine_path: str | os.PathLike,
     *,
     input_name: str,
     input_shape: tuple[int, ...],
-    precision: str = "fp16",
     batch: int | None = None,
     max_batch: int = 8,
     timing_cache: str | os.PathLike | None = None,
+    tensorrt_version: str = "10",
 ) -> str:
-    """The equivalent ``trtexec`` line (TensorRT 10) for building the engine elsewhere."""
+    """The ``trtexec`` line that builds the same engine with TensorRT ``tensorrt_version``: the
+    precision comes from the ONNX (no --fp16/--int8, which 11.x removed)."""
+    plan = build_plan(tensorrt_version)
     lo, opt, hi = batch_profile(batch, max_batch)
     rest = tuple(input_shape[1:])
     parts = [
         "trtexec",
         f"--onnx={onnx_path}",
         f"--saveEngine={engine_path}",
+        *plan.trtexec_flags,
         f"--minShapes={input_name}:{_shape(lo, rest)}",
         f"--optShapes={input_name}:{_shape(opt, rest)}",
         f"--maxShapes={input_name}:{_shape(hi, rest)}",
     ]
-    if precision in ("fp16", "int8"):
-        parts.append("--fp16")
-    if precision == "int8":
-        parts.append("--int8")  # the Q/DQ graph carries the scales (explicit quantization)
     if timing_cache is not None:
         parts.append(f"--timingCacheFile={timing_cache}")
     return " ".join(parts)
 
 
+def trtexec_lines(onnx_path, engine_path, **kwargs: Any) -> list[str]:
+    """The trtexec line for the installed TensorRT; without one, the lines for 10.x and 11.x."""
+    installed = installed_tensorrt_version()
+    if installed is not None:
+        with contextlib.suppress(ToolchainUnavailable):
+            return [f"trtexec equivalent (TensorRT {installed}): {trtexec_command(onnx_path, engine_path, tensorrt_version=installed, **kwargs)}"]
+    return [f"trtexec equivalent (TensorRT {major}.x): {trtexec_command(onnx_path, engine_path, tensorrt_version=str(major), **kwargs)}"
+            for major in SUPPORTED_MAJORS]
+
+
 def tensorrt_available() -> tuple[bool, str]:
-    """(True, version) where ``tensorrt`` imports and a CUDA GPU is visible, else (False, why)."""
+    """(True, version) where a supported ``tensorrt`` imports and a CUDA GPU is visible, else (False, why)."""
+    version = installed_tensorrt_version()
+    if version is None:
+        return False, "the tensorrt Python package is not installed; pip install 'pocus-edge[tensorrt]' on a machine with an NVIDIA GPU"
     try:
-        import tensorrt as trt  # noqa: F401
-    except ImportError as exc:
-        return False, f"the tensorrt Python package is not installed ({exc.__class__.__name__}); pip install 'pocus-edge[tensorrt]' on a machine with an NVIDIA GPU"
+        build_plan(version)
+    except ToolchainUnavailable as exc:
+        return False, str(exc)
     try:
         import torch
 
         has_gpu = torch.cuda.is_available()
-    except Exception:  # pragma: no cover - torch is a hard dependency
+    except ImportError:
         has_gpu = False
     if not has_gpu:
         return False, "no CUDA GPU visible (TensorRT builds engines for the GPU it runs on)"
-    return True, trt.__version__
+    return True, version
 
 
 def _onnx_input(onnx_path) -> tuple[str, tuple[int, ...]]:
@@ -203,86 +267,71 @@ def _onnx_input(onnx_path) -> tuple[str, tuple[int, ...]]:
     return first["name"], (1, *dims[1:])
 
 
-def _has_qdq(onnx_path) -> bool:
-    import onnx
+def engine_card(card: dict[str, Any] | None, engine_path: str | os.PathLike, *, tensorrt_version: str,
+                gpu: dict[str, Any] | None, batch: int | None, max_batch: int) -> dict[str, Any]:
+    """The card an engine carries in its sidecar: the precision-explicit ONNX's card (precision,
+    GFLOPs, input spec, fusion settings, provenance of both branches) plus what the engine is
+    bound to: the TensorRT version and GPU it was built on, its batch profile and its file hash."""
+    from ..card import file_sha256
 
-    proto = onnx.load_model(str(onnx_path), load_external_data=False)
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node)
+    lo, opt, hi = batch_profile(batch, max_batch)
+    out = dict(card or {})
+    out["batch"] = {"dynamic": batch is None, "size": batch, "max": hi, "profile": [lo, opt, hi]}
+    out["tensorrt"] = {"version": tensorrt_version, "strongly_typed": True, "gpu": gpu}
+    out["artifact"] = {"file": Path(engine_path).name, "sha256": file_sha256(engine_path),
+                       "bytes": Path(engine_path).stat().st_size}
+    return out
 
 
-def _entropy_calibrator(trt, frames, batch_size: int, cache_path: Path | None):
-    """TensorRT implicit-quantization calibrator over preprocessed frames (N, C, S, S) float32,
-    used when int8 is asked for from an fp32 ONNX (no Q/DQ nodes). Device memory via torch."""
-    import numpy as np
-    import torch
-
-    class Calibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self):
-            trt.IInt8EntropyCalibrator2.__init__(self)
-            self.position = 0
-            self.device_batch = None
-
-        def get_batch_size(self) -> int:
-            return batch_size
-
-        def get_batch(self, names):
-            if self.position + batch_size > len(frames):
-                return None
-            chunk = np.ascontiguousarray(frames[self.position : self.position + batch_size], dtype=np.float32)
-            self.position += batch_size
-            self.device_batch = torch.from_numpy(chunk).cuda()
-            return [int(self.device_batch.data_ptr())]
-
-        def read_calibration_cache(self):
-            if cache_path is not None and cache_path.is_file():
-                return cache_path.read_bytes()
-            return None
-
-        def write_calibration_cache(self, cache) -> None:
-            if cache_path is not None:
-                write_bytes_atomic(cache_path, bytes(cache))
-
-    return Calibrator()
+def _gpu_description() -> dict[str, Any] | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return {"name": torch.cuda.get_device_name(0), "capability": f"{props.major}.{props.minor}"}
 
 
 def build_engine(
     onnx_path: str | os.PathLike,
     engine_path: str | os.PathLike,
     *,
-    precision: str = "fp16",
     batch: int | None = None,
     max_batch: int = 8,
     input_name: str | None = None,
     input_shape: tuple[int, ...] | None = None,
     timing_cache: str | os.PathLike | None = None,
     workspace_gib: float = 4.0,
-    calibration=None,
-    calibration_cache: str | os.PathLike | None = None,
+    card: dict[str, Any] | None = None,
 ) -> Path:
-    """Build and serialize a TensorRT engine from an ONNX export (TensorRT 10 Python API).
+    """Build a strongly typed TensorRT engine from a precision-explicit ONNX (see the module
+    docstring) and write it, then its model card (``<engine>.json``), atomically.
 
-    ``precision``: fp32 | fp16 | int8. int8 from a Q/DQ-quantized ONNX uses explicit
-    quantization (the scales come from the graph); int8 from an fp32 ONNX needs
-    ``calibration`` (float32 frames (N, C, S, S) of the target site) for TensorRT's entropy
-    calibrator. FP16 is enabled with int8 so unquantized layers run in half precision. The
-    input name/shape default to the ONNX's; the timing cache is read from and written back to
-    ``timing_cache`` so rebuilds on the same GPU are fast.
+    The input name/shape default to the ONNX's; the timing cache is read from and written back
+    to ``timing_cache`` so rebuilds on the same GPU are fast. ``card``: the ONNX's card (read
+    from the file when not given).
     """
     ok, why = tensorrt_available()
     if not ok:
         raise ToolchainUnavailable(f"TensorRT engine not built: {why}")
     import tensorrt as trt
 
+    from ..card import write_sidecar
+
+    plan = build_plan(trt.__version__)
     if input_name is None or input_shape is None:
         found_name, found_shape = _onnx_input(onnx_path)
         input_name = input_name or found_name
         input_shape = input_shape or found_shape
-    explicit_int8 = precision == "int8" and _has_qdq(onnx_path)
-    if precision == "int8" and not explicit_int8 and calibration is None:
-        raise ExportError(f"{onnx_path}: int8 from an fp32 ONNX needs calibration frames (or pass the Q/DQ int8 ONNX)")
+    if card is None:
+        from .onnx import read_onnx_card
+
+        card = read_onnx_card(onnx_path)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    network = builder.create_network(network_flags(trt, plan))
     parser = trt.OnnxParser(network, logger)
     # parse_from_file resolves external data files relative to the model.
     if not parser.parse_from_file(str(onnx_path)):
@@ -290,19 +339,11 @@ def build_engine(
         raise ExportError(f"{onnx_path}: TensorRT's ONNX parser failed: {'; '.join(errors[:3])}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    if precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
     lo, opt, hi = batch_profile(batch, max_batch)
     rest = tuple(input_shape[1:])
     profile = builder.create_optimization_profile()
     profile.set_shape(input_name, (lo, *rest), (opt, *rest), (hi, *rest))
     config.add_optimization_profile(profile)
-    if precision == "int8" and not explicit_int8:
-        cache = Path(calibration_cache) if calibration_cache is not None else Path(str(engine_path) + ".calib.cache")
-        config.int8_calibrator = _entropy_calibrator(trt, calibration, opt, cache)
-        config.set_calibration_profile(profile)
     cache_path = Path(timing_cache) if timing_cache is not None else None
     cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
     timing = config.create_timing_cache(cache_bytes)
@@ -315,4 +356,6 @@ def build_engine(
             fh.write(memoryview(serialized))
     if cache_path is not None:
         write_bytes_atomic(cache_path, memoryview(config.get_timing_cache().serialize()).tobytes())
+    write_sidecar(engine_path, engine_card(card, engine_path, tensorrt_version=plan.version, gpu=_gpu_description(),
+                                           batch=batch, max_batch=max_batch))
     return Path(engine_path)

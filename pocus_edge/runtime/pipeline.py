@@ -378,13 +378,14 @@ def stream(
     accept_timeout: float = 60.0,
     progress: bool | None = None,
     on_listen: Callable[[str, int], None] | None = None,
+    providers: list[str] | None = None,
 ) -> dict[str, Any]:
     """Open SOURCE and MODEL, stream with the given outputs, return the report (what the
     ``pocus-edge stream`` command runs)."""
     from .backends import open_backend
     from .sources import open_source
 
-    be = open_backend(model, backend, device=device, threads=threads)
+    be = open_backend(model, backend, device=device, threads=threads, providers=providers)
     src = open_source(source, bind=bind, fps=fps, read_timeout=read_timeout, idle_timeout=idle_timeout,
                       accept_timeout=accept_timeout, on_listen=on_listen)
     sinks: list[Sink] = []
