@@ -254,7 +254,7 @@ def test_raw_socket_stream_through_the_pipeline(tiny_onnx):
             wire += protocol.encode_frame(f, 0.0)[:60]  # a truncated frame
     a, b = socket.socketpair()
     threading.Thread(target=lambda: (a.sendall(bytes(wire)), a.close()), daemon=True).start()
-    src = RawStreamSource(b, read_timeout=0.5, idle_timeout=2.0)
+    src = RawStreamSource(b, frame_timeout=0.5, idle_timeout=2.0)
     report = run_stream(src, open_backend(tiny_onnx[0], "ort", threads=1), options=StreamOptions(realtime=True, progress=False))
     b.close()
     assert report["frames_processed"] == 4 and report["frames_invalid"] == 2 and report["frames_dropped"] == 0

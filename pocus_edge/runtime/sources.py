@@ -204,7 +204,10 @@ def write_tvd_h5(path: str | Path, frames: np.ndarray, time_ms: np.ndarray, roi:
 
 class RawStreamSource(FrameSource):
     """Frames in the raw protocol (see :mod:`pocus_edge.runtime.protocol`) from a socket, a pipe
-    or stdin. Bad frames are counted (``frames_invalid``) and skipped; every read times out."""
+    or stdin. Bad frames are counted (``frames_invalid``) and skipped; a frame must arrive whole
+    within ``frame_timeout`` seconds of its first byte; the stream ends after ``idle_timeout``
+    seconds without a valid frame. A TCP source serves one sender at a time: others are refused
+    (``senders_refused``)."""
 
     live = True
 
@@ -213,19 +216,21 @@ class RawStreamSource(FrameSource):
         stream,
         *,
         name: str = "raw",
-        read_timeout: float = 1.0,
-        idle_timeout: float | None = 10.0,
+        frame_timeout: float | None = protocol.DEFAULT_FRAME_TIMEOUT,
+        idle_timeout: float | None = protocol.DEFAULT_IDLE_TIMEOUT,
         max_width: int = protocol.DEFAULT_MAX_WIDTH,
         max_height: int = protocol.DEFAULT_MAX_HEIGHT,
         owned: list | None = None,
+        listener: socket.socket | None = None,
     ):
         super().__init__()
         self.name = name
-        self.read_timeout = read_timeout
         self.idle_timeout = idle_timeout
         self._stream = stream
         self._owned = owned or []
-        self.parser = protocol.FrameParser(max_width=max_width, max_height=max_height)
+        self._listener = listener
+        self._reader: protocol.ByteReader | None = None
+        self.parser = protocol.FrameParser(max_width=max_width, max_height=max_height, frame_timeout=frame_timeout)
         self.last_header: protocol.FrameHeader | None = None
 
     @property
@@ -236,13 +241,18 @@ class RawStreamSource(FrameSource):
     def invalid_reasons(self) -> dict[str, int]:
         return dict(self.parser.counters.invalid_reasons or {})
 
+    @property
+    def senders_refused(self) -> int:
+        return self._reader.refused if self._reader is not None else 0
+
     @classmethod
     def stdin(cls, **kw) -> "RawStreamSource":
         return cls(sys.stdin.buffer, name="stdin", **kw)
 
     @classmethod
     def listen_tcp(cls, host: str = "127.0.0.1", port: int = 0, *, accept_timeout: float = 30.0, on_listen=None, **kw) -> "RawStreamSource":
-        """Bind ``host:port`` (loopback unless told otherwise), accept ONE sender, read its frames.
+        """Bind ``host:port`` (loopback unless told otherwise), accept ONE sender, read its frames;
+        senders that connect meanwhile are refused (reset) and counted.
         ``on_listen(host, port)`` is called once listening (port 0 picks a free port)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
@@ -261,12 +271,12 @@ class RawStreamSource(FrameSource):
             server.close()
             raise
         conn.setblocking(True)
-        return cls(conn, name=f"tcp://{host}:{server.getsockname()[1]}", owned=[conn, server], **kw)
+        return cls(conn, name=f"tcp://{host}:{server.getsockname()[1]}", owned=[conn, server], listener=server, **kw)
 
     def __iter__(self) -> Iterator[Frame]:
-        reader = protocol.ByteReader(self._stream)
+        self._reader = protocol.ByteReader(self._stream, listener=self._listener)
         index = 0
-        for header, pixels in protocol.iter_raw_frames(reader, self.parser, read_timeout=self.read_timeout, idle_timeout=self.idle_timeout):
+        for header, pixels in protocol.iter_raw_frames(self._reader, self.parser, idle_timeout=self.idle_timeout):
             self.last_header = header
             self.last_decode_ms = self.parser.last_parse_ms
             yield pixels, header.timestamp_ms, index
@@ -281,7 +291,7 @@ class RawStreamSource(FrameSource):
 
     def describe(self) -> dict:
         d = super().describe()
-        d.update(bytes_skipped=self.parser.counters.bytes_skipped)
+        d.update(bytes_skipped=self.parser.counters.bytes_skipped, senders_refused=self.senders_refused)
         return d
 
 
@@ -456,8 +466,8 @@ def open_source(
     *,
     bind: str = "127.0.0.1",
     fps: float = 30.0,
-    read_timeout: float = 1.0,
-    idle_timeout: float | None = 10.0,
+    frame_timeout: float | None = protocol.DEFAULT_FRAME_TIMEOUT,
+    idle_timeout: float | None = protocol.DEFAULT_IDLE_TIMEOUT,
     accept_timeout: float = 30.0,
     on_listen=None,
 ) -> FrameSource:
@@ -469,7 +479,7 @@ def open_source(
     DICOM. Anything else: a video file via OpenCV.
     """
     text = str(spec)
-    raw_kw = dict(read_timeout=read_timeout, idle_timeout=idle_timeout)
+    raw_kw = dict(frame_timeout=frame_timeout, idle_timeout=idle_timeout)
     if text in ("-", "stdin"):
         return RawStreamSource.stdin(**raw_kw)
     if text.startswith("tcp:"):
