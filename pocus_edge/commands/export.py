@@ -55,7 +55,10 @@ def register(app: typer.Typer) -> None:
         """
         from ..export.api import ToolchainMissing, export_checkpoints
         from ..export.parity import ParityBars
+        from ..io import check_output_dir, check_output_file
 
+        # Before any work: never a folder where a file goes (or the reverse), never unwritable.
+        (check_output_dir if out.suffix.lower() == ".mlpackage" else check_output_file)(out, what="--out")
         try:
             result = export_checkpoints(
                 generative, contrastive, out, target=target, precision=precision,
