@@ -32,7 +32,7 @@ def small_tmpfs(parent: Path, size: str = "64k") -> Iterator[Path]:
     """A tmpfs of ``size`` bytes: writing more fails with ENOSPC (disk full)."""
     point = parent / f"tmpfs_{size}"
     point.mkdir()
-    _mount(point, f"size={size},mode=0777")
+    _mount(point, f"size={size},nr_inodes=1000,mode=0777")
     try:
         yield point
     finally:
