@@ -422,15 +422,17 @@ def test_second_tcp_sender_is_refused_and_counted():
             with socket.create_connection((host, port), timeout=5) as first:
                 first.sendall(protocol.encode_frame(frames[0], 0.0, 0))
                 time.sleep(0.2)
-                second = socket.create_connection((host, port), timeout=5)
-                try:
-                    for _ in range(50):  # the receiver resets it: a send fails soon
+                second = None
+                try:  # the receiver resets it: connecting or a send fails soon
+                    second = socket.create_connection((host, port), timeout=5)
+                    for _ in range(50):
                         second.sendall(protocol.encode_frame(frames[3], 99.0))
                         time.sleep(0.02)
                 except OSError as exc:
                     refused["error"] = exc
                 finally:
-                    second.close()
+                    if second is not None:
+                        second.close()
                 for k in (1, 2):
                     first.sendall(protocol.encode_frame(frames[k], 10.0 * k, k))
 

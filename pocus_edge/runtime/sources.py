@@ -18,7 +18,7 @@ import re
 import socket
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -118,8 +118,10 @@ class TvdH5Source(FrameSource):
             raise DataError(f"{self.path}: /{self.FRAMES} must be uint8 (N,H,W), got {frames.dtype} {frames.shape}")
         if times.ndim != 1:
             raise DataError(f"{self.path}: /{self.TIMES} must be 1-D, got shape {times.shape}")
+        if times.dtype.kind not in "iuf":
+            raise DataError(f"{self.path}: /{self.TIMES} must hold numbers (milliseconds), got {_dtype_words(times.dtype)}")
         n_stored = frames.shape[0]
-        n = int(h5.attrs.get("n_frames", n_stored))
+        n = _int_attr(self.path, h5.attrs, "n_frames", minimum=0) if "n_frames" in h5.attrs else n_stored
         if n > n_stored:
             raise DataError(f"{self.path}: n_frames={n} but /{self.FRAMES} holds only {n_stored} frames (truncated recording?)")
         if times.shape[0] < n:
@@ -130,7 +132,7 @@ class TvdH5Source(FrameSource):
             if len(present) != 4:
                 missing = [k for k in self.ROI_KEYS if k not in h5.attrs]
                 raise DataError(f"{self.path}: incomplete ROI attributes (missing {', '.join(missing)})")
-            x1, x2, y1, y2 = (int(h5.attrs[k]) for k in self.ROI_KEYS)
+            x1, x2, y1, y2 = (_int_attr(self.path, h5.attrs, k, minimum=1) for k in self.ROI_KEYS)
             if not (1 <= x1 <= x2 <= width and 1 <= y1 <= y2 <= height):
                 raise DataError(
                     f"{self.path}: ROI x {x1}..{x2}, y {y1}..{y2} (1-based, inclusive) out of bounds "
@@ -176,6 +178,33 @@ class TvdH5Source(FrameSource):
         d = super().describe()
         d.update(n_frames=self.n_frames, roi_rows=list(self.roi[:2]), roi_cols=list(self.roi[2:]))
         return d
+
+
+def _dtype_words(dtype: np.dtype) -> str:
+    return "text" if dtype.kind in "SUO" else f"{dtype}"
+
+
+def _int_attr(path: Path, attrs, key: str, *, minimum: int) -> int:
+    """An HDF5 attribute that must be one whole number >= ``minimum``; DataError otherwise
+    (text, NaN, a fraction, an array of several values, a negative number)."""
+    try:
+        raw = attrs[key]
+    except Exception as exc:  # h5py raises several types for unreadable attribute types
+        raise DataError(f"{path}: attribute {key} cannot be read ({_first_line(exc)})") from None
+    value = np.asarray(raw)
+    if value.dtype.kind in "SUO":
+        raise DataError(f"{path}: attribute {key} must be a whole number, got text {raw!r:.40}")
+    if value.size != 1:
+        raise DataError(f"{path}: attribute {key} must be one whole number, got an array of shape {value.shape}")
+    value = value.reshape(())
+    if value.dtype.kind not in "iuf":
+        raise DataError(f"{path}: attribute {key} must be a whole number, got {value.dtype}")
+    number = float(value)
+    if not np.isfinite(number) or number != int(number):
+        raise DataError(f"{path}: attribute {key} must be a whole number, got {number}")
+    if int(number) < minimum:
+        raise DataError(f"{path}: attribute {key} must be >= {minimum}, got {int(number)}")
+    return int(number)
 
 
 def write_tvd_h5(path: str | Path, frames: np.ndarray, time_ms: np.ndarray, roi: tuple[int, int, int, int] | None = None) -> Path:
@@ -461,6 +490,17 @@ class DicomSource(FrameSource):
 # ---------------------------------------------------------------------------------------------
 
 
+def _open_tcp(spec: str, *, bind: str, frame_timeout, idle_timeout, accept_timeout: float, on_listen, **_) -> FrameSource:
+    host, port = protocol.parse_tcp_address(spec, default_host=bind)
+    return RawStreamSource.listen_tcp(host, port, accept_timeout=accept_timeout, on_listen=on_listen,
+                                      frame_timeout=frame_timeout, idle_timeout=idle_timeout)
+
+
+# SOURCE strings that start with a scheme -> opener(spec, **the options of open_source). Another
+# network transport registers its prefix here.
+SCHEMES: dict[str, Callable[..., FrameSource]] = {"tcp:": _open_tcp}
+
+
 def open_source(
     spec: str | Path,
     *,
@@ -473,18 +513,18 @@ def open_source(
 ) -> FrameSource:
     """Open a source from a command-line SOURCE string.
 
-    ``-`` or ``stdin``: raw protocol on stdin. ``tcp:PORT`` / ``tcp://HOST:PORT``: raw protocol
-    on a TCP port, bound to ``bind`` (127.0.0.1) unless HOST is given. ``*.h5`` / ``*.hdf5``:
-    TeleMED ``.tvd.h5``. A folder: images. ``*.dcm`` or a file starting with a DICOM preamble:
-    DICOM. Anything else: a video file via OpenCV.
+    ``-`` or ``stdin``: raw protocol on stdin. ``tcp:PORT`` / ``tcp://HOST:PORT`` (and any other
+    prefix in :data:`SCHEMES`): a network sender, bound to ``bind`` (127.0.0.1) unless HOST is
+    given. ``*.h5`` / ``*.hdf5``: TeleMED ``.tvd.h5``. A folder: images. ``*.dcm`` or a file
+    starting with a DICOM preamble: DICOM. Anything else: a video file via OpenCV.
     """
     text = str(spec)
-    raw_kw = dict(frame_timeout=frame_timeout, idle_timeout=idle_timeout)
     if text in ("-", "stdin"):
-        return RawStreamSource.stdin(**raw_kw)
-    if text.startswith("tcp:"):
-        host, port = protocol.parse_tcp_address(text, default_host=bind)
-        return RawStreamSource.listen_tcp(host, port, accept_timeout=accept_timeout, on_listen=on_listen, **raw_kw)
+        return RawStreamSource.stdin(frame_timeout=frame_timeout, idle_timeout=idle_timeout)
+    for prefix, opener in SCHEMES.items():
+        if text.startswith(prefix):
+            return opener(text, bind=bind, fps=fps, frame_timeout=frame_timeout, idle_timeout=idle_timeout,
+                          accept_timeout=accept_timeout, on_listen=on_listen)
     path = Path(text)
     if path.is_dir():
         return ImageFolderSource(path, fps=fps)
