@@ -23,7 +23,7 @@ def _frame(rng, h=12, w=17):
 
 
 def test_header_layout_matches_the_documented_offsets():
-    # The README documents byte offsets; a sender in another language relies on them.
+    # docs/streaming.md documents byte offsets; a sender in another language relies on them.
     frame = np.arange(6, dtype=np.uint8).reshape(2, 3)
     data = protocol.encode_frame(frame, 123.5, 7)
     assert len(data) == 36 + 6
@@ -200,14 +200,14 @@ def test_tcp_address_parsing_and_accept_timeout():
 
 
 def test_readme_sender_example_produces_valid_frames():
-    # The README's sender is what probe-side developers copy: it must match the reference encoder.
+    # The documented sender is what probe-side developers copy: it must match the reference encoder.
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "streaming.md").read_text()
     start = readme.index("def frame_bytes(")
     code = readme[start : readme.index("\n\n", start)]
     namespace = {"np": np, "struct": struct, "zlib": zlib}
-    exec(code, namespace)  # noqa: S102 - our own README
+    exec(code, namespace)  # noqa: S102 - our own docs
     gray = np.random.default_rng(0).integers(0, 256, (6, 9), dtype=np.uint8)
     assert namespace["frame_bytes"](gray, 12.5, 3) == protocol.encode_frame(gray, 12.5, 3)
 
