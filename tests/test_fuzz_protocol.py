@@ -1,8 +1,8 @@
 """Property-based fuzzing of the PEF1 receiver (Hypothesis).
 
 Streams are random sequences of intact frames (random size, pixel format, with or without a
-payload checksum) and faults of every kind a broken probe or a hostile sender produces. For any
-such stream, split into reads in any way:
+payload checksum) and faults of every kind a broken probe or a hostile sender produces
+(:mod:`pocus_edge.runtime.faults`). For any such stream, split into reads in any way:
 
 * every intact frame comes out, bit-exact and in order;
 * every fault is counted as exactly one invalid frame when faults are separated by intact
@@ -15,9 +15,7 @@ Through the whole pipeline, every intact frame is processed or counted dropped.
 from __future__ import annotations
 
 import os
-import struct
 import threading
-import zlib
 
 import numpy as np
 import pytest
@@ -26,73 +24,22 @@ hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the dev 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from pocus_edge.runtime import protocol  # noqa: E402
+from pocus_edge.runtime import faults, protocol  # noqa: E402
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-FORMATS = [protocol.GRAY8, protocol.RGB24, protocol.BGR24, protocol.GRAY16LE]
-FAULTS = ["garbage", "truncated", "lying_header", "header_bitflip", "payload_bitflip", "reserved_flags", "bad_version"]
-
-
-def _pixels(draw, fmt):
-    h, w = draw(st.integers(1, 12)), draw(st.integers(1, 12))
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
-    if fmt == protocol.GRAY16LE:
-        return rng.integers(0, 65536, (h, w), dtype=np.uint16)
-    shape = (h, w) if fmt == protocol.GRAY8 else (h, w, 3)
-    return rng.integers(0, 256, shape, dtype=np.uint8)
+SEEDS = st.integers(0, 2**32 - 1)
 
 
 @st.composite
 def intact_frames(draw, index):
-    fmt = draw(st.sampled_from(FORMATS))
-    pixels = _pixels(draw, fmt)
-    crc = draw(st.booleans())
-    ts = float(draw(st.integers(-10**6, 10**9))) / 8.0
-    data = protocol.encode_frame(pixels, ts, index, pixel_format=fmt, payload_crc=crc)
-    return data, ts
-
-
-def _with_header(fields: tuple, payload: bytes = b"") -> bytes:
-    head = protocol.HEADER.pack(*fields)
-    return head + struct.pack("<I", zlib.crc32(head)) + payload
+    return faults.random_frame(np.random.default_rng(draw(SEEDS)), index)
 
 
 @st.composite
-def faults(draw, kind=None):
-    kind = kind or draw(st.sampled_from(FAULTS))
-    frame, _ = draw(intact_frames(0))
-    if kind == "garbage":
-        junk = draw(st.binary(min_size=1, max_size=300))
-        # Random bytes never form a valid header in practice; keep the magic out so a partial
-        # magic cannot make one with the frame after it either.
-        return junk.replace(b"P", b"Q")
-    if kind == "truncated":
-        return frame[: draw(st.integers(1, len(frame) - 1))]
-    if kind == "lying_header":
-        flags = draw(st.sampled_from([0, protocol.FLAG_PAYLOAD_CRC]))
-        w, h = draw(st.integers(1, 4096)), draw(st.integers(1, 4096))
-        # Announces a frame; what follows is the next frame instead of its pixels.
-        return _with_header((b"PEF1", 1, protocol.GRAY8, flags, w, h, 0, 0.0, w * h, 0))
-    if kind == "header_bitflip":
-        bit = draw(st.integers(0, 36 * 8 - 1))
-        out = bytearray(frame)
-        out[bit // 8] ^= 1 << (bit % 8)
-        return bytes(out)
-    if kind == "payload_bitflip":
-        pixels = np.zeros((draw(st.integers(1, 8)), draw(st.integers(1, 8))), np.uint8)
-        out = bytearray(protocol.encode_frame(pixels, 1.0, payload_crc=True))
-        bit = draw(st.integers(36 * 8, len(out) * 8 - 1))
-        out[bit // 8] ^= 1 << (bit % 8)
-        return bytes(out)
-    if kind == "reserved_flags":
-        flags = draw(st.integers(1, 0x7FFF)) << 1
-        return _with_header((b"PEF1", 1, protocol.GRAY8, flags, 2, 2, 0, 0.0, 4, 0), b"\0" * 4)
-    if kind == "bad_version":
-        version = draw(st.integers(0, 255).filter(lambda v: v != 1))
-        return _with_header((b"PEF1", version, protocol.GRAY8, 0, 2, 2, 0, 0.0, 4, 0), b"\0" * 4)
-    raise AssertionError(kind)
+def fault_bytes(draw):
+    kind = draw(st.sampled_from(faults.FAULT_KINDS))
+    return faults.fault_bytes(kind, np.random.default_rng(draw(SEEDS)))
 
 
 @st.composite
@@ -104,7 +51,7 @@ def streams(draw, *, separated: bool):
     for k in range(n + 1):
         n_here = draw(st.integers(0, 1 if separated else 3))
         for _ in range(n_here):
-            items.append(draw(faults()))
+            items.append(draw(fault_bytes()))
             n_faults += 1
         if k < n:
             data, ts = draw(intact_frames(k))
