@@ -127,6 +127,17 @@ def check(stream: faults.FuzzStream, rc: int, stderr: str, report_path: Path) ->
     return counts, broken
 
 
+def send_and_check(stream: faults.FuzzStream, transport: str, model: Path, report: Path,
+                   rng: np.random.Generator) -> tuple[dict, list[str], str, int]:
+    """Send one stream to a fresh receiver on ``transport``: (counts, broken promises, stderr, exit)."""
+    if transport == "stdin":
+        rc, err = run_stdin(stream.data, model, report)
+    else:
+        rc, err, _ = run_tcp(stream.data, model, report, rng)
+    counts, broken = check(stream, rc, err, report)
+    return counts, broken, err, rc
+
+
 def fuzz(n_streams: int, seed: int, model: Path, work: Path, *, adjacent_share: float = 0.25) -> dict:
     rng = np.random.default_rng(seed)
     tally = collections.Counter()
@@ -135,12 +146,7 @@ def fuzz(n_streams: int, seed: int, model: Path, work: Path, *, adjacent_share: 
     for k in range(n_streams):
         transport = "stdin" if k % 2 == 0 else "tcp"
         stream = faults.random_stream(rng, separated=bool(rng.random() >= adjacent_share))
-        report = work / f"r{k}.json"
-        if transport == "stdin":
-            rc, err = run_stdin(stream.data, model, report)
-        else:
-            rc, err, _ = run_tcp(stream.data, model, report, rng)
-        counts, broken = check(stream, rc, err, report)
+        counts, broken, err, rc = send_and_check(stream, transport, model, work / f"r{k}.json", rng)
         tally.update({f"streams_{transport}": 1, "streams": 1, "bytes": len(stream.data), "frames_sent": len(stream.frames),
                       "faults_sent": len(stream.faults), "adjacent_streams": int(not stream.separated), **counts})
         tally["tracebacks"] += "Traceback" in err
@@ -161,12 +167,7 @@ def scenarios(model: Path, work: Path) -> dict:
     lying = faults.header_bytes(flags=protocol.FLAG_PAYLOAD_CRC, width=4096, height=4096)
     stream = faults.FuzzStream(lying + b"".join(f for f, _ in frames), frames=frames, faults=["lying_header"])
     for transport in ("stdin", "tcp"):
-        report = work / f"lying_{transport}.json"
-        if transport == "stdin":
-            rc, err = run_stdin(stream.data, model, report)
-        else:
-            rc, err, _ = run_tcp(stream.data, model, report, rng)
-        counts, broken = check(stream, rc, err, report)
+        counts, broken, _, _ = send_and_check(stream, transport, model, work / f"lying_{transport}.json", rng)
         out[f"lying 4096x4096 header + 20 frames ({transport})"] = {"counts": counts, "held": not broken, "broken": broken}
 
     def drip(port: int) -> dict:

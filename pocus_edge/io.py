@@ -187,7 +187,7 @@ def sweep_stale_temps(folder: str | os.PathLike, *, force: bool = False) -> list
     swept once per process unless ``force``. Returns what was removed or restored.
     """
     d = Path(folder)
-    key = d.resolve() if d.exists() else d
+    key = Path(os.path.abspath(d))
     if not force and key in _swept:
         return []
     _swept.add(key)

@@ -316,14 +316,8 @@ def test_an_oserror_that_escapes_a_command_is_one_line_naming_the_file(capsys):
 
 def test_each_folder_is_swept_once_per_process(tmp_path, monkeypatch):
     # Writing many files into one folder (the simulator's frames) lists it once, not once per file.
-    calls = []
-    real = os.listdir
-
-    def counting(path):
-        calls.append(Path(path))
-        return real(path)
-
-    monkeypatch.setattr(os, "listdir", counting)
+    calls, real = [], os.listdir
+    monkeypatch.setattr(os, "listdir", lambda path: calls.append(Path(path)) or real(path))
     for k in range(50):
         io.write_bytes_atomic(tmp_path / f"{k}.png", b"x", fsync=False)
     assert calls.count(tmp_path) == 1

@@ -445,3 +445,11 @@ def test_second_tcp_sender_is_refused_and_counted():
     assert src.senders_refused == 1
     assert src.describe()["senders_refused"] == 1
     assert isinstance(refused.get("error"), (ConnectionResetError, BrokenPipeError))
+
+
+@pytest.mark.parametrize("kw", [dict(frame_timeout=0.0), dict(frame_timeout=-1.0), dict(idle_timeout=float("nan"))])
+def test_timeouts_must_be_positive(kw):
+    from pocus_edge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="must be a positive number of seconds"):
+        RawStreamSource(0, **kw)

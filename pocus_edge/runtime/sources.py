@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from . import protocol
 
 Frame = tuple[np.ndarray, float, int]
@@ -253,6 +253,9 @@ class RawStreamSource(FrameSource):
         listener: socket.socket | None = None,
     ):
         super().__init__()
+        for flag, value in (("frame timeout", frame_timeout), ("idle timeout", idle_timeout)):
+            if value is not None and not (np.isfinite(value) and value > 0):
+                raise ConfigError(f"{flag} must be a positive number of seconds, got {value}")
         self.name = name
         self.idle_timeout = idle_timeout
         self._stream = stream
