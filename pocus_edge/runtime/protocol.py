@@ -52,6 +52,7 @@ from ..errors import DataError
 
 MAGIC = b"PEF1"
 VERSION = 1
+HEADER_START = MAGIC + bytes([VERSION])  # what every valid header begins with (the scan target)
 HEADER = struct.Struct("<4sBBHHHIdII")  # everything before header_crc32
 HEADER_CRC = struct.Struct("<I")
 HEADER_SIZE = HEADER.size + HEADER_CRC.size  # 36
@@ -359,20 +360,26 @@ class FrameParser:
         self._advance_crc()
 
     def _find_magics(self) -> None:
+        """Candidate header starts: the magic followed by the version byte (a magic with another
+        version can never start a valid header, so a payload of repeated magics costs nothing)."""
         start = max(self._magic_from, self.base)
-        i = self.buf.find(MAGIC, start - self.base)
+        i = self.buf.find(HEADER_START, start - self.base)
         while i >= 0:
             self._unchecked.append(self.base + i)
-            i = self.buf.find(MAGIC, i + 1)
+            i = self.buf.find(HEADER_START, i + 1)
         self.work.bytes_searched += self.received - start
-        self._magic_from = max(start, self.received - (len(MAGIC) - 1))
+        self._magic_from = max(start, self.received - (len(HEADER_START) - 1))
 
     def _check_headers(self) -> None:
+        buf = self.buf
         while self._unchecked and self._unchecked[0] + HEADER_SIZE <= self.received:
             pos = self._unchecked.popleft()
             if pos < self.base:
                 continue
             self.work.headers_checked += 1
+            off = pos - self.base
+            if buf[off + 5] not in PIXEL_FORMATS or (buf[off + 6] | buf[off + 7] << 8) & RESERVED_FLAGS:
+                continue  # pixel format or reserved flag bits: invalid before any checksum
             header, _ = self._header_at(pos)
             if header is None:
                 continue
@@ -443,9 +450,9 @@ class FrameParser:
         if self._unchecked:
             start = min(start, self._unchecked[0])
         if not self._eof:
-            # A partial magic at the very end: the rest of it may still be arriving.
-            for k in range(len(MAGIC) - 1, 0, -1):
-                if self.received - k >= self.base and self.buf.endswith(MAGIC[:k]):
+            # A partial header start at the very end: the rest of it may still be arriving.
+            for k in range(len(HEADER_START) - 1, 0, -1):
+                if self.received - k >= self.base and self.buf.endswith(HEADER_START[:k]):
                     start = min(start, self.received - k)
                     break
         return start
