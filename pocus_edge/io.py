@@ -105,7 +105,8 @@ def describe_os_error(exc: OSError) -> str:
 def output_error(path: str | os.PathLike, exc: OSError, *, note: str = "") -> OutputError:
     """An OutputError naming ``path`` for a failed write."""
     reason = describe_os_error(exc)
-    return OutputError(f"{path}: cannot write ({reason}){'; ' + note if note else ''}", errno=exc.errno, strerror=reason)
+    # strerror keeps the system's words, for code that reports OSErrors itself.
+    return OutputError(f"{path}: cannot write ({reason}){'; ' + note if note else ''}", errno=exc.errno, strerror=exc.strerror or reason)
 
 
 def _is_write_error(exc: BaseException, tmp: Path) -> bool:
