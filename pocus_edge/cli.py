@@ -31,16 +31,35 @@ app = typer.Typer(
 register_all(app)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so every ``finally`` and temporary clean-up runs
+    (a BaseException, like KeyboardInterrupt, so ``except Exception`` handlers let it pass)."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point."""
+    """Console-script entry point. The error contract: anything a user can cause ends with one
+    line on stderr and exit code 2 (PocusError, and OSError such as a full disk or a read-only
+    output, named by its file), never a traceback; temporaries are removed on every exit."""
+    previous = _terminate_cleanly()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool):
+            # typer returns the code of typer.Exit, and 130 for Ctrl-C, instead of raising.
+            if code == 130:
+                typer.echo("interrupted", err=True)
+            return code
     except PocusError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         return exc.exit_code
+    except Terminated:
+        typer.echo("terminated", err=True)
+        return 143
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
+    except OSError as exc:
+        typer.secho(f"error: {_os_error_line(exc)}", fg=typer.colors.RED, err=True)
+        return 2
     except SystemExit as exc:  # typer/click exits (e.g. --help, typer.Exit)
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except Exception as exc:  # usage errors ("No such option", a bad value) and aborts
@@ -51,7 +70,45 @@ def main(argv: list[str] | None = None) -> int:
             typer.echo("aborted", err=True)
             return 1
         raise
+    finally:
+        _restore_sigterm(previous)
     return 0
+
+
+def _os_error_line(exc: OSError) -> str:
+    """``FILE: reason`` for an OSError that escaped the commands (the file it names, if any)."""
+    from .io import describe_os_error
+
+    name = exc.filename2 or exc.filename
+    reason = describe_os_error(exc)
+    return f"{name}: {reason}" if name is not None else reason
+
+
+def _terminate_cleanly():
+    """Turn SIGTERM into an exception in the main thread (restored when main returns)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def _raise(signum, frame):
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, _raise)
+    except (ValueError, OSError):  # pragma: no cover - no signals here
+        return None
+
+
+def _restore_sigterm(previous) -> None:
+    import signal
+
+    if previous is not None:
+        try:
+            signal.signal(signal.SIGTERM, previous)
+        except (ValueError, OSError):  # pragma: no cover
+            pass
 
 
 def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:

@@ -38,6 +38,20 @@ class ExportError(PocusError):
     """An export failed or did not meet its parity bar."""
 
 
+class OutputError(PocusError, OSError):
+    """An output cannot be written: a folder where a file is expected (or the reverse), a
+    read-only or full file system, permission denied. Also an ``OSError``, so code that
+    handles write failures as ``OSError`` keeps working."""
+
+    def __init__(self, message: str, *, errno: int | None = None, strerror: str | None = None):
+        PocusError.__init__(self, message)
+        self.errno = errno
+        self.strerror = strerror
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class ToolchainUnavailable(PocusError):
     """A required toolchain (TensorRT, a CUDA GPU, macOS for Core ML prediction) is absent here.
 

@@ -134,7 +134,31 @@ DEFECTS = {
     ),
     "extra field": (lambda r: _edit_manifest(r, lambda ls: ls[:1] + [ls[1] + ",extra"] + ls[2:]), "9 fields but the header has 8"),
     "corrupt mask": (lambda r: (r / "Masks" / "P1_dorsal_000.png").write_bytes(b"not a png"), "Masks/P1_dorsal_000.png: unreadable mask"),
+    "truncated image": (
+        lambda r: _truncate(r / "Images" / "P1_dorsal_001.png"),
+        "Images/P1_dorsal_001.png: unreadable image (truncated PNG (no end chunk))",
+    ),
+    "truncated mask": (lambda r: _truncate(r / "Masks" / "P0_dorsal_000.png"), "Masks/P0_dorsal_000.png: unreadable mask (truncated PNG"),
+    "16-bit mask": (
+        lambda r: _write_png16(r / "Masks" / "P1_dorsal_002.png", np.ones((12, 16), np.uint16)),
+        "Masks/P1_dorsal_002.png: 16-bit mask; expected an 8-bit label map",
+    ),
+    "16-bit image": (
+        lambda r: _write_png16(r / "Images" / "P0_dorsal_001.png", np.full((12, 16), 4000, np.uint16)),
+        "Images/P0_dorsal_001.png: 16-bit image; expected an 8-bit grayscale frame",
+    ),
 }
+
+
+def _truncate(path, keep: float = 0.6):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _write_png16(path, img):
+    import cv2
+
+    assert cv2.imwrite(str(path), img)
 
 
 @pytest.mark.parametrize("name", list(DEFECTS))
@@ -190,3 +214,106 @@ def test_gray_png_reader(tmp_path):
     (tmp_path / "t.png").write_bytes(b"\x89PNG\r\n")
     with pytest.raises(DataError, match="not a readable image"):
         read_gray_png(tmp_path / "t.png")
+
+
+def test_truncation_and_bit_depth_are_found_from_headers_without_decoding(tmp_path, monkeypatch):
+    import cv2
+
+    from pocus_edge.data import layout
+
+    root = tmp_path / "site"
+    write_site(root)
+    _truncate(root / "Images" / "P0_dorsal_002.png")
+    _write_png16(root / "Masks" / "P1_dorsal_001.png", np.ones((12, 16), np.uint16))
+    # A whole site is validated from PNG headers and tails: nothing is decoded.
+    monkeypatch.setattr(cv2, "imdecode", lambda *a, **k: pytest.fail("load_site decoded an image"))
+    with pytest.raises(DataError) as info:
+        load_site(root)
+    assert "2 problem(s)" in str(info.value)
+    assert layout.image_header(root / "Images" / "P1_dorsal_000.png") == (12, 16, 8)
+    assert layout.image_header(root / "Masks" / "P1_dorsal_001.png") == (12, 16, 16)
+
+
+def test_image_header_agrees_with_a_full_decode(tmp_path):
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for k, (h, w) in enumerate([(1, 1), (7, 300), (257, 3)]):
+        img = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        for ext in (".png", ".jpg", ".bmp"):
+            path = tmp_path / f"{k}{ext}"
+            assert cv2.imwrite(str(path), img)
+            from pocus_edge.data.layout import image_header
+
+            assert image_header(path)[:2] == cv2.imread(str(path), cv2.IMREAD_UNCHANGED).shape[:2] == (h, w)
+
+
+def test_commands_that_never_open_masks_check_only_images(tmp_path, monkeypatch):
+    from pocus_edge.data import layout
+
+    root = tmp_path / "site"
+    write_site(root)
+    _write_png16(root / "Masks" / "P0_dorsal_000.png", np.ones((12, 16), np.uint16))
+    opened = []
+    real = layout.image_header
+    monkeypatch.setattr(layout, "image_header", lambda p: opened.append(str(p)) or real(p))
+    site = load_site(root, check_masks=False)  # export calibration and parity: images only
+    assert opened and not any("/Masks/" in p for p in opened)
+    _truncate(root / "Images" / "P1_dorsal_000.png")
+    with pytest.raises(DataError, match="P1_dorsal_000.png: unreadable image"):
+        load_site(root, check_masks=False)
+    with pytest.raises(DataError, match="problem"):
+        layout.check_frame_files(site, site.records)
+
+
+def _corrupt_pixels(path):
+    """Flip a byte inside the compressed pixels: header and end chunk stay intact."""
+    data = bytearray(path.read_bytes())
+    i = data.find(b"IDAT")
+    data[i + 10] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_pixels_are_one_line_naming_the_file_without_decoder_noise(tmp_path, capfd):
+    img = frame(30, 40, 1)
+    write_gray_png(tmp_path / "a.png", img)
+    _corrupt_pixels(tmp_path / "a.png")
+    capfd.readouterr()
+    with pytest.raises(DataError, match=r"a\.png: corrupt PNG \(IDAT chunk checksum mismatch\)"):
+        read_gray_png(tmp_path / "a.png")
+    assert capfd.readouterr().err == ""  # libpng would have printed its own line
+
+
+def _cli_lines(capsys):
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err
+    return lines
+
+
+def test_finetune_refuses_a_mask_of_another_size_before_training(tiny_sites, tmp_path, capsys):
+    from pocus_edge.cli import main
+    from pocus_edge.data.layout import load_site as load
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_sites[0], source)
+    rec = next(r for r in load(source).records if r.labeled)
+    write_gray_png(source / "Masks" / rec.filename, np.zeros((5, 7), np.uint8))
+    run = tmp_path / "run"
+    assert main(["finetune", "--data", str(source), "--out", str(run), "--preset", "tiny", "--max-steps", "1"]) == 2
+    lines = _cli_lines(capsys)
+    assert len(lines) == 1 and f"Masks/{rec.filename}: mask is 7x5" in lines[0]
+    assert not run.exists()  # nothing was started
+
+
+def test_a_frame_that_fails_to_decode_mid_training_is_one_line(tiny_sites, tmp_path, capsys):
+    from pocus_edge.cli import main
+    from pocus_edge.data.layout import load_site as load
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_sites[0], source)
+    for rec in load(source).select("train"):
+        _corrupt_pixels(source / "Images" / rec.filename)
+    assert main(["finetune", "--data", str(source), "--out", str(tmp_path / "run"), "--preset", "tiny", "--max-steps", "1"]) == 2
+    lines = _cli_lines(capsys)
+    assert len(lines) == 1 and "corrupt PNG" in lines[0] and "/Images/" in lines[0]

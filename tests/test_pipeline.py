@@ -254,7 +254,7 @@ def test_raw_socket_stream_through_the_pipeline(tiny_onnx):
             wire += protocol.encode_frame(f, 0.0)[:60]  # a truncated frame
     a, b = socket.socketpair()
     threading.Thread(target=lambda: (a.sendall(bytes(wire)), a.close()), daemon=True).start()
-    src = RawStreamSource(b, read_timeout=0.5, idle_timeout=2.0)
+    src = RawStreamSource(b, frame_timeout=0.5, idle_timeout=2.0)
     report = run_stream(src, open_backend(tiny_onnx[0], "ort", threads=1), options=StreamOptions(realtime=True, progress=False))
     b.close()
     assert report["frames_processed"] == 4 and report["frames_invalid"] == 2 and report["frames_dropped"] == 0
@@ -351,3 +351,127 @@ def test_absent_accelerators_are_reported_not_crashed(tiny_onnx, tmp_path):
     assert main(["stream", str(tmp_path), "--model", str(engine), "--backend", "tensorrt", "-q"]) == 3
     with pytest.raises(PocusError, match="unknown backend"):
         open_backend(tiny_onnx[0], "tflite")
+
+
+class StampedSource(FrameSource):
+    """Recorded frames with given timestamps (ms)."""
+
+    def __init__(self, stamps, shape=(8, 8)):
+        super().__init__()
+        self.stamps = stamps
+        self.frames = _frames(len(stamps), shape=shape)
+
+    def __len__(self):
+        return len(self.stamps)
+
+    def __iter__(self):
+        for i, (f, t) in enumerate(zip(self.frames, self.stamps)):
+            yield f, t, i
+
+
+class _RecordingEvent(threading.Event):
+    def __init__(self):
+        super().__init__()
+        self.waits = []
+
+    def wait(self, timeout=None):
+        self.waits.append(timeout)
+        return False
+
+
+def test_realtime_pacing_rebases_timestamp_jumps_instead_of_sleeping_on_them():
+    from pocus_edge.runtime.pipeline import _Pacer
+
+    # A /timing/time_ms jump to 1e12 used to wait ~31 years; a jump back then raced ahead.
+    stamps = [0.0, 33.0, 66.0, 1e12, 1e12 + 33.0, 99.0, 132.0, -5e6, -5e6 + 33.0]
+    stop = _RecordingEvent()
+    pacer = _Pacer(speed=1.0, max_jump_s=10.0, stop=stop)
+    for ts in stamps:
+        pacer.wait_for(ts)
+    assert pacer.rebased == 3  # forwards to 1e12, back to 99, back to -5e6
+    assert stop.waits and max(stop.waits) <= 0.2
+    # A gap within the bound is waited for (at the playback speed).
+    stop = _RecordingEvent()
+    pacer = _Pacer(speed=2.0, max_jump_s=10.0, stop=stop)
+    for ts in (0.0, 8000.0):
+        pacer.wait_for(ts)
+    assert pacer.rebased == 0 and 3.9 < stop.waits[-1] <= 4.0
+    # The same gap beyond the bound at a slower speed (8 s / 0.5 = 16 s of wall time) re-bases.
+    pacer = _Pacer(speed=0.5, max_jump_s=10.0, stop=_RecordingEvent())
+    for ts in (0.0, 8000.0):
+        pacer.wait_for(ts)
+    assert pacer.rebased == 1
+    # Through the pipeline: every frame processed, the re-bases reported.
+    report = run_stream(StampedSource(stamps), SlowBackend(0.0), options=StreamOptions(realtime=True, drop=False, progress=False))
+    assert report["frames_processed"] == len(stamps) and report["timestamps_rebased"] == 3
+
+
+@pytest.mark.parametrize("bad", [dict(speed=0.0), dict(speed=float("nan")), dict(max_time_jump_s=-1.0), dict(batch_size=0)])
+def test_bad_stream_options_are_one_line_errors(bad):
+    from pocus_edge.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        run_stream(StampedSource([0.0]), SlowBackend(0.0), options=StreamOptions(progress=False, **bad))
+
+
+class NoiseBackend:
+    """Full-resolution probability = the frame's brightness: random frames give masks that do
+    not compress (so a small disk fills up)."""
+
+    name, precision, device, threshold = "noise", "fp32", "cpu", 0.5
+
+    def prepare(self, frame):
+        return (frame.astype(np.float32) / 255.0)[None]
+
+    def run(self, batch):
+        return {"prob": batch}
+
+    def describe(self):
+        return {"backend": self.name, "precision": self.precision, "device": self.device}
+
+
+def test_full_disk_mask_sink_is_one_line_and_leaves_nothing(tmp_path):
+    from _fs import small_tmpfs
+
+    from pocus_edge.errors import OutputError
+
+    with small_tmpfs(tmp_path, "64k") as disk:
+        src = ListSource(_frames(40, shape=(200, 200)))
+        with pytest.raises(OutputError, match=r"masks\.npz: cannot write \(disk full\)") as err:
+            run_stream(src, NoiseBackend(), sinks=[MaskFileSink(disk / "masks.npz")], report_path=tmp_path / "r.json",
+                       options=StreamOptions(progress=False))
+        assert err.value.exit_code == 2
+        assert list(disk.iterdir()) == []  # neither the archive nor its temporary
+        # The report of what was done is still written (on another disk).
+        report = json.loads((tmp_path / "r.json").read_text())
+        assert 0 < report["frames_processed"] < 40 and report["final"] is True
+
+
+def test_stream_command_on_a_full_disk_exits_2_with_one_line(tiny_onnx, tmp_path, capsys):
+    import cv2
+
+    from _fs import small_tmpfs
+
+    from pocus_edge.cli import main
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, f in enumerate(_frames(3, seed=2)):
+        cv2.imwrite(str(folder / f"f{i}.png"), f)
+    with small_tmpfs(tmp_path, "16k") as disk:
+        filler = disk / "filler.bin"
+        with open(filler, "wb", buffering=0) as fh:  # fill the disk to the last byte
+            try:
+                while True:
+                    fh.write(b"\0" * 512)
+            except OSError:
+                pass
+        capsys.readouterr()
+        rc = main(["stream", str(folder), "--model", str(tiny_onnx[0]), "--threads", "1", "-q",
+                   "--report", str(disk / "report.json"), "--masks", str(disk / "masks.npz")])
+        assert rc == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert "disk full" in lines[0] and str(disk) in lines[0]
+        assert sorted(p.name for p in disk.iterdir()) == ["filler.bin"]

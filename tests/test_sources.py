@@ -184,3 +184,47 @@ def test_dicom_multiframe(tmp_path):
 def test_open_source_missing_path(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         open_source(tmp_path / "nope.mp4")
+
+
+def _tvd_with(tmp_path, name, **attrs):
+    frames = np.zeros((3, 10, 12), dtype=np.uint8)
+    path = _write_tvd(tmp_path / f"{name}.tvd.h5", frames, np.arange(3) * 33.0, roi=(1, 12, 1, 10))
+    with h5py.File(path, "a") as h5:
+        for key, value in attrs.items():
+            if key == "times":
+                del h5["timing/time_ms"]
+                h5.create_dataset("timing/time_ms", data=value)
+            else:
+                h5.attrs[key] = value
+    return path
+
+
+@pytest.mark.parametrize(
+    "attrs, fragment",
+    [
+        (dict(n_frames="3"), "n_frames must be a whole number, got text"),
+        (dict(n_frames=np.nan), "n_frames must be a whole number, got nan"),
+        (dict(n_frames=2.5), "n_frames must be a whole number, got 2.5"),
+        (dict(n_frames=np.array([3, 3])), "n_frames must be one whole number, got an array of shape (2,)"),
+        (dict(n_frames=-1), "n_frames must be >= 0, got -1"),
+        (dict(roi1_x1="1"), "roi1_x1 must be a whole number, got text"),
+        (dict(roi1_x2=np.inf), "roi1_x2 must be a whole number, got inf"),
+        (dict(roi1_y1=-4), "roi1_y1 must be >= 1, got -4"),
+        (dict(roi1_y2=np.zeros((2, 2))), "roi1_y2 must be one whole number"),
+        (dict(times=np.array([b"0.0", b"33.3", b"66.6"])), "time_ms must hold numbers (milliseconds), got text"),
+    ],
+)
+def test_malformed_tvd_h5_attributes_are_one_line_errors(tmp_path, attrs, fragment):
+    # These raised ValueError/TypeError from a bare int() (a traceback from the command).
+    path = _tvd_with(tmp_path, "bad", **attrs)
+    with pytest.raises(DataError) as err:
+        open_source(path)
+    assert fragment in str(err.value) and str(path) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_well_formed_attribute_variants_still_load(tmp_path):
+    # One-element arrays and whole floats are what some writers store: they are accepted.
+    path = _tvd_with(tmp_path, "ok", n_frames=np.array([3]), roi1_x2=12.0)
+    with TvdH5Source(path) as src:
+        assert len(src) == 3 and src.roi == (0, 10, 0, 12)

@@ -65,6 +65,7 @@ def register(app: typer.Typer) -> None:
         from ..errors import ExportError
         from ..export.api import ExportOptions, ToolchainMissing, export_checkpoints
         from ..export.parity import ParityBars
+        from ..io import check_output_dir, check_output_file
 
         if checkpoint is not None and (generative is not None or contrastive is not None):
             raise ExportError("give --checkpoint (one network) or --generative and --contrastive (the fused pair), not both")
@@ -77,6 +78,8 @@ def register(app: typer.Typer) -> None:
             batch=None if dynamic_batch else batch, max_batch=max_batch, opset=opset,
             frame_shape=_frame_shape(frame_shape), timing_cache=timing_cache,
         )
+        # Before any work: never a folder where a file goes (or the reverse), never unwritable.
+        (check_output_dir if out.suffix.lower() == ".mlpackage" else check_output_file)(out, what="--out")
         try:
             from ..export.staging import sigterm_as_exit
 

@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
             help=(
                 "Frames to segment: a TeleMED recording (*.tvd.h5), a video file, a folder of images, "
                 "a (multi-frame) DICOM file, '-' for the raw protocol on stdin, or tcp:PORT / "
-                "tcp://HOST:PORT to listen for one raw-protocol sender (see README 'Streaming')."
+                "tcp://HOST:PORT to listen for one raw-protocol sender at a time (see docs/streaming.md)."
             ),
         ),
         model: str = typer.Option(..., "--model", "-m", help="Exported model: .onnx (ort), OpenVINO .xml, a TensorRT .engine/.plan (with its .json card), a Core ML .mlpackage (macOS), or GEN.safetensors,CON.safetensors (torch)."),
@@ -36,8 +36,9 @@ def register(app: typer.Typer) -> None:
         masks: Path = typer.Option(None, "--masks", help="Per-frame masks: a folder of PNGs, or one .npz file."),
         bind: str = typer.Option("127.0.0.1", help="Address for tcp:PORT sources. Loopback by default; pass e.g. 0.0.0.0 explicitly to accept senders from other machines."),
         fps: float = typer.Option(30.0, help="Frame rate assumed for image folders (and DICOM without timing)."),
-        read_timeout: float = typer.Option(1.0, help="Raw streams: seconds a partial frame may wait for its next byte before it is dropped."),
-        idle_timeout: float = typer.Option(10.0, help="Raw streams: end the stream after this many seconds without data."),
+        frame_timeout: float = typer.Option(2.0, help="Raw streams: a frame must arrive whole within this many seconds of its first byte, else it is dropped (counted invalid) and the bytes after it are parsed."),
+        idle_timeout: float = typer.Option(10.0, help="Raw streams: end the stream after this many seconds without a valid frame (silence, garbage or a slow-drip sender)."),
+        max_time_jump: float = typer.Option(10.0, help="With --realtime: a timestamp jump (forwards or backwards) of more than this many seconds re-bases the playback clock instead of being waited for (counted as timestamps_rebased)."),
         accept_timeout: float = typer.Option(60.0, help="tcp sources: seconds to wait for the sender to connect."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
     ) -> None:
@@ -65,8 +66,9 @@ def register(app: typer.Typer) -> None:
             masks=masks,
             bind=bind,
             fps=fps,
-            read_timeout=read_timeout,
+            frame_timeout=frame_timeout,
             idle_timeout=idle_timeout,
+            max_time_jump_s=max_time_jump,
             accept_timeout=accept_timeout,
             progress=False if quiet else None,
             on_listen=lambda host, port: typer.echo(f"listening on tcp://{host}:{port}", err=True),

@@ -38,7 +38,11 @@ def register(app: typer.Typer) -> None:
         from ..data.phantom import simulate as run_simulation
         from ..data.phantom import write_montage
         from ..data.splits import split_summary
+        from ..io import check_output_dir, check_output_file
 
+        check_output_dir(out, what="OUT (a folder)")
+        if montage is not None:
+            check_output_file(montage, what="--montage (a PNG file)")
         source, target = run_simulation(
             out,
             preset=preset,

@@ -33,6 +33,14 @@ def _one_site(data: List[Path], command: str) -> Path:
     return data[0]
 
 
+def _run_folder(out: Optional[Path]) -> None:
+    """Refuse, before any work, an --out that is a file, lies under a file or cannot be written."""
+    from ..io import check_output_dir
+
+    if out is not None:
+        check_output_dir(out, what="--out (a run folder)")
+
+
 def _overrides(items: Optional[List[str]]) -> dict:
     from ..config import parse_set_options
 
@@ -83,6 +91,7 @@ def register(app: typer.Typer) -> None:
         """Masked image modeling (SimMIM-style): 32-px cells, ratio 0.6, 20% speckle; masked L1. Defaults follow METHOD.md for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
         from ..train import pretrain_mim
 
+        _run_folder(out)
         res = pretrain_mim(
             _one_site(data, "pretrain mim"), out, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr,
             max_steps=max_steps, device=device, resume=resume, seed=seed, num_workers=num_workers, preload=preload,
@@ -113,6 +122,7 @@ def register(app: typer.Typer) -> None:
         """Contrastive pretraining with MT-NXent (two augmented views per frame; temporal neighbours masked). Defaults follow METHOD.md for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
         from ..train import pretrain_contrastive
 
+        _run_folder(out)
         res = pretrain_contrastive(
             _one_site(data, "pretrain contrastive"), out, preset=preset, min_frame_gap=min_frame_gap,
             temperature=temperature, epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, device=device,
@@ -146,6 +156,7 @@ def register(app: typer.Typer) -> None:
         """Supervised fine-tuning on ONE labeled site with DiceBCE; keeps the best validation checkpoint. Defaults follow METHOD.md for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
         from ..train import finetune as run_finetune
 
+        _run_folder(out)
         res = run_finetune(
             _one_site(data, "finetune"), out, init=init, preset=preset, split_column=split_column, epochs=epochs,
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_steps=max_steps, device=device, resume=resume,
@@ -171,6 +182,7 @@ def register(app: typer.Typer) -> None:
         """Per-image Dice/IoU, mean table, Wilcoxon p-values and overlays on ONE site's labeled split."""
         from ..train import evaluate as run_evaluate
 
+        _run_folder(out)
         res = run_evaluate(
             _one_site(data, "evaluate"), model, out, split=split, fusion=fusion or (), fusion_norm=fusion_norm,
             batch_size=batch_size, device=device, overlays=overlays,

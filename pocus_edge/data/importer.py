@@ -314,7 +314,7 @@ def import_videos(
     }
     views = {s.key: _extract(view_regex, s, "view") if view_regex else "" for s in sources}
 
-    with atomic_path(out_dir, suffix=".importing") as tmp:
+    with atomic_path(out_dir, suffix=".importing", kind="dir", replaces=lambda p: (p / MANIFEST).is_file()) as tmp:
         writer = SiteWriter(tmp)
         for source in sources:
             labels = read_label_volume(label_files[source.key]) if source.key in label_files else None

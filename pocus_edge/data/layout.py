@@ -18,7 +18,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-from dataclasses import asdict, dataclass, field, fields
+import os
+import zlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -39,6 +41,8 @@ SPLITS = ("train", "val", "test", "")
 # ``ub_split`` (target only, optional): the upper-bound baseline's own train/val split of the
 # labeled frames of the SSL patients. Never read by pretraining.
 UB_SPLITS = ("train", "val", "")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk type and its CRC: the last bytes of every PNG
 
 
 @dataclass
@@ -131,6 +135,10 @@ def read_gray_png(path: str | Path) -> np.ndarray:
     if not p.is_file():
         raise DataError(f"{p}: file not found")
     buf = np.fromfile(p, dtype=np.uint8)
+    problem = _png_problem(buf) if buf[:8].tobytes() == PNG_SIGNATURE else None
+    if problem:
+        # Found before the decoder, which would print its own message on stderr.
+        raise DataError(f"{p}: corrupt PNG ({problem})")
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
     if img is None:
         raise DataError(f"{p}: not a readable image (truncated or corrupt?)")
@@ -230,12 +238,15 @@ def _patient_from_video(videoname: str) -> str:
     return videoname.split("_", 1)[0] if "_" in videoname else videoname
 
 
-def load_site(root: str | Path, *, check_images: bool = True, check_sizes: bool = True) -> Site:
+def load_site(root: str | Path, *, check_images: bool = True, check_masks: bool = True) -> Site:
     """Load and validate a site folder, reporting *every* problem in one DataError.
 
-    Checks: the folder, Images/ and manifest exist; no duplicate filenames; every image exists;
-    every labeled frame has a mask of the same size as its image; frame numbers strictly increase
-    within a video (in manifest order); splits are known names.
+    Checks: the folder, Images/ and manifest exist; no duplicate filenames; frame numbers
+    strictly increase within a video (in manifest order); splits are known names; and (with
+    ``check_images``) every image exists, is not truncated and has 8-bit pixels, and (with
+    ``check_masks``; off for commands that never open a mask) every labeled frame has an 8-bit
+    mask of the same size as its image. The file checks read PNG headers and last bytes, never
+    decode (:func:`image_header`).
     """
     root = Path(root)
     if not root.is_dir():
@@ -279,23 +290,7 @@ def load_site(root: str | Path, *, check_images: bool = True, check_sizes: bool 
         last_frame[r.videoname] = r.framenum
     problems.extend(_split_leaks(records))
     if check_images and site.images_dir.is_dir():
-        for r in records:
-            img_path = site.image_path(r)
-            if not img_path.is_file():
-                problems.append(f"missing image {IMAGES}/{r.filename}")
-                continue
-            if r.labeled:
-                mask_path = site.mask_path(r)
-                if not mask_path.is_file():
-                    problems.append(f"labeled frame {r.filename!r} has no {MASKS}/{r.filename}")
-                elif check_sizes:
-                    a, b = _png_size(img_path), _png_size(mask_path)
-                    if a is None:
-                        problems.append(f"{IMAGES}/{r.filename}: unreadable image")
-                    elif b is None:
-                        problems.append(f"{MASKS}/{r.filename}: unreadable mask")
-                    elif a != b:
-                        problems.append(f"{MASKS}/{r.filename}: mask is {b[1]}x{b[0]} but image is {a[1]}x{a[0]}")
+        problems.extend(_file_problems(site, records, masks=check_masks))
     if problems:
         shown = "; ".join(problems[:20])
         more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
@@ -323,19 +318,97 @@ def _split_leaks(records: Sequence[FrameRecord]) -> list[str]:
     return problems
 
 
-def _png_size(path: Path) -> tuple[int, int] | None:
-    """(height, width) of a PNG from its IHDR chunk without decoding; falls back to OpenCV."""
+def _png_problem(data: bytes | np.ndarray) -> str | None:
+    """What is wrong with a PNG's chunk structure (a truncated file, a chunk whose checksum does
+    not match its bytes), or None. A walk over the chunks: one CRC pass, no decompression."""
+    data = memoryview(data)
+    pos = len(PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            return "truncated"
+        if zlib.crc32(data[pos + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
+            return f"{bytes(data[pos + 4 : pos + 8]).decode('latin-1')} chunk checksum mismatch"
+        if data[pos + 4 : pos + 8] == b"IEND":
+            return None
+        pos = end + 4
+    return "truncated"
+
+
+def image_header(path: str | Path) -> tuple[int, int, int]:
+    """(height, width, bits per sample) of an image without decoding it.
+
+    PNG: the IHDR chunk, and the IEND chunk must be within the file's last bytes (a truncated
+    PNG has none). Other formats are decoded with OpenCV. DataError if the file cannot be read,
+    is truncated or is not an image.
+    """
+    p = Path(path)
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(24)
-        if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-            w = int.from_bytes(head[16:20], "big")
-            h = int.from_bytes(head[20:24], "big")
-            return (h, w)
-        img = read_gray_png(path)
-        return img.shape[:2]
-    except (OSError, DataError):
+        with open(p, "rb") as fh:
+            head = fh.read(26)
+            if head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR" and len(head) == 26:
+                size = fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, size - 1024))
+                if PNG_END not in fh.read():
+                    raise DataError(f"{p}: truncated PNG (no end chunk)")
+                return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big"), head[24]
+    except OSError as exc:
+        raise DataError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    if head[:8] == PNG_SIGNATURE:
+        raise DataError(f"{p}: truncated PNG (no header chunk)")
+    import cv2
+
+    img = cv2.imdecode(np.fromfile(p, dtype=np.uint8), cv2.IMREAD_UNCHANGED) if p.stat().st_size else None
+    if img is None:
+        raise DataError(f"{p}: not a readable image (truncated or corrupt?)")
+    return img.shape[0], img.shape[1], img.dtype.itemsize * 8
+
+
+def _file_problems(site: Site, records: Sequence[FrameRecord], *, masks: bool) -> list[str]:
+    """Problems of the frames' files: missing, unreadable or truncated, not 8-bit, and (``masks``)
+    a labeled frame's mask missing, unreadable, not 8-bit or of another size than its image."""
+    problems: list[str] = []
+    for r in records:
+        img_path = site.image_path(r)
+        if not img_path.is_file():
+            problems.append(f"missing image {IMAGES}/{r.filename}")
+            continue
+        img = _header_or_problem(img_path, f"{IMAGES}/{r.filename}", "image", problems)
+        if not (masks and r.labeled):
+            continue
+        mask_path = site.mask_path(r)
+        if not mask_path.is_file():
+            problems.append(f"labeled frame {r.filename!r} has no {MASKS}/{r.filename}")
+            continue
+        mask = _header_or_problem(mask_path, f"{MASKS}/{r.filename}", "mask", problems)
+        if img is not None and mask is not None and img[:2] != mask[:2]:
+            problems.append(f"{MASKS}/{r.filename}: mask is {mask[1]}x{mask[0]} but image is {img[1]}x{img[0]}")
+    return problems
+
+
+def _header_or_problem(path: Path, shown: str, what: str, problems: list[str]) -> tuple[int, int, int] | None:
+    try:
+        h, w, bits = image_header(path)
+    except DataError as exc:
+        detail = str(exc).split(": ", 1)[-1]
+        problems.append(f"{shown}: unreadable {what} ({detail})")
         return None
+    if bits > 8:
+        kind = "label map (values 0-3)" if what == "mask" else "grayscale frame"
+        problems.append(f"{shown}: {bits}-bit {what}; expected an 8-bit {kind}")
+        return None
+    return h, w, bits
+
+
+def check_frame_files(site: Site, records: Sequence[FrameRecord], *, masks: bool = False) -> None:
+    """Every listed frame's image (and with ``masks`` its mask) exists, is not truncated, is
+    8-bit and matches in size: header reads, no decoding. One DataError listing the problems."""
+    problems = _file_problems(site, records, masks=masks)
+    if problems:
+        shown = "; ".join(problems[:10])
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise DataError(f"{site.root}: {len(problems)} problem(s) with the frame files: {shown}{more}")
 
 
 class SiteWriter:

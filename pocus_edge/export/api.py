@@ -432,7 +432,7 @@ def _raw_frames(site, height: int, width: int, n: int, seed: int) -> tuple[np.nd
     if site is not None:
         from ..data.layout import load_site
 
-        s = load_site(site, check_sizes=False)
+        s = load_site(site, check_masks=False)
         records = s.select("test") or s.records
         idx = np.unique(np.linspace(0, len(records) - 1, num=min(n, len(records))).round().astype(int))
         frames = []

@@ -144,7 +144,7 @@ def export_coreml(
     model.input_description[INPUT_NAME] = f"grayscale probe frame {height}x{width}"
     model.output_description[OUTPUT_NAME] = f"fused bone probability (1,1,{fused.img_size},{fused.img_size}); threshold 0.5"
     model.user_defined_metadata[CARD_KEY] = json.dumps(card, sort_keys=True, default=str)
-    with atomic_path(final) as tmp:
+    with atomic_path(final, kind="dir", replaces=lambda p: (p / "Manifest.json").is_file()) as tmp:  # only an .mlpackage is replaced
         model.save(str(tmp))
     return final
 

@@ -89,7 +89,7 @@ def site_frames(site_dir: str | Path, n: int) -> list[tuple[np.ndarray, str]]:
     of rows (documented in the index) so the bottom/right padding is always exercised."""
     from ..data.layout import load_site
 
-    site = load_site(site_dir, check_sizes=False)
+    site = load_site(site_dir, check_masks=False)
     if not site.records:
         raise DataError(f"{site_dir}: the site manifest lists no frames")
     picks = np.linspace(0, len(site.records) - 1, num=min(n, len(site.records))).round().astype(int)

@@ -49,7 +49,7 @@ def parity_frames(
     if site_dir is not None:
         from ..data.layout import load_site
 
-        site = load_site(site_dir, check_sizes=False)
+        site = load_site(site_dir, check_masks=False)
         records = site.select("test") or site.records
         idx = np.unique(np.linspace(0, len(records) - 1, num=min(n, len(records))).round().astype(int))
         chosen = [records[i] for i in idx]

@@ -209,7 +209,7 @@ class SiteCalibrationReader(_CalibrationDataReader):
         from ..data.layout import load_site
 
         # Absolute: quantize_int8 calls the reader from inside its staging folder.
-        self.site = load_site(Path(site_dir).resolve(), check_sizes=False)
+        self.site = load_site(Path(site_dir).resolve(), check_masks=False)
         self.records = calibration_records(self.site, n_frames, seed)
         self.img_size = int(img_size)
         self.input_name = input_name

@@ -1,6 +1,6 @@
 """Streaming runtime: frame sources -> shared preprocessing -> backend (onnxruntime, TensorRT,
 PyTorch) -> threshold -> sinks (overlay video, masks, JSON report), with per-stage latency,
-FPS and GFLOPs. See ``pocus-edge stream --help`` and the README's "Streaming" section."""
+FPS and GFLOPs. See ``pocus-edge stream --help`` and docs/streaming.md."""
 
 from .backends import Backend, open_backend
 from .pipeline import StreamOptions, run_stream

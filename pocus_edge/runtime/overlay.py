@@ -128,8 +128,12 @@ class MaskSink:
     def close(self, ok: bool = True) -> None:
         if self._zip is None:
             return
-        self._zip.close()
-        self._zip = None
+        zf, self._zip = self._zip, None
+        try:
+            zf.close()
+        except BaseException as exc:  # e.g. a full disk: discard the temporary, report the archive
+            self._ctx.__exit__(type(exc), exc, exc.__traceback__)
+            raise
         if ok:
             self._ctx.__exit__(None, None, None)
         else:

@@ -8,7 +8,9 @@ sinks.
 * offline (default, ``drop=False``): the producer blocks when the queue is full; every frame
   is processed.
 * ``realtime=True``: frames of a recorded source are released at their own timestamps (live
-  sources are already paced by the sender). With ``drop=True`` (the realtime default) a
+  sources are already paced by the sender). A timestamp that jumps forwards or backwards by
+  more than ``max_time_jump_s`` (wall-clock seconds at the playback speed) re-bases the clock
+  instead of being slept on; re-bases are counted (``timestamps_rebased``). With ``drop=True`` (the realtime default) a
   full queue drops its OLDEST frame, so the display always shows the newest one; drops are
   counted. ``drop=False`` keeps pacing but never drops (the run falls behind real time).
 
@@ -22,14 +24,14 @@ import collections
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from ..errors import ConfigError, DataError, OutputError
 from ..metrics import binarize
-from ..errors import DataError, PocusError
 from .stats import ProgressLine, RunStats
 
 _END = object()
@@ -44,6 +46,7 @@ class StreamOptions:
     max_frames: int | None = None
     threshold: float | None = None  # None: the model card's (0.5)
     speed: float = 1.0  # realtime playback speed factor for recorded sources
+    max_time_jump_s: float = 10.0  # realtime: a larger timestamp jump re-bases the clock
     progress: bool | None = None  # None: when stderr is a terminal
     report_every_s: float | None = None  # rewrite the JSON report periodically (long streams)
 
@@ -118,9 +121,11 @@ class _FrameQueue:
 
 
 class Sink:
-    """Receives each processed frame; ``close(ok)`` finalizes (atomically) or discards."""
+    """Receives each processed frame; ``close(ok)`` finalizes (atomically) or discards.
+    ``path``: the output it writes (named in error messages), if any."""
 
     needs_frame_resolution = True
+    path: Path | None = None
 
     def write(self, result: FrameResult) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -133,6 +138,7 @@ class OverlayVideoSink(Sink):
     def __init__(self, path: str | Path, fps: float | None = None, *, weight_map: bool = True):
         from .overlay import VideoSink
 
+        self.path = Path(path)
         self.video = VideoSink(path, fps or 30.0)
         self.weight_map = weight_map
 
@@ -149,6 +155,7 @@ class MaskFileSink(Sink):
     def __init__(self, path: str | Path):
         from .overlay import MaskSink
 
+        self.path = Path(path)
         self.masks = MaskSink(path)
 
     def write(self, r: FrameResult) -> None:
@@ -166,6 +173,121 @@ class CallbackSink(Sink):
         self.fn(r)
 
 
+class _Pacer:
+    """Realtime release of recorded frames at their own timestamps. A jump of more than
+    ``max_jump_s`` (wall-clock seconds at the playback speed) in either direction re-bases the
+    clock at that frame instead of being slept on, so a corrupt timestamp never hangs a run."""
+
+    def __init__(self, speed: float, max_jump_s: float, stop: threading.Event):
+        self.speed = speed
+        self.max_jump_s = max_jump_s
+        self.stop = stop
+        self.rebased = 0
+        self._wall0: float | None = None
+        self._ts0 = self._prev = 0.0
+
+    def wait_for(self, ts: float) -> None:
+        now = time.perf_counter()
+        if self._wall0 is not None and not abs(ts - self._prev) / 1000.0 / self.speed <= self.max_jump_s:
+            self.rebased += 1
+            self._wall0 = None
+        if self._wall0 is None:
+            self._wall0, self._ts0 = now, ts
+        self._prev = ts
+        delay = self._wall0 + (ts - self._ts0) / 1000.0 / self.speed - now
+        if delay > 0:
+            self.stop.wait(delay)
+
+
+def _check_options(opts: StreamOptions) -> None:
+    if opts.batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {opts.batch_size}")
+    if not (np.isfinite(opts.speed) and opts.speed > 0):
+        raise ConfigError(f"speed must be a positive number, got {opts.speed}")
+    if not (np.isfinite(opts.max_time_jump_s) and opts.max_time_jump_s > 0):
+        raise ConfigError(f"max time jump must be a positive number of seconds, got {opts.max_time_jump_s}")
+
+
+def _produce(source, backend, opts: StreamOptions, stats: RunStats, queue: _FrameQueue, stop: threading.Event,
+             pacer: _Pacer | None, errors: list[BaseException]) -> None:
+    """The producer thread: decode (pull from the source), pace, preprocess, enqueue."""
+    try:
+        it = iter(source)
+        while not stop.is_set():
+            if opts.max_frames is not None and stats.frames_in >= opts.max_frames:
+                break
+            t0 = time.perf_counter()
+            try:
+                frame, ts, index = next(it)
+            except StopIteration:
+                break
+            t1 = time.perf_counter()
+            decode_ms = source.last_decode_ms if getattr(source, "last_decode_ms", None) is not None else (t1 - t0) * 1000.0
+            if pacer is not None:
+                pacer.wait_for(float(ts))
+                # In realtime the frame "arrives" now; its decode happened just before.
+                t_start = time.perf_counter() - decode_ms / 1000.0
+            else:
+                t_start = t1 - decode_ms / 1000.0
+            stats.stages["decode"].add(decode_ms)
+            with stats.lock:
+                stats.frames_in += 1
+            t2 = time.perf_counter()
+            try:
+                x = backend.prepare(frame)
+            except DataError as exc:
+                with stats.lock:
+                    # Already counted in frames_in on arrival: only move it to invalid.
+                    stats.add_invalid({f"preprocess: {str(exc).split(': ', 1)[-1][:80]}": 1}, arrived=True)
+                continue
+            stats.stages["preprocess"].add((time.perf_counter() - t2) * 1000.0)
+            dropped = queue.put(_Item(frame, float(ts), int(index), t_start, x), stop)
+            if dropped is not None:
+                with stats.lock:
+                    stats.frames_dropped += 1
+    except BaseException as exc:  # re-raised in the calling thread
+        errors.append(exc)
+    finally:
+        queue.put(_END, stop)
+
+
+class _Outputs:
+    """The sinks of one run: a sink whose write fails is discarded (never renamed into place),
+    the others keep what was processed; write errors become one line naming the output."""
+
+    def __init__(self, sinks: list[Sink]):
+        self.sinks = sinks
+        self.failed: set[int] = set()
+        self.want_frame_res = any(getattr(s, "needs_frame_resolution", True) for s in sinks)
+
+    def write(self, result: FrameResult) -> None:
+        for k, sink in enumerate(self.sinks):
+            try:
+                sink.write(result)
+            except BaseException as exc:
+                self.failed.add(k)
+                raise _output_error(sink, exc) from None
+
+    def close(self) -> BaseException | None:
+        """Close every sink; return the first error (the others are closed regardless)."""
+        first = None
+        for k, sink in enumerate(self.sinks):
+            try:
+                # What was processed is complete and valid, so keep it even when the run stopped early.
+                sink.close(ok=k not in self.failed)
+            except Exception as exc:
+                first = first or _output_error(sink, exc)
+        return first
+
+
+def _output_error(sink: Sink, exc: BaseException) -> BaseException:
+    from ..io import output_error
+
+    if isinstance(exc, OSError) and not isinstance(exc, OutputError) and sink.path is not None:
+        return output_error(sink.path, exc)
+    return exc
+
+
 def run_stream(
     source,
     backend,
@@ -178,64 +300,16 @@ def run_stream(
 ) -> dict[str, Any]:
     """Stream ``source`` through ``backend`` into ``sinks``; return (and optionally write,
     atomically) the JSON report. Pass a fresh ``stats`` to keep the latency samples (plots)."""
-    from .overlay import to_frame_resolution
-
     opts = options or StreamOptions()
-    if opts.batch_size < 1:
-        raise PocusError(f"batch size must be >= 1, got {opts.batch_size}")
-    sinks = list(sinks)
+    _check_options(opts)
+    outputs = _Outputs(list(sinks))
     stats = stats if stats is not None else RunStats()
     threshold = float(opts.threshold if opts.threshold is not None else getattr(backend, "threshold", 0.5))
     queue = _FrameQueue(opts.queue_size, drop_oldest=opts.dropping)
     stop = threading.Event()
     producer_error: list[BaseException] = []
     paced = opts.realtime and not getattr(source, "live", False)
-
-    def produce() -> None:
-        try:
-            it = iter(source)
-            t_wall0 = ts0 = None
-            while not stop.is_set():
-                if opts.max_frames is not None and stats.frames_in >= opts.max_frames:
-                    break
-                t0 = time.perf_counter()
-                try:
-                    frame, ts, index = next(it)
-                except StopIteration:
-                    break
-                t1 = time.perf_counter()
-                decode_ms = source.last_decode_ms if getattr(source, "last_decode_ms", None) is not None else (t1 - t0) * 1000.0
-                if paced:
-                    if t_wall0 is None:
-                        t_wall0, ts0 = t1, ts
-                    delay = t_wall0 + (ts - ts0) / 1000.0 / opts.speed - time.perf_counter()
-                    if delay > 0:
-                        stop.wait(delay)
-                    # In realtime the frame "arrives" now; its decode happened just before.
-                    t_start = time.perf_counter() - decode_ms / 1000.0
-                else:
-                    t_start = t1 - decode_ms / 1000.0
-                stats.stages["decode"].add(decode_ms)
-                with stats.lock:
-                    stats.frames_in += 1
-                t2 = time.perf_counter()
-                try:
-                    x = backend.prepare(frame)
-                except DataError as exc:
-                    with stats.lock:
-                        # Already counted in frames_in on arrival: only move it to invalid.
-                        stats.add_invalid({f"preprocess: {str(exc).split(': ', 1)[-1][:80]}": 1}, arrived=True)
-                    continue
-                stats.stages["preprocess"].add((time.perf_counter() - t2) * 1000.0)
-                dropped = queue.put(_Item(frame, float(ts), int(index), t_start, x), stop)
-                if dropped is not None:
-                    with stats.lock:
-                        stats.frames_dropped += 1
-        except BaseException as exc:  # re-raised in the calling thread
-            producer_error.append(exc)
-        finally:
-            queue.put(_END, stop)
-
+    pacer = _Pacer(opts.speed, opts.max_time_jump_s, stop) if paced else None
     total = None
     try:
         total = len(source)
@@ -244,11 +318,11 @@ def run_stream(
     except TypeError:
         pass
 
-    producer = threading.Thread(target=produce, name="pocus-edge-source", daemon=True)
-    last_report = time.perf_counter()
-    want_frame_res = any(getattr(s, "needs_frame_resolution", True) for s in sinks)
+    producer = threading.Thread(target=_produce, args=(source, backend, opts, stats, queue, stop, pacer, producer_error),
+                                name="pocus-edge-source", daemon=True)
 
     def write_report(final: bool) -> dict[str, Any]:
+        stats.timestamps_rebased = pacer.rebased if pacer is not None else 0
         report = _build_report(stats, backend, source, opts, threshold, extra_report, final)
         if report_path is not None:
             from ..io import write_json_atomic
@@ -259,45 +333,7 @@ def run_stream(
     stats.start()
     producer.start()
     try:
-        with ProgressLine(stats, total=total, enabled=opts.progress) as progress:
-            finished = False
-            while not finished:
-                batch = queue.get_batch(opts.batch_size, wait_full=not opts.dropping)
-                if batch[-1] is _END:
-                    batch.pop()
-                    finished = True
-                if not batch:
-                    continue
-                items = batch
-                inputs = [item.x for item in items]
-                t0 = time.perf_counter()
-                out = backend.run(np.stack(inputs))
-                infer_ms = (time.perf_counter() - t0) * 1000.0
-                prob = out["prob"]
-                weight = out.get("weight")
-                for k, item in enumerate(items):
-                    t0 = time.perf_counter()
-                    p = prob[k, 0]
-                    if sinks:
-                        if want_frame_res:
-                            p_frame = to_frame_resolution(p, item.frame.shape)
-                            w_frame = to_frame_resolution(weight[k, 0], item.frame.shape) if weight is not None else None
-                        else:
-                            p_frame, w_frame = p, (weight[k, 0] if weight is not None else None)
-                        result = FrameResult(item.index, item.timestamp_ms, item.frame, p_frame, binarize(p_frame, threshold), w_frame)
-                        for sink in sinks:
-                            sink.write(result)
-                    else:
-                        _ = binarize(p, threshold)  # the threshold is part of the measured work
-                    t1 = time.perf_counter()
-                    stats.stages["infer"].add(infer_ms)
-                    stats.stages["postprocess"].add((t1 - t0) * 1000.0)
-                    stats.end_to_end.add((t1 - item.t_start) * 1000.0)
-                    stats.frames_processed += 1
-                progress.update()
-                if opts.report_every_s and report_path is not None and time.perf_counter() - last_report >= opts.report_every_s:
-                    last_report = time.perf_counter()
-                    write_report(final=False)
+        _consume(queue, backend, opts, stats, outputs, threshold, total, write_report if report_path is not None else None)
     finally:
         stop.set()
         producer.join(timeout=5.0)
@@ -306,19 +342,58 @@ def run_stream(
         stats.frames_dropped += len(leftover)
         stats.stop()
         stats.add_invalid(dict(getattr(source, "invalid_reasons", {}) or {}))
-        sink_error = None
-        for sink in sinks:
-            try:
-                # What was processed is complete and valid, so keep it even when the run stopped early.
-                sink.close(ok=True)
-            except Exception as exc:  # report the first, close the rest
-                sink_error = sink_error or exc
-        report = write_report(final=True)
+        output_error = outputs.close()
+        try:
+            report = write_report(final=True)
+        except Exception as exc:
+            report, output_error = None, output_error or exc
     if producer_error:
         raise producer_error[0]
-    if sink_error is not None:
-        raise sink_error
+    if output_error is not None:
+        raise output_error
     return report
+
+
+def _consume(queue: _FrameQueue, backend, opts: StreamOptions, stats: RunStats, outputs: _Outputs, threshold: float,
+             total: int | None, write_report: Callable[[bool], Any] | None) -> None:
+    """The calling thread: batch, infer, threshold, feed the sinks, refresh the report."""
+    from .overlay import to_frame_resolution
+
+    last_report = time.perf_counter()
+    with ProgressLine(stats, total=total, enabled=opts.progress) as progress:
+        finished = False
+        while not finished:
+            batch = queue.get_batch(opts.batch_size, wait_full=not opts.dropping)
+            if batch[-1] is _END:
+                batch.pop()
+                finished = True
+            if not batch:
+                continue
+            t0 = time.perf_counter()
+            out = backend.run(np.stack([item.x for item in batch]))
+            infer_ms = (time.perf_counter() - t0) * 1000.0
+            prob, weight = out["prob"], out.get("weight")
+            for k, item in enumerate(batch):
+                t0 = time.perf_counter()
+                p = prob[k, 0]
+                if outputs.sinks:
+                    if outputs.want_frame_res:
+                        p_frame = to_frame_resolution(p, item.frame.shape)
+                        w_frame = to_frame_resolution(weight[k, 0], item.frame.shape) if weight is not None else None
+                    else:
+                        p_frame, w_frame = p, (weight[k, 0] if weight is not None else None)
+                    outputs.write(FrameResult(item.index, item.timestamp_ms, item.frame, p_frame, binarize(p_frame, threshold), w_frame))
+                else:
+                    _ = binarize(p, threshold)  # the threshold is part of the measured work
+                t1 = time.perf_counter()
+                stats.stages["infer"].add(infer_ms)
+                stats.stages["postprocess"].add((t1 - t0) * 1000.0)
+                stats.end_to_end.add((t1 - item.t_start) * 1000.0)
+                stats.frames_processed += 1
+            progress.update()
+            if write_report is not None and opts.report_every_s and time.perf_counter() - last_report >= opts.report_every_s:
+                last_report = time.perf_counter()
+                write_report(False)
 
 
 def _build_report(stats: RunStats, backend, source, opts: StreamOptions, threshold: float, extra: dict | None, final: bool) -> dict[str, Any]:
@@ -373,20 +448,22 @@ def stream(
     masks: str | os.PathLike | None = None,
     bind: str = "127.0.0.1",
     fps: float = 30.0,
-    read_timeout: float = 1.0,
+    frame_timeout: float | None = 2.0,
     idle_timeout: float | None = 10.0,
     accept_timeout: float = 60.0,
+    max_time_jump_s: float = 10.0,
     progress: bool | None = None,
     on_listen: Callable[[str, int], None] | None = None,
     providers: list[str] | None = None,
 ) -> dict[str, Any]:
     """Open SOURCE and MODEL, stream with the given outputs, return the report (what the
-    ``pocus-edge stream`` command runs)."""
+    ``pocus-edge stream`` command runs). Outputs are checked before anything is opened."""
     from .backends import open_backend
     from .sources import open_source
 
+    check_stream_outputs(source, model, report=report, overlay=overlay, masks=masks)
     be = open_backend(model, backend, device=device, threads=threads, providers=providers)
-    src = open_source(source, bind=bind, fps=fps, read_timeout=read_timeout, idle_timeout=idle_timeout,
+    src = open_source(source, bind=bind, fps=fps, frame_timeout=frame_timeout, idle_timeout=idle_timeout,
                       accept_timeout=accept_timeout, on_listen=on_listen)
     sinks: list[Sink] = []
     try:
@@ -402,6 +479,7 @@ def stream(
             max_frames=max_frames,
             threshold=threshold,
             speed=speed,
+            max_time_jump_s=max_time_jump_s,
             progress=progress,
             report_every_s=10.0 if report is not None else None,
         )
@@ -410,6 +488,32 @@ def stream(
     finally:
         src.close()
         be.close()
+
+
+def check_stream_outputs(source, model, *, report=None, overlay=None, masks=None) -> None:
+    """Refuse, before any work, outputs that would replace a folder, sit under a file, cannot be
+    written, or would overwrite the model, the source or each other."""
+    from ..io import check_output_dir, check_output_file
+
+    outputs = {"--report": report, "--overlay": overlay, "--masks": masks}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        if flag == "--masks" and Path(path).suffix.lower() != ".npz":
+            check_output_dir(path, what="--masks (a folder of PNGs, or a .npz file name)")
+        else:
+            check_output_file(path, what=f"{flag}")
+    inputs = [Path(p).resolve() for p in (source, *str(model).split(",")) if p and str(p) not in ("-", "stdin") and not str(p).startswith("tcp:")]
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if resolved in inputs:
+            raise OutputError(f"{path}: {flag} would overwrite an input of this run")
+        if resolved in seen:
+            raise OutputError(f"{path}: given to both {seen[resolved]} and {flag}")
+        seen[resolved] = flag
 
 
 def _str(p) -> str | None:

@@ -18,11 +18,11 @@ import re
 import socket
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from . import protocol
 
 Frame = tuple[np.ndarray, float, int]
@@ -118,8 +118,10 @@ class TvdH5Source(FrameSource):
             raise DataError(f"{self.path}: /{self.FRAMES} must be uint8 (N,H,W), got {frames.dtype} {frames.shape}")
         if times.ndim != 1:
             raise DataError(f"{self.path}: /{self.TIMES} must be 1-D, got shape {times.shape}")
+        if times.dtype.kind not in "iuf":
+            raise DataError(f"{self.path}: /{self.TIMES} must hold numbers (milliseconds), got {_dtype_words(times.dtype)}")
         n_stored = frames.shape[0]
-        n = int(h5.attrs.get("n_frames", n_stored))
+        n = _int_attr(self.path, h5.attrs, "n_frames", minimum=0) if "n_frames" in h5.attrs else n_stored
         if n > n_stored:
             raise DataError(f"{self.path}: n_frames={n} but /{self.FRAMES} holds only {n_stored} frames (truncated recording?)")
         if times.shape[0] < n:
@@ -130,7 +132,7 @@ class TvdH5Source(FrameSource):
             if len(present) != 4:
                 missing = [k for k in self.ROI_KEYS if k not in h5.attrs]
                 raise DataError(f"{self.path}: incomplete ROI attributes (missing {', '.join(missing)})")
-            x1, x2, y1, y2 = (int(h5.attrs[k]) for k in self.ROI_KEYS)
+            x1, x2, y1, y2 = (_int_attr(self.path, h5.attrs, k, minimum=1) for k in self.ROI_KEYS)
             if not (1 <= x1 <= x2 <= width and 1 <= y1 <= y2 <= height):
                 raise DataError(
                     f"{self.path}: ROI x {x1}..{x2}, y {y1}..{y2} (1-based, inclusive) out of bounds "
@@ -178,6 +180,33 @@ class TvdH5Source(FrameSource):
         return d
 
 
+def _dtype_words(dtype: np.dtype) -> str:
+    return "text" if dtype.kind in "SUO" else f"{dtype}"
+
+
+def _int_attr(path: Path, attrs, key: str, *, minimum: int) -> int:
+    """An HDF5 attribute that must be one whole number >= ``minimum``; DataError otherwise
+    (text, NaN, a fraction, an array of several values, a negative number)."""
+    try:
+        raw = attrs[key]
+    except Exception as exc:  # h5py raises several types for unreadable attribute types
+        raise DataError(f"{path}: attribute {key} cannot be read ({_first_line(exc)})") from None
+    value = np.asarray(raw)
+    if value.dtype.kind in "SUO":
+        raise DataError(f"{path}: attribute {key} must be a whole number, got text {raw!r:.40}")
+    if value.size != 1:
+        raise DataError(f"{path}: attribute {key} must be one whole number, got an array of shape {value.shape}")
+    value = value.reshape(())
+    if value.dtype.kind not in "iuf":
+        raise DataError(f"{path}: attribute {key} must be a whole number, got {value.dtype}")
+    number = float(value)
+    if not np.isfinite(number) or number != int(number):
+        raise DataError(f"{path}: attribute {key} must be a whole number, got {number}")
+    if int(number) < minimum:
+        raise DataError(f"{path}: attribute {key} must be >= {minimum}, got {int(number)}")
+    return int(number)
+
+
 def write_tvd_h5(path: str | Path, frames: np.ndarray, time_ms: np.ndarray, roi: tuple[int, int, int, int] | None = None) -> Path:
     """Write a schema-v1 ``.tvd.h5`` (tests, the demo, and converting recordings).
     ``roi`` = (x1, x2, y1, y2), 1-based inclusive. Written atomically."""
@@ -204,7 +233,10 @@ def write_tvd_h5(path: str | Path, frames: np.ndarray, time_ms: np.ndarray, roi:
 
 class RawStreamSource(FrameSource):
     """Frames in the raw protocol (see :mod:`pocus_edge.runtime.protocol`) from a socket, a pipe
-    or stdin. Bad frames are counted (``frames_invalid``) and skipped; every read times out."""
+    or stdin. Bad frames are counted (``frames_invalid``) and skipped; a frame must arrive whole
+    within ``frame_timeout`` seconds of its first byte; the stream ends after ``idle_timeout``
+    seconds without a valid frame. A TCP source serves one sender at a time: others are refused
+    (``senders_refused``)."""
 
     live = True
 
@@ -213,19 +245,24 @@ class RawStreamSource(FrameSource):
         stream,
         *,
         name: str = "raw",
-        read_timeout: float = 1.0,
-        idle_timeout: float | None = 10.0,
+        frame_timeout: float | None = protocol.DEFAULT_FRAME_TIMEOUT,
+        idle_timeout: float | None = protocol.DEFAULT_IDLE_TIMEOUT,
         max_width: int = protocol.DEFAULT_MAX_WIDTH,
         max_height: int = protocol.DEFAULT_MAX_HEIGHT,
         owned: list | None = None,
+        listener: socket.socket | None = None,
     ):
         super().__init__()
+        for flag, value in (("frame timeout", frame_timeout), ("idle timeout", idle_timeout)):
+            if value is not None and not (np.isfinite(value) and value > 0):
+                raise ConfigError(f"{flag} must be a positive number of seconds, got {value}")
         self.name = name
-        self.read_timeout = read_timeout
         self.idle_timeout = idle_timeout
         self._stream = stream
         self._owned = owned or []
-        self.parser = protocol.FrameParser(max_width=max_width, max_height=max_height)
+        self._listener = listener
+        self._reader: protocol.ByteReader | None = None
+        self.parser = protocol.FrameParser(max_width=max_width, max_height=max_height, frame_timeout=frame_timeout)
         self.last_header: protocol.FrameHeader | None = None
 
     @property
@@ -236,13 +273,18 @@ class RawStreamSource(FrameSource):
     def invalid_reasons(self) -> dict[str, int]:
         return dict(self.parser.counters.invalid_reasons or {})
 
+    @property
+    def senders_refused(self) -> int:
+        return self._reader.refused if self._reader is not None else 0
+
     @classmethod
     def stdin(cls, **kw) -> "RawStreamSource":
         return cls(sys.stdin.buffer, name="stdin", **kw)
 
     @classmethod
     def listen_tcp(cls, host: str = "127.0.0.1", port: int = 0, *, accept_timeout: float = 30.0, on_listen=None, **kw) -> "RawStreamSource":
-        """Bind ``host:port`` (loopback unless told otherwise), accept ONE sender, read its frames.
+        """Bind ``host:port`` (loopback unless told otherwise), accept ONE sender, read its frames;
+        senders that connect meanwhile are refused (reset) and counted.
         ``on_listen(host, port)`` is called once listening (port 0 picks a free port)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
@@ -261,12 +303,12 @@ class RawStreamSource(FrameSource):
             server.close()
             raise
         conn.setblocking(True)
-        return cls(conn, name=f"tcp://{host}:{server.getsockname()[1]}", owned=[conn, server], **kw)
+        return cls(conn, name=f"tcp://{host}:{server.getsockname()[1]}", owned=[conn, server], listener=server, **kw)
 
     def __iter__(self) -> Iterator[Frame]:
-        reader = protocol.ByteReader(self._stream)
+        self._reader = protocol.ByteReader(self._stream, listener=self._listener)
         index = 0
-        for header, pixels in protocol.iter_raw_frames(reader, self.parser, read_timeout=self.read_timeout, idle_timeout=self.idle_timeout):
+        for header, pixels in protocol.iter_raw_frames(self._reader, self.parser, idle_timeout=self.idle_timeout):
             self.last_header = header
             self.last_decode_ms = self.parser.last_parse_ms
             yield pixels, header.timestamp_ms, index
@@ -281,7 +323,7 @@ class RawStreamSource(FrameSource):
 
     def describe(self) -> dict:
         d = super().describe()
-        d.update(bytes_skipped=self.parser.counters.bytes_skipped)
+        d.update(bytes_skipped=self.parser.counters.bytes_skipped, senders_refused=self.senders_refused)
         return d
 
 
@@ -451,30 +493,41 @@ class DicomSource(FrameSource):
 # ---------------------------------------------------------------------------------------------
 
 
+def _open_tcp(spec: str, *, bind: str, frame_timeout, idle_timeout, accept_timeout: float, on_listen, **_) -> FrameSource:
+    host, port = protocol.parse_tcp_address(spec, default_host=bind)
+    return RawStreamSource.listen_tcp(host, port, accept_timeout=accept_timeout, on_listen=on_listen,
+                                      frame_timeout=frame_timeout, idle_timeout=idle_timeout)
+
+
+# SOURCE strings that start with a scheme -> opener(spec, **the options of open_source). Another
+# network transport registers its prefix here.
+SCHEMES: dict[str, Callable[..., FrameSource]] = {"tcp:": _open_tcp}
+
+
 def open_source(
     spec: str | Path,
     *,
     bind: str = "127.0.0.1",
     fps: float = 30.0,
-    read_timeout: float = 1.0,
-    idle_timeout: float | None = 10.0,
+    frame_timeout: float | None = protocol.DEFAULT_FRAME_TIMEOUT,
+    idle_timeout: float | None = protocol.DEFAULT_IDLE_TIMEOUT,
     accept_timeout: float = 30.0,
     on_listen=None,
 ) -> FrameSource:
     """Open a source from a command-line SOURCE string.
 
-    ``-`` or ``stdin``: raw protocol on stdin. ``tcp:PORT`` / ``tcp://HOST:PORT``: raw protocol
-    on a TCP port, bound to ``bind`` (127.0.0.1) unless HOST is given. ``*.h5`` / ``*.hdf5``:
-    TeleMED ``.tvd.h5``. A folder: images. ``*.dcm`` or a file starting with a DICOM preamble:
-    DICOM. Anything else: a video file via OpenCV.
+    ``-`` or ``stdin``: raw protocol on stdin. ``tcp:PORT`` / ``tcp://HOST:PORT`` (and any other
+    prefix in :data:`SCHEMES`): a network sender, bound to ``bind`` (127.0.0.1) unless HOST is
+    given. ``*.h5`` / ``*.hdf5``: TeleMED ``.tvd.h5``. A folder: images. ``*.dcm`` or a file
+    starting with a DICOM preamble: DICOM. Anything else: a video file via OpenCV.
     """
     text = str(spec)
-    raw_kw = dict(read_timeout=read_timeout, idle_timeout=idle_timeout)
     if text in ("-", "stdin"):
-        return RawStreamSource.stdin(**raw_kw)
-    if text.startswith("tcp:"):
-        host, port = protocol.parse_tcp_address(text, default_host=bind)
-        return RawStreamSource.listen_tcp(host, port, accept_timeout=accept_timeout, on_listen=on_listen, **raw_kw)
+        return RawStreamSource.stdin(frame_timeout=frame_timeout, idle_timeout=idle_timeout)
+    for prefix, opener in SCHEMES.items():
+        if text.startswith(prefix):
+            return opener(text, bind=bind, fps=fps, frame_timeout=frame_timeout, idle_timeout=idle_timeout,
+                          accept_timeout=accept_timeout, on_listen=on_listen)
     path = Path(text)
     if path.is_dir():
         return ImageFolderSource(path, fps=fps)

@@ -81,6 +81,7 @@ class RunStats:
     frames_dropped: int = 0
     frames_invalid: int = 0
     invalid_reasons: dict = field(default_factory=dict)
+    timestamps_rebased: int = 0  # realtime pacing: timestamp jumps re-based instead of slept on
     started: float | None = None
     finished: float | None = None
 
@@ -129,6 +130,7 @@ class RunStats:
             "wall_s": round(self.wall_s, 3),
             "latency_samples_exact": all(r.exact for r in [*self.stages.values(), self.end_to_end]),
             "invalid_reasons": dict(self.invalid_reasons),
+            "timestamps_rebased": self.timestamps_rebased,
         }
         out.update(extra)
         return out

@@ -3,7 +3,6 @@ per-preset defaults and ``--set`` overrides into typed configs, and the run's ca
 
 from __future__ import annotations
 
-import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,8 +17,8 @@ from ..config import (
     model_preset,
     to_dict,
 )
-from ..data.layout import MANIFEST, FrameRecord, Site, load_site
-from ..errors import CheckpointError, ConfigError, DataError, TrainingError
+from ..data.layout import MANIFEST, FrameRecord, Site, check_frame_files, load_site
+from ..errors import CheckpointError, ConfigError, TrainingError
 
 STAGE_CONFIGS = {"mim": MIMConfig, "contrastive": ContrastiveConfig, "finetune": FinetuneConfig}
 
@@ -120,14 +119,13 @@ def open_one_site(site_dir: Any, *, what: str, check_images: bool = False) -> Si
             raise TrainingError(
                 f"{root}: holds {len(inner)} sites ({', '.join(inner)}); {what} reads ONE site, e.g. {root / inner[0]}"
             )
-    return load_site(root, check_images=check_images, check_sizes=False)
+    return load_site(root, check_images=check_images)
 
 
 def check_image_files(site: Site, records: Sequence[FrameRecord]) -> None:
-    """Every selected frame's image exists (a stat, no decoding, no mask access)."""
-    missing = [r.filename for r in records if not os.path.isfile(site.image_path(r))]
-    if missing:
-        raise DataError(f"{site.images_dir}: {len(missing)} image(s) listed in {MANIFEST} are missing (e.g. {missing[0]!r})")
+    """Every selected frame's image exists, is not truncated and is 8-bit (header reads, no
+    decoding, no mask access)."""
+    check_frame_files(site, records, masks=False)
 
 
 def check_init_card(path: Any, card: dict[str, Any], model_cfg: ModelConfig, preset: str) -> None:
