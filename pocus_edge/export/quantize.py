@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .._compat import chdir
 from ..errors import DataError, ExportError
 from .onnx import CARD_KEY, check_onnx, read_onnx_card, save_onnx_atomic, set_card
 
@@ -308,7 +308,7 @@ def quantize_int8(
     # staging folder so nothing leaks into the user's folder.
     src = Path(src).resolve()
     try:
-        with contextlib.chdir(staging):
+        with chdir(staging):
             prepared = staging / "prepared.onnx"
             # Shape inference + graph cleanup recommended by onnxruntime before quantization. Its
             # symbolic shape inference gives up on some exporter patterns (dynamic-batch Reshape
