@@ -464,12 +464,17 @@ def open_source(
     """Open a source from a command-line SOURCE string.
 
     ``-`` or ``stdin``: raw protocol on stdin. ``tcp:PORT`` / ``tcp://HOST:PORT``: raw protocol
-    on a TCP port, bound to ``bind`` (127.0.0.1) unless HOST is given. ``*.h5`` / ``*.hdf5``:
+    on a TCP port, bound to ``bind`` (127.0.0.1) unless HOST is given. ``igtl://HOST:PORT``:
+    IMAGE messages of an OpenIGTLink server (:mod:`.igtl`). ``*.h5`` / ``*.hdf5``:
     TeleMED ``.tvd.h5``. A folder: images. ``*.dcm`` or a file starting with a DICOM preamble:
     DICOM. Anything else: a video file via OpenCV.
     """
     text = str(spec)
     raw_kw = dict(read_timeout=read_timeout, idle_timeout=idle_timeout)
+    if text.startswith("igtl:"):
+        from .igtl import IgtlSource
+
+        return IgtlSource.connect(text, connect_timeout=accept_timeout, **raw_kw)
     if text in ("-", "stdin"):
         return RawStreamSource.stdin(**raw_kw)
     if text.startswith("tcp:"):
