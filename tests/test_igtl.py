@@ -267,8 +267,9 @@ def test_addresses_and_device_names():
     assert parse_igtl_address("igtl://:18947", default_host="0.0.0.0") == ("0.0.0.0", 18947)
     assert parse_igtl_address("igtl://plus-host") == ("plus-host", 18944)
     assert parse_igtl_address("igtl://[::1]:5000") == ("::1", 5000)
-    with pytest.raises(DataError, match="not a number"):
-        parse_igtl_address("igtl://host:port")
+    for bad in ("igtl://host:port", "igtl://host:70000"):
+        with pytest.raises(DataError, match="expected igtl://HOST:PORT"):
+            parse_igtl_address(bad)
     assert mask_device_name("Image_Reference") == "Image_Reference_mask"
     long = mask_device_name("VeryLongDeviceName_ABCDEFG")
     assert long.endswith("_mask") and len(long.encode()) == 20

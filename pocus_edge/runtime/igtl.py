@@ -32,6 +32,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import DataError
+from . import protocol
 from .pipeline import FrameResult, Sink
 from .sources import FrameSource
 
@@ -51,27 +52,14 @@ def parse_igtl_address(text: str, *, default_host: str = "127.0.0.1") -> tuple[s
         raise DataError(f"{text}: not an OpenIGTLink address (igtl://HOST:PORT)")
     rest = text[len("igtl:"):]
     rest = rest[2:] if rest.startswith("//") else rest
-    host, port_text = default_host, str(DEFAULT_PORT)
-    if rest.startswith("["):  # [IPv6]:PORT
-        end = rest.find("]")
-        if end < 0:
-            raise DataError(f"{text}: unclosed '[' in the address")
-        host, tail = rest[1:end], rest[end + 1:]
-        port_text = tail[1:] if tail.startswith(":") else (tail or port_text)
-    elif ":" in rest:
-        host_part, port_text = rest.rsplit(":", 1)
-        host = host_part or default_host
-    elif rest.isdigit():
-        port_text = rest
-    elif rest:
-        host = rest
+    if not rest or rest.isdigit():
+        rest = f":{rest or DEFAULT_PORT}"
+    elif rest.endswith("]") or ":" not in rest:  # a host (or [IPv6] host) without a port
+        rest = f"{rest}:{DEFAULT_PORT}"
     try:
-        port = int(port_text)
-    except ValueError:
-        raise DataError(f"{text}: port {port_text!r} is not a number") from None
-    if not 0 <= port <= 65535:
-        raise DataError(f"{text}: port {port} out of range 0-65535")
-    return host, port
+        return protocol.parse_tcp_address(f"tcp://{rest}", default_host=default_host)
+    except DataError:
+        raise DataError(f"{text}: expected igtl://HOST:PORT with a port in 0-65535") from None
 
 
 def _pyigtl():
