@@ -386,8 +386,10 @@ class DicomSource(FrameSource):
         super().__init__()
         try:
             import pydicom
-        except ImportError:  # pragma: no cover - pydicom is a dependency
-            raise DataError(f"{path}: reading DICOM needs pydicom (pip install pydicom)") from None
+        except ImportError:  # the 'dicom' extra
+            from ..extras import MissingExtra
+
+            raise MissingExtra("pydicom", "dicom", f"{path}: reading DICOM") from None
         self.path = Path(path)
         self.name = str(self.path)
         if not self.path.is_file():
