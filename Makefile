@@ -4,28 +4,43 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo_out
+# The core-only runtime venv of `make lean-test` (no torch).
+LEAN_VENV ?= .venv-lean
 
-.PHONY: setup demo test android-test clean
+.PHONY: setup demo test lean-test android-test constraints clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Every package at the exact version the tests ran with (constraints.txt); pyproject.toml keeps
+# ranges for people who install pocus-edge into their own environment.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	# torch + torchvision first: pip takes both from this workplace's local disk.
-	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -e '.[dev]'
+	# torch + torchvision first: the largest wheels, pinned in constraints.txt.
+	$(PY) -m pip install -c constraints.txt torch torchvision
+	$(PY) -m pip install -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# Rerunnable: a second run reuses the finished stages in $(DEMO_OUT) (`pocus-edge demo --fresh` starts over).
 demo: $(STAMP)
 	$(VENV)/bin/pocus-edge demo --out $(DEMO_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The lean install: a second venv with only the core dependencies streams and benchmarks an ONNX
+# model exported by the full venv, and proves torch is not needed (or importable) there.
+lean-test: $(STAMP)
+	VENV=$(VENV) LEAN_VENV=$(LEAN_VENV) bash .ci/lean_runtime.sh
+
 # The Android demo's pure-Kotlin core against golden vectors (installs Debian's kotlin + JDK if missing).
 android-test: $(STAMP)
 	VENV=$(VENV) bash android_demo/ci_core_tests.sh
 
+# Rewrite constraints.txt from the versions installed in $(VENV).
+constraints: $(STAMP)
+	{ sed -n '1,/^[^#]/{/^#/p}' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^#'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(LEAN_VENV) $(DEMO_OUT) .pytest_cache

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared benchmark run for a lent GPU machine (an H100 with the "cuda" image: Python 3.12,
-# torch, timm, onnx, onnxruntime (CPU), rich, typer, opencv, pyyaml; no network).
+# One prepared benchmark run for a machine with one NVIDIA GPU (e.g. an H100) whose Python already
+# has torch, timm, onnx, onnxruntime, rich, typer, opencv and pyyaml (no network needed).
 #
 #   bash benchmarks/gpu_run.sh            # from the repository root
 #
@@ -16,7 +16,7 @@
 # has a hard time limit and the JSON report is rewritten after every format, so a slow or broken
 # format costs only its own row; the table is printed last, from the JSON, whatever happened.
 #
-# Output: $OUT/gpu_benchmark.json (when the device tool sets OUT), else benchmarks/gpu_benchmark.json.
+# Output: $OUT/gpu_benchmark.json when OUT names an output folder, else benchmarks/gpu_benchmark.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -31,8 +31,8 @@ PRESET=${PRESET:-paper}
 DEVICE=${DEVICE:-cuda}
 
 echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
-# The image has torch/timm/onnx/onnxruntime/typer/opencv/h5py/safetensors/scipy/rich/pyyaml:
-# install only the project itself (its pinned torch version is the CPU workplace's).
+# The machine's Python has torch/timm/onnx/onnxruntime/typer/opencv/h5py/safetensors/scipy/rich/pyyaml:
+# install only the project itself, without dependencies, so that its CUDA build of torch stays.
 [ -n "${SKIP_INSTALL:-}" ] || $PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2 || true
 $PY -c "import pocus_edge, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" || exit 1
 

@@ -23,7 +23,7 @@ any machine (slower machine = fewer steps; the JSON records the steps each stage
 simulated (``--sim-preset bench``) with one process per CPU core.
 
 Re-running with the same --out resumes: finished stages are skipped, a killed one resumes.
-On the lent GPU machine (only 8 files come back from $OUT), keep the runs outside $OUT:
+On a GPU machine whose output folder $OUT should receive only the table and its JSON, keep the runs outside $OUT:
     python benchmarks/table3.py --data /tmp/bench_data --out /tmp/bench_runs --device cuda \
         --budget gpu --table $OUT/table3.md --json $OUT/table3.json
 """

@@ -1,7 +1,9 @@
 """The `pocus-edge` command line. Thin by design: each command module under
 ``pocus_edge.commands`` parses its options, calls one library function and prints.
 
-Heavy imports (torch, onnx, cv2) happen inside the commands, so ``--help`` stays fast.
+Command modules are imported only when one of their commands runs (or ``--help`` lists them),
+and heavy imports (torch, onnx, cv2) happen inside the commands, so ``--help`` is fast and
+works on the core install; a command that needs a missing extra names it in one line (exit 2).
 User mistakes raise :class:`pocus_edge.errors.PocusError`; ``main`` turns them into one
 line on stderr and a non-zero exit code, never a traceback.
 """
@@ -12,7 +14,7 @@ import sys
 
 import typer
 
-from .commands import register_all
+from .commands import LazyCommandGroup
 from .errors import PocusError
 
 app = typer.Typer(
@@ -27,8 +29,15 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
+    cls=LazyCommandGroup,
 )
-register_all(app)
+
+
+@app.callback()
+def _root() -> None:
+    # Commands are registered lazily by LazyCommandGroup (pocus_edge.commands.COMMANDS); this
+    # callback makes typer build a group for them.
+    pass
 
 
 class Terminated(BaseException):

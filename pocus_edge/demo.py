@@ -14,6 +14,12 @@ simulator, ending in ``DIR/report.md``.
 7. write ``DIR/report.md`` with the accuracy table, latency/FPS/GFLOPs, plots and overlays.
 
 Sites are never pooled: every training call reads exactly one site folder.
+
+Rerunnable: the settings are recorded in ``DIR/demo_settings.json``; a rerun with the same
+settings reuses the simulated data and every finished training stage (a stage killed midway
+continues exactly where it stopped) and redoes the quick steps after them. Other settings in
+the same folder are refused; ``fresh=True`` (``pocus-edge demo --fresh``) deletes the demo's
+own outputs first and starts over.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +60,9 @@ DISPLAY_NAMES = {
 }
 PAPER_TARGET_DSC = {"generative (MIM)": 0.7116, "contrastive (MT-NXent)": 0.7181, "fused (entropy)": 0.7221, "lower bound (source only)": 0.6605}
 SCREEN_BORDER = (16, 8)  # rows above, columns left of the B-mode panel in the simulated recording
+SETTINGS_FILE = "demo_settings.json"
+# Everything the demo writes into its folder (what --fresh deletes, and nothing else).
+DEMO_OUTPUTS = ("data", "runs", "eval", "export", "stream", "plots", "report.md", "report.json", SETTINGS_FILE)
 
 
 @dataclass
@@ -91,6 +101,50 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def _prepare_folder(out: Path, settings: dict[str, Any], *, fresh: bool, say: Callable[[str], None]) -> None:
+    """Make ``out`` ready for a run with ``settings``: refuse a demo folder made with other
+    settings (unless ``fresh``), delete the demo's own outputs when ``fresh``, record the settings."""
+    stamp = out / SETTINGS_FILE
+    recorded = None
+    if stamp.is_file():
+        try:
+            recorded = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            recorded = {}
+    # A folder from a demo that did not record its settings: simulated data or training runs in it.
+    unrecorded = recorded is None and ((out / "data" / "demo_data.json").is_file() or (out / "runs").is_dir())
+    if fresh and (recorded is not None or unrecorded):
+        say(f"      --fresh: deleting the demo outputs in {out}")
+        for name in DEMO_OUTPUTS:
+            target = out / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+    elif recorded is not None and recorded != settings:
+        changed = ", ".join(f"{k} {settings.get(k)!r} (folder: {recorded.get(k)!r})" for k in settings
+                            if recorded.get(k) != settings.get(k))
+        raise ConfigError(f"{out}: holds a demo run with other settings ({changed}); pass --fresh to start over "
+                          "or choose another --out")
+    elif unrecorded:
+        raise ConfigError(f"{out}: holds a demo run whose settings were not recorded; pass --fresh to start over "
+                          "or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    from .io import write_json_atomic
+
+    write_json_atomic(stamp, settings)
+
+
+def _with_last_loss(result):
+    """A resumed run that had already finished makes no step, so its ``last_loss`` is NaN: take
+    the last logged training loss instead."""
+    if not _finite(result.last_loss):
+        losses = [float(r["loss"]) for r in (result.history or []) if r.get("phase") == "train" and _finite(r.get("loss"))]
+        if losses:
+            result.last_loss = losses[-1]
+    return result
+
+
 def run_demo(
     out: str | Path,
     *,
@@ -102,15 +156,17 @@ def run_demo(
     threads: int | None = None,
     max_steps: int | None = None,
     device: str = "auto",
+    fresh: bool = False,
     say: Callable[[str], None] | None = None,
 ) -> DemoResult:
     """Run the whole demo into ``out``; returns where the report is and its headline numbers.
-    Data already simulated in ``out/data`` (same preset) is reused. ``max_steps`` caps every
-    training stage (smoke tests)."""
+    A rerun with the same settings reuses the data and the finished training stages in ``out``;
+    ``fresh`` starts over. ``max_steps`` caps every training stage (smoke tests)."""
     from .data.phantom import PRESETS as SIM_PRESETS
     from .data.phantom import simulate
     from .data.layout import MANIFEST, load_site
     from .train import evaluate, finetune, pretrain_contrastive, pretrain_mim
+    from .train.engine import CHECKPOINT
 
     if data_preset not in SIM_PRESETS:
         raise ConfigError(f"unknown data preset {data_preset!r}; choose one of {', '.join(SIM_PRESETS)}")
@@ -122,7 +178,8 @@ def run_demo(
         console = Console(stderr=True)
         say = lambda msg: console.print(msg, highlight=False)  # noqa: E731
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    settings = {"data_preset": data_preset, "preset": preset, "quick": quick, "seed": seed, "max_steps": max_steps}
+    _prepare_folder(out, settings, fresh=fresh, say=say)
     data, runs = out / "data", out / "runs"
     schedule = SCHEDULES["quick" if quick else "full"]
     stages = _Stages(9, say)
@@ -133,7 +190,8 @@ def run_demo(
 
     def do_simulate():
         stamp = data / "demo_data.json"
-        if stamp.is_file() and json.loads(stamp.read_text()).get("preset") == data_preset and (data / "source" / MANIFEST).is_file():
+        if (stamp.is_file() and json.loads(stamp.read_text()) == {"preset": data_preset, "seed": seed}
+                and (data / "source" / MANIFEST).is_file() and (data / "target" / MANIFEST).is_file()):
             say(f"      reusing {data}")
             return
         simulate(data, preset=data_preset, seed=seed, overwrite=True, progress=progress)
@@ -143,22 +201,31 @@ def run_demo(
 
     stages.run("simulate source (Lumify-like) and target (TeleMED-like) probes", do_simulate)
     source, target = data / "source", data / "target"
+    def train(fn, site, run_dir, **kw):
+        # A run folder that already holds a checkpoint is resumed: a finished run returns at once
+        # with its history, a run killed midway continues exactly where it stopped.
+        resume = (run_dir / CHECKPOINT).is_file()
+        if resume:
+            say(f"      reusing {run_dir}")
+        return _with_last_loss(fn(site, run_dir, resume=resume, **kw, **common))
+
     mim = stages.run("pretrain the generative branch (MIM) on unlabeled TARGET frames",
-                     lambda: pretrain_mim(target, runs / "pretrain_mim", epochs=schedule["mim"], **common))
+                     lambda: train(pretrain_mim, target, runs / "pretrain_mim", epochs=schedule["mim"]))
     con = stages.run("pretrain the contrastive branch (MT-NXent) on unlabeled TARGET frames",
-                     lambda: pretrain_contrastive(target, runs / "pretrain_contrastive", epochs=schedule["contrastive"], **common))
+                     lambda: train(pretrain_contrastive, target, runs / "pretrain_contrastive",
+                                   epochs=schedule["contrastive"]))
 
     def do_finetune():
-        a = finetune(source, runs / "finetune_mim", init=mim.encoder_path, epochs=schedule["finetune"],
-                     lr=DEMO_FINETUNE_LR, **common)
-        b = finetune(source, runs / "finetune_contrastive", init=con.encoder_path, epochs=schedule["finetune"],
-                     lr=DEMO_FINETUNE_LR, **common)
+        a = train(finetune, source, runs / "finetune_mim", init=mim.encoder_path, epochs=schedule["finetune"],
+                  lr=DEMO_FINETUNE_LR)
+        b = train(finetune, source, runs / "finetune_contrastive", init=con.encoder_path,
+                  epochs=schedule["finetune"], lr=DEMO_FINETUNE_LR)
         return a, b
 
     ft_mim, ft_con = stages.run("fine-tune both branches on labeled SOURCE frames", do_finetune)
     lower = stages.run("train the lower-bound baseline (SOURCE only, no pretraining)",
-                       lambda: finetune(source, runs / "baseline_lower", epochs=schedule["baseline"],
-                                        lr=DEMO_FINETUNE_LR, **common))
+                       lambda: train(finetune, source, runs / "baseline_lower", epochs=schedule["baseline"],
+                                     lr=DEMO_FINETUNE_LR))
 
     def do_evaluate():
         branches = evaluate(target, [ft_mim.model_path, ft_con.model_path], out / "eval" / "branches",

@@ -89,3 +89,58 @@ def test_torch_backend_on_the_demo_checkpoints_matches_the_exported_graph(demo_r
     np.testing.assert_allclose(a["weight"], b["weight"], atol=1e-3)
     # GFLOPs: counted by torch's flop counter vs the exporter's card.
     assert torch_be.gflops_per_frame == pytest.approx(ort_be.gflops_per_frame, rel=0.02)
+
+
+# Keep these last: they rerun the demo in the shared folder.
+
+
+def test_a_rerun_reuses_every_finished_stage_and_gives_the_same_report(demo_run):
+    from pocus_edge.demo import run_demo
+
+    out, first, _ = demo_run
+    runs = ["pretrain_mim", "pretrain_contrastive", "finetune_mim", "finetune_contrastive", "baseline_lower"]
+    before = {name: (out / "runs" / name / "checkpoint.safetensors").read_bytes() for name in runs}
+    models = {name: (out / "runs" / name / "model.safetensors").read_bytes() for name in runs[2:]}
+    messages = []
+    second = run_demo(out, data_preset="tiny", preset="tiny", quick=True, max_steps=3, progress=False,
+                      threads=1, device="cpu", say=messages.append)
+    reused = [m.split("reusing ")[1] for m in messages if "reusing" in m]
+    assert reused == [str(out / "data")] + [str(out / "runs" / name) for name in runs]
+    # Nothing was trained again: checkpoints and models are byte for byte the first run's.
+    for name in runs:
+        assert (out / "runs" / name / "checkpoint.safetensors").read_bytes() == before[name], name
+    for name in runs[2:]:
+        assert (out / "runs" / name / "model.safetensors").read_bytes() == models[name], name
+    assert second.accuracy == first.accuracy
+    text = second.report_md.read_text()
+    assert "| nan |" not in text and " nan " not in text  # a reused run still reports its last loss
+
+
+def test_other_settings_are_refused_with_an_option_the_demo_has(demo_run, tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from pocus_edge.demo import SETTINGS_FILE, _prepare_folder, run_demo
+    from pocus_edge.errors import ConfigError
+
+    out, _, _ = demo_run
+    with pytest.raises(ConfigError, match=r"other settings \(seed 1 \(folder: 0\)\); pass --fresh") as info:
+        run_demo(out, data_preset="tiny", preset="tiny", quick=True, max_steps=3, seed=1, progress=False,
+                 device="cpu", say=lambda m: None)
+    # Every option the message suggests is one `pocus-edge demo` has.
+    hinted = set(re.findall(r"--[a-z-]+", str(info.value)))
+    help_text = subprocess.run([sys.executable, "-m", "pocus_edge", "demo", "--help"], capture_output=True,
+                               text=True, env={**os.environ, "COLUMNS": "200"}, timeout=120).stdout
+    assert hinted == {"--fresh", "--out"} and all(option in help_text for option in hinted), help_text
+    # A demo folder whose settings were not recorded is refused too; --fresh deletes only what
+    # the demo writes, so a user's own file in the folder stays.
+    folder = tmp_path / "mine"
+    (folder / "runs" / "x").mkdir(parents=True)
+    (folder / "runs" / "x" / "checkpoint.safetensors").write_bytes(b"old")
+    (folder / "notes.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="settings were not recorded; pass --fresh"):
+        _prepare_folder(folder, {"seed": 0}, fresh=False, say=lambda m: None)
+    _prepare_folder(folder, {"seed": 0}, fresh=True, say=lambda m: None)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["notes.txt", SETTINGS_FILE])

@@ -18,12 +18,16 @@ def register(app: typer.Typer) -> None:
         threads: int = typer.Option(0, help="onnxruntime threads for the streaming step (0 = all cores)."),
         max_steps: int = typer.Option(0, help="Cap every training stage at this many steps (0 = the schedule's epochs; smoke runs)."),
         device: str = typer.Option("auto", help="Training/evaluation device: auto (CUDA if present), cpu, cuda."),
+        fresh: bool = typer.Option(False, "--fresh", help="Delete the demo's earlier outputs in --out and start over (default: a rerun reuses the data and the finished training stages)."),
     ) -> None:
-        """End to end on the bundled simulator: simulate, pretrain, finetune, evaluate, export, stream, report."""
+        """End to end on the bundled simulator: simulate, pretrain, finetune, evaluate, export, stream, report.
+
+        Rerunnable: a second run with the same settings reuses the data and the finished training
+        stages in --out and redoes the quick steps (evaluation, export, streaming, report)."""
         from ..demo import run_demo
 
         result = run_demo(out, data_preset=data_preset, preset=preset, quick=quick, seed=seed, threads=threads or None,
-                          max_steps=max_steps or None, device=device)
+                          max_steps=max_steps or None, device=device, fresh=fresh)
         typer.echo(f"report: {result.report_md}")
         for name, acc in result.accuracy.items():
             typer.echo(f"  {name:<28} Dice {acc['dice']:.4f}  IoU {acc['iou']:.4f}")

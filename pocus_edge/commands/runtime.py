@@ -14,8 +14,10 @@ def register(app: typer.Typer) -> None:
             ...,
             help=(
                 "Frames to segment: a TeleMED recording (*.tvd.h5), a video file, a folder of images, "
-                "a (multi-frame) DICOM file, '-' for the raw protocol on stdin, or tcp:PORT / "
-                "tcp://HOST:PORT to listen for one raw-protocol sender at a time (see docs/streaming.md)."
+                "a (multi-frame) DICOM file, '-' for the raw protocol on stdin, tcp:PORT / "
+                "tcp://HOST:PORT to listen for one raw-protocol sender at a time (docs/streaming.md), or "
+                "igtl://HOST:PORT to receive IMAGE messages from an OpenIGTLink server such as PLUS or 3D Slicer "
+                "(docs/openigtlink.md)."
             ),
         ),
         model: str = typer.Option(..., "--model", "-m", help="Exported model: .onnx (ort), OpenVINO .xml, a TensorRT .engine/.plan (with its .json card), a Core ML .mlpackage (macOS), or GEN.safetensors,CON.safetensors (torch)."),
@@ -41,6 +43,7 @@ def register(app: typer.Typer) -> None:
         max_time_jump: float = typer.Option(10.0, help="With --realtime: a timestamp jump (forwards or backwards) of more than this many seconds re-bases the playback clock instead of being waited for (counted as timestamps_rebased)."),
         accept_timeout: float = typer.Option(60.0, help="tcp sources: seconds to wait for the sender to connect."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
+        send: str = typer.Option(None, "--send", metavar="igtl://HOST:PORT", help="Also serve each mask as an OpenIGTLink IMAGE message (labels 0/1, the frame's timestamp, device name + '_mask') to clients such as a 3D Slicer connector; listens on loopback unless HOST is given."),
     ) -> None:
         """Stream frames through a model: masks, overlay video, and latency/FPS/GFLOPs in a JSON report."""
         import json
@@ -73,6 +76,8 @@ def register(app: typer.Typer) -> None:
             progress=False if quiet else None,
             on_listen=lambda host, port: typer.echo(f"listening on tcp://{host}:{port}", err=True),
             providers=[p.strip() for p in providers.split(",") if p.strip()] or None,
+            send=send,
+            on_send_listen=lambda host, port: typer.echo(f"serving masks on igtl://{host}:{port}", err=True),
         )
         keys = ("frames_in", "frames_processed", "frames_dropped", "frames_invalid", "latency_ms", "fps", "gflops_per_frame", "backend", "precision", "device")
         typer.echo(json.dumps({k: result[k] for k in keys}, indent=2))

@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
         checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps (0 = at each epoch end)."),
         set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any setting: key=value (mask_ratio, grad_clip, schedule, warmup_epochs, grad_checkpointing, model.dropout, ...)."),
     ) -> None:
-        """Masked image modeling (SimMIM-style): 32-px cells, ratio 0.6, 20% speckle; masked L1. Defaults follow METHOD.md for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
+        """Masked image modeling (SimMIM-style): 32-px cells, ratio 0.6, 20% speckle; masked L1. Defaults follow the paper (docs/method.md) for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
         from ..train import pretrain_mim
 
         _run_folder(out)
@@ -119,7 +119,7 @@ def register(app: typer.Typer) -> None:
         checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps (0 = at each epoch end)."),
         set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any setting: key=value (crop_scale, jitter, flip_p, grad_clip (default: none for this stage), model.dropout, ...)."),
     ) -> None:
-        """Contrastive pretraining with MT-NXent (two augmented views per frame; temporal neighbours masked). Defaults follow METHOD.md for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
+        """Contrastive pretraining with MT-NXent (two augmented views per frame; temporal neighbours masked). Defaults follow the paper (docs/method.md) for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
         from ..train import pretrain_contrastive
 
         _run_folder(out)
@@ -153,7 +153,7 @@ def register(app: typer.Typer) -> None:
         checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps (0 = at each epoch end)."),
         set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any setting: key=value (momentum, optimizer, schedule, grad_clip, model.dropout, ...)."),
     ) -> None:
-        """Supervised fine-tuning on ONE labeled site with DiceBCE; keeps the best validation checkpoint. Defaults follow METHOD.md for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
+        """Supervised fine-tuning on ONE labeled site with DiceBCE; keeps the best validation checkpoint. Defaults follow the paper (docs/method.md) for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
         from ..train import finetune as run_finetune
 
         _run_folder(out)

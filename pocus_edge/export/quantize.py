@@ -22,9 +22,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .._compat import chdir
 from ..errors import DataError, ExportError
 from .onnx import CARD_KEY, check_onnx, read_onnx_card, save_onnx_atomic, set_card
-from .staging import STAGING_PREFIX, working_directory
+from .staging import STAGING_PREFIX
 
 # Op types the int8 pass quantizes: where the time goes, and where int8 kernels exist.
 INT8_OP_TYPES = ("Conv", "MatMul", "Gemm")
@@ -332,7 +333,7 @@ def quantize_int8(
     # staging folder so nothing leaks into the user's folder.
     src = Path(src).resolve()
     try:
-        with working_directory(staging):
+        with chdir(staging):
             prepared = staging / "prepared.onnx"
             # Shape inference + graph cleanup recommended by onnxruntime before quantization. Its
             # symbolic shape inference gives up on some exporter patterns (dynamic-batch Reshape

@@ -69,18 +69,6 @@ def promote(staged: Path, final: Path) -> Path:
 
 
 @contextlib.contextmanager
-def working_directory(path: str | os.PathLike) -> Iterator[None]:
-    """Run a block with ``path`` as the current directory (contextlib.chdir exists only from
-    Python 3.11)."""
-    previous = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
-@contextlib.contextmanager
 def sigterm_as_exit() -> Iterator[None]:
     """While the block runs in the main thread, SIGTERM raises SystemExit(143), so ``finally``
     blocks (staging cleanup) run as they do for Ctrl-C."""

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
@@ -55,26 +54,28 @@ def save_checkpoint(
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Return ``(state_dict, card)`` of a checkpoint; the card is ``{}`` when the file has none."""
+    """Return ``(state_dict, card)`` of a checkpoint; the card is ``{}`` when the file has none.
+
+    The file is opened with ``safetensors.safe_open`` (memory-mapped: the header is validated
+    against the file size before any tensor is read, and each tensor is copied out once)."""
     p = Path(path)
     if p.suffix in {".pt", ".pth", ".ckpt", ".bin"}:
-        raise CheckpointError(f"{p}: only .safetensors checkpoints are read (pickled weights are unsafe)")
+        raise CheckpointError(
+            f"{p}: only .safetensors checkpoints are read (pickled weights are unsafe); "
+            "convert the released code's .pth files with `pocus-edge convert`"
+        )
+    if p.is_dir():
+        raise CheckpointError(f"{p}: is a directory, expected a .safetensors file")
     try:
-        raw = p.read_bytes()
+        with safe_open(str(p), framework="pt", device="cpu") as fh:
+            metadata = fh.metadata() or {}
+            state = {key: fh.get_tensor(key) for key in fh.keys()}
     except FileNotFoundError:
         raise CheckpointError(f"{p}: no such checkpoint") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{p}: is a directory, expected a .safetensors file") from None
-    if len(raw) < 8:
-        raise CheckpointError(f"{p}: truncated or empty ({len(raw)} bytes), not a safetensors file")
-    try:
-        state = safetensors_load(raw)
-        header_len = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8 : 8 + header_len])
-    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{p}: not a readable safetensors file (truncated or corrupt: {reason})") from None
-    card_text = (header.get("__metadata__") or {}).get(CARD_KEY)
+    card_text = metadata.get(CARD_KEY)
     if card_text is None:
         return state, {}
     try:

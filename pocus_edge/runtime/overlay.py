@@ -1,10 +1,13 @@
 """Drawing and writing outputs: overlay frames (mask fill + contour, optional fusion-weight
-map), the overlay video, per-frame masks (PNG folder or one NPZ), all written atomically."""
+map), the overlay video (H.264 MP4 that browsers play), per-frame masks (PNG folder or one
+NPZ), all written atomically."""
 
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -52,13 +55,132 @@ def render_overlay(frame: np.ndarray, mask: np.ndarray, weight: np.ndarray | Non
     return np.concatenate([out, panel], axis=1)
 
 
-class VideoSink:
-    """MP4 (mp4v) overlay video, written to a temporary name and renamed on close."""
+class OverlayCodecWarning(UserWarning):
+    """The overlay video falls back to a codec browsers do not play."""
 
-    def __init__(self, path: str | Path, fps: float = 30.0):
+
+class _PyAVWriter:
+    """H.264 (libx264, yuv420p) in MP4 with the index at the front ("faststart"): the form every
+    browser plays, progressively. Frames are padded to even sizes (4:2:0 chroma needs them)."""
+
+    codec = "h264"
+
+    def __init__(self, path: Path, size: tuple[int, int], fps: float):
+        import av
+
+        self._av = av
+        width, height = size
+        self._container = av.open(str(path), "w", format="mp4", options={"movflags": "+faststart"})
+        try:
+            self._stream = self._container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            self._stream.width, self._stream.height = width + width % 2, height + height % 2
+            self._stream.pix_fmt = "yuv420p"
+            self._stream.options = {"preset": "veryfast", "crf": "23"}
+        except BaseException:
+            self._container.close()
+            raise
+        self._pad = (height % 2, width % 2)
+
+    def write(self, bgr: np.ndarray) -> None:
+        if any(self._pad):
+            bgr = np.pad(bgr, ((0, self._pad[0]), (0, self._pad[1]), (0, 0)), mode="edge")
+        frame = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(bgr), format="bgr24")
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+
+    def finish(self) -> None:
+        try:
+            for packet in self._stream.encode(None):  # flush the encoder's delayed frames
+                self._container.mux(packet)
+        finally:
+            self._container.close()
+
+    def abort(self) -> None:
+        try:
+            self._container.close()
+        except Exception:
+            pass
+
+    @staticmethod
+    def frames_in(path: Path) -> int:
+        """Video frames in the file's index, read back with PyAV (-1 if it cannot be opened)."""
+        import av
+
+        try:
+            with av.open(str(path)) as container:
+                return int(container.streams.video[0].frames)
+        except (av.error.FFmpegError, OSError, IndexError):
+            return -1
+
+
+class _OpenCVWriter:
+    """MPEG-4 part 2 ("mp4v") through OpenCV: plays in VLC and most desktop players, not in browsers."""
+
+    codec = "mp4v"
+
+    def __init__(self, path: Path, size: tuple[int, int], fps: float):
+        import cv2
+
+        self._writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+        if not self._writer.isOpened():
+            raise DataError(f"{path.name}: OpenCV cannot write an mp4v video here")
+
+    def write(self, bgr: np.ndarray) -> None:
+        self._writer.write(bgr)
+
+    def finish(self) -> None:
+        self._writer.release()
+
+    def abort(self) -> None:
+        self._writer.release()
+
+    @staticmethod
+    def frames_in(path: Path) -> int:
+        import cv2
+
+        cap = cv2.VideoCapture(str(path))
+        try:
+            return int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else -1
+        finally:
+            cap.release()
+
+
+def _pick_writer(codec: str):
+    if codec not in ("auto", "h264", "mp4v"):
+        raise DataError(f"unknown overlay codec {codec!r}; choose auto, h264 or mp4v")
+    if codec == "mp4v":
+        return _OpenCVWriter
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        if codec == "h264":
+            raise DataError("H.264 overlays need PyAV (pip install av)") from None
+        warnings.warn(
+            "PyAV is not installed: the overlay video is written as mp4v, which browsers do not play "
+            "(pip install av for H.264)", OverlayCodecWarning, stacklevel=3,
+        )
+        return _OpenCVWriter
+    return _PyAVWriter
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+class VideoSink:
+    """The overlay video: H.264 in MP4 through PyAV (browsers play it), or OpenCV's mp4v when PyAV
+    is missing (with an :class:`OverlayCodecWarning`). Written under a temporary name; on close
+    the file's frame count is read back and must equal the frames written before the file is
+    renamed into place, so a full disk or a failed encoder never leaves an undecodable video
+    under the final name (the error names the file; the temporary file is removed)."""
+
+    def __init__(self, path: str | Path, fps: float = 30.0, *, codec: str = "auto"):
         self.path = Path(path)
         self.fps = float(fps) if fps and fps > 0 else 30.0
+        self._writer_class = _pick_writer(codec)
+        self.codec = self._writer_class.codec
         self._ctx = None
+        self._tmp: Path | None = None
         self._writer = None
         self._size: tuple[int, int] | None = None
         self.frames = 0
@@ -67,30 +189,65 @@ class VideoSink:
         import cv2
 
         if self._writer is None:
-            self._ctx = atomic_path(self.path)
-            tmp = self._ctx.__enter__()
-            h, w = image.shape[:2]
-            self._size = (w, h)
-            self._writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self._size)
-            if not self._writer.isOpened():
-                self._ctx.__exit__(DataError, None, None)
-                self._writer = None
-                raise DataError(f"{self.path}: OpenCV cannot write an mp4v video here")
+            self._open(image.shape[1], image.shape[0])
         if (image.shape[1], image.shape[0]) != self._size:
             # The frame size changed mid-stream (probe setting): keep the video's size.
             image = cv2.resize(image, self._size, interpolation=cv2.INTER_AREA)
-        self._writer.write(image)
+        try:
+            self._writer.write(image)
+        except Exception as exc:
+            self._fail(exc, "could not write the overlay video")
         self.frames += 1
+
+    def _open(self, width: int, height: int) -> None:
+        self._ctx = atomic_path(self.path)
+        self._tmp = self._ctx.__enter__()
+        self._size = (width, height)
+        try:
+            self._writer = self._writer_class(self._tmp, self._size, self.fps)
+        except Exception as exc:
+            self._fail(exc, "could not start the overlay video")
+
+    def _fail(self, exc: BaseException, what: str) -> None:
+        """Discard the temporary file and raise one DataError naming the final path."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.abort()
+        self._discard(exc)
+        reason = str(exc).split(": ", 1)[-1] if isinstance(exc, DataError) else _reason(exc)
+        raise DataError(f"{self.path}: {what} ({reason}); nothing was written") from None
+
+    def _discard(self, exc: BaseException) -> None:
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            # atomic_path removes the temporary file when its block ends with an exception.
+            try:
+                ctx.__exit__(type(exc), exc, exc.__traceback__)
+            except BaseException:
+                pass
 
     def close(self, ok: bool = True) -> None:
         if self._writer is None:
             return
-        self._writer.release()
-        self._writer = None
-        if ok:
-            self._ctx.__exit__(None, None, None)
-        else:
-            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        writer, self._writer = self._writer, None
+        try:
+            writer.finish()
+        except Exception as exc:
+            self._discard(exc)
+            raise DataError(f"{self.path}: could not finish the overlay video ({_reason(exc)}); nothing was written") from None
+        if not ok:
+            self._discard(RuntimeError("aborted"))
+            return
+        found = writer.frames_in(self._tmp)
+        if found != self.frames:
+            self._discard(RuntimeError("verification failed"))
+            held = "cannot be opened" if found < 0 else f"holds {found}"
+            raise DataError(
+                f"{self.path}: the overlay video did not verify ({self.frames} frames written, the file {held}; "
+                "disk full?); nothing was written"
+            )
+        ctx, self._ctx = self._ctx, None
+        ctx.__exit__(None, None, None)
 
 
 class MaskSink:

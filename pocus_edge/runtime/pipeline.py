@@ -455,9 +455,13 @@ def stream(
     progress: bool | None = None,
     on_listen: Callable[[str, int], None] | None = None,
     providers: list[str] | None = None,
+    send: str | None = None,
+    on_send_listen: Callable[[str, int], None] | None = None,
 ) -> dict[str, Any]:
     """Open SOURCE and MODEL, stream with the given outputs, return the report (what the
-    ``pocus-edge stream`` command runs). Outputs are checked before anything is opened."""
+    ``pocus-edge stream`` command runs). Outputs are checked before anything is opened.
+    ``send`` (``igtl://HOST:PORT``) also serves each mask to OpenIGTLink clients
+    (:class:`pocus_edge.runtime.igtl.IgtlMaskSink`)."""
     from .backends import open_backend
     from .sources import open_source
 
@@ -471,6 +475,12 @@ def stream(
             sinks.append(OverlayVideoSink(overlay, src.fps, weight_map=weight_map))
         if masks is not None:
             sinks.append(MaskFileSink(masks))
+        send_stats = None
+        if send is not None:
+            from .igtl import IgtlMaskSink
+
+            sinks.append(IgtlMaskSink(send, source=src, bind=bind, on_listen=on_send_listen))
+            send_stats = sinks[-1].stats
         opts = StreamOptions(
             realtime=realtime,
             drop=False if no_drop else None,
@@ -484,7 +494,16 @@ def stream(
             report_every_s=10.0 if report is not None else None,
         )
         extra = {"model": str(model), "outputs": {"report": _str(report), "overlay": _str(overlay), "masks": _str(masks)}}
+        if send_stats is not None:
+            extra["igtl_send"] = send_stats  # updated live by the sink; read when the report is built
         return run_stream(src, be, options=opts, sinks=sinks, report_path=report, extra_report=extra)
+    except BaseException:
+        for sink in sinks:  # sinks made before a failure (run_stream closes its own; closing twice is a no-op)
+            try:
+                sink.close(ok=False)
+            except Exception:
+                pass
+        raise
     finally:
         src.close()
         be.close()

@@ -428,8 +428,10 @@ class DicomSource(FrameSource):
         super().__init__()
         try:
             import pydicom
-        except ImportError:  # pragma: no cover - pydicom is a dependency
-            raise DataError(f"{path}: reading DICOM needs pydicom (pip install pydicom)") from None
+        except ImportError:  # the 'dicom' extra
+            from ..extras import MissingExtra
+
+            raise MissingExtra("pydicom", "dicom", f"{path}: reading DICOM") from None
         self.path = Path(path)
         self.name = str(self.path)
         if not self.path.is_file():
@@ -501,7 +503,15 @@ def _open_tcp(spec: str, *, bind: str, frame_timeout, idle_timeout, accept_timeo
 
 # SOURCE strings that start with a scheme -> opener(spec, **the options of open_source). Another
 # network transport registers its prefix here.
-SCHEMES: dict[str, Callable[..., FrameSource]] = {"tcp:": _open_tcp}
+def _open_igtl(spec: str, *, frame_timeout, idle_timeout, accept_timeout: float, **_) -> FrameSource:
+    from .igtl import IgtlSource
+
+    # A message's deadline (from its first byte) is the raw stream's per-frame deadline.
+    kw = {} if frame_timeout is None else {"read_timeout": frame_timeout}
+    return IgtlSource.connect(spec, connect_timeout=accept_timeout, idle_timeout=idle_timeout, **kw)
+
+
+SCHEMES: dict[str, Callable[..., FrameSource]] = {"tcp:": _open_tcp, "igtl:": _open_igtl}
 
 
 def open_source(
@@ -518,8 +528,9 @@ def open_source(
 
     ``-`` or ``stdin``: raw protocol on stdin. ``tcp:PORT`` / ``tcp://HOST:PORT`` (and any other
     prefix in :data:`SCHEMES`): a network sender, bound to ``bind`` (127.0.0.1) unless HOST is
-    given. ``*.h5`` / ``*.hdf5``: TeleMED ``.tvd.h5``. A folder: images. ``*.dcm`` or a file
-    starting with a DICOM preamble: DICOM. Anything else: a video file via OpenCV.
+    given. ``igtl://HOST:PORT``: IMAGE messages of an OpenIGTLink server (:mod:`.igtl`).
+    ``*.h5`` / ``*.hdf5``: TeleMED ``.tvd.h5``. A folder: images. ``*.dcm`` or a file starting
+    with a DICOM preamble: DICOM. Anything else: a video file via OpenCV.
     """
     text = str(spec)
     if text in ("-", "stdin"):

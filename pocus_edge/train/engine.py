@@ -502,7 +502,7 @@ class Trainer:
                         kept = f"last good checkpoint kept: {ckpt_path}" if ckpt_path.exists() else "no checkpoint had been written yet"
                         raise TrainingError(
                             f"{self.description}: loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); "
-                            f"stopped before updating the weights; {kept} (try a lower --lr)"
+                            f"stopped before updating the weights; {kept} (try a lower learning rate)"
                         )
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
