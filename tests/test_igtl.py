@@ -108,7 +108,7 @@ def test_round_trip_through_pyigtl_server_and_client_with_a_sender_that_disconne
         try:
             outcome["report"] = stream(f"igtl://127.0.0.1:{frame_port}", model, threads=1, progress=False,
                                        send=f"igtl://:{mask_port}", masks=tmp_path / "masks.npz",
-                                       read_timeout=2.0, idle_timeout=10.0, accept_timeout=10.0)
+                                       frame_timeout=2.0, idle_timeout=10.0, accept_timeout=10.0)
         except BaseException as exc:  # surfaced by the assertions below
             outcome["error"] = exc
 
@@ -197,7 +197,7 @@ def test_corrupt_cut_and_stalled_messages_are_counted(tmp_path):
     bad_crc = bytearray(image(np.full((12, 16), 9, np.uint8), 6.0).pack())
     bad_crc[-1] ^= 0xFF  # a pixel flipped in transit
     # good, corrupted, good, then a message cut short by the disconnect
-    src = IgtlSource(_pair_with(good + bytes(bad_crc) + good + good[:80]), name="pair", read_timeout=1.0, idle_timeout=2.0)
+    src = IgtlSource(_pair_with(good + bytes(bad_crc) + good + good[:80]), name="pair", frame_timeout=1.0, idle_timeout=2.0)
     frames = list(src)
     assert [f.shape for f, _, _ in frames] == [(12, 16), (12, 16)]
     assert [ts for _, ts, _ in frames] == [5000.0, 5000.0]
@@ -206,7 +206,7 @@ def test_corrupt_cut_and_stalled_messages_are_counted(tmp_path):
     # A sender that stops mid-message but keeps the connection open: dropped at the deadline.
     a, b = socket.socketpair()
     a.sendall(good + good[:70])
-    src = IgtlSource(b, name="stall", read_timeout=0.3, idle_timeout=5.0)
+    src = IgtlSource(b, name="stall", frame_timeout=0.3, idle_timeout=5.0)
     t0 = time.monotonic()
     frames = list(src)
     assert len(frames) == 1 and time.monotonic() - t0 < 3.0
@@ -214,7 +214,7 @@ def test_corrupt_cut_and_stalled_messages_are_counted(tmp_path):
     a.close()
     # Nothing at all for idle_timeout seconds ends the stream.
     a, b = socket.socketpair()
-    src = IgtlSource(b, name="idle", read_timeout=0.3, idle_timeout=0.3)
+    src = IgtlSource(b, name="idle", frame_timeout=0.3, idle_timeout=0.3)
     assert list(src) == [] and src.ended_by == "no message for 0.3 s"
     a.close()
 

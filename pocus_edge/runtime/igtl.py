@@ -41,7 +41,7 @@ HEADER_SIZE = 58
 MASK_SUFFIX = "_mask"
 DEVICE_NAME_BYTES = 20  # the header's device-name field
 MAX_BODY_BYTES = 64 << 20  # a larger message is skipped (counted), never held in memory
-MIN_RATE_BYTES_PER_S = 1 << 20  # a message must arrive at least this fast (plus read_timeout)
+MIN_RATE_BYTES_PER_S = 1 << 20  # a message must arrive at least this fast (plus frame_timeout)
 _FRAME_INFO_KEPT = 1024  # frames whose device/timestamp/geometry the mask sink can still look up
 
 
@@ -81,13 +81,13 @@ class IgtlSource(FrameSource):
 
     live = True
 
-    def __init__(self, sock: socket.socket, *, name: str, read_timeout: float = 1.0,
+    def __init__(self, sock: socket.socket, *, name: str, frame_timeout: float = 1.0,
                  idle_timeout: float | None = 10.0, max_body_bytes: int = MAX_BODY_BYTES):
         super().__init__()
         self._pyigtl = _pyigtl()
         self._sock = sock
         self.name = name
-        self.read_timeout = float(read_timeout)
+        self.frame_timeout = float(frame_timeout)
         self.idle_timeout = idle_timeout
         self.max_body_bytes = int(max_body_bytes)
         self.messages: collections.Counter = collections.Counter()  # message type -> count
@@ -163,11 +163,11 @@ class IgtlSource(FrameSource):
             return None
         t0 = time.monotonic()
         try:
-            header = first + self._read(HEADER_SIZE - 1, t0 + self.read_timeout)
+            header = first + self._read(HEADER_SIZE - 1, t0 + self.frame_timeout)
             fields = self._pyigtl.MessageBase.parse_header(header)
             crc = struct.unpack(">Q", header[50:58])[0]
             size = int(fields["body_size"])
-            deadline = t0 + self.read_timeout + size / MIN_RATE_BYTES_PER_S
+            deadline = t0 + self.frame_timeout + size / MIN_RATE_BYTES_PER_S
             if size > self.max_body_bytes:
                 self._skip(size, deadline)
                 return fields, None, crc

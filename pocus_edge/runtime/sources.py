@@ -506,8 +506,7 @@ def _open_tcp(spec: str, *, bind: str, frame_timeout, idle_timeout, accept_timeo
 def _open_igtl(spec: str, *, frame_timeout, idle_timeout, accept_timeout: float, **_) -> FrameSource:
     from .igtl import IgtlSource
 
-    # A message's deadline (from its first byte) is the raw stream's per-frame deadline.
-    kw = {} if frame_timeout is None else {"read_timeout": frame_timeout}
+    kw = {} if frame_timeout is None else {"frame_timeout": frame_timeout}
     return IgtlSource.connect(spec, connect_timeout=accept_timeout, idle_timeout=idle_timeout, **kw)
 
 
