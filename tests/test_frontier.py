@@ -160,8 +160,10 @@ def test_benchmark_cli_puts_random_students_beside_the_teacher(tmp_path, capsys)
         "fused-fp32.onnx", "student-efficientvit-fp32.onnx", "student-mobilenetv3-fp32.onnx"]
     table = capsys.readouterr().out
     assert "mobilenetv3 onnx-fp32" in table and "student efficientvit" in table
-    assert plot_data([report], ["r"], 1)["formats"][2:] == ["mobilenetv3 torch-fp32", "mobilenetv3 onnx-fp32",
-                                                            "efficientvit torch-fp32", "efficientvit onnx-fp32"]
+    plotted = plot_data([report], ["r"], 1)
+    assert plotted["formats"][2:] == ["mobilenetv3 torch-fp32", "mobilenetv3 onnx-fp32",
+                                      "efficientvit torch-fp32", "efficientvit onnx-fp32"]
+    assert plotted["series"][0]["label"] == "r"  # the report's label, not a row's
     compared = compare_reports([report, report], ["a", "b"])
     assert [r["format"] for r in compared["rows"]].count("onnx-fp32") == 1
     assert "mobilenetv3 onnx-fp32" in [r["format"] for r in compared["rows"]]

@@ -162,7 +162,7 @@ def render_comparison(comparison: dict[str, Any], console=None) -> None:
             escape(f"{m['device_name']} ({m['device']})"),
             m["known_device"] or "(none: measured matmul rate)",
             m["preset"],
-            f"{m['gflops_per_frame']:.2f}",
+            f"{m['gflops_per_frame']:.4g}",
         )
     console.print(machines)
     table = Table(title=f"FPS, ratio to {comparison['machines'][0]['label']}, compute floor and fraction of peak", title_justify="left")

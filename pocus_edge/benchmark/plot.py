@@ -32,20 +32,20 @@ def plot_data(reports: Sequence[dict[str, Any]], labels: Sequence[str], batch: i
         bar: dict[str, float] = {}
         not_ok = []
         for row in report["rows"]:
-            label = row_label(row)  # "onnx-int8" for the teacher, "mobilenetv3 onnx-int8" for a student
+            name = row_label(row)  # "onnx-int8" for the teacher, "mobilenetv3 onnx-int8" for a student
             if row["status"] != "ok":
-                not_ok.append((label, row["status"], row.get("reason", "")))
+                not_ok.append((name, row["status"], row.get("reason", "")))
                 continue
             cell = next((c for c in row["latency"] if c["batch"] == batch), None)
             if cell is None or not cell.get("fps"):
                 continue
-            fps[label] = float(cell["fps"])
+            fps[name] = float(cell["fps"])
             if row.get("agreement_dice") is not None:
-                agreement[label] = float(row["agreement_dice"])
+                agreement[name] = float(row["agreement_dice"])
             if row.get("agreement_bar") is not None:
-                bar[label] = float(row["agreement_bar"])
-            if label not in formats:
-                formats.append(label)
+                bar[name] = float(row["agreement_bar"])
+            if name not in formats:
+                formats.append(name)
         base = fps.get(BASELINE)
         speedup = {f: v / base for f, v in fps.items()} if base else {}
         series.append({"label": label, "device": report["machine"].get("device_name", "?"), "fps": fps,
@@ -54,7 +54,7 @@ def plot_data(reports: Sequence[dict[str, Any]], labels: Sequence[str], batch: i
         raise DataError(f"no format has an ok measurement at batch {batch} in these reports")
     model = reports[0]["model"]
     return {"batch": batch, "formats": formats, "series": series,
-            "title": f"{model.get('preset', '?')} preset, {model.get('gflops_per_frame', 0):.2f} GFLOPs/frame, batch {batch}"}
+            "title": f"{model.get('preset', '?')} preset, {model.get('gflops_per_frame', 0):.4g} GFLOPs/frame, batch {batch}"}
 
 
 def plot_reports(reports: Sequence[dict[str, Any]], labels: Sequence[str], out: str | Path, *, batch: int = 1):

@@ -752,7 +752,7 @@ def render_report(report: dict[str, Any], console=None) -> None:
     baseline = next((r for r in report["rows"] if r["format"] == BASELINE and r["status"] == "ok"), None)
     base_fps = {lat["batch"]: lat["fps"] for lat in baseline["latency"]} if baseline else {}
     title = (
-        f"pocus-edge benchmark: {model['preset']} ({model['weights']} weights), {model['gflops_per_frame']:.2f} GFLOPs/frame, "
+        f"pocus-edge benchmark: {model.get('name', 'fused')} at {model['preset']} ({model['weights']} weights), {model['gflops_per_frame']:.4g} GFLOPs/frame, "
         f"{machine['device_name']} [{machine['device']}], {machine['cpu']['cores']} cores, "
         f"eval: {report['data']['source']}"
     )
