@@ -87,6 +87,58 @@ def build_card(
     }
 
 
+# A student's checkpoint: "init" = random weights (benchmarks, export checks), "distill" = trained
+# from the fused teacher's soft masks.
+STUDENT_STAGES = ("init", "distill")
+# Which network a student checkpoint holds: the training form (multi-branch blocks of a
+# reparameterizable encoder, what training resumes from) or the fused inference form.
+STUDENT_FORMS = ("training", "deployed")
+
+
+def student_card(
+    student_cfg,
+    *,
+    stage: str = "init",
+    form: str = "training",
+    gflops: float | None = None,
+    hyperparameters: dict[str, Any] | None = None,
+    data: list[dict[str, Any]] | None = None,
+    teachers: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The card of a student checkpoint (``kind: student``): its ``StudentConfig`` (everything
+    needed to rebuild it), the preset it was built at, which form the weights are in, GFLOPs per
+    frame of its deployed form, and what it learned from (``teachers``: each teacher's own card)."""
+    if stage not in STUDENT_STAGES:
+        raise ValueError(f"student stage must be one of {STUDENT_STAGES}, got {stage!r}")
+    if form not in STUDENT_FORMS:
+        raise ValueError(f"student form must be one of {STUDENT_FORMS}, got {form!r}")
+    return {
+        "format": CARD_FORMAT,
+        "kind": "student",
+        "student": student_cfg.name,
+        "preset": student_cfg.preset,
+        "model": student_cfg.to_dict(),
+        "out_channels": 1,
+        "form": form,
+        "stage": stage,
+        "gflops_per_frame": gflops,
+        "hyperparameters": dict(hyperparameters or {}),
+        "data": list(data or []),
+        "teachers": dict(teachers or {}),
+        "init": None,
+        "code_version": code_version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def is_student_card(card: dict[str, Any] | None) -> bool:
+    """Whether a checkpoint or export card describes a compact student."""
+    if not isinstance(card, dict):
+        return False
+    model = card.get("model")
+    return card.get("kind") == "student" or (isinstance(model, dict) and model.get("kind") == "student")
+
+
 def sites_seen(card: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Every ``data`` entry of a card and of the cards it was initialized from, oldest first."""
     if not card:
@@ -123,13 +175,15 @@ def export_card(
     from .metrics import THRESHOLD
 
     cfg = model.cfg
+    student = getattr(model, "kind", None) == "student"
     in_graph = ["uint8 -> float32 / 255", "repeat to 3 channels"] if model.uint8_input else []
     hashes = dict(getattr(model, "checkpoint_sha256", {}) or {})
     card: dict[str, Any] = {
         "format": EXPORT_CARD_FORMAT,
         "kind": model.kind,
-        "preset": getattr(cfg, "name", None),
-        "model": to_dict(cfg) if cfg is not None else None,
+        # A student's config names the network and the preset it was built at separately.
+        "preset": getattr(cfg, "preset", None) if student else getattr(cfg, "name", None),
+        "model": (cfg.to_dict() if student else to_dict(cfg)) if cfg is not None else None,
         "img_size": int(model.img_size),
         "input": {
             "name": EXPORT_INPUT_NAME,
@@ -166,6 +220,10 @@ def export_card(
             "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         },
     }
+    if student:
+        # What the app shows ("student mobilenetv3") and the form that was traced.
+        card["student"] = cfg.name
+        card["form"] = "deployed" if getattr(model.network, "reparameterized", False) else "training"
     if extra:
         card.update(extra)
     return card

@@ -14,6 +14,7 @@
   :func:`staging_dir` gives commands a scratch folder with the same guarantees.
 * Write errors (read-only file system, permission denied, disk full) raise
   :class:`~pocus_edge.errors.OutputError`: one line naming the output, exit code 2.
+* :func:`read_json`: the one JSON reader whose errors name the file.
 """
 
 from __future__ import annotations
@@ -371,3 +372,21 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> Any:
+    """Parse a JSON file; :class:`~pocus_edge.errors.DataError` naming the file (one line) when it
+    is missing, a folder, or not valid UTF-8 JSON. ``what`` names the file in the message."""
+    from .errors import DataError
+
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{p}: {what} not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{p}: is a folder, expected a {what}") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{p}: {what} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{p}: {what} is not UTF-8 text") from None

@@ -100,14 +100,49 @@ def test_frame_resolution_mask_matches_the_runtime(tmp_path):
         assert 0 < frame_mask.sum() < frame_mask.size
 
 
-def test_committed_golden_set_is_current_and_small():
-    """If this fails after a change of the preprocessing or the mask rule, regenerate:
-    pocus-edge golden --out android_demo/core/src/test/resources/golden"""
+def test_committed_golden_set_is_current_and_small(tmp_path):
+    """If this fails after a change of the preprocessing, the mask rule or the students, regenerate:
+    pocus-edge golden --student mobilenetv3 --out android_demo/core/src/test/resources/golden"""
     if not COMMITTED.is_dir():
         pytest.skip("android_demo golden set not present in this checkout")
-    _check_golden_folder(COMMITTED)
+    index = _check_golden_folder(COMMITTED)
     total = sum(p.stat().st_size for p in COMMITTED.iterdir())
     assert total < 1_000_000, f"committed golden set is {total} bytes; keep it under 1 MB"
+    # The app ships a student: the committed probabilities are the default student's, and the
+    # current student code still computes them.
+    described = index["probabilities"]
+    assert described["student"]["name"] == "mobilenetv3" and described["student"]["preset"] == "tiny"
+    fresh = golden.write_golden(tmp_path / "fresh", n=len(index["cases"]), seed=described["seed"], student="mobilenetv3")
+    assert fresh["probabilities"] == described
+    for case in index["cases"]:
+        committed = np.load(COMMITTED / case["prob"])
+        np.testing.assert_allclose(np.load(tmp_path / "fresh" / case["prob"]), committed, atol=1e-4)
+
+
+def test_student_golden_holds_the_students_probabilities(tmp_path):
+    """`golden --student NAME`: the probabilities are the seeded random-weight tiny student's, in
+    its inference form, recomputed here independently of the golden writer."""
+    import torch
+
+    from pocus_edge.export.parity import spread_head_logits
+    from pocus_edge.models.students import build_student
+
+    out = tmp_path / "g"
+    index = golden.write_golden(out, n=3, seed=4, student="fastvit")
+    _check_golden_folder(out)
+    assert "student fastvit" in index["probabilities"]["kind"] and index["input_size"] == 64
+    frames = [np.load(out / case["frame"]) for case in index["cases"]]
+    torch.manual_seed(4)
+    network = build_student("fastvit", "tiny").eval().reparameterize()
+    x = np.stack([transforms.preprocess_frame(f, 64) for f in frames])
+    spread_head_logits(network, x, std=3.0)
+    with torch.no_grad():
+        expected = torch.sigmoid(network(torch.from_numpy(x))).numpy()
+    for i, case in enumerate(index["cases"]):
+        np.testing.assert_allclose(np.load(out / case["prob"]), expected[i, 0], atol=1e-5)
+    assert main(["golden", "--out", str(tmp_path / "h"), "--student", "resnet"]) == 2
+    assert main(["golden", "--out", str(tmp_path / "h"), "--student", "fastvit", "--model", str(tmp_path / "m.onnx")]) == 2
+    assert not (tmp_path / "h").exists()
 
 
 def _mean_channel_onnx(path: Path, size: int, threshold: float) -> None:

@@ -108,6 +108,18 @@ def test_fp16_graph_holds_fp16_branches_and_an_fp32_tail(graphs, fused):
     assert dice.mean() >= parity_mod.ParityBars().fp16_min_dice
 
 
+def test_output_tail_of_the_fused_graph_is_everything_from_the_branch_sigmoids(graphs):
+    """The fused graph has no sigmoid inside a network: its output tail (what fp16 and int8 keep
+    fp32) is both branch sigmoids and every node after them."""
+    from pocus_edge.export.quantize import _fusion_tail_nodes
+
+    proto = onnx.load(str(graphs["fp32"]))
+    tail = set(_fusion_tail_nodes(proto))
+    assert tail == _downstream_of_sigmoids(proto)
+    assert sum(n.op_type == "Sigmoid" for n in proto.graph.node if n.name in tail) == 2
+    assert not any(n.op_type in ("Conv", "MatMul", "Gemm") for n in proto.graph.node if n.name in tail)
+
+
 @pytest.mark.parametrize("which", ["int8", "int8-trt"])
 def test_int8_graph_quantizes_only_matrix_ops_outside_the_fusion(graphs, which):
     proto, _, consumers = _typed_graph(graphs[which])

@@ -8,7 +8,6 @@ and the fraction of that peak the measured speed reaches (achieved GFLOP/s / pea
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -17,7 +16,8 @@ from typing import Any, Sequence
 import yaml
 
 from ..errors import ConfigError, DataError
-from .schema import validate_report
+from ..io import read_json
+from .schema import row_label, validate_report
 
 # A row's precision -> the devices.yaml rate that bounds it. fp32 on a GPU whose cuDNN/cuBLAS
 # may use TF32 tensor cores is bounded by the TF32 rate (see ``peak_for``).
@@ -73,12 +73,7 @@ def peak_for(report: dict[str, Any], precision: str) -> tuple[float | None, str]
 def load_report(path: str | Path) -> dict[str, Any]:
     """Read and validate one report (DataError naming the file on any problem)."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: benchmark report not found")
-    try:
-        report = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{p}: not a JSON file ({exc})") from None
+    report = read_json(p, what="benchmark report")
     validate_report(report, source=p)
     return report
 
@@ -118,7 +113,7 @@ def compare_reports(reports: Sequence[dict[str, Any]], labels: Sequence[str] | N
     for report in reports:
         for row in report["rows"]:
             for lat in row.get("latency", []):
-                key = (row["format"], row["precision"], lat["batch"])
+                key = (row_label(row), row["precision"], lat["batch"])
                 if key not in keys:
                     keys.append(key)
     rows = []
@@ -126,7 +121,7 @@ def compare_reports(reports: Sequence[dict[str, Any]], labels: Sequence[str] | N
         cells = []
         reference_fps = None
         for i, report in enumerate(reports):
-            row = next((r for r in report["rows"] if r["format"] == fmt and r["status"] == "ok"), None)
+            row = next((r for r in report["rows"] if row_label(r) == fmt and r["status"] == "ok"), None)
             lat = _latency(row, batch) if row else None
             cell: dict[str, Any] = {"fps": None, "p50_ms": None, "ratio": None, "floor_ms": None, "fraction_of_peak": None, "peak": None}
             if lat is not None:
@@ -167,7 +162,7 @@ def render_comparison(comparison: dict[str, Any], console=None) -> None:
             escape(f"{m['device_name']} ({m['device']})"),
             m["known_device"] or "(none: measured matmul rate)",
             m["preset"],
-            f"{m['gflops_per_frame']:.2f}",
+            f"{m['gflops_per_frame']:.4g}",
         )
     console.print(machines)
     table = Table(title=f"FPS, ratio to {comparison['machines'][0]['label']}, compute floor and fraction of peak", title_justify="left")

@@ -1,8 +1,11 @@
 """The formats `pocus-edge benchmark` measures, one :class:`FormatSpec` each.
 
 A spec says whether its toolchain is present here (``check`` returns a skip reason or None)
-and how to turn the fp32 :class:`~pocus_edge.models.fused.FusedSegmenter` into something that
-runs (``prepare`` returns a :class:`Prepared`). The exported formats (ONNX, TensorRT, OpenVINO)
+and how to turn the fp32 exportable model (the :class:`~pocus_edge.models.fused.FusedSegmenter`,
+or a compact student's :class:`~pocus_edge.models.fused.SingleSegmenter`) into something that
+runs (``prepare`` returns a :class:`Prepared`). :data:`FORMATS` are the teacher's rows,
+:data:`STUDENT_FORMATS` a student's: the same exported formats, its own eager PyTorch rows, no
+two-model baseline. The exported formats (ONNX, TensorRT, OpenVINO)
 come from the export package's format table (:data:`pocus_edge.export.formats.ARTIFACTS`): each
 row is built by ``export_model`` with the same steps and graphs as ``pocus-edge export`` (the
 TensorRT rows by the same strongly typed builder) and opened by the runtime's backend. The
@@ -13,6 +16,7 @@ failing spec cannot take the others down. torch is imported only by the formats 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import platform
@@ -35,12 +39,12 @@ AGREEMENT_BARS = {"fp32": 0.99, "bf16": 0.95, "fp16": 0.95, "int8": 0.90, "unkno
 class BenchContext:
     """What every format's ``prepare`` may use."""
 
-    fused: Any  # FusedSegmenter (torch), fp32, eval mode, on ``device``; None for an artifact benchmark
+    fused: Any  # the exportable model (FusedSegmenter, or a student's SingleSegmenter), fp32, eval mode, on ``device``; None for an artifact benchmark
     device: Any  # torch.device, or anything with ``.type`` ("cpu") when torch is absent
     img_size: int
     workdir: Path  # artifacts (ONNX files, engines) go here
     calibration: np.ndarray  # float32 (N,3,S,S) frames for int8 calibration
-    checkpoints: tuple[Path, Path] | None = None  # the two safetensors files, when given
+    checkpoints: tuple[Path, ...] | None = None  # the safetensors file(s) the model came from, when given
     max_batch: int = 64
     threads: int | None = None
     compile_mode: str | None = None  # torch.compile mode; None = the device's default
@@ -48,6 +52,7 @@ class BenchContext:
     cache: dict[str, Any] = field(default_factory=dict)  # artifacts shared between formats
     providers: list[str] | None = None  # onnxruntime execution providers for the ort rows
     artifact: Path | None = None  # an exported model benchmarked as is (``--model``)
+    label: str = "fused"  # file-name prefix of this model's artifacts in ``workdir`` (one per model)
 
 
 @dataclass
@@ -97,10 +102,10 @@ def _state_bytes(*modules) -> int:
 
 
 def _checkpoint_bytes(ctx: BenchContext) -> int:
-    """The two safetensors files when given, else the weights' in-memory size (random init)."""
+    """The safetensors file(s) when given, else the weights' in-memory size (random init)."""
     if ctx.checkpoints:
         return sum(Path(p).stat().st_size for p in ctx.checkpoints)
-    return _state_bytes(ctx.fused.generative, ctx.fused.contrastive)
+    return _state_bytes(*ctx.fused.networks())
 
 
 def _torch_io(ctx: BenchContext) -> tuple[Callable[[np.ndarray], Any], Callable[[Any], np.ndarray]]:
@@ -316,7 +321,7 @@ def _onnx_fp32_path(ctx: BenchContext) -> Path:
         from ..export.onnx import export_onnx
 
         fused_cpu = ctx.fused if ctx.device.type == "cpu" else _cpu_copy(ctx.fused)
-        ctx.cache["onnx-fp32"] = export_onnx(fused_cpu, ctx.workdir / "fused-fp32.onnx", batch=None, max_batch=ctx.max_batch)
+        ctx.cache["onnx-fp32"] = export_onnx(fused_cpu, ctx.workdir / f"{ctx.label}-fp32.onnx", batch=None, max_batch=ctx.max_batch)
     return ctx.cache["onnx-fp32"]
 
 
@@ -363,7 +368,7 @@ def _exported(target: str, precision: str) -> Callable[[BenchContext], Prepared]
             options = ExportOptions(target=target, precision=precision, calibration_frames=ctx.calibration, parity_frames=0,
                                     batch=None, max_batch=ctx.max_batch, fp32_onnx=fp32)
             fused_cpu = ctx.fused if ctx.device.type == "cpu" else _cpu_copy(ctx.fused)
-            path = export_model(fused_cpu, ctx.workdir / f"fused-{target}-{precision}{spec.suffix}", options).artifact
+            path = export_model(fused_cpu, ctx.workdir / f"{ctx.label}-{target}-{precision}{spec.suffix}", options).artifact
         kwargs: dict[str, Any] = {"device": str(ctx.device)}
         if spec.backend in ("ort", "openvino"):
             kwargs["threads"] = ctx.threads
@@ -430,7 +435,7 @@ def _coreml(ctx: BenchContext) -> Prepared:
     from ..export.coreml import export_coreml
     from ..runtime.backends import open_backend
 
-    package = export_coreml(_cpu_copy(ctx.fused), ctx.workdir / "fused-fp16.mlpackage")
+    package = export_coreml(_cpu_copy(ctx.fused), ctx.workdir / f"{ctx.label}-fp16.mlpackage")
     return _backend_prepared(open_backend(package, "coreml"), package)
 
 
@@ -469,16 +474,42 @@ FORMATS: dict[str, FormatSpec] = {
 }
 
 
-def resolve_formats(names: list[str] | None) -> list[FormatSpec]:
-    """The specs for ``names`` (None/empty = all, registry order); unknown names raise ConfigError."""
+# A compact student's rows: its eager PyTorch forms (named torch-*, as "fused" would be wrong),
+# torch.compile, and every exported format of the teacher's table. Its own torch-fp32 output is
+# the agreement reference; there is no two-model baseline.
+STUDENT_BASELINE = "torch-fp32"
+_STUDENT_EAGER = {
+    "fused-fp32": (STUDENT_BASELINE, "the student in eager PyTorch (reparameterized inference form)"),
+    "fused-bf16": ("torch-bf16", "the student, bf16 weights + autocast (NHWC on CPU)"),
+    "fused-fp16": ("torch-fp16", "the student, fp16 weights + autocast"),
+}
+STUDENT_FORMATS: dict[str, FormatSpec] = {}
+for _spec in FORMATS.values():
+    if _spec.name == BASELINE:
+        continue
+    if _spec.name in _STUDENT_EAGER:
+        _name, _summary = _STUDENT_EAGER[_spec.name]
+        _spec = dataclasses.replace(_spec, name=_name, summary=_summary)
+    elif _spec.engine == "torch.compile":
+        _spec = dataclasses.replace(_spec, summary=_spec.summary.replace("the folded FusedSegmenter", "the student"))
+    STUDENT_FORMATS[_spec.name] = _spec
+del _spec
+
+
+def resolve_formats(names: list[str] | None, registry: dict[str, FormatSpec] | None = None) -> list[FormatSpec]:
+    """The specs of ``registry`` (default: the teacher's :data:`FORMATS`) for ``names``
+    (None/empty = all, registry order); names known to neither registry raise ConfigError,
+    names of the other registry are left out."""
     from ..errors import ConfigError
 
+    registry = FORMATS if registry is None else registry
     if not names:
-        return list(FORMATS.values())
-    unknown = [n for n in names if n not in FORMATS]
+        return list(registry.values())
+    known = {**FORMATS, **STUDENT_FORMATS}
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ConfigError(f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
-    return [FORMATS[n] for n in FORMATS if n in names]
+        raise ConfigError(f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return [registry[n] for n in registry if n in names]
 
 
 def env_threads() -> int | None:

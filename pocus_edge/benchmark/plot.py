@@ -1,6 +1,7 @@
 """One picture of one or more benchmark reports (`pocus-edge benchmark plot`).
 
-Left panel: frames per second of every ``ok`` format at one batch size, one bar per report
+Left panel: frames per second of every ``ok`` format (a student's rows carry its name: "mobilenetv3
+onnx-int8") at one batch size, one bar per report
 (machine), with the speed-up over that report's eager two-model baseline written on the bar.
 Right panel: each format's mask agreement with the fp32 reference (mean per-image Dice) and its
 bar from the report, so a fast format that fails its accuracy bar stands out. Skipped and failed
@@ -14,6 +15,7 @@ from typing import Any, Sequence
 
 from ..errors import DataError
 from ..io import atomic_path
+from .schema import row_label
 
 BASELINE = "eager-2model"
 
@@ -30,19 +32,20 @@ def plot_data(reports: Sequence[dict[str, Any]], labels: Sequence[str], batch: i
         bar: dict[str, float] = {}
         not_ok = []
         for row in report["rows"]:
+            name = row_label(row)  # "onnx-int8" for the teacher, "mobilenetv3 onnx-int8" for a student
             if row["status"] != "ok":
-                not_ok.append((row["format"], row["status"], row.get("reason", "")))
+                not_ok.append((name, row["status"], row.get("reason", "")))
                 continue
             cell = next((c for c in row["latency"] if c["batch"] == batch), None)
             if cell is None or not cell.get("fps"):
                 continue
-            fps[row["format"]] = float(cell["fps"])
+            fps[name] = float(cell["fps"])
             if row.get("agreement_dice") is not None:
-                agreement[row["format"]] = float(row["agreement_dice"])
+                agreement[name] = float(row["agreement_dice"])
             if row.get("agreement_bar") is not None:
-                bar[row["format"]] = float(row["agreement_bar"])
-            if row["format"] not in formats:
-                formats.append(row["format"])
+                bar[name] = float(row["agreement_bar"])
+            if name not in formats:
+                formats.append(name)
         base = fps.get(BASELINE)
         speedup = {f: v / base for f, v in fps.items()} if base else {}
         series.append({"label": label, "device": report["machine"].get("device_name", "?"), "fps": fps,
@@ -51,7 +54,7 @@ def plot_data(reports: Sequence[dict[str, Any]], labels: Sequence[str], batch: i
         raise DataError(f"no format has an ok measurement at batch {batch} in these reports")
     model = reports[0]["model"]
     return {"batch": batch, "formats": formats, "series": series,
-            "title": f"{model.get('preset', '?')} preset, {model.get('gflops_per_frame', 0):.2f} GFLOPs/frame, batch {batch}"}
+            "title": f"{model.get('preset', '?')} preset, {model.get('gflops_per_frame', 0):.4g} GFLOPs/frame, batch {batch}"}
 
 
 def plot_reports(reports: Sequence[dict[str, Any]], labels: Sequence[str], out: str | Path, *, batch: int = 1):

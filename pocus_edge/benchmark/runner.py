@@ -1,4 +1,5 @@
-"""`pocus-edge benchmark`: every available format of the fused segmenter, one row each.
+"""`pocus-edge benchmark`: every available format of the fused segmenter, one row each, and
+the same for each compact student asked for (its own rows, tagged with its name).
 
 For each format (formats.FORMATS): status (ok / skipped: reason / failed: reason), artifact
 size, Dice and IoU on the site's labeled test frames, mask Dice agreement with the PyTorch fp32
@@ -6,6 +7,11 @@ reference (the paper's two-model eager path), latency p50/p95 per batch size, fr
 GFLOPs per frame, the fraction of the machine's measured matmul peak for the row's precision,
 and peak memory. A failure inside one format (an exception, a time-out, an agreement below its
 bar) becomes that row's status and never stops the others.
+
+Students (``--student NAME`` with random weights, ``--student-checkpoint FILE``) get the
+exported formats of the same table plus their own eager PyTorch rows (``torch-*``); a student's
+agreement is measured against its own fp32 PyTorch output, its speed ratio against the teacher's
+two-model baseline. Every row names its ``model`` ("fused" for the teacher).
 
 ``--model ARTIFACT`` benchmarks an exported model as it is (an ONNX file, an OpenVINO IR, a
 TensorRT engine) without torch: its own backend, plus OpenVINO at fp32/bf16 for an ONNX file
@@ -32,15 +38,17 @@ import numpy as np
 
 from ..errors import ConfigError, DataError, PocusError
 from ..metrics import THRESHOLD
-from .formats import AGREEMENT_BARS, BASELINE, BenchContext, FormatSpec, Prepared, resolve_formats
+from .formats import AGREEMENT_BARS, BASELINE, STUDENT_BASELINE, STUDENT_FORMATS, BenchContext, FormatSpec, Prepared, resolve_formats
 from .machine import describe_machine, device_label, load_average, probe_matmul
-from .schema import SCHEMA_VERSION, validate_report
+from .schema import SCHEMA_VERSION, row_label, validate_report
 
 
 
 @dataclass
 class BenchmarkOptions:
-    """Everything one benchmark run needs. Either two checkpoints or a preset (random weights)."""
+    """Everything one benchmark run needs. Either two checkpoints or a preset (random weights)
+    for the teacher, and optionally students: registered names (random weights at
+    ``student_preset``, default the teacher's preset, else paper) and student checkpoints."""
 
     generative: Path | None = None
     contrastive: Path | None = None
@@ -70,6 +78,11 @@ class BenchmarkOptions:
     hostname: bool = False  # record the machine's hostname in the report
     seed: int = 0
     command: str = ""
+    students: tuple[str, ...] = ()  # registered student names, random weights
+    student_checkpoints: tuple[Path, ...] = ()  # student checkpoints (.safetensors, kind: student)
+    student_preset: str | None = None  # preset of the random-weight students
+    teacher: bool = True  # False: student rows only (no fused teacher)
+    model_name: str | None = None  # the model label of an exported artifact's rows (--model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,15 +466,18 @@ def run_benchmark(
     on_row: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
     on_start: Callable[[FormatSpec], None] | None = None,
 ) -> dict[str, Any]:
-    """Run every selected format and return the report (schema.REPORT_SCHEMA).
+    """Run every selected format of every model and return the report (schema.REPORT_SCHEMA).
 
     ``on_start(spec)`` is called before each format and ``on_row(row, report)`` after it with the
     report so far, so callers can print progress and write partial JSON.
     """
     if any(b < 1 for b in opts.batches) or not opts.batches:
         raise ConfigError(f"--batch sizes must be positive integers, got {list(opts.batches)}")
-    if opts.model is not None and (opts.generative or opts.contrastive or opts.formats):
-        raise ConfigError("--model benchmarks one exported artifact: drop --generative/--contrastive/--formats")
+    students = bool(opts.students or opts.student_checkpoints)
+    if opts.model is not None and (opts.generative or opts.contrastive or opts.formats or students):
+        raise ConfigError("--model benchmarks one exported artifact: drop --generative/--contrastive/--formats/--student")
+    if opts.model is None and not opts.teacher and not students:
+        raise ConfigError("--no-teacher leaves nothing to measure: add --student NAME or --student-checkpoint FILE")
     device = _resolve_device(opts.device)
     if opts.eval_batch is None:
         # The largest timed batch: a compiled format then sees no extra input shape.
@@ -471,21 +487,39 @@ def run_benchmark(
     with contextlib.ExitStack() as stack:
         workdir = opts.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pocus-bench-")))
         workdir.mkdir(parents=True, exist_ok=True)
-        if opts.model is not None:
-            setup = _artifact_setup(opts, device, workdir)
-        else:
-            setup = _model_setup(opts, device, workdir)
-        report = _new_report(opts, device, setup)
-        for spec in setup["specs"]:
-            if on_start:
-                on_start(spec)
-            row = run_format(spec, setup["ctx"], opts, setup["frames"], setup["masks"], setup["reference"], setup["gflops"])
-            annotate_peak_fraction(row, report["machine"])
-            report["rows"].append(row)
-            if on_row:
-                on_row(row, report)
+        setups = [_artifact_setup(opts, device, workdir)] if opts.model is not None else _model_setups(opts, device, workdir)
+        report = _new_report(opts, device, setups)
+        for setup in setups:
+            for spec in setup["specs"]:
+                if on_start:
+                    on_start(spec)
+                row = run_format(spec, setup["ctx"], opts, setup["frames"], setup["masks"], setup["reference"], setup["gflops"])
+                row["model"] = setup["label"]
+                annotate_peak_fraction(row, report["machine"])
+                report["rows"].append(row)
+                if on_row:
+                    on_row(row, report)
     validate_report(report, source="benchmark report (internal)")
     return report
+
+
+def _model_setups(opts: BenchmarkOptions, device, workdir: Path) -> list[dict[str, Any]]:
+    """The teacher's setup (unless ``--no-teacher``), then one per student."""
+    setups = [_model_setup(opts, device, workdir)] if opts.teacher else []
+    teacher_preset = setups[0]["model"]["preset"] if setups else None
+    preset = opts.student_preset or opts.preset or teacher_preset or "paper"
+    sources = [("name", name) for name in opts.students] + [("checkpoint", Path(p)) for p in opts.student_checkpoints]
+    labels: list[str] = []
+    for kind, value in sources:
+        setup = _student_setup(opts, device, workdir, preset if kind == "name" else None, value)
+        if setup["label"] in labels and kind == "checkpoint":  # two checkpoints of one student: name the file
+            setup["label"] = f"{setup['label']}:{Path(value).stem}"
+        if setup["label"] in labels:
+            raise ConfigError(f"student {setup['label']!r} is given twice")
+        setup["ctx"].label = "student-" + setup["label"].replace(":", "-")
+        labels.append(setup["label"])
+        setups.append(setup)
+    return setups
 
 
 def _model_setup(opts: BenchmarkOptions, device, workdir: Path) -> dict[str, Any]:
@@ -513,12 +547,72 @@ def _model_setup(opts: BenchmarkOptions, device, workdir: Path) -> dict[str, Any
     )
     model = {"preset": preset, "img_size": fused.img_size, "gflops_per_frame": gflops_per_frame(fused),
              "params": count_params(fused), "fusion": {"method": opts.method, "norm": opts.norm, "formula": opts.formula},
-             "weights": weights}
+             "weights": weights, "name": "fused"}
     # Computed once, outside the rows, so that a planted or real failure of the baseline row
     # cannot remove it.
-    reference = _reference_probs(ctx, frames, opts)
+    reference = _reference_probs(ctx, frames, opts, BASELINE)
     return {"specs": specs, "ctx": ctx, "frames": frames, "masks": masks, "frames_source": frames_source,
-            "reference": reference, "gflops": model["gflops_per_frame"], "model": model}
+            "reference": reference, "gflops": model["gflops_per_frame"], "model": model, "label": "fused"}
+
+
+def _build_student(opts: BenchmarkOptions, device, preset: str | None, source) -> tuple[Any, str, str]:
+    """(the student as a SingleSegmenter in its reparameterized inference form, its label,
+    where its weights came from): a checkpoint, or a registered name with random weights."""
+    import torch
+
+    from ..models.fused import SingleSegmenter, load_single
+    from ..models.students import build_student
+
+    if preset is None:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"{path}: student checkpoint not found")
+        model = load_single(path)
+        if model.kind != "student":
+            raise ConfigError(f"{path}: not a student checkpoint (its card's kind is not 'student'); benchmark a "
+                              "fused pair with --generative/--contrastive")
+        return model.to(device), str(model.cfg.name), str(path)
+    torch.manual_seed(opts.seed)
+    network = build_student(str(source), preset).eval().reparameterize()
+    return SingleSegmenter(network).eval().to(device), str(source), "random"
+
+
+def _student_setup(opts: BenchmarkOptions, device, workdir: Path, preset: str | None, source) -> dict[str, Any]:
+    """One student's rows: its eval frames at its own input size, the student formats, and its
+    own fp32 PyTorch output as the agreement reference."""
+    from ..export.parity import spread_head_logits
+    from ..models.flops import count_flops, count_params
+
+    student, label, weights = _build_student(opts, device, preset, source)
+    frames, masks, frames_source = _eval_frames(opts, student.img_size)
+    if weights == "random":
+        import torch
+
+        spread_head_logits(student.network, torch.from_numpy(frames).to(device), std=4.0)
+    ctx = BenchContext(fused=student, device=device, img_size=student.img_size, workdir=workdir,
+                       calibration=frames[: max(1, min(len(frames), 16))],
+                       checkpoints=(Path(source),) if weights != "random" else None,
+                       max_batch=max(64, max(opts.batches)), threads=opts.threads, compile_mode=opts.compile_mode,
+                       compile_backend=opts.compile_backend, providers=opts.providers)
+    gflops = count_flops(student, tuple(student.input_shape(1))) / 1e9
+    model = {"name": label, "kind": "student", "preset": student.cfg.preset, "encoder": student.cfg.encoder,
+             "img_size": student.img_size, "gflops_per_frame": gflops, "params": count_params(student),
+             "weights": weights, "frames_source": frames_source}
+    reference = _reference_probs(ctx, frames, opts, STUDENT_BASELINE)
+    return {"specs": resolve_formats(opts.formats, STUDENT_FORMATS), "ctx": ctx, "frames": frames, "masks": masks,
+            "frames_source": frames_source, "reference": reference, "gflops": gflops, "model": model, "label": label}
+
+
+def _artifact_label(card: dict[str, Any], opts: BenchmarkOptions) -> str:
+    """The model an exported artifact holds, as rows name it: --model-name, else its card's
+    student name, "fused" for the fused pair, "network" otherwise."""
+    from ..card import is_student_card
+
+    if opts.model_name:
+        return opts.model_name
+    if is_student_card(card):
+        return str(card.get("student") or (card.get("model") or {}).get("name") or "student")
+    return "fused" if card.get("kind") == "fused-two-branch" or card.get("fusion") else "network"
 
 
 def _artifact_setup(opts: BenchmarkOptions, device, workdir: Path) -> dict[str, Any]:
@@ -551,11 +645,12 @@ def _artifact_setup(opts: BenchmarkOptions, device, workdir: Path) -> dict[str, 
                        threads=opts.threads, providers=opts.providers, artifact=path)
     reference = _predict(_artifact_prepared(first, path), frames, opts.eval_batch)
     gflops = first.gflops_per_frame
+    name = _artifact_label(card, opts)
     model = {"preset": card.get("preset") or "unknown", "img_size": int(first.img_size), "gflops_per_frame": gflops or 0.0,
-             "params": None, "fusion": card.get("fusion") or {}, "weights": f"exported artifact {path.name}",
+             "params": None, "fusion": card.get("fusion") or {}, "weights": f"exported artifact {path.name}", "name": name,
              "artifact": {"file": str(path), "backend": kind, "precision": first.precision, "card": bool(card)}}
     return {"specs": specs, "ctx": ctx, "frames": frames, "masks": masks, "frames_source": frames_source,
-            "reference": reference, "gflops": gflops, "model": model}
+            "reference": reference, "gflops": gflops, "model": model, "label": name}
 
 
 def _artifact_prepared(backend, path: Path) -> Prepared:
@@ -568,7 +663,7 @@ def _artifact_spec(name: str, precision: str, engine: str, summary: str, opener)
     return FormatSpec(name, precision, engine, summary, lambda ctx: None, lambda ctx: _artifact_prepared(opener(ctx), ctx.artifact))
 
 
-def _new_report(opts: BenchmarkOptions, device, setup: dict[str, Any]) -> dict[str, Any]:
+def _new_report(opts: BenchmarkOptions, device, setups: list[dict[str, Any]]) -> dict[str, Any]:
     machine = describe_machine(hostname=opts.hostname)
     machine["device"] = str(device)
     machine["device_name"] = opts.device_name or device_label(machine, str(device))
@@ -578,13 +673,17 @@ def _new_report(opts: BenchmarkOptions, device, setup: dict[str, Any]) -> dict[s
             probe = probe_matmul(str(device), threads=opts.threads)
             machine["matmul_gflops"], machine["matmul_engine"] = probe["gflops"], probe["engine"]
     torch = sys.modules.get("torch")
+    main = setups[0]  # the teacher (or the artifact, or the first student when there is no teacher)
+    model = dict(main["model"])
+    model.setdefault("fusion", {})
     return {
         "schema": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": opts.command,
         "machine": machine,
-        "model": setup["model"],
-        "data": {"source": setup["frames_source"], "frames": int(len(setup["frames"])), "labeled": setup["masks"] is not None},
+        "model": model,
+        "students": [s["model"] for s in setups if s["model"].get("kind") == "student"],
+        "data": {"source": main["frames_source"], "frames": int(len(main["frames"])), "labeled": main["masks"] is not None},
         "settings": {
             "batches": list(opts.batches),
             "runs": opts.runs,
@@ -593,7 +692,7 @@ def _new_report(opts: BenchmarkOptions, device, setup: dict[str, Any]) -> dict[s
             "format_timeout_s": opts.format_timeout_s,
             "threads": opts.threads or (torch.get_num_threads() if torch is not None else None),
             "providers": opts.providers,
-            "formats": [s.name for s in setup["specs"]],
+            "formats": list(dict.fromkeys(s.name for setup in setups for s in setup["specs"])),
         },
         "rows": [],
     }
@@ -609,10 +708,12 @@ def annotate_peak_fraction(row: dict[str, Any], machine: dict[str, Any]) -> None
             lat["fraction_of_peak"] = lat["fps"] * gflops / peak
 
 
-def _reference_probs(ctx: BenchContext, frames: np.ndarray, opts: BenchmarkOptions) -> np.ndarray:
+def _reference_probs(ctx: BenchContext, frames: np.ndarray, opts: BenchmarkOptions, baseline: str) -> np.ndarray:
+    """The agreement reference: ``baseline`` (the teacher's two-model path, or a student's
+    torch-fp32) on the eval frames."""
     from .formats import FORMATS
 
-    prepared = FORMATS[BASELINE].prepare(ctx)
+    prepared = {**FORMATS, **STUDENT_FORMATS}[baseline].prepare(ctx)
     return _predict(prepared, frames, opts.eval_batch)
 
 
@@ -651,7 +752,7 @@ def render_report(report: dict[str, Any], console=None) -> None:
     baseline = next((r for r in report["rows"] if r["format"] == BASELINE and r["status"] == "ok"), None)
     base_fps = {lat["batch"]: lat["fps"] for lat in baseline["latency"]} if baseline else {}
     title = (
-        f"pocus-edge benchmark: {model['preset']} ({model['weights']} weights), {model['gflops_per_frame']:.2f} GFLOPs/frame, "
+        f"pocus-edge benchmark: {model.get('name', 'fused')} at {model['preset']} ({model['weights']} weights), {model['gflops_per_frame']:.4g} GFLOPs/frame, "
         f"{machine['device_name']} [{machine['device']}], {machine['cpu']['cores']} cores, "
         f"eval: {report['data']['source']}"
     )
@@ -673,7 +774,7 @@ def render_report(report: dict[str, Any], console=None) -> None:
         status = row["status"]
         if row["reason"]:
             # Reasons are long sentences: footnotes keep the table narrow enough to read.
-            notes.append(f"[{len(notes) + 1}] {row['format']}: {row['status']}: {row['reason']}")
+            notes.append(f"[{len(notes) + 1}] {row_label(row)}: {row['status']}: {row['reason']}")
             status = f"{status} [{len(notes)}]"
         lat = {l["batch"]: l for l in row["latency"]}
         cells = []
@@ -689,7 +790,7 @@ def render_report(report: dict[str, Any], console=None) -> None:
             else:
                 cells += ["-"] * (4 if cpu_device else 3)
         table.add_row(
-            row["format"],
+            row_label(row),
             f"[{style}]{status}[/{style}]",
             _fmt_bytes(row["artifact_bytes"]),
             _fmt(row["dice"], ".4f"),
@@ -700,6 +801,10 @@ def render_report(report: dict[str, Any], console=None) -> None:
             _fmt(row["setup_s"], ".1f"),
         )
     console.print(table)
+    for student in report.get("students") or []:
+        console.print(f"student {student['name']}: {student['encoder']} at preset {student['preset']} ({student['img_size']} px), "
+                      f"{student['params']:,} parameters, {student['gflops_per_frame']:.3g} GFLOPs/frame, {student['weights']} weights; "
+                      f"agreement against its own fp32 PyTorch output", highlight=False, markup=False)
     for note in notes:
         console.print(note, highlight=False, markup=False)
     probe = machine.get("matmul_gflops") or {}

@@ -36,6 +36,9 @@ ROW_SCHEMA = {
     "required": ["format", "precision", "engine", "device", "status", "reason", "latency"],
     "properties": {
         "format": {"type": "string", "minLength": 1},
+        # Which model the row measures: "fused" (the teacher), a student's name, or an
+        # exported artifact's label. Absent in reports written before students had rows.
+        "model": {"type": "string", "minLength": 1},
         "precision": {"enum": list(PRECISIONS)},
         "engine": {"type": "string"},
         "device": {"type": "string"},
@@ -132,9 +135,39 @@ REPORT_SCHEMA: dict[str, Any] = {
                 "warmup": {"type": "integer", "minimum": 0},
             },
         },
+        "students": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "preset", "img_size", "gflops_per_frame", "params"],
+                "properties": {
+                    "name": {"type": "string", "minLength": 1},
+                    "preset": {"type": "string"},
+                    "img_size": {"type": "integer", "minimum": 16},
+                    "gflops_per_frame": {"type": "number", "minimum": 0},
+                    "params": {"type": "integer", "minimum": 1},
+                    "encoder": {"type": "string"},
+                    "weights": {"type": "string"},
+                },
+            },
+        },
         "rows": {"type": "array", "items": ROW_SCHEMA},
     },
 }
+
+TEACHER = "fused"
+
+
+def row_model(row: dict[str, Any]) -> str:
+    """The model a row measures ("fused" for the teacher and for rows of older reports)."""
+    return str(row.get("model") or TEACHER)
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """How tables and figures name a row: the format for the teacher ("onnx-int8"), the model
+    and the format for anything else ("mobilenetv3 onnx-int8")."""
+    model = row_model(row)
+    return row["format"] if model == TEACHER else f"{model} {row['format']}"
 
 
 def validate_report(report: Any, *, source: str | Path = "benchmark report") -> None:

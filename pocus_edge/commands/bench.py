@@ -35,6 +35,11 @@ def register(app: typer.Typer) -> None:
             "precision, peak memory.\n\n"
             "`pocus-edge benchmark --model fused.onnx [--data SITE]` benchmarks an exported model as it "
             "is (no torch needed): its own backend, plus OpenVINO where installed.\n\n"
+            "`--student NAME` (random weights) or `--student-checkpoint FILE` adds a compact student's rows "
+            "beside the teacher's: its eager PyTorch forms and every exported format (`--no-teacher`: "
+            "students only).\n\n"
+            "`pocus-edge benchmark frontier REPORT.json --dice STUDY.json` draws target Dice against FPS "
+            "for every model and format, with the frontier.\n\n"
             "`pocus-edge benchmark compare A.json B.json` sets machines side by side."
         ),
         invoke_without_command=True,
@@ -68,6 +73,11 @@ def register(app: typer.Typer) -> None:
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report here (updated after every format, atomically)."),
         workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keep exported artifacts here (default: a temporary folder)."),
         list_formats: bool = typer.Option(False, "--list-formats", help="List the formats and exit."),
+        student: Optional[str] = typer.Option(None, "--student", "-s", help="Compact student(s) to add, random weights: comma-separated names (mobilenetv3, efficientvit, fastvit) or 'all'. Their rows carry their name."),
+        student_checkpoint: Optional[list[Path]] = typer.Option(None, "--student-checkpoint", help="A trained student checkpoint (.safetensors with a 'kind: student' card); repeatable."),
+        student_preset: Optional[str] = typer.Option(None, "--student-preset", help="Preset of the random-weight students (default: --preset, else the teacher checkpoints' preset, else paper = 224 px)."),
+        teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="Measure the fused teacher (default) or only the students."),
+        model_name: Optional[str] = typer.Option(None, "--model-name", help="With --model: the name its rows carry (e.g. generative for an exported branch; default from its card)."),
     ) -> None:
         if ctx.invoked_subcommand is not None:
             return
@@ -79,8 +89,13 @@ def register(app: typer.Typer) -> None:
 
         console = Console(width=max(Console().width, 160) if not sys.stdout.isatty() else None)
         if list_formats:
+            from ..benchmark.formats import STUDENT_FORMATS
+
             for spec in FORMATS.values():
                 console.print(f"{spec.name:15s} {spec.precision:5s} {spec.engine:14s} {spec.summary}", markup=False)
+            for name in STUDENT_FORMATS.keys() - FORMATS.keys():
+                spec = STUDENT_FORMATS[name]
+                console.print(f"{spec.name:15s} {spec.precision:5s} {spec.engine:14s} student rows: {spec.summary}", markup=False)
             return
         opts = BenchmarkOptions(
             generative=generative,
@@ -106,7 +121,14 @@ def register(app: typer.Typer) -> None:
             hostname=hostname,
             workdir=workdir,
             command=shlex.join(["pocus-edge", *sys.argv[1:]]),
+            students=_student_names(student),
+            student_checkpoints=tuple(student_checkpoint or ()),
+            student_preset=student_preset,
+            teacher=teacher,
+            model_name=model_name,
         )
+
+        from ..benchmark.schema import row_label
 
         def on_start(spec) -> None:
             console.print(f"[dim]... {spec.name}[/dim]")
@@ -114,7 +136,7 @@ def register(app: typer.Typer) -> None:
         def on_row(row, report) -> None:
             note = "" if row["status"] == "ok" else f": {row['reason']}"
             fps = ", ".join(f"b{l['batch']} {fmt_fps(l['fps'])} FPS" for l in row["latency"])
-            console.print(f"    {row['format']}: {row['status']}{note} {fps}", markup=False, highlight=False)
+            console.print(f"    {row_label(row)}: {row['status']}{note} {fps}", markup=False, highlight=False)
             if json_out:
                 write_json_atomic(json_out, report)
 
@@ -159,4 +181,51 @@ def register(app: typer.Typer) -> None:
         _, data = plot_reports(loaded, [p.stem for p in reports], out, batch=batch)
         typer.echo(f"wrote {out}: {len(data['formats'])} formats x {len(loaded)} report(s) at batch {batch}")
 
+    @bench_app.command("frontier")
+    def frontier(
+        reports: list[Path] = typer.Argument(..., help="Benchmark JSON reports (from `pocus-edge benchmark --json`): FPS per model and format."),
+        dice: Optional[list[Path]] = typer.Option(None, "--dice", help="Target Dice per model (JSON: {\"models\": {NAME: DICE or {dice, ci}}}, or a study report with per-arm Dice and CI); repeatable."),
+        as_: Optional[list[str]] = typer.Option(None, "--as", help="ARM=MODEL: a study arm's name -> the benchmark's model name (the teacher is 'fused', a student its name)."),
+        out: Path = typer.Option(Path("frontier.png"), "--out", "-o", help="Figure path (.png, .svg or .pdf)."),
+        batch: int = typer.Option(1, "--batch", "-b", min=1, help="Batch size whose FPS is drawn."),
+        fps_goal: Optional[float] = typer.Option(None, "--fps-goal", help="Draw a vertical line at this FPS (e.g. 30 or 60)."),
+    ) -> None:
+        """Target Dice against FPS for every model and format, and the frontier a user picks from.
+        Accuracy comes from --dice files; a model without one uses the Dice its benchmark rows
+        measured on labeled target frames (`benchmark --data TARGET_SITE`), if any."""
+        from ..benchmark import load_report
+        from ..benchmark.frontier import load_accuracy, plot_frontier
+        rename = {}
+        for item in as_ or []:
+            arm, sep, name = item.partition("=")
+            if not sep or not arm.strip() or not name.strip():
+                raise ConfigError(f"--as expects ARM=MODEL, got {item!r}")
+            rename[arm.strip()] = name.strip()
+        accuracy: dict = {}
+        for path in dice or []:
+            accuracy.update(load_accuracy(path, rename))
+        loaded = [load_report(p) for p in reports]
+        _, data = plot_frontier(loaded, [p.stem for p in reports], accuracy, out, batch=batch, fps_goal=fps_goal)
+        for s in data["series"]:
+            front = [s["points"][i]["label"] for i in s["frontier"]]
+            typer.echo(f"{s['label']}: {len(s['points'])} points; frontier (slow to fast): {', '.join(front)}")
+        if data["left_out"]:
+            typer.echo(f"not plotted: {len(data['left_out'])} rows (reasons under the figure)")
+        typer.echo(f"wrote {out}")
+
     app.add_typer(bench_app, name="benchmark")
+
+
+def _student_names(text: Optional[str]) -> tuple[str, ...]:
+    """--student NAME[,NAME] or 'all' -> registered student names (unknown ones refused)."""
+    if not text:
+        return ()
+    from ..models.students import student_names
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        return tuple(student_names())
+    unknown = [n for n in names if n not in student_names()]
+    if unknown:
+        raise ConfigError(f"--student: unknown student(s) {', '.join(unknown)}; choose from {', '.join(student_names())} or all")
+    return tuple(dict.fromkeys(names))

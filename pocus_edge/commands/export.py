@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
     def export(
         generative: Optional[Path] = typer.Option(None, "--generative", "-g", help="Fine-tuned generative (MIM) branch checkpoint (RUN/model.safetensors)."),
         contrastive: Optional[Path] = typer.Option(None, "--contrastive", "-c", help="Fine-tuned contrastive branch checkpoint (RUN/model.safetensors)."),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-k", help="Instead of -g/-c: ONE fine-tuned segmenter (a single network, e.g. a student), exported without fusion; output 'prob'."),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-k", help="Instead of -g/-c: ONE network, exported without fusion (output 'prob'): a compact student checkpoint (card 'kind: student'; exported in its reparameterized inference form, its config in the card) or one fine-tuned branch."),
         target: str = typer.Option("onnx", "--target", "-t", help="onnx | tensorrt | openvino | coreml."),
         out: Path = typer.Option(..., "--out", "-o", help="Output: *.onnx (onnx), *.engine (tensorrt; its precision-explicit ONNX and its .json card go next to it), *.xml (openvino, + .bin), *.mlpackage (coreml)."),
         precision: str = typer.Option("fp32", "--precision", "-p", help="fp32 | fp16 | int8 (onnx, tensorrt); fp32 | bf16 | int8 (openvino); fp16 (coreml). int8 needs --calib."),
@@ -50,7 +50,8 @@ def register(app: typer.Typer) -> None:
         timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="TensorRT timing cache file (default: next to the engine)."),
         opset: int = typer.Option(18, "--opset", help="ONNX opset (17 or newer)."),
     ) -> None:
-        """Export both fine-tuned branches plus the fusion head as ONE graph, with a parity report.
+        """Export both fine-tuned branches plus the fusion head as ONE graph (or one network,
+        e.g. a compact student, with --checkpoint), with a parity report.
 
         Precision lives in the graph: fp16 is a mixed graph (branches fp16; sigmoids, confidences
         and fusion fp32), int8 a static Q/DQ graph calibrated on the unlabeled frames of --calib

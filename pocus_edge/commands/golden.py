@@ -18,16 +18,22 @@ def register(app: typer.Typer) -> None:
             help="Exported model (from `pocus-edge export`; .onnx, or an OpenVINO .xml), run by its runtime backend: its probabilities and input size are used. "
             "Default: two seeded random-weight tiny TransUNets fused in PyTorch (input size 64).",
         ),
+        student: Optional[str] = typer.Option(
+            None,
+            "--student",
+            help="Instead of the fused default: a seeded random-weight tiny compact student (mobilenetv3, efficientvit, fastvit) in its "
+            "inference form, as the Android app ships it. The committed Android set: --student mobilenetv3.",
+        ),
         data: Optional[Path] = typer.Option(
             None, "--data", help="Site folder to take frames from (e.g. the simulator's target site). Default: synthetic frames."
         ),
         n: int = typer.Option(4, "--n", min=1, help="Number of frames."),
         seed: int = typer.Option(0, "--seed", help="Seed of the synthetic frames and the random model."),
     ) -> None:
-        """Write golden vectors: raw frames, the exact preprocessing outputs, fused probabilities and masks."""
+        """Write golden vectors: raw frames, the exact preprocessing outputs, the model's probabilities and masks."""
         from ..export.golden import write_golden
 
-        index = write_golden(out, model=model, site=data, n=n, seed=seed)
+        index = write_golden(out, model=model, site=data, n=n, seed=seed, student=student)
         probs = index["probabilities"]["kind"] if index["probabilities"] else "none (model code unavailable)"
         typer.echo(
             f"wrote {len(index['cases'])} frames to {out} (sizes {index['sizes']}, "

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
                 "(docs/openigtlink.md)."
             ),
         ),
-        model: str = typer.Option(..., "--model", "-m", help="Exported model: .onnx (ort), OpenVINO .xml, a TensorRT .engine/.plan (with its .json card), a Core ML .mlpackage (macOS), or GEN.safetensors,CON.safetensors (torch)."),
+        model: str = typer.Option(..., "--model", "-m", help="Exported model: .onnx (ort), OpenVINO .xml, a TensorRT .engine/.plan (with its .json card), a Core ML .mlpackage (macOS), GEN.safetensors,CON.safetensors (the fused pair in torch), or one checkpoint (a compact student, or one branch; torch)."),
         backend: str = typer.Option("auto", help="auto (by the model's suffix) | ort | openvino | tensorrt | coreml | torch."),
         device: str = typer.Option("cpu", help="cpu, cuda or cuda:N (OpenVINO: cpu, gpu, npu)."),
         providers: str = typer.Option("", "--providers", help="onnxruntime execution providers in priority order, e.g. tensorrt,cuda or openvino (those installed; CPU is always the fallback)."),

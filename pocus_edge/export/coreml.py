@@ -31,7 +31,7 @@ from ..io import atomic_path
 from .onnx import CARD_KEY
 
 INPUT_NAME = "frame"
-OUTPUT_NAME = "fused"
+OUTPUT_NAME = "fused"  # the fused pair's output; a single network (a student) keeps its own, "prob"
 MIN_DEPLOYMENT = "iOS16"  # FP16 ML Program with float32 outputs and grayscale image input
 
 
@@ -73,14 +73,14 @@ def coremltools_status() -> tuple[bool, bool, str]:
     return True, True, f"coremltools {ct.__version__} on macOS"
 
 
-def _convert(source, ct, frame_height: int, frame_width: int, card: dict[str, Any]):
+def _convert(source, ct, frame_height: int, frame_width: int, output_name: str):
     import numpy as np
 
     return ct.convert(
         source,
         inputs=[ct.ImageType(name=INPUT_NAME, shape=(1, 1, frame_height, frame_width),
                              color_layout=ct.colorlayout.GRAYSCALE, scale=1.0 / 255.0)],
-        outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
+        outputs=[ct.TensorType(name=output_name, dtype=np.float32)],
         convert_to="mlprogram",
         compute_precision=ct.precision.FLOAT16,
         minimum_deployment_target=getattr(ct.target, MIN_DEPLOYMENT),
@@ -95,7 +95,8 @@ def export_coreml(
     card: dict[str, Any] | None = None,
     method: str = "export",
 ) -> Path:
-    """Convert a (float-input) FusedSegmenter to ``path`` (.mlpackage, written atomically).
+    """Convert a (float-input) FusedSegmenter or SingleSegmenter (e.g. a student) to ``path``
+    (.mlpackage, written atomically); the output keeps the model's name ("fused" or "prob").
 
     ``frame_shape``: (height, width) of the probe frames the app feeds (default: the model's
     square input size). ``method``: "export" (torch.export) or "trace" (torch.jit.trace);
@@ -113,6 +114,7 @@ def export_coreml(
     if height < 1 or width < 1:
         raise ExportError(f"frame shape {height}x{width} is empty")
     wrapper = ProbeFrameModel(fused.eval(), height, width).eval()
+    output_name = fused.output_names()[0] if hasattr(fused, "output_names") else OUTPUT_NAME
     example = torch.rand(1, 1, height, width)
     attempts = ["export", "trace"] if method == "export" else ["trace"]
     errors: list[str] = []
@@ -126,7 +128,7 @@ def export_coreml(
                     source = torch.export.export(wrapper, (example,)).run_decompositions({})
                 else:
                     source = torch.jit.trace(wrapper, example)
-                model = _convert(source, ct, height, width, card or {})
+                model = _convert(source, ct, height, width, output_name)
             used = attempt
             break
         except Exception as exc:  # the converter raises many types; keep the first line of each
@@ -137,12 +139,16 @@ def export_coreml(
     card.update({"precision": "fp16", "coreml": {
         "input": {"name": INPUT_NAME, "type": "grayscale image", "height": height, "width": width,
                   "scale": "1/255", "in_graph": ["zero-pad bottom/right to square", f"bilinear resize to {fused.img_size}", "repeat to 3 channels"]},
-        "output": OUTPUT_NAME, "compute_precision": "FLOAT16", "minimum_deployment_target": MIN_DEPLOYMENT,
+        "output": output_name, "compute_precision": "FLOAT16", "minimum_deployment_target": MIN_DEPLOYMENT,
         "conversion": used, "coremltools": ct.__version__,
     }})
-    model.short_description = "pocus-edge fused bone segmenter (generative + contrastive TransUNet, confidence-aware fusion)"
+    kind = getattr(fused, "kind", "fused-two-branch")
+    model.short_description = {
+        "fused-two-branch": "pocus-edge fused bone segmenter (generative + contrastive TransUNet, confidence-aware fusion)",
+        "student": f"pocus-edge compact bone segmenter (student {getattr(fused.cfg, 'name', '')})",
+    }.get(kind, "pocus-edge bone segmenter (one network)")
     model.input_description[INPUT_NAME] = f"grayscale probe frame {height}x{width}"
-    model.output_description[OUTPUT_NAME] = f"fused bone probability (1,1,{fused.img_size},{fused.img_size}); threshold 0.5"
+    model.output_description[output_name] = f"bone probability (1,1,{fused.img_size},{fused.img_size}); threshold 0.5"
     model.user_defined_metadata[CARD_KEY] = json.dumps(card, sort_keys=True, default=str)
     with atomic_path(final, kind="dir", replaces=lambda p: (p / "Manifest.json").is_file()) as tmp:  # only an .mlpackage is replaced
         model.save(str(tmp))

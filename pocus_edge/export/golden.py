@@ -27,15 +27,16 @@ the streaming runtime. ``index.json`` states the rule and threshold so a port re
 instead of guessing.
 
 Probabilities come from the runtime backend of an exported model when one is given (onnxruntime
-for a fused ONNX file); otherwise from a
-``FusedSegmenter`` over two seeded random-weight ``tiny`` TransUNets (the numbers are not a
-trained model's, but a port's post-processing is checked on them just the same).
+for an ONNX file: a student's ``prob`` or the fused graph's output); otherwise from a seeded
+random-weight ``tiny`` model in PyTorch: a compact student (``student=NAME``, what the Android app
+ships; the committed set is made this way) or the ``FusedSegmenter`` over two TransUNets (the
+numbers are not a trained model's, but a port's post-processing is checked on them just the
+same).
 """
 
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ import numpy as np
 
 from ..data import transforms
 from ..errors import DataError
-from ..io import write_bytes_atomic, write_json_atomic
+from ..io import read_json, write_bytes_atomic, write_json_atomic
 from ..metrics import MASK_RULE, THRESHOLD, binarize
 
 GOLDEN_FORMAT = "pocus-edge-golden/1"
@@ -106,7 +107,7 @@ def site_frames(site_dir: str | Path, n: int) -> list[tuple[np.ndarray, str]]:
 
 
 class _ArtifactProbabilities:
-    """Fused probability from an exported model, run by the runtime backend its suffix names
+    """Bone probability from an exported model, run by the runtime backend its suffix names
     (onnxruntime for .onnx; float (N,3,S,S) or uint8 (N,1,S,S) input)."""
 
     def __init__(self, model_path: Path):
@@ -127,36 +128,52 @@ class _ArtifactProbabilities:
         return np.asarray(out, dtype=np.float32).reshape(self.img_size, self.img_size)
 
 
-class _RandomFusedProbabilities:
-    """Fused probability from two seeded random-weight ``tiny`` TransUNets (no model given)."""
+class _RandomProbabilities:
+    """Bone probability from a seeded random-weight ``tiny`` model run in PyTorch (no exported
+    model given): the fused teacher over two TransUNets, or, with ``student``, that compact
+    student in its reparameterized inference form (what the app ships)."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, student: str | None = None):
         import torch
 
         from ..config import model_preset
-        from ..models.transunet import TransUNet
-        from ..models.fused import FusedSegmenter
+        from ..models.fused import FusedSegmenter, SingleSegmenter
 
-        cfg = model_preset("tiny")
         torch.manual_seed(seed)
-        self.model = FusedSegmenter(TransUNet(cfg), TransUNet(cfg)).eval()
-        self.img_size = cfg.img_size
-        self.description = {
-            "kind": "torch FusedSegmenter over two random-weight tiny TransUNets",
-            "seed": seed,
-            "fusion": self.model.fusion_settings,
-        }
+        if student is None:
+            from ..models.transunet import TransUNet
+
+            cfg = model_preset("tiny")
+            self.model = FusedSegmenter(TransUNet(cfg), TransUNet(cfg)).eval()
+            self.heads = [self.model.generative, self.model.contrastive]
+            self.description = {
+                "kind": "torch FusedSegmenter over two random-weight tiny TransUNets",
+                "seed": seed,
+                "fusion": self.model.fusion_settings,
+            }
+        else:
+            from ..models.students import build_student
+
+            network = build_student(student, "tiny").eval().reparameterize()
+            self.model = SingleSegmenter(network).eval()
+            self.heads = [network]
+            self.description = {
+                "kind": f"torch student {student} (random-weight tiny, reparameterized)",
+                "seed": seed,
+                "student": network.cfg.to_dict(),
+            }
+        self.img_size = int(self.model.img_size)
 
     def calibrate(self, frames: list[np.ndarray]) -> None:
-        """Rescale each branch's output layer so its logits on these frames have median 0 and
+        """Rescale each network's output layer so its logits on these frames have median 0 and
         standard deviation 3 (:func:`.parity.spread_head_logits`): random weights alone give
         probabilities bunched just under 0.5 and an empty mask, which would not test a port's
         thresholding at all."""
         from .parity import spread_head_logits
 
         x = np.stack([transforms.preprocess_frame(f, self.img_size) for f in frames])
-        for branch in (self.model.generative, self.model.contrastive):
-            spread_head_logits(branch, x, std=3.0)
+        for network in self.heads:
+            spread_head_logits(network, x, std=3.0)
         self.description["calibrated"] = "output layers rescaled: logits median 0, standard deviation 3"
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
@@ -168,11 +185,13 @@ class _RandomFusedProbabilities:
         return prob.numpy().astype(np.float32).reshape(self.img_size, self.img_size)
 
 
-def _probability_model(model: str | Path | None, seed: int):
+def _probability_model(model: str | Path | None, seed: int, student: str | None = None):
     if model is not None:
+        if student is not None:
+            raise DataError("give --model (an exported model) or --student (a random-weight student), not both")
         return _ArtifactProbabilities(Path(model))
     try:
-        return _RandomFusedProbabilities(seed)
+        return _RandomProbabilities(seed, student)
     except ImportError:
         # The model code is optional for the preprocessing goldens (e.g. a stripped install).
         return None
@@ -209,10 +228,12 @@ def write_golden(
     n: int = 4,
     seed: int = 0,
     extra_sizes: tuple[int, ...] = (PAPER_SIZE,),
+    student: str | None = None,
 ) -> dict[str, Any]:
     """Write a golden folder (see the module docstring) and return its index.
 
-    ``model``: a fused ONNX file (probabilities by onnxruntime); None: random tiny fused model.
+    ``model``: an exported model (probabilities by its runtime backend); None: a random-weight
+    tiny model in PyTorch: the fused teacher, or the compact ``student`` of that name.
     ``site``: take the frames from this site folder; None: synthetic frames.
     ``extra_sizes``: output sizes besides the model's input size (preprocessing only).
     """
@@ -227,10 +248,10 @@ def write_golden(
         shapes = [SYNTHETIC_FRAME_SHAPES[i % len(SYNTHETIC_FRAME_SHAPES)] for i in range(n)]
         frames = [(synthetic_frame(h, w, seed + i), f"synthetic seed {seed + i}") for i, (h, w) in enumerate(shapes)]
 
-    prob_model = _probability_model(model, seed)
+    prob_model = _probability_model(model, seed, student)
     card = getattr(prob_model, "card", None) or {}
     threshold = float(card.get("threshold", DEFAULT_THRESHOLD))
-    if isinstance(prob_model, _RandomFusedProbabilities):
+    if isinstance(prob_model, _RandomProbabilities):
         prob_model.calibrate([f for f, _ in frames])
     input_size = prob_model.img_size if prob_model is not None else 64
     sizes = sorted({input_size, *map(int, extra_sizes)})
@@ -312,12 +333,8 @@ def read_npy(path: str | Path) -> np.ndarray:
 def read_golden(golden_dir: str | Path) -> dict[str, Any]:
     """Load ``index.json`` of a golden folder (format-checked)."""
     path = Path(golden_dir) / "index.json"
-    try:
-        index = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: not a golden folder (no index.json)") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    if index.get("format") != GOLDEN_FORMAT:
-        raise DataError(f"{path}: format {index.get('format')!r}, expected {GOLDEN_FORMAT!r}")
+    index = read_json(path, what="golden index (is this a golden folder?)")
+    if not isinstance(index, dict) or index.get("format") != GOLDEN_FORMAT:
+        found = index.get("format") if isinstance(index, dict) else type(index).__name__
+        raise DataError(f"{path}: format {found!r}, expected {GOLDEN_FORMAT!r}")
     return index

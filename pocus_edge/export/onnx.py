@@ -32,10 +32,11 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 def gflops_per_frame(model: "torch.nn.Module") -> float:
-    """FLOPs (2 x MACs, torch.utils.flop_counter) of one frame through the whole exported graph."""
+    """FLOPs (2 x MACs, torch.utils.flop_counter) of one frame through the whole exported graph,
+    in GFLOPs to 6 significant digits (a tiny student has a few MFLOPs: decimals would erase it)."""
     from ..models.flops import count_flops
 
-    return round(count_flops(model, tuple(model.input_shape(1))) / 1e9, 3)
+    return float(f"{count_flops(model, tuple(model.input_shape(1))) / 1e9:.6g}")
 
 
 def build_card(model: "torch.nn.Module", **kwargs: Any) -> dict[str, Any]:

@@ -38,22 +38,25 @@ def openvino_status() -> tuple[bool, str]:
     return True, f"OpenVINO {ov.__version__}"
 
 
+# OpenVINO's matrix ops: a sigmoid one of them follows is inside a network, not its output end.
+OPENVINO_MATRIX_OPS = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData", "MatMul")
+
+
 def fp32_scope(model, onnx_proto=None) -> list[str]:
-    """Names of the OpenVINO ops int8 must not touch: every Sigmoid, every op downstream of one
-    (the fusion tail), and, when the ONNX graph is given, each branch's precision-sensitive last
-    decoder block and head (the ONNX importer keeps node names)."""
-    keep: set[str] = set()
-    frontier = [op for op in model.get_ordered_ops() if op.get_type_name() == "Sigmoid"]
-    while frontier:
-        op = frontier.pop()
-        if op.get_friendly_name() in keep:
-            continue
-        keep.add(op.get_friendly_name())
-        for output in op.outputs():
-            for target in output.get_target_inputs():
-                node = target.get_node()
-                if node.get_type_name() != "Result":
-                    frontier.append(node)
+    """Names of the OpenVINO ops int8 must not touch: the output sigmoids and every op after
+    them (the fusion tail; :func:`pocus_edge.export.quantize.output_tail`: a squeeze-excite or
+    SiLU sigmoid inside a network is quantized around as usual), and, when the ONNX graph is
+    given, each branch's precision-sensitive last decoder block and head (the ONNX importer
+    keeps node names)."""
+    from .quantize import output_tail
+
+    def successors(op):
+        return [target.get_node() for output in op.outputs() for target in output.get_target_inputs()
+                if target.get_node().get_type_name() != "Result"]
+
+    keep = set(output_tail(model.get_ordered_ops(), name=lambda op: op.get_friendly_name(),
+                           op_type=lambda op: op.get_type_name(), successors=successors,
+                           matrix_ops=OPENVINO_MATRIX_OPS))
     if onnx_proto is not None:
         from .quantize import _precision_sensitive_convs
 
@@ -121,5 +124,5 @@ def _quantize(model, onnx_path, calibration, calibration_info):
         ignored_scope=nncf.IgnoredScope(names=keep, validate=False),
     )
     return quantized, {"tool": f"nncf {nncf.__version__}", "fp32_ops": len(keep),
-                       "kept_fp32": "sigmoids, fusion tail, last decoder block and head of each branch",
+                       "kept_fp32": "output sigmoids, fusion tail, last decoder block and head of each network",
                        "calibration": calibration_info or {"frames": int(sum(len(f) for f in frames))}}

@@ -9,6 +9,11 @@
   Only the matrix ops (Conv, MatMul, Gemm) are quantized; LayerNorm, Softmax, GELU (Erf), the
   sigmoid and the fusion tail stay fp32 (quantizing them costs accuracy and buys no speed on
   CPU, where the win is in the int8 GEMM/conv kernels).
+
+The tail both passes keep fp32 is the graph's *output* end: the sigmoids that turn a network's
+logit into its probability and every node after them (``output_tail``). A sigmoid inside a
+network (a squeeze-excite gate, a SiLU) is followed by more convolutions and is not part of it,
+so a student with sigmoid-gated blocks is quantized and converted like any other network.
 """
 
 from __future__ import annotations
@@ -29,9 +34,12 @@ from .staging import STAGING_PREFIX
 
 # Op types the int8 pass quantizes: where the time goes, and where int8 kernels exist.
 INT8_OP_TYPES = ("Conv", "MatMul", "Gemm")
-# Op types kept out of fp16 wherever they occur: the branch sigmoids (their outputs feed the
-# entropy confidence, where fp16 rounds 1 - 1e-6 to 1 and log(0) turns into NaN).
-FP16_BLOCK_OPS = ("Sigmoid",)
+# Op types kept out of fp16 wherever they occur (none: the output sigmoids, whose outputs feed
+# the entropy confidence where fp16 rounds 1 - 1e-6 to 1 and log(0) turns into NaN, are kept
+# fp32 by name as part of the output tail; sigmoids inside a network may run in fp16).
+FP16_BLOCK_OPS: tuple[str, ...] = ()
+# Ops after which a sigmoid is not the graph's output end (a learned layer still follows).
+MATRIX_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # onnxconverter-common's warning for a tensor whose values it clamps into fp16's range.
 _FP16_CLAMP_WARNING = "will be truncated to"
 
@@ -39,7 +47,7 @@ _FP16_CLAMP_WARNING = "will be truncated to"
 def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, *, keep_io_types: bool = True,
                  op_block_list: tuple[str, ...] | None = FP16_BLOCK_OPS) -> Path:
     """fp32 ONNX -> fp16 ONNX (weights and most activations fp16, I/O kept float32); the
-    sigmoids and every node after them (confidence, normalization, fusion) stay fp32."""
+    output sigmoids and every node after them (confidence, normalization, fusion) stay fp32."""
     import onnx
     from onnxconverter_common import float16
 
@@ -49,6 +57,7 @@ def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, *, keep_io_type
     block = list(float16.DEFAULT_OP_BLOCK_LIST) + list(op_block_list or ())
     tail = _fusion_tail_nodes(proto)
     private = _private_tail_constants(proto, set(tail))
+    relays = _relay_fp32_outputs(proto, set(tail), set(block))
     # The converter warns for every tensor holding values outside fp16's range, which it clamps
     # (its defaults: |x| < 1e-7 -> +-1e-7, |x| > 1e4 -> +-1e4): hundreds of lines on a real network. Count
     # them into the card (underflow is harmless; overflow would change results) instead.
@@ -65,6 +74,7 @@ def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, *, keep_io_type
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     _restore_fp32_constants(converted, private)
+    _drop_relays(converted, relays)
     _drop_fp16_round_trips(converted)
     if keep_io_types:
         _fp32_outputs(converted)
@@ -111,6 +121,48 @@ def _private_tail_constants(proto, fp32_nodes: set[str]) -> set[str]:
                 proto.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(inits[name]), copies[name]))
             node.input[i] = copies[name]
     return set(copies.values())
+
+
+def _relay_fp32_outputs(proto, fp32_nodes: set[str], fp32_ops: set[str]) -> list[str]:
+    """Put an Identity between every node kept fp32 and the graph output it writes.
+
+    onnxconverter-common (1.14) casts a kept-fp32 node's output to fp16 and, with
+    keep_io_types, casts the graph output back to fp32 right after: a Cast->Cast pair with no
+    node behind it, which its clean-up pass refuses ("The downstream node of the second cast
+    node should be graph output"). A student's graph ends in exactly that (its output sigmoid
+    writes ``prob``). The relay, converted like any node, keeps the two casts apart; it is
+    removed again after the conversion (:func:`_drop_relays`). Returns the relays' names."""
+    from onnx import helper
+
+    outputs = {o.name for o in proto.graph.output}
+    relays = []
+    for node in list(proto.graph.node):
+        if node.name not in fp32_nodes and node.op_type not in fp32_ops:
+            continue
+        for i, name in enumerate(node.output):
+            if name in outputs:
+                node.output[i] = f"{name}__fp32"
+                relay = helper.make_node("Identity", [node.output[i]], [name], name=f"{name}__relay")
+                proto.graph.node.append(relay)  # after every producer: the graph stays sorted
+                relays.append(relay.name)
+    return relays
+
+
+def _drop_relays(proto, relays: list[str]) -> None:
+    """Remove the relays of :func:`_relay_fp32_outputs`: their readers (the converter's cast back
+    to fp32 for the graph output) read the relay's input instead, the cast down to fp16, and
+    ``_drop_fp16_round_trips`` then bypasses the pair. A relay that still writes a graph output
+    itself (no cast behind it) stays: the output keeps its name."""
+    outputs = {o.name for o in proto.graph.output}
+    for relay in [n for n in proto.graph.node if n.name in set(relays)]:
+        source, target = relay.input[0], relay.output[0]
+        if target in outputs:
+            continue
+        for node in proto.graph.node:
+            for i, name in enumerate(node.input):
+                if name == target:
+                    node.input[i] = source
+        proto.graph.node.remove(relay)
 
 
 def _drop_fp16_round_trips(proto) -> int:
@@ -281,21 +333,39 @@ def _precision_sensitive_convs(proto) -> list[str]:
     return sorted(n for n, w in weight_of.items() if "decoder.head." in w or (last is not None and last in w))
 
 
+def output_tail(nodes, *, name, op_type, successors, matrix_ops=MATRIX_OPS, gate: str = "Sigmoid") -> list[str]:
+    """Names of a graph's output sigmoids and of every node after them, for any graph API.
+
+    An output sigmoid is a ``gate`` op from which no ``matrix_ops`` node can be reached: the
+    sigmoid that turns a network's logit into its probability (in the fused graph, each
+    branch's, followed by the confidences, their normalization and the fusion). A sigmoid that
+    a convolution or matmul follows (a squeeze-excite gate, a SiLU) is inside a network and is
+    not part of the tail. ``nodes`` in topological order (ONNX graphs, OpenVINO's ordered ops);
+    ``name``/``op_type``/``successors`` read a node."""
+    order = list(nodes)
+    feeds_matrix: dict[str, bool] = {}
+    for node in reversed(order):  # successors first
+        feeds_matrix[name(node)] = any(op_type(s) in matrix_ops or feeds_matrix.get(name(s), False) for s in successors(node))
+    tail: set[str] = set()
+    frontier = [n for n in order if op_type(n) == gate and not feeds_matrix[name(n)]]
+    while frontier:
+        node = frontier.pop()
+        if name(node) in tail:
+            continue
+        tail.add(name(node))
+        frontier.extend(successors(node))
+    return sorted(tail)
+
+
 def _fusion_tail_nodes(proto) -> list[str]:
-    """Names of the nodes after the branch sigmoids (confidence, normalization, fusion)."""
+    """Names of the ONNX graph's output sigmoids and the nodes after them (confidence,
+    normalization, fusion): :func:`output_tail` on a ModelProto."""
     consumers: dict[str, list] = {}
     for node in proto.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    tail: set[str] = set()
-    frontier = [out for node in proto.graph.node if node.op_type == "Sigmoid" for out in node.output]
-    while frontier:
-        value = frontier.pop()
-        for node in consumers.get(value, []):
-            if node.name not in tail:
-                tail.add(node.name)
-                frontier.extend(node.output)
-    return sorted(tail)
+        for value in node.input:
+            consumers.setdefault(value, []).append(node)
+    return output_tail(proto.graph.node, name=lambda n: n.name, op_type=lambda n: n.op_type,
+                       successors=lambda n: [c for out in n.output for c in consumers.get(out, [])])
 
 
 def quantize_int8(
@@ -384,5 +454,5 @@ def quantize_int8(
 
 __all__ = [
     "CARD_KEY", "ArrayCalibrationReader", "SiteCalibrationReader", "calibration_records",
-    "convert_fp16", "quantize_int8",
+    "convert_fp16", "output_tail", "quantize_int8",
 ]

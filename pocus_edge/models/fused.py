@@ -169,12 +169,18 @@ class SingleSegmenter(ExportableSegmenter):
     """One segmentation network (logits ``(N, 1, S, S)``) plus its sigmoid: output ``prob``.
 
     ``network`` needs a 1-channel logit output and either a ``cfg.img_size`` or an explicit
-    ``img_size``; ``name`` labels it in the model card (e.g. "student")."""
+    ``img_size``; ``name`` labels it in the model card (e.g. "student"). A compact student
+    (:class:`~pocus_edge.models.students.StudentNet`) makes this a ``kind: student`` model, whose
+    export card carries the student's config."""
 
     kind = "single-network"
 
     def __init__(self, network: nn.Module, *, img_size: int | None = None, uint8_input: bool = False, name: str = "network"):
         super().__init__()
+        from .students import StudentNet
+
+        if isinstance(network, StudentNet):
+            self.kind = "student"
         out_channels = getattr(network, "out_channels", 1)
         if out_channels != 1:
             raise ExportError(f"{name} has {out_channels} output channels; a segmenter has 1")
@@ -242,13 +248,20 @@ def load_fused(
 
 
 def load_single(checkpoint: str | Path, *, uint8_input: bool = False) -> SingleSegmenter:
-    """Build a SingleSegmenter (eval mode) from one fine-tuned segmenter checkpoint."""
+    """Build a SingleSegmenter (eval mode) from one checkpoint: a fine-tuned TransUNet branch, or
+    a compact student (card ``kind: student``), which comes back in its reparameterized
+    inference form (the same function, fewer and cheaper layers: what export and streaming run)."""
+    from ..card import is_student_card
     from ..data.layout import sha256_file
     from .weights import build_segmenter
 
     network, card = build_segmenter(checkpoint)
     _require_segmenter(checkpoint, card)
-    model = SingleSegmenter(network, uint8_input=uint8_input, name=str(card.get("stage") or "network"))
+    student = is_student_card(card)
+    if student and not getattr(network, "reparameterized", False):
+        network = network.reparameterize()
+    name = "student" if student else str(card.get("stage") or "network")
+    model = SingleSegmenter(network, uint8_input=uint8_input, name=name)
     model.cards = {model.name: card}
     model.checkpoint_sha256 = {model.name: sha256_file(checkpoint)}
     return model.eval()

@@ -28,6 +28,7 @@ __all__ = [
     "load_strict",
     "load_encoder",
     "build_segmenter",
+    "save_student",
     "describe_mismatch",
 ]
 
@@ -113,6 +114,8 @@ def describe_mismatch(
 def _model_label(model: nn.Module) -> str:
     cfg = getattr(model, "cfg", None) or getattr(getattr(model, "net", None), "cfg", None)
     name = getattr(cfg, "name", None)
+    if name and getattr(cfg, "encoder", None):  # a student: its name and the preset it was built at
+        return f"{type(model).__name__}({name!r} at preset {getattr(cfg, 'preset', None)!r})"
     return f"{type(model).__name__}(preset {name!r})" if name else type(model).__name__
 
 
@@ -163,12 +166,55 @@ def load_encoder(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     return card
 
 
+def save_student(
+    path: str | os.PathLike,
+    student: nn.Module,
+    *,
+    stage: str = "init",
+    **card_fields: Any,
+) -> Path:
+    """Save a :class:`~pocus_edge.models.students.StudentNet` with its student card
+    (:func:`pocus_edge.card.student_card`): its config, the form its weights are in (training or
+    reparameterized) and the GFLOPs per frame of its deployed form. ``card_fields``:
+    ``hyperparameters``, ``data``, ``teachers``."""
+    from ..card import student_card
+    from .flops import student_size
+
+    cfg = getattr(student, "cfg", None)
+    if cfg is None or not hasattr(cfg, "to_dict") or not hasattr(cfg, "encoder"):
+        raise CheckpointError(f"{path}: save_student takes a StudentNet, got {type(student).__name__}")
+    form = "deployed" if getattr(student, "reparameterized", False) else "training"
+    card = student_card(cfg, stage=stage, form=form, gflops=float(f"{student_size(cfg)['gflops']:.6g}"), **card_fields)
+    return save_checkpoint(path, student, card)
+
+
+def _build_student(path: Any, card: dict[str, Any]) -> nn.Module:
+    """The StudentNet a student card describes, in the form its weights were saved in."""
+    from .students import StudentNet, student_from_dict
+
+    try:
+        network = StudentNet(student_from_dict(card["model"]))
+    except PocusError as exc:
+        raise CheckpointError(f"{path}: student card describes an invalid network ({exc})") from None
+    if card.get("form", "training") == "deployed":
+        network = network.reparameterize()  # the fused structure the saved tensors belong to
+    return network
+
+
 def build_segmenter(path: str | os.PathLike, *, device: str | torch.device = "cpu"):
-    """Build the TransUNet described by a checkpoint's card, load it strictly, and return
-    ``(model in eval mode, card)``."""
+    """Build the network described by a checkpoint's card (a TransUNet branch, or a compact
+    student when the card says ``kind: student``), load it strictly, and return
+    ``(model in eval mode, card)``. A student comes back in the form it was saved in."""
+    from ..card import is_student_card
     from .transunet import TransUNet
 
     state, card = read_checkpoint(path)
+    if is_student_card(card):
+        if not isinstance(card.get("model"), dict):
+            raise CheckpointError(f"{path}: student card lacks 'model' (its StudentConfig); cannot rebuild the network")
+        model = _build_student(path, card)
+        _load_all(model, state, card, path)
+        return model.to(device).eval(), card
     if not isinstance(card.get("model"), dict) or "out_channels" not in card:
         raise CheckpointError(f"{path}: model card lacks 'model' and 'out_channels'; cannot rebuild the network")
     try:

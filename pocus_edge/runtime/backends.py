@@ -507,6 +507,7 @@ class CoreMLBackend(Backend):
         self.card = parse_card(dict(spec.description.metadata.userDefined).get(CARD_KEY), self.path) or {}
         image = spec.description.input[0].type.imageType
         self.input_name = spec.description.input[0].name
+        self.output_name = spec.description.output[0].name  # "fused" (the pair) or "prob" (one network)
         self.frame_shape = (int(image.height), int(image.width))
         self.img_size = int(self.card.get("img_size") or 0) or int(spec.description.output[0].type.multiArrayType.shape[-1])
         self.precision = str(self.card.get("precision") or "fp16")
@@ -528,7 +529,7 @@ class CoreMLBackend(Backend):
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         from PIL import Image
 
-        out = [np.asarray(self.model.predict({self.input_name: Image.fromarray(np.asarray(f).reshape(self.frame_shape))})["fused"], dtype=np.float32)
+        out = [np.asarray(self.model.predict({self.input_name: Image.fromarray(np.asarray(f).reshape(self.frame_shape))})[self.output_name], dtype=np.float32)
                for f in batch]
         return {"prob": np.concatenate(out).reshape(len(batch), 1, self.img_size, self.img_size)}
 
@@ -560,9 +561,12 @@ class TorchBackend(Backend):
             self.has_weight_map = True
             self.card = {"preset": model.generative.cfg.name, "fusion": model.fusion_settings}
         elif len(paths) == 1:
-            model = load_single(paths[0])
+            model = load_single(paths[0])  # a student comes back reparameterized (its inference form)
             card = model.cards[model.name] or {}
-            self.card = {"preset": card.get("preset"), "stage": card.get("stage")}
+            self.card = {"preset": card.get("preset"), "stage": card.get("stage"), "kind": model.kind}
+            if model.kind == "student":
+                # A student's checkpoint card carries its deployed GFLOPs per frame.
+                self.card.update(student=card.get("student"), gflops_per_frame=card.get("gflops_per_frame"))
         else:
             raise CheckpointError(f"{model_path}: the torch backend takes one checkpoint or two (GEN,CON)")
         self.img_size = int(model.img_size)
@@ -582,6 +586,9 @@ class TorchBackend(Backend):
 
     @property
     def gflops_per_frame(self) -> float | None:
+        from_card = super().gflops_per_frame
+        if from_card is not None:
+            return from_card
         if self._counted is None:
             from ..models.flops import count_flops
 
