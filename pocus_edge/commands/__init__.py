@@ -14,11 +14,12 @@ def not_built(command: str, issue: str) -> None:
 
 
 def register_all(app: typer.Typer) -> None:
-    from . import bench, data, demo, export, flops, golden, runtime, simulate, train
+    from . import bench, data, demo, export, flops, golden, runtime, simulate, study, train
 
     simulate.register(app)  # simulate
     data.register(app)  # import, split
     train.register(app)  # pretrain, finetune, evaluate
+    study.register(app)  # study
     export.register(app)  # export
     golden.register(app)  # golden (parity vectors for the Android demo)
     runtime.register(app)  # stream
