@@ -130,6 +130,39 @@ def _finetune_optim(ft_cfg) -> OptimSettings:
                          momentum=ft_cfg.momentum, groups=groups)
 
 
+def _resolve(opts: RunOptions, recipe: str | None, init_card: dict[str, Any] | None, **explicit: Any):
+    """The run's configs: the recipe's defaults (with its weight decay after a contrastive
+    encoder), then the config file, --set and the explicit options."""
+    chosen = resolve_configs("finetune", opts.preset, opts.overrides, config_file=opts.config_file, recipe=recipe)
+    return resolve_configs(
+        "finetune", opts.preset, opts.overrides, config_file=opts.config_file, recipe=recipe,
+        defaults=_init_defaults(chosen.stage_cfg.recipe, init_card), **explicit, **opts.explicit(),
+    )
+
+
+def _datasets(site, split_column: str, max_val_frames: int | None, size: int, ft_cfg, train_cfg, preload: bool):
+    """(split column, train dataset, validation dataset); ``max_val_frames`` keeps an evenly
+    spaced, deterministic subset of the validation frames (validation cost matters on CPUs)."""
+    column, train_recs, val_recs = select_labeled_splits(site, split_column)
+    if max_val_frames is not None and len(val_recs) > max_val_frames > 0:
+        val_recs = val_recs[:: -(-len(val_recs) // max_val_frames)]
+    threads = max(1, train_cfg.num_workers or 4)
+    train_ds = SegmentationDataset(site, train_recs, size, seed=train_cfg.seed, preload=preload,
+                                   preload_threads=threads, augment=make_augmentation(ft_cfg.augment))
+    val_ds = SegmentationDataset(site, val_recs, size, seed=train_cfg.seed, preload=preload, preload_threads=threads)
+    return column, train_ds, val_ds
+
+
+def dice_bce_loss(net, batch):
+    """DiceBCE of a batch. Its Dice term is over the whole batch, so it is computed on the GLOBAL
+    batch (every rank the same value; distributed.py explains why the gradients come out exact)."""
+    from ..losses import dice_bce
+
+    images, masks = batch
+    prob = torch.sigmoid(net(images).float())
+    return dice_bce(gather_with_grad(prob), gather_no_grad(masks))
+
+
 def finetune(
     site_dir: Any,
     out_dir: str | Path,
@@ -148,73 +181,43 @@ def finetune(
     checkpoint (``out_dir/model.safetensors``). ``max_val_frames`` scores an evenly spaced subset
     of the validation split (cheaper epochs on CPUs). ``options`` / ``kwargs``:
     :class:`RunOptions` fields."""
-    from ..models.weights import read_checkpoint
+    from ..models.weights import read_checkpoint, save_checkpoint
 
     opts = RunOptions.build(options, **kwargs)
     init_card = read_checkpoint(init)[1] if init is not None else None
-    first = resolve_configs("finetune", opts.preset, opts.overrides, config_file=opts.config_file, recipe=recipe)
-    resolved = resolve_configs(
-        "finetune", opts.preset, opts.overrides, config_file=opts.config_file, recipe=recipe,
-        defaults=_init_defaults(first.stage_cfg.recipe, init_card), weight_decay=weight_decay, augment=augment,
-        **opts.explicit(),
-    )
+    resolved = _resolve(opts, recipe, init_card, weight_decay=weight_decay, augment=augment)
     model_cfg, ft_cfg, train_cfg = resolved.model, resolved.stage_cfg, resolved.train
     if init is not None:
         check_init_card(init, init_card, model_cfg, resolved.preset)
     ctx = setup(opts.device)
     site = open_one_site(site_dir, what="finetune", check_images=True)
-    column, train_recs, val_recs = select_labeled_splits(site, split_column)
-    if max_val_frames is not None and len(val_recs) > max_val_frames > 0:
-        # Evenly spaced, deterministic subset: validation cost matters on short CPU budgets.
-        stride = -(-len(val_recs) // max_val_frames)
-        val_recs = val_recs[::stride]
-
+    column, train_ds, val_ds = _datasets(site, split_column, max_val_frames, model_cfg.img_size, ft_cfg, train_cfg,
+                                         opts.preload)
     model, init_card = build_finetune_model(model_cfg, train_cfg.seed, init)
-    size = model_cfg.img_size
-    threads = max(1, train_cfg.num_workers or 4)
-    train_ds = SegmentationDataset(site, train_recs, size, seed=train_cfg.seed, preload=opts.preload,
-                                   preload_threads=threads, augment=make_augmentation(ft_cfg.augment))
-    val_ds = SegmentationDataset(site, val_recs, size, seed=train_cfg.seed, preload=opts.preload, preload_threads=threads)
     stage = "finetune" if init is not None else "baseline"
-    out_dir = Path(out_dir)
-    optim = _finetune_optim(ft_cfg)
-    from ..losses import dice_bce
-
-    def loss_fn(net, batch):
-        images, masks = batch
-        prob = torch.sigmoid(net(images).float())
-        # DiceBCE's Dice term is over the whole batch: compute it on the GLOBAL batch (every rank
-        # the same value; see distributed.py for why the gradients then come out exact).
-        return dice_bce(gather_with_grad(prob), gather_no_grad(masks))
-
-    written: dict[str, Any] = {}
+    out_dir, optim, written = Path(out_dir), _finetune_optim(ft_cfg), {}
 
     def on_best(net, state, val: dict[str, float]) -> None:
-        from ..models.weights import save_checkpoint
-
-        groups = [g.describe(ft_cfg.lr) for g in optim.param_groups(net)]
         card = build_card(
-            preset=resolved.preset, model=model_cfg, out_channels=1, stage=stage,
+            preset=resolved.preset, model=model_cfg, out_channels=1, stage=stage, init=init_card,
             hyperparameters=hyperparameters(
-                ft_cfg, train_cfg, split_column=column, val_frames=len(val_recs), param_groups=groups,
-                best_epoch=state.epoch + 1, best_step=state.step, best_val_dicebce=val["val_loss"],
-                best_val_dice=val["val_dice"], global_batch=state.global_batch,
+                ft_cfg, train_cfg, split_column=column, val_frames=len(val_ds),
+                param_groups=[g.describe(ft_cfg.lr) for g in optim.param_groups(net)], best_epoch=state.epoch + 1,
+                best_step=state.step, best_val_dicebce=val["val_loss"], best_val_dice=val["val_dice"],
+                global_batch=state.global_batch,
             ),
             data=[site_entry(site, role="supervised", splits=[f"{column}=train", f"{column}=val"])],
-            init=init_card,
         )
         path = out_dir / MODEL_FILE
         write_or_fail(path, "model", lambda: save_checkpoint(path, net.state_dict(), card))
         written["card"] = card
 
     trainer = Trainer(
-        model=model, loss_fn=loss_fn, train_dataset=train_ds, out_dir=out_dir, optim=optim, train=train_cfg, ctx=ctx,
-        options=opts, hooks=Hooks(val_fn=_validation(val_ds, ctx, max(1, min(64, ft_cfg.batch_size))), on_best=on_best),
-        description=f"{stage} {site.name}", config_record=resolved.record(),
+        model=model, loss_fn=dice_bce_loss, train_dataset=train_ds, out_dir=out_dir, optim=optim, train=train_cfg,
+        ctx=ctx, options=opts, description=f"{stage} {site.name}", config_record=resolved.record(),
+        hooks=Hooks(val_fn=_validation(val_ds, ctx, max(1, min(64, ft_cfg.batch_size))), on_best=on_best),
     )
     res = trainer.fit()
     model_path = out_dir / MODEL_FILE
-    card = written.get("card")
-    if card is None and model_path.exists():
-        card = read_checkpoint(model_path)[1]
+    card = written.get("card") or (read_checkpoint(model_path)[1] if model_path.exists() else None)
     return FinetuneResult(**vars(res), model_path=model_path if model_path.exists() else None, card=card)

@@ -76,8 +76,9 @@ BUDGETS: dict[str, Budget] = {
     # benchmarks/notes/contrastive_plateau.md); fine-tuning as long as the pilot that measured a
     # seed-to-seed spread of ~0.06 Dice in the paired difference, with checkpoint selection.
     "cpu": Budget("cpu", mim=(1200, 32), contrastive=(1600, 32), finetune=(600, 16)),
-    # One H100/H200, small preset.
-    "gpu": Budget("gpu", mim=(3000, 128), contrastive=(3000, 128), finetune=(1500, 32), frames_per_video=8,
+    # One H100/H200, small preset: the 2x2 factorial of benchmarks/gpu_run.sh (random vs MIM init
+    # x two recipes x 3 seeds) in about 5 minutes.
+    "gpu": Budget("gpu", mim=(2000, 128), contrastive=(2000, 128), finetune=(1000, 32), frames_per_video=8,
                   val_frames=None, adabn_frames=None, workers=8, log_every=100),
 }
 
@@ -165,6 +166,9 @@ PRETRAININGS: dict[str, Pretraining] = {
     "contrastive": Pretraining("contrastive", "MT-NXent (frame gap 15, tau 0.5), video-clustered batches",
                                _pretrain_contrastive(None, clustered=True)),
     "simclr": Pretraining("simclr", "NT-Xent (no temporal mask), uniform batches", _pretrain_contrastive(0, False)),
+    # The released code's batches: drawn uniformly, so the temporal mask removes almost nothing.
+    "contrastive_uniform": Pretraining("contrastive_uniform", "MT-NXent (frame gap 15, tau 0.5), uniform batches",
+                                       _pretrain_contrastive(None, clustered=False)),
 }
 
 
@@ -179,7 +183,9 @@ class ArmKind:
     recipe and seed) it is built from; ``compare_to``: the arm its paired difference is taken
     against (None: it is the baseline); ``convergence_check``: whether it trains on the source,
     so its source-validation Dice should match its comparison arm's; ``cost``: the stage kind
-    whose measured step time prices its training for the estimate (None: about one evaluation).
+    whose measured step time prices its training for the estimate (None: about one evaluation);
+    ``claim``: which of the method's claims the report checks for it (``branch``: an SSL branch
+    >= the lower bound; ``fusion``: >= lower + 0.03 and <= the upper bound).
     """
 
     name: str
@@ -191,6 +197,7 @@ class ArmKind:
     compare_to: str | None = "lower"
     convergence_check: bool = True
     cost: str | None = "finetune"
+    claim: str | None = None
 
 
 ARMS: dict[str, ArmKind] = {}
@@ -260,13 +267,16 @@ def _adabn_train(study: "Study", run: ArmRun) -> dict[str, Any]:
     return {"model": str(out), "adabn_frames": card["adabn"]["frames"]}
 
 
-def _fused_predictor(study: "Study", run: ArmRun) -> Callable:
-    from ..models.fusion import fuse
+def _fused_predictor(generative: str, contrastive: str):
+    def predictor(study: "Study", run: ArmRun) -> Callable:
+        from ..models.fusion import fuse
 
-    mim = _segmenter_predictor(study, study.arm_run("mim", run.recipe, run.seed))
-    con = _segmenter_predictor(study, study.arm_run("contrastive", run.recipe, run.seed))
-    # Per-image confidence normalization: a frame's output never depends on its batch mates.
-    return lambda x: fuse(mim(x), con(x), method="entropy", norm="image")
+        g = _segmenter_predictor(study, study.arm_run(generative, run.recipe, run.seed))
+        c = _segmenter_predictor(study, study.arm_run(contrastive, run.recipe, run.seed))
+        # Per-image confidence normalization: a frame's output never depends on its batch mates.
+        return lambda x: fuse(g(x), c(x), method="entropy", norm="image")
+
+    return predictor
 
 
 def _register_builtin_arms() -> None:
@@ -274,13 +284,19 @@ def _register_builtin_arms() -> None:
     register_arm(ArmKind("lower", "source only, random init (the lower bound)", seg, _finetune_arm(site="source"),
                          compare_to=None))
     register_arm(ArmKind("mim", "MIM-pretrained encoder, source fine-tuning", seg, _finetune_arm(site="source"),
-                         pretraining="mim"))
-    register_arm(ArmKind("contrastive", "MT-NXent-pretrained encoder, source fine-tuning", seg,
-                         _finetune_arm(site="source"), pretraining="contrastive"))
+                         pretraining="mim", claim="branch"))
+    register_arm(ArmKind("contrastive", "MT-NXent-pretrained encoder (video-clustered batches), source fine-tuning",
+                         seg, _finetune_arm(site="source"), pretraining="contrastive", claim="branch"))
     register_arm(ArmKind("simclr", "SimCLR-pretrained encoder, source fine-tuning", seg, _finetune_arm(site="source"),
-                         pretraining="simclr"))
-    register_arm(ArmKind("fused", "entropy fusion of the MIM and contrastive arms (same seed)", _fused_predictor,
-                         needs=("mim", "contrastive"), convergence_check=False))
+                         pretraining="simclr", claim="branch"))
+    register_arm(ArmKind("fused", "entropy fusion of the MIM and contrastive arms (same seed)",
+                         _fused_predictor("mim", "contrastive"), needs=("mim", "contrastive"), convergence_check=False,
+                         claim="fusion"))
+    register_arm(ArmKind("contrastive_uniform", "MT-NXent-pretrained encoder (uniform batches), source fine-tuning",
+                         seg, _finetune_arm(site="source"), pretraining="contrastive_uniform", claim="branch"))
+    register_arm(ArmKind("fused_uniform", "entropy fusion of the MIM and contrastive_uniform arms (same seed)",
+                         _fused_predictor("mim", "contrastive_uniform"), needs=("mim", "contrastive_uniform"),
+                         convergence_check=False, claim="fusion"))
     register_arm(ArmKind("adabn", "lower bound with decoder BatchNorm statistics re-estimated on target frames", seg,
                          _adabn_train, needs=("lower",), convergence_check=False, cost=None))
     register_arm(ArmKind("intensity", "source only, random init, probe-agnostic intensity augmentation", seg,
