@@ -17,6 +17,11 @@
 # format costs only its own row; the table is printed last, from the JSON, whatever happened.
 #
 # Output: $OUT/gpu_benchmark.json when OUT names an output folder, else benchmarks/gpu_benchmark.json.
+#
+# Part 3 (PARTS=study, or PARTS="benchmark study" for both; default both) is the study's 2x2
+# factorial on the small preset: random vs MIM init x default vs paper recipe x 3 paired seeds
+# (`pocus-edge study --budget gpu`: MIM 2,000 x 128 steps, fine-tuning 1,000 x 32, fixed counts),
+# about 5 minutes on one H200 after a ~20 s simulation. It writes $DEST/study.{md,json,png}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -29,6 +34,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works even if the editabl
 # Dry run on a CPU: PRESET=tiny DEVICE=cpu SKIP_INSTALL=1 PYTHON=.venv/bin/python bash benchmarks/gpu_run.sh
 PRESET=${PRESET:-paper}
 DEVICE=${DEVICE:-cuda}
+PARTS=${PARTS:-benchmark study}
+# Dry run of the study part on a CPU: PARTS=study STUDY_PRESET=tiny STUDY_BUDGET=smoke STUDY_SIM=tiny DEVICE=cpu ...
+STUDY_PRESET=${STUDY_PRESET:-small}
+STUDY_BUDGET=${STUDY_BUDGET:-gpu}
+STUDY_SIM=${STUDY_SIM:-study}
 
 echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
 # The machine's Python has torch/timm/onnx/onnxruntime/typer/opencv/h5py/safetensors/scipy/rich/pyyaml:
@@ -36,6 +46,7 @@ echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --forma
 [ -n "${SKIP_INSTALL:-}" ] || $PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2 || true
 $PY -c "import pocus_edge, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" || exit 1
 
+if [[ " $PARTS " == *" benchmark "* ]]; then
 # 1) The measured rows. Batch 32 is timed first: torch.compile compiles once per batch size, and
 #    if its time limit (120 s) ends the row during the batch-1 compilation, the batch-32 figures
 #    are kept. The whole command is bounded at 185 s so that the script ends inside its budget
@@ -71,4 +82,20 @@ console = Console(width=200)
 render_comparison(compare_reports([report], labels=["gpu"]), console)
 render_report(report, console)
 EOF
+fi
+
+# 3) The study's 2x2 factorial: does MIM init help under either recipe? Runs and data stay outside
+#    $DEST (only a few files come back from a lent machine); the report is copied there.
+if [[ " $PARTS " == *" study "* ]]; then
+    SDATA=${STUDY_DATA:-/tmp/pocus_study_data}
+    SRUNS=${STUDY_RUNS:-/tmp/pocus_study_gpu}
+    [ -f "$SDATA/target/manifest.csv" ] || timeout -k 10 120 $PY -m pocus_edge simulate "$SDATA" --preset "$STUDY_SIM" \
+        --workers "$(nproc)" --no-progress --overwrite > "$DEST/study_simulate.log" 2>&1
+    timeout -k 10 480 $PY -m pocus_edge study --source "$SDATA/source" --target "$SDATA/target" --out "$SRUNS" \
+        --arms lower,mim,lower@paper,mim@paper --seeds 3 --budget "$STUDY_BUDGET" --preset "$STUDY_PRESET" \
+        --device "$DEVICE" --no-progress > "$DEST/study.log" 2>&1
+    echo "== study exit status $? after $(( $(date +%s) - START )) s"
+    cp "$SRUNS"/study.md "$SRUNS"/study.json "$SRUNS"/study.png "$DEST"/ 2>/dev/null
+    grep -A 12 "^## Paired differences" "$SRUNS/study.md" 2>/dev/null || tail -n 20 "$DEST/study.log"
+fi
 echo "== total $(( $(date +%s) - START )) s; report: $JSON"

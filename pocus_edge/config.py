@@ -6,11 +6,11 @@ data pipeline resizes to. Stage hyperparameters default to METHOD.md (the paper 
 code) and every field can be overridden from the CLI (``--set key=value``) or a YAML file.
 """
 
-from __future__ import annotations
-
 import dataclasses
+import functools
+import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,11 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
 class MIMConfig:
     """SimMIM-style pretraining (METHOD.md, generative branch)."""
 
-    mask_cell: int = 32  # pixels per mask cell at the model's img_size
+    # The paper masks a 7x7 grid of 32-px cells at 224 px. The grid, not the cell size, is what
+    # carries over to other input sizes: cells are ceil(img_size / mask_grid) pixels (19 px at
+    # 128, 10 px at 64); ``mask_cell`` set to a number fixes the cell size instead.
+    mask_grid: int = 7
+    mask_cell: int | None = None
     mask_ratio: float = 0.6
     speckle_fraction: float = 0.2  # share of masked cells that get x + x*N(0,1) instead of 0
     optimizer: str = "adamw"
@@ -116,6 +120,15 @@ class MIMConfig:
     weight_decay: float = 0.05
     batch_size: int = 128
     epochs: int = 1200
+
+    def cell_pixels(self, img_size: int) -> int:
+        """Mask cell side in pixels at ``img_size``: ``mask_cell`` when set, else
+        ceil(img_size / mask_grid) (7x7 cells of 32 px at 224, of 19 px at 128)."""
+        if self.mask_cell is not None:
+            return int(self.mask_cell)
+        if not 1 <= self.mask_grid <= img_size:
+            raise ConfigError(f"mask_grid={self.mask_grid} must be in 1..img_size={img_size}")
+        return -(-int(img_size) // int(self.mask_grid))
 
 
 @dataclass
@@ -134,16 +147,36 @@ class ContrastiveConfig:
     weight_decay: float = 0.05
     batch_size: int = 512  # pairs per global batch (1024 views)
     epochs: int = 400
+    # 0: batches drawn uniformly from the whole split (the released code). k > 0: each batch
+    # holds k frames of each of batch/k sampled videos, so MT-NXent's temporal mask has
+    # same-video neighbours to remove (with uniform batches it removes almost none).
+    frames_per_video: int = 0
 
 
 @dataclass
 class FinetuneConfig:
-    """Supervised fine-tuning with DiceBCE (METHOD.md); also the lower/upper-bound baselines."""
+    """Supervised fine-tuning with DiceBCE; also the lower/upper-bound baselines.
 
-    optimizer: str = "sgd"
-    lr: float = 2e-4
-    momentum: float = 0.99
-    weight_decay: float = 0.05  # 0.05 for the MIM branch, 0.1 for the contrastive branch
+    The defaults are the ``default`` recipe at the ``paper`` preset; a recipe
+    (:mod:`pocus_edge.train.recipes`) sets these fields by name, ``--set`` still wins.
+    """
+
+    recipe: str = "default"
+    optimizer: str = "adamw"
+    lr: float = 1e-4  # decoder and head; the encoder gets lr * encoder_lr_scale
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 0.05
+    # Encoder (embeddings + ResNet + ViT) learning rate as a fraction of the decoder's: one rule
+    # for a random and a pretrained encoder alike.
+    encoder_lr_scale: float = 0.1
+    # False: no weight decay on norms, biases, position embeddings and tokens (decoupled decay
+    # on the weights only); True: decay on every parameter (the released code).
+    decay_all_parameters: bool = False
+    # Linear-probe-then-fine-tune: the encoder's lr is held at 0 for this many first steps.
+    decoder_only_steps: int = 0
+    # Training-time augmentation of the labeled frames: none | intensity (probe-agnostic gain,
+    # gamma, blur, noise and black level; pocus_edge.data.transforms.IntensityAugment).
+    augment: str = "none"
     batch_size: int = 512
     epochs: int = 200
 
@@ -155,6 +188,8 @@ class TrainConfig:
     seed: int = 0
     schedule: str = "cosine"  # cosine | constant
     warmup_epochs: int = 0
+    # Warm-up as a share of the run's planned steps (the longer of this and warmup_epochs wins).
+    warmup_fraction: float = 0.0
     grad_clip: float | None = 1.0
     amp: bool = True  # bf16 autocast on CUDA only
     grad_checkpointing: bool = False
@@ -167,18 +202,30 @@ class TrainConfig:
 # Overrides and YAML round trip
 
 
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, Any]:
+    """Field name -> type of a dataclass. Annotations written as strings (modules with
+    ``from __future__ import annotations``) are resolved by ``typing.get_type_hints`` in the
+    class's own module, never by evaluating text here."""
+    return typing.get_type_hints(cls)
+
+
+def _is_union(origin: Any) -> bool:
+    return origin is typing.Union or origin is types.UnionType
+
+
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
     """Convert a YAML/CLI value to the field's annotated type."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {**typing.__dict__, "tuple": tuple})  # noqa: S307 (our own annotations)
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if value is None:
         if type(None) in args:
             return None
         raise ConfigError(f"{name}: None is not allowed")
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+    if _is_union(origin):
         non_none = [a for a in args if a is not type(None)]
+        if isinstance(value, str) and value.strip().lower() in {"none", "null"} and type(None) in args:
+            return None
         return _coerce(value, non_none[0], name)
     if origin is tuple:
         if isinstance(value, str):
@@ -195,6 +242,8 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
                 raise ValueError(value)
             return bool(value)
         if annotation in (int, float, str):
+            if annotation is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
             return annotation(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: cannot read {value!r} as {annotation.__name__}") from None
@@ -203,14 +252,15 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
 
 def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
     """Return a copy of dataclass ``cfg`` with ``overrides`` (field -> value) applied and typed."""
-    known = {f.name: f for f in fields(cfg)}
+    known = {f.name for f in fields(cfg)}
+    types_of = _field_types(type(cfg))
     changes = {}
     for key, value in overrides.items():
         if key not in known:
             raise ConfigError(
                 f"unknown field {key!r} for {type(cfg).__name__}; known: {', '.join(sorted(known))}"
             )
-        changes[key] = _coerce(value, known[key].type, key)
+        changes[key] = _coerce(value, types_of[key], key)
     return dataclasses.replace(cfg, **changes)
 
 

@@ -37,19 +37,22 @@ import numpy as np
 
 from .errors import ConfigError, DataError
 
-# Epochs per stage. The defaults fit the 10-minute CPU budget on the `demo` data with the
-# `small` model (about 500 CPU-seconds on one core); `quick` is a smoke run. Batch sizes and the
-# pretraining learning rates come from the training presets
-# (pocus_edge.train.common.PRESET_STAGE_DEFAULTS).
+# Optimizer steps per stage (fixed counts, so a busy machine changes the duration, not the
+# result). The defaults fit the 10-minute budget of a 2-core CPU on the `demo` data with the
+# `small` model; `quick` is a smoke run. Batch sizes and pretraining learning rates come from the
+# training presets (pocus_edge.train.common.PRESET_STAGE_DEFAULTS). The contrastive stage needs
+# its steps: its loss sits at chance (ln 63 for 32 pairs) for its first ~200-300 steps
+# (benchmarks/notes/contrastive_plateau.md).
 SCHEDULES: dict[str, dict[str, int]] = {
-    "full": {"mim": 3, "contrastive": 3, "finetune": 6, "baseline": 6},
-    "quick": {"mim": 1, "contrastive": 1, "finetune": 1, "baseline": 1},
+    "full": {"mim": 100, "contrastive": 400, "finetune": 180, "baseline": 180},
+    "quick": {"mim": 10, "contrastive": 10, "finetune": 20, "baseline": 20},
 }
-# Fine-tuning learning rate of the demo's short schedule. The paper's SGD lr 2e-4 (momentum
-# 0.99) is tuned for 200 epochs: with ~180 steps the `small` model never leaves the all-
-# background plateau (source val Dice 0.002 after 6 epochs), while 5e-3 leaves it after ~120
-# steps and reaches a source val Dice of ~0.93 (measured on the demo data, MIM init).
-DEMO_FINETUNE_LR = 5e-3
+# Every fine-tuning of the demo (both branches and the lower bound) uses the same recipe.
+DEMO_RECIPE = "default"
+# Contrastive pretraining: uniform batches at lr 3e-4 (after the stage's 5 % warm-up). On the demo
+# data the loss stays at chance for 360+ steps at the preset's 1e-4 and leaves it at ~220 steps at
+# 3e-4 (3.52 against a chance level of 4.13 at step 360; benchmarks/notes/study_protocol.md).
+DEMO_CONTRASTIVE_LR = 3e-4
 
 # evaluate() names files after the model names, so they stay path-safe; the report shows these.
 DISPLAY_NAMES = {
@@ -185,8 +188,11 @@ def run_demo(
     stages = _Stages(9, say)
     t_start, c_start = time.perf_counter(), _cpu_seconds()
     # preload: the demo sites are small, so decoding every PNG once saves a few seconds per epoch.
-    common = dict(preset=preset, seed=seed, progress=progress, tensorboard=False, device=device, max_steps=max_steps,
-                  preload=True)
+    common = dict(preset=preset, seed=seed, progress=progress, tensorboard=False, device=device, preload=True,
+                  epochs=1_000_000)
+
+    def steps(stage: str) -> int:
+        return min(schedule[stage], max_steps) if max_steps else schedule[stage]
 
     def do_simulate():
         stamp = data / "demo_data.json"
@@ -210,22 +216,22 @@ def run_demo(
         return _with_last_loss(fn(site, run_dir, resume=resume, **kw, **common))
 
     mim = stages.run("pretrain the generative branch (MIM) on unlabeled TARGET frames",
-                     lambda: train(pretrain_mim, target, runs / "pretrain_mim", epochs=schedule["mim"]))
+                     lambda: train(pretrain_mim, target, runs / "pretrain_mim", max_steps=steps("mim")))
     con = stages.run("pretrain the contrastive branch (MT-NXent) on unlabeled TARGET frames",
                      lambda: train(pretrain_contrastive, target, runs / "pretrain_contrastive",
-                                   epochs=schedule["contrastive"]))
+                                   max_steps=steps("contrastive"), lr=DEMO_CONTRASTIVE_LR))
 
     def do_finetune():
-        a = train(finetune, source, runs / "finetune_mim", init=mim.encoder_path, epochs=schedule["finetune"],
-                  lr=DEMO_FINETUNE_LR)
-        b = train(finetune, source, runs / "finetune_contrastive", init=con.encoder_path,
-                  epochs=schedule["finetune"], lr=DEMO_FINETUNE_LR)
+        a = train(finetune, source, runs / "finetune_mim", init=mim.encoder_path, recipe=DEMO_RECIPE,
+                  max_steps=steps("finetune"))
+        b = train(finetune, source, runs / "finetune_contrastive", init=con.encoder_path, recipe=DEMO_RECIPE,
+                  max_steps=steps("finetune"))
         return a, b
 
     ft_mim, ft_con = stages.run("fine-tune both branches on labeled SOURCE frames", do_finetune)
     lower = stages.run("train the lower-bound baseline (SOURCE only, no pretraining)",
-                       lambda: train(finetune, source, runs / "baseline_lower", epochs=schedule["baseline"],
-                                     lr=DEMO_FINETUNE_LR))
+                       lambda: train(finetune, source, runs / "baseline_lower", recipe=DEMO_RECIPE,
+                                     max_steps=steps("baseline")))
 
     def do_evaluate():
         branches = evaluate(target, [ft_mim.model_path, ft_con.model_path], out / "eval" / "branches",
@@ -233,7 +239,7 @@ def run_demo(
         baseline = evaluate(target, [lower.model_path], out / "eval" / "baseline", names=["lower_bound"], device=device)
         return branches, baseline
 
-    ev_branches, ev_lower = stages.run("evaluate on the TARGET test split (per-image Dice/IoU, Wilcoxon)", do_evaluate)
+    ev_branches, ev_lower = stages.run("evaluate on the TARGET test split (per-image Dice/IoU)", do_evaluate)
 
     def do_export():
         from .export.fused import load_fused
@@ -416,22 +422,74 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
+def _differences_to_lower(ev_branches, ev_lower, n_boot: int = 10_000) -> dict[str, dict[str, Any]]:
+    """Each evaluated model's paired Dice difference to the lower bound, per target test patient
+    (frames of one patient are not independent), with a 95 % bootstrap CI over the patients."""
+    from .metrics import hierarchical_bootstrap, percentile_interval
+
+    lower = ev_lower.names[0]
+    patients = [r.patient for r in ev_lower.records]
+    order = sorted(set(patients))
+    out: dict[str, dict[str, Any]] = {}
+    for name in ev_branches.names:
+        diff = ev_branches.dice[name] - ev_lower.dice[lower]
+        per_patient = np.array([[diff[[p == q for p in patients]].mean() for q in order]])
+        draws = hierarchical_bootstrap(per_patient, n_boot, seed=0)
+        out[name] = {"mean": float(per_patient.mean()), "ci95": percentile_interval(draws),
+                     "patients": len(order), "frames": int(diff.size)}
+    return out
+
+
+def _difference_lines(differences: dict[str, dict[str, Any]], display: dict[str, str], contrastive, schedule) -> list[str]:
+    """The report's honest part: each branch against the lower bound with its uncertainty, and
+    what a one-seed, few-patient demo can and cannot show."""
+    n_patients = next(iter(differences.values()))["patients"] if differences else 0
+    lines = ["", "## Each branch against the lower bound", "",
+             f"Paired difference in target Dice (branch - lower bound), averaged per test patient, with a 95 % "
+             f"bootstrap interval over the {n_patients} test patients (one training seed):", "",
+             "| model | Dice difference | 95 % CI |", "|---|---:|---|"]
+    below = []
+    for name, d in differences.items():
+        low, high = d["ci95"]
+        lines.append(f"| {display[name]} | {d['mean']:+.4f} | [{low:+.3f}, {high:+.3f}] |")
+        if d["mean"] < -0.02:
+            below.append(f"{display[name]} ({d['mean']:+.3f})")
+    chance = (contrastive.extras or {}).get("chance")
+    lines += [
+        "",
+        f"**What this demo can show**: the whole pipeline working on one machine in minutes: target-only pretraining "
+        f"(the contrastive loss ended at {contrastive.last_loss:.3f}"
+        + (f" against a chance level of {chance:.3f}" if chance is not None else "")
+        + f"), source fine-tuning with one recipe for every model (`{DEMO_RECIPE}`: AdamW, encoder at 0.1x the "
+        "decoder's learning rate), fusion, export and streaming.",
+        "",
+        f"**What it cannot show**: whether pretraining helps. It trains each model once, for "
+        f"{', '.join(f'{k} {v}' for k, v in schedule.items())} steps, and scores {n_patients} test patients: "
+        "differences between two runs of the same recipe with another seed are of the same size as these "
+        "(benchmarks/RESULTS.md section 3 measures the seed-to-seed spread). The intervals above cover the test "
+        "patients only, not the training seed. `pocus-edge study` answers the question with paired seeds, "
+        "per-patient bootstrap intervals and a verdict (docs/study.md).",
+    ]
+    if below:
+        lines += ["", f"Below the lower bound by more than 0.02 here: {', '.join(below)}. With one seed and "
+                  f"{n_patients} test patients this is within the run-to-run spread, not evidence that the branch "
+                  "hurts; the study's verdicts are the evidence."]
+    lines += ["", "The paper column of the accuracy table is for orientation only (real data, full training)."]
+    return lines
+
+
 def _write_report(out: Path, *, data_preset, preset, quick, seed, schedule, runs, evals, stream_report, latency,
                   overlays, onnx_path, recording, stages, total_s, total_cpu):
     import datetime as _dt
     import platform
 
     from .io import write_text_atomic
-    from .metrics import wilcoxon_p
 
     plots = _plots(out, runs, evals, latency)
     ev_branches, ev_lower = evals
     summaries = {**ev_branches.summaries, **ev_lower.summaries}
-    dice = {**ev_branches.dice, **ev_lower.dice}
     names = list(ev_branches.names) + list(ev_lower.names)
     display = {n: DISPLAY_NAMES.get(n, n) for n in names}
-    fused = next(n for n in names if n.startswith("fused-"))
-    lower = ev_lower.names[0]
     accuracy = {display[n]: {"dice": float(summaries[n].dice_mean), "iou": float(summaries[n].iou_mean), "n": int(summaries[n].n)} for n in names}
 
     lines = [
@@ -455,16 +513,9 @@ def _write_report(out: Path, *, data_preset, preset, quick, seed, schedule, runs
         paper = PAPER_TARGET_DSC.get(display[n])
         lines.append(f"| {display[n]} | {s.n} | {s.dice_mean:.4f} ± {s.dice_std:.4f} | {s.iou_mean:.4f} ± {s.iou_std:.4f} | "
                      f"{paper:.4f} |" if paper is not None else f"| {display[n]} | {s.n} | {s.dice_mean:.4f} ± {s.dice_std:.4f} | {s.iou_mean:.4f} ± {s.iou_std:.4f} | - |")
-    lines += ["", "Wilcoxon signed-rank test on per-image Dice:", "", "| pair | p |", "|---|---|"]
-    for other in names:
-        if other != fused:
-            p = wilcoxon_p(dice[fused], dice[other])
-            lines.append(f"| fused vs {display[other]} | {p:.3g} |")
+    differences = _differences_to_lower(ev_branches, ev_lower)
+    lines += _difference_lines(differences, display, runs["contrastive pretraining"], schedule)
     lines += [
-        "",
-        f"The demo trains for minutes on a simulator (epochs: {', '.join(f'{k} {v}' for k, v in schedule.items())}; "
-        f"fine-tuning lr {DEMO_FINETUNE_LR:g}), "
-        "so its figures show the pipeline working, not the paper's accuracy; the paper column is for orientation only.",
         "",
         f"![per-image Dice]({_rel(plots['dice'], out)})",
         "",
@@ -517,7 +568,8 @@ def _write_report(out: Path, *, data_preset, preset, quick, seed, schedule, runs
     ]
     for name, res in runs.items():
         best = f"{res.best_val:.4f}" if res.best_val is not None else "-"
-        lines.append(f"| {name} | {res.global_step} | {res.epochs_done} | {res.last_loss:.4f} | {best} |")
+        chance = f" (chance {res.extras['chance']:.3f})" if "chance" in (res.extras or {}) else ""
+        lines.append(f"| {name} | {res.global_step} | {res.epochs_done} | {res.last_loss:.4f}{chance} | {best} |")
     lines += ["", "## Time per stage", "", "| stage | wall (s) | CPU (s) |", "|---|---|---|"]
     for name, sec in stages.seconds.items():
         lines.append(f"| {name} | {sec:.0f} | {stages.cpu_seconds.get(name, float('nan')):.0f} |")
@@ -526,7 +578,8 @@ def _write_report(out: Path, *, data_preset, preset, quick, seed, schedule, runs
     from .io import write_json_atomic
 
     write_json_atomic(out / "report.json", {
-        "accuracy": accuracy, "stream": stream_report, "stage_seconds": stages.seconds,
+        "accuracy": accuracy, "differences_to_lower_bound": {display[k]: v for k, v in differences.items()},
+        "recipe": DEMO_RECIPE, "stream": stream_report, "stage_seconds": stages.seconds,
         "stage_cpu_seconds": stages.cpu_seconds, "total_seconds": round(total_s, 1), "schedule": schedule,
         "data_preset": data_preset, "preset": preset, "quick": quick, "seed": seed,
     })

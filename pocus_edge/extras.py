@@ -22,6 +22,7 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "scipy": "train",
     "matplotlib": "train",
     "tensorboard": "train",
+    "monai": "train",
     "onnx": "export",
     "onnxscript": "export",
     "onnxslim": "export",

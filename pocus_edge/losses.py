@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mt_nxent", "mt_nxent_mask", "dice_bce", "masked_l1"]
+__all__ = ["mt_nxent", "mt_nxent_mask", "mt_nxent_mask_stats", "dice_bce", "masked_l1"]
 
 # The released code's fill value for masked similarities: exp(-9e15 - max) is exactly 0.
 _MASKED_LOGIT = -9e15
@@ -43,6 +43,18 @@ def mt_nxent_mask(
     rows = torch.arange(2 * batch, device=device)
     mask[rows, (rows + batch) % (2 * batch)] = False  # positives are never masked
     return mask
+
+
+def mt_nxent_mask_stats(mask: torch.Tensor) -> dict[str, float]:
+    """What a (2B, 2B) MT-NXent mask does to a batch: ``masked_negatives``, the share of the
+    2B(2B - 2) negatives it removes, and ``chance``, the loss of an encoder that cannot tell
+    frames apart (uniform softmax over each row's unmasked candidates, positive included):
+    the mean over rows of ln(#unmasked). Without temporal masking chance = ln(2B - 1)."""
+    n = mask.shape[0]
+    masked_per_row = mask.sum(dim=1).double() - 1.0  # the diagonal is not a negative
+    negatives = n * max(1, n - 2)
+    candidates = (n - 1 - masked_per_row).clamp_min(1.0)
+    return {"masked_negatives": float(masked_per_row.sum() / negatives), "chance": float(candidates.log().mean())}
 
 
 def mt_nxent(

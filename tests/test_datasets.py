@@ -105,3 +105,61 @@ def test_contrastive_transform_follows_config(site):
     cfg_flip = dataclasses.replace(cfg, flip_p=1.0)
     v1f, _, _, _ = ds.ContrastivePairDataset(site, site.records, SIZE, cfg_flip)[2]
     assert torch.allclose(v1f, ref.flip(-1), atol=1e-6)
+
+
+def test_intensity_augmentation_changes_intensities_only_and_is_seeded(site):
+    from pocus_edge.data.transforms import IntensityAugment, make_augmentation
+
+    labeled = site.select(labeled=True)
+    plain = ds.SegmentationDataset(site, labeled, SIZE, seed=5)
+    aug = ds.SegmentationDataset(site, labeled, SIZE, seed=5, augment=make_augmentation("intensity"))
+    changed = 0
+    for i in range(len(labeled)):
+        (a, m), (b, n) = plain[i], aug[i]
+        assert torch.equal(m, n)  # the mask is never touched
+        assert b.shape == a.shape and 0.0 <= float(b.min()) and float(b.max()) <= 1.0
+        assert torch.equal(b[0], b[1]) and torch.equal(b[0], b[2])  # still a gray frame
+        changed += not torch.equal(a, b)
+        assert torch.equal(aug[i][0], b)  # same (seed, epoch, index): same draw
+    assert changed >= len(labeled) - 1  # each step has p 0.5: all five skipped is 1/32
+    first = [aug[i][0] for i in range(len(labeled))]
+    aug.set_epoch(1)
+    assert any(not torch.equal(aug[i][0], first[i]) for i in range(len(labeled)))  # redrawn each epoch
+    # Each step does what it says, on a constant image with p = 1 and a fixed draw.
+    rng = np.random.default_rng(0)
+    x = np.full((16, 16), 0.5, np.float32)
+    out = IntensityAugment(p=1.0)(x, rng)
+    assert out.dtype == np.float32 and out.shape == x.shape and not np.allclose(out, x)
+    assert np.array_equal(IntensityAugment(p=0.0)(x, rng), x)
+    with pytest.raises(DataError, match="unknown augmentation"):
+        make_augmentation("elastic")
+
+
+def test_video_clustered_sampler_builds_batches_of_video_chunks():
+    from pocus_edge.train.sampler import VideoClusteredSampler
+
+    video_ids = [v for v in range(12) for _ in range(8)]  # 12 videos x 8 frames
+    k, batch = 4, 16
+    full = VideoClusteredSampler(video_ids, k, batch, seed=1)
+    full.set_epoch(0)
+    order = list(full)
+    assert len(order) == len(full) == 96 and sorted(order) == list(range(96))  # each frame once
+    for start in range(0, 96, batch):
+        counts = {}
+        for i in order[start : start + batch]:
+            counts[video_ids[i]] = counts.get(video_ids[i], 0) + 1
+        assert all(c % k == 0 for c in counts.values()), counts  # whole chunks of one video
+    # Two processes: the union of the ranks' i-th local batches is the i-th global batch.
+    ranks = []
+    for r in range(2):
+        s = VideoClusteredSampler(video_ids, k, batch, num_replicas=2, rank=r, seed=1)
+        s.set_epoch(0)
+        ranks.append(list(s))
+    for b in range(96 // batch):
+        local = batch // 2
+        union = sorted(ranks[0][b * local : (b + 1) * local] + ranks[1][b * local : (b + 1) * local])
+        assert union == sorted(order[b * batch : (b + 1) * batch])
+    full.set_epoch(1)
+    assert list(full) != order  # a new order every epoch
+    full.set_epoch(0)
+    assert list(full) == order  # and the same order for the same epoch

@@ -148,3 +148,24 @@ def test_masked_l1_matches_hand_computation():
     # Unmasked pixels do not matter at all.
     changed = reconstruction + (1 - mask) * 10.0
     assert masked_l1(changed, original, mask).item() == pytest.approx(total / count / 3, rel=1e-6)
+
+
+@pytest.mark.parametrize("gap", [0, 3, 15])
+def test_mask_stats_chance_is_the_loss_of_an_encoder_that_cannot_tell_frames_apart(gap):
+    """``chance`` must equal MT-NXent of identical embeddings (every logit equal), and
+    ``masked_negatives`` the share counted pair by pair."""
+    from pocus_edge.losses import mt_nxent_mask_stats
+
+    video_ids = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    frame_ids = torch.tensor([0, 2, 20, 4, 6, 0, 30, 31])
+    batch = len(video_ids)
+    mask = mt_nxent_mask(video_ids, frame_ids, min_frame_gap=gap)
+    stats = mt_nxent_mask_stats(mask)
+    same = torch.ones(batch, 4, dtype=torch.float64)
+    assert stats["chance"] == pytest.approx(float(mt_nxent(same, same, video_ids, frame_ids, min_frame_gap=gap)), rel=1e-9)
+    videos, frames = video_ids.tolist() * 2, frame_ids.tolist() * 2
+    masked = sum(1 for k in range(2 * batch) for l in range(2 * batch)
+                 if l != k and l != (k + batch) % (2 * batch) and videos[k] == videos[l] and abs(frames[k] - frames[l]) < gap)
+    assert stats["masked_negatives"] == pytest.approx(masked / (2 * batch * (2 * batch - 2)))
+    if gap == 0:
+        assert stats["masked_negatives"] == 0 and stats["chance"] == pytest.approx(math.log(2 * batch - 1))

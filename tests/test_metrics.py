@@ -74,3 +74,97 @@ def test_summarize():
     s = summarize(np.array([0.5, 1.0]), np.array([0.25, 0.75]))
     assert (s.n, s.dice_mean, s.iou_mean) == (2, 0.75, 0.5)
     assert s.dice_std == pytest.approx(0.25)
+
+
+# ---------------------------------------------------------------------------------------------
+# Boundary distances (MONAI) against a brute-force reference
+
+
+def _brute_force_surface(pred: np.ndarray, true: np.ndarray) -> tuple[float, float]:
+    """Boundary = mask pixels with a background 4-neighbour (outside the image is background);
+    every pairwise Euclidean distance between the two boundaries, no library."""
+    def boundary(m):
+        pts = []
+        h, w = m.shape
+        for y, x in zip(*np.nonzero(m)):
+            nbrs = [(y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)]
+            if any(not (0 <= a < h and 0 <= b < w) or not m[a, b] for a, b in nbrs):
+                pts.append((y, x))
+        return np.array(pts, dtype=np.float64)
+
+    bp, bt = boundary(pred), boundary(true)
+    d = np.sqrt(((bp[:, None, :] - bt[None, :, :]) ** 2).sum(-1))
+    pred_to_true, true_to_pred = d.min(axis=1), d.min(axis=0)
+    hd95 = max(np.percentile(pred_to_true, 95), np.percentile(true_to_pred, 95))
+    asd = np.concatenate([pred_to_true, true_to_pred]).mean()
+    return float(hd95), float(asd)
+
+
+def test_hd95_and_asd_match_brute_force_on_random_shapes():
+    from pocus_edge.metrics import surface_distances_per_image
+
+    rng = np.random.default_rng(3)
+    preds, trues = [], []
+    for _ in range(6):
+        yy, xx = np.mgrid[:40, :48]
+        def blob():
+            cy, cx, ry, rx = rng.uniform(10, 30), rng.uniform(10, 38), rng.uniform(3, 9), rng.uniform(3, 12)
+            return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        preds.append(blob() | (rng.random((40, 48)) > 0.995))  # a few stray pixels: long tails
+        trues.append(blob())
+    pred = np.stack(preds).astype(np.float32)[:, None]
+    true = np.stack(trues).astype(np.float32)[:, None]
+    hd, asd = surface_distances_per_image(pred, true)
+    for i in range(6):
+        ref_hd, ref_asd = _brute_force_surface(preds[i], trues[i])
+        assert hd[i] == pytest.approx(ref_hd, rel=1e-5), i
+        assert asd[i] == pytest.approx(ref_asd, rel=1e-5), i
+
+
+def test_surface_distances_are_nan_without_a_boundary():
+    from pocus_edge.metrics import surface_distances_per_image
+
+    pred = np.zeros((2, 1, 8, 8), np.float32)
+    true = np.zeros((2, 1, 8, 8), np.float32)
+    true[0, 0, 2:5, 2:5] = 1  # prediction empty, truth not
+    hd, asd = surface_distances_per_image(pred, true)
+    assert np.isnan(hd).all() and np.isnan(asd).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hierarchical bootstrap, Holm, verdicts
+
+
+def test_hierarchical_bootstrap_matches_exact_enumeration():
+    """2 seeds x 3 patients: all 2^2 x 3^3 resamples are equally likely; the bootstrap's mean and
+    variance must match that exact distribution."""
+    from pocus_edge.metrics import hierarchical_bootstrap
+
+    values = np.array([[0.1, 0.5, 0.3], [0.4, 0.2, 0.9]])
+    exact = [values[np.ix_(s, p)].mean() for s in itertools.product(range(2), repeat=2)
+             for p in itertools.product(range(3), repeat=3)]
+    draws = hierarchical_bootstrap(values, n_boot=200_000, seed=0)
+    assert draws.mean() == pytest.approx(np.mean(exact), abs=2e-3)
+    assert draws.var() == pytest.approx(np.var(exact), rel=0.03)
+    assert np.all(hierarchical_bootstrap(np.full((3, 4), 0.7), 50) == pytest.approx(0.7))
+
+
+def test_holm_and_bootstrap_p_values_by_hand():
+    from pocus_edge.metrics import bootstrap_p_value, holm_adjust
+
+    adjusted = holm_adjust({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.005})
+    # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> monotone 0.02, 0.03, 0.06, 0.06
+    assert {k: round(v["p_holm"], 10) for k, v in adjusted.items()} == {"d": 0.02, "a": 0.03, "c": 0.06, "b": 0.06}
+    assert {k: v["alpha"] for k, v in adjusted.items()} == {"d": 0.0125, "a": 0.05 / 3, "c": 0.025, "b": 0.05}
+    assert bootstrap_p_value(np.full(999, 0.1)) == pytest.approx(2 / 1000)
+    assert bootstrap_p_value(np.linspace(-1, 1, 1001)) == 1.0
+
+
+def test_verdict_rule():
+    from pocus_edge.metrics import verdict
+
+    assert verdict(0.03, (0.01, 0.05), 0.01) == "helps"
+    assert verdict(0.015, (0.005, 0.03), 0.01) == "inconclusive"  # significant but below 0.02
+    assert verdict(0.03, (-0.01, 0.07), 0.2) == "inconclusive"
+    assert verdict(-0.04, (-0.06, -0.02), 0.001) == "hurts"
+    assert verdict(0.03, (0.01, 0.05), 0.08) == "inconclusive"  # not significant after Holm

@@ -76,8 +76,8 @@ def test_each_stage_loss_decreases_on_a_fixed_batch(sites):
     items = [con_ds[i] for i in range(8)]
     con_batch = [torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items]),
                  torch.tensor([it[2] for it in items]), torch.tensor([it[3] for it in items])]
-    losses = _fixed_batch_losses(ContrastiveModel(cfg), lambda m, b: contrastive_loss(m, b, min_frame_gap=15, temperature=0.5),
-                                 con_batch)
+    losses = _fixed_batch_losses(ContrastiveModel(cfg),
+                                 lambda m, b: contrastive_loss(m, b, min_frame_gap=15, temperature=0.5)[0], con_batch)
     assert losses[-1] < losses[0] - 0.1, losses
 
     from pocus_edge.losses import dice_bce
@@ -150,16 +150,28 @@ def test_finetune_loads_encoder_and_leaves_decoder_random(encoders):
     assert not torch.equal(state["encoder.pos_embed"], fresh["encoder.pos_embed"])
 
 
-def test_finetune_end_to_end_and_weight_decay_by_branch(sites, encoders, tmp_path):
+def test_finetune_end_to_end_and_recipes_in_the_card(sites, encoders, tmp_path):
     source, _ = sites
     mim, con = encoders
     a = finetune(source, tmp_path / "mim_ft", init=mim.encoder_path, max_steps=3, **FAST)
     b = finetune(source, tmp_path / "con_ft", init=con.encoder_path, max_steps=3, **FAST)
     assert a.model_path.exists() and a.best_val is not None
     assert a.card["stage"] == "finetune" and a.card["init"]["stage"] == "pretrain-mim"
-    assert a.card["hyperparameters"]["weight_decay"] == 0.05
-    assert b.card["hyperparameters"]["weight_decay"] == 0.1  # METHOD.md: contrastive branch
-    assert a.card["hyperparameters"]["momentum"] == 0.99 and a.card["hyperparameters"]["optimizer"] == "sgd"
+    # default recipe: the same optimizer and decay after either encoder (no per-branch confound).
+    for res in (a, b):
+        hp = res.card["hyperparameters"]
+        assert (hp["recipe"], hp["optimizer"], hp["weight_decay"], hp["encoder_lr_scale"]) == ("default", "adamw", 0.05, 0.1)
+        assert hp["train.grad_clip"] is None and hp["train.warmup_fraction"] == 0.05
+        groups = {g["group"]: g for g in hp["param_groups"]}
+        assert groups["encoder"]["lr"] == pytest.approx(0.1 * groups["decoder"]["lr"])
+        assert groups["encoder-no-decay"]["weight_decay"] == 0.0 and groups["decoder"]["weight_decay"] == 0.05
+    # paper recipe: the released code's SGD, 0.05 after MIM and 0.1 after a contrastive encoder.
+    c = finetune(source, tmp_path / "mim_paper", init=mim.encoder_path, recipe="paper", max_steps=2, **FAST)
+    d = finetune(source, tmp_path / "con_paper", init=con.encoder_path, recipe="paper", max_steps=2, **FAST)
+    assert c.card["hyperparameters"]["weight_decay"] == 0.05 and d.card["hyperparameters"]["weight_decay"] == 0.1
+    assert c.card["hyperparameters"]["momentum"] == 0.99 and c.card["hyperparameters"]["optimizer"] == "sgd"
+    assert [g["group"] for g in c.card["hyperparameters"]["param_groups"]] == ["all"]
+    assert c.card["hyperparameters"]["train.grad_clip"] == 1.0
     seen = sites_seen(a.card)
     assert [e["role"] for e in seen] == ["ssl-images-only", "supervised"]
     assert seen[0]["site"] != seen[1]["site"]
@@ -327,6 +339,10 @@ def test_lr_schedule_formula():
     assert f(2) == pytest.approx(1.0)
     assert f(6) == pytest.approx(0.5 * (1 + np.cos(np.pi * 4 / 8)))
     assert engine.LRFactor("constant", 10, 0)(7) == 1.0
+    # LP-FT: held at 0, then its own warm-up, then the run's cosine.
+    held = engine.LRFactor("cosine", total_steps=10, warmup_steps=2, hold_steps=3)
+    assert [held(s) for s in range(5)] == [0.0, 0.0, 0.0, 0.5, 1.0]
+    assert held(6) == pytest.approx(f(6))
 
 
 def test_evaluate_reports_match_independent_computation(sites, encoders, tmp_path):
@@ -385,3 +401,194 @@ def test_time_budgeted_schedule_fits_the_measured_pace():
     # 30 steps in 10 s of a 60 s budget: 50 s left at 3 steps/s, 5% margin -> 30 + 142 steps.
     assert engine._fit_steps(30, 0, 10.0, 60.0) == 30 + int(50 * 0.95 * 3)
     assert engine._fit_steps(40, 10, 70.0, 60.0) == 40  # over time: no more steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes: the default trains the encoder, the paper recipe's decay erases it
+
+
+def _vit_weights(state) -> torch.Tensor:
+    """The transformer blocks' weight matrices, in a fixed key order."""
+    return torch.cat([state[k].flatten().double() for k in sorted(state)
+                      if k.startswith("encoder.blocks.") and state[k].ndim >= 2])
+
+
+def _encoder_after(source, out, recipe, steps, lr):
+    from pocus_edge.models.transunet import TransUNet
+
+    res = finetune(source, out, recipe=recipe, max_steps=steps, epochs=1000, batch_size=8, lr=lr,
+                   overrides={"dropout": 0.0}, **FAST)
+    torch.manual_seed(0)
+    init = _vit_weights(TransUNet(model_preset("tiny", dropout=0.0)).state_dict())
+    final = load_file(res.out_dir / engine.CHECKPOINT)
+    after = _vit_weights({k[len("model."):]: v for k, v in final.items() if k.startswith("model.")})
+    cosine = float(after @ init / (after.norm() * init.norm()))
+    return cosine, float(after.norm() / init.norm())
+
+
+def test_default_recipe_moves_the_encoder_and_paper_recipe_shrinks_it(sites, tmp_path):
+    """Would fail if the default recipe froze the encoder (cosine to init stays ~1) or erased it,
+    or if the paper recipe's decay stopped dominating its encoder. Both runs give the encoder the
+    same lr (1e-3: the default's decoder lr 1e-2 x 0.1), so the difference is the optimizer and
+    the decay: with momentum 0.99 the paper recipe's per-step shrink is lr x wd / 0.01."""
+    source, _ = sites
+    cos_default, norm_default = _encoder_after(source, tmp_path / "default", "default", 120, lr=1e-2)
+    assert cos_default < 0.999, cos_default
+    assert 0.5 < norm_default < 2.0, norm_default
+    cos_paper, norm_paper = _encoder_after(source, tmp_path / "paper", "paper", 120, lr=1e-3)
+    assert norm_paper < 0.95 and norm_paper < norm_default - 0.05, (norm_paper, norm_default)
+    # ... while keeping its direction: it decays, it does not learn.
+    assert 1 - cos_paper < 0.01 * (1 - cos_default), (cos_paper, cos_default)
+
+
+def test_parameter_groups_follow_the_recipe():
+    from pocus_edge.models.transunet import TransUNet
+    from pocus_edge.train.recipes import finetune_groups, is_no_decay
+
+    model = TransUNet(model_preset("tiny"))
+    groups = finetune_groups(model, weight_decay=0.05, encoder_lr_scale=0.1, decay_all_parameters=False,
+                             decoder_only_steps=7)
+    named = dict(model.named_parameters())
+    by_id = {id(p): n for n, p in named.items()}
+    seen = set()
+    for g in groups:
+        names = [by_id[id(p)] for p in g.params]
+        seen.update(names)
+        assert all(n.startswith("encoder.") == g.name.startswith("encoder") for n in names), g.name
+        assert all(is_no_decay(n, named[n]) == g.name.endswith("no-decay") for n in names), g.name
+        assert g.weight_decay == (0.0 if g.name.endswith("no-decay") else 0.05)
+        assert g.lr_scale == (0.1 if g.name.startswith("encoder") else 1.0)
+        assert g.hold_steps == (7 if g.name.startswith("encoder") else 0)
+    assert seen == set(named)  # every parameter in exactly one group
+    assert "encoder.pos_embed" in {by_id[id(p)] for g in groups if g.name == "encoder-no-decay" for p in g.params}
+    paper = finetune_groups(model, weight_decay=0.05, encoder_lr_scale=1.0, decay_all_parameters=True,
+                            decoder_only_steps=0)
+    assert len(paper) == 1 and len(paper[0].params) == len(named)
+
+
+def test_decoder_only_steps_hold_the_encoder_then_release_it(sites, tmp_path):
+    source, _ = sites
+    from pocus_edge.models.transunet import TransUNet
+
+    def encoder_state(run):
+        weights = load_file(run / engine.CHECKPOINT)
+        return {k: v for k, v in weights.items() if k.startswith("model.encoder.")}
+
+    torch.manual_seed(0)
+    init = {f"model.{k}": v for k, v in TransUNet(model_preset("tiny")).state_dict().items() if k.startswith("encoder.")}
+    finetune(source, tmp_path / "held", max_steps=3, batch_size=8, overrides={"decoder_only_steps": 3}, **FAST)
+    held = encoder_state(tmp_path / "held")
+    assert all(torch.equal(held[k], init[k]) for k in init)  # lr 0 and decoupled decay lr*wd = 0
+    finetune(source, tmp_path / "released", max_steps=5, batch_size=8, overrides={"decoder_only_steps": 3}, **FAST)
+    assert not all(torch.equal(v, init[k]) for k, v in encoder_state(tmp_path / "released").items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume, failed writes, config files
+
+
+def test_resume_without_a_checkpoint_is_exactly_a_fresh_run(sites, tmp_path):
+    source, _ = sites
+    kw = dict(max_steps=3, batch_size=8, **FAST)
+    fresh = finetune(source, tmp_path / "fresh", **kw)
+    resumed = finetune(source, tmp_path / "resumed", resume=True, **kw)
+    a, b = load_file(fresh.model_path), load_file(resumed.model_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert fresh.last_loss == resumed.last_loss
+
+
+@pytest.mark.parametrize("error", ["safetensors", "oserror"])
+def test_failed_checkpoint_or_model_write_is_one_line_and_leaves_nothing(sites, tmp_path, monkeypatch, error):
+    from safetensors import SafetensorError
+
+    import pocus_edge.models.weights as weights
+
+    source, _ = sites
+    exc = SafetensorError("I/O error: No space left on device (os error 28)") if error == "safetensors" \
+        else OSError(errno.EROFS, "Read-only file system")
+
+    def fail(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(engine, "_write_safetensors", fail)
+    with pytest.raises(TrainingError, match=r"checkpoint\.safetensors: could not write the checkpoint \(.*\); no checkpoint was written"):
+        finetune(source, tmp_path / "ckpt", max_steps=2, batch_size=8, **FAST)
+    monkeypatch.undo()
+    monkeypatch.setattr(weights, "write_bytes_atomic", fail)
+    with pytest.raises(TrainingError, match=r"model\.safetensors: could not write the model"):
+        finetune(source, tmp_path / "model", max_steps=2, batch_size=8, **FAST)
+    for run in (tmp_path / "ckpt", tmp_path / "model"):
+        assert not [p for p in run.iterdir() if ".tmp" in p.name]
+
+
+def test_cli_errors_for_unwritable_outputs(sites, tmp_path, capsys):
+    from pocus_edge.cli import main
+
+    source, _ = sites
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    code = main(["finetune", "--data", str(source), "--out", str(afile), "--preset", "tiny", "--max-steps", "1",
+                 "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a file" in err and "Traceback" not in err
+
+
+def test_config_file_round_trip_and_precedence(sites, tmp_path):
+    import yaml
+
+    from pocus_edge.errors import ConfigError
+    from pocus_edge.train.common import resolve_configs
+
+    source, _ = sites
+    first = finetune(source, tmp_path / "a", max_steps=2, batch_size=8, overrides={"lr": "3e-4", "train.seed": "4"},
+                     **FAST)
+    written = yaml.safe_load((first.out_dir / engine.CONFIG_FILE).read_text())
+    assert written["stage"] == "finetune" and written["finetune"]["lr"] == 3e-4 and written["train"]["seed"] == 4
+    # The written file reproduces the run.
+    again = finetune(source, tmp_path / "b", config_file=first.out_dir / engine.CONFIG_FILE, **{**FAST, "preset": None})
+    assert yaml.safe_load((again.out_dir / engine.CONFIG_FILE).read_text()) == written
+    wa, wb = load_file(first.model_path), load_file(again.model_path)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # --set beats the file; explicit options beat --set.
+    r = resolve_configs("finetune", None, {"lr": "5e-4"}, config_file=first.out_dir / engine.CONFIG_FILE, seed=9)
+    assert (r.stage_cfg.lr, r.train.seed, r.preset) == (5e-4, 9, "tiny")
+    with pytest.raises(ConfigError, match="written for stage 'finetune'"):
+        resolve_configs("mim", None, config_file=first.out_dir / engine.CONFIG_FILE)
+    with pytest.raises(ConfigError, match="written for recipe 'default'"):
+        resolve_configs("finetune", None, config_file=first.out_dir / engine.CONFIG_FILE, recipe="paper")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("finetune: {lr: fast}\n")
+    with pytest.raises(ConfigError, match=r"lr: cannot read 'fast' as float.*bad\.yaml"):
+        resolve_configs("finetune", "tiny", config_file=bad)
+
+
+def test_config_coercion_reads_types_without_evaluating_text():
+    import inspect
+
+    import pocus_edge.config as config
+    from pocus_edge.config import TrainConfig, apply_overrides
+    from pocus_edge.data.phantom_profiles import ProbePSF  # string annotations (postponed evaluation)
+
+    assert "eval(" not in inspect.getsource(config)
+    t = apply_overrides(TrainConfig(), {"grad_clip": "none", "max_steps": "12", "amp": "off", "warmup_fraction": "0.1"})
+    assert (t.grad_clip, t.max_steps, t.amp, t.warmup_fraction) == (None, 12, False, 0.1)
+    assert apply_overrides(ProbePSF(), {"center_mhz": "9"}).center_mhz == 9.0
+    from pocus_edge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot read 2.5 as int"):
+        apply_overrides(TrainConfig(), {"max_steps": 2.5})
+
+
+def test_mim_mask_grid_is_seven_by_seven_at_any_size():
+    from pocus_edge.config import MIMConfig
+    from pocus_edge.models.heads import MaskGenerator
+    from pocus_edge.train.mim import resolve_mask_cell
+
+    for size, cell in ((224, 32), (128, 19), (64, 10)):
+        cfg = resolve_mask_cell(size, MIMConfig())
+        gen = MaskGenerator(size, cfg)
+        assert (cfg.mask_cell, gen.cells_per_side, gen.num_masked) == (cell, 7, 30)
+        mask, _ = gen(2, generator=torch.Generator().manual_seed(0))
+        # 30 of 49 cells masked: the masked share of pixels is near 30/49 (partial last cells aside).
+        assert abs(float(mask.mean()) - 30 / 49) < 0.1
+    assert resolve_mask_cell(128, MIMConfig(mask_cell=32)).mask_cell == 32

@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "golden": "golden",
     "stream": "runtime",
     "benchmark": "bench",
+    "study": "study",
     "flops": "flops",
     "demo": "demo",
 }

@@ -13,10 +13,10 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for data, runs, exported model, stream outputs and report.md."),
         data_preset: str = typer.Option("demo", help="Simulator size: demo (the 10-minute CPU demo) or tiny (a smoke run)."),
         preset: str = typer.Option("small", help="Model size: small (CPU-trainable TransUNet) or tiny (tests)."),
-        quick: bool = typer.Option(False, "--quick", help="One epoch per training stage (a smoke run; accuracy is meaningless)."),
+        quick: bool = typer.Option(False, "--quick", help="A few steps per training stage (a smoke run; accuracy is meaningless)."),
         seed: int = typer.Option(0, help="Seed of the simulator and of every training stage."),
         threads: int = typer.Option(0, help="onnxruntime threads for the streaming step (0 = all cores)."),
-        max_steps: int = typer.Option(0, help="Cap every training stage at this many steps (0 = the schedule's epochs; smoke runs)."),
+        max_steps: int = typer.Option(0, help="Cap every training stage at this many steps (0 = the schedule's steps; smoke runs)."),
         device: str = typer.Option("auto", help="Training/evaluation device: auto (CUDA if present), cpu, cuda."),
         fresh: bool = typer.Option(False, "--fresh", help="Delete the demo's earlier outputs in --out and start over (default: a rerun reuses the data and the finished training stages)."),
     ) -> None:

@@ -15,7 +15,8 @@ def register(app: typer.Typer) -> None:
         preset: str = typer.Option(
             "demo",
             help="Data set size: tiny (tests, ~430 small frames), demo (CPU demo, ~1300 frames), "
-            "bench (benchmark, a few thousand frames per site).",
+            "bench (benchmark, a few thousand frames per site), study (bench-sized, 12 fully labeled target "
+            "test patients: `pocus-edge study`).",
         ),
         seed: int = typer.Option(0, help="Random seed: the same seed writes byte-identical files."),
         montage: Optional[Path] = typer.Option(
@@ -32,13 +33,26 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(
             1, min=1, help="Processes rendering patients in parallel (the files are identical for any number)."
         ),
+        target_test_patients: Optional[int] = typer.Option(
+            None, "--target-test-patients", min=1,
+            help="Target test patients (default: the preset's; 12.5 % of patients, 12 for the study preset).",
+        ),
+        label_target_test: Optional[str] = typer.Option(
+            None, "--label-target-test", metavar="all|sparse",
+            help="all: label every frame of the target test patients (a powered test set); sparse: the paper's "
+            "12.5 % like every target patient (default: the preset's; all for the study preset).",
+        ),
     ) -> None:
         """Simulate two-probe wrist POCUS sweeps (source: Lumify-like, target: TeleMED-like) with exact
         bone masks and the paper's patient splits, in the site layout `pocus-edge` trains on."""
         from ..data.phantom import simulate as run_simulation
         from ..data.phantom import write_montage
         from ..data.splits import split_summary
+        from ..errors import ConfigError
         from ..io import check_output_dir, check_output_file
+
+        if label_target_test not in (None, "all", "sparse"):
+            raise ConfigError(f"--label-target-test must be all or sparse, got {label_target_test!r}")
 
         check_output_dir(out, what="OUT (a folder)")
         if montage is not None:
@@ -52,6 +66,8 @@ def register(app: typer.Typer) -> None:
             source_profile=source_profile,
             target_profile=target_profile,
             workers=workers,
+            target_test_patients=target_test_patients,
+            label_all_target_test=None if label_target_test is None else label_target_test == "all",
         )
         for site in (source, target):
             labeled = sum(r.labeled for r in site.records)

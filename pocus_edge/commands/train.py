@@ -14,8 +14,12 @@ from typing import List, Optional
 import typer
 
 PRESET_HELP = (
-    "Model preset: paper (TransUNet R50-ViT-B/16 @224, the published network), small (CPU-trainable @128), "
-    "tiny (tests @64)."
+    "Model preset: paper (TransUNet R50-ViT-B/16 @224, the published network), small (CPU-trainable @128, the "
+    "default), tiny (tests @64)."
+)
+CONFIG_HELP = (
+    "YAML run config (sections model, train and the stage's; RUN/config.yaml of an earlier run works). "
+    "Command-line options and --set win over it; the resolved config is written to OUT/config.yaml."
 )
 
 
@@ -75,27 +79,28 @@ def register(app: typer.Typer) -> None:
     def mim(
         data: List[Path] = _opt_data(),
         out: Path = typer.Option(..., "--out", help="Run folder: encoder.safetensors, checkpoint.safetensors, log.csv, tensorboard/."),
-        preset: str = typer.Option("small", help=PRESET_HELP),
+        preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
+        config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
         epochs: Optional[int] = typer.Option(None, help="Epochs (default: paper 1200, small 10, tiny 2)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="GLOBAL batch over all processes (default: paper 128, small 32, tiny 8)."),
         lr: Optional[float] = typer.Option(None, help="AdamW learning rate (default: 5e-4); weight decay 0.05 (--set weight_decay=...)."),
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (the LR schedule spans them)."),
         device: str = typer.Option("auto", help="auto | cpu | cuda (bf16 autocast on CUDA; --set amp=false to disable)."),
-        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped (a folder without a checkpoint: a fresh run)."),
         seed: Optional[int] = typer.Option(None, help="Random seed (default: 0): same seed, same weights."),
         num_workers: Optional[int] = typer.Option(None, "--num-workers", help="DataLoader worker processes (default: 0)."),
         preload: bool = typer.Option(False, "--preload/--no-preload", help="Decode and resize every frame into memory first (fast GPUs)."),
         checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps (0 = at each epoch end)."),
         set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any setting: key=value (mask_ratio, grad_clip, schedule, warmup_epochs, grad_checkpointing, model.dropout, ...)."),
     ) -> None:
-        """Masked image modeling (SimMIM-style): 32-px cells, ratio 0.6, 20% speckle; masked L1. Defaults follow the paper (docs/method.md) for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
+        """Masked image modeling (SimMIM-style): a 7x7 grid of cells (32 px at 224), ratio 0.6, 20% speckle; masked L1. Defaults follow the paper (docs/method.md) for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
         from ..train import pretrain_mim
 
         _run_folder(out)
         res = pretrain_mim(
             _one_site(data, "pretrain mim"), out, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr,
             max_steps=max_steps, device=device, resume=resume, seed=seed, num_workers=num_workers, preload=preload,
-            checkpoint_every=checkpoint_every, overrides=_overrides(set_),
+            checkpoint_every=checkpoint_every, overrides=_overrides(set_), config_file=config,
         )
         _echo_run("pretrain mim", res, f"; encoder -> {res.encoder_path}")
 
@@ -104,30 +109,32 @@ def register(app: typer.Typer) -> None:
     def contrastive(
         data: List[Path] = _opt_data(),
         out: Path = typer.Option(..., "--out", help="Run folder: encoder.safetensors, checkpoint.safetensors, log.csv, tensorboard/."),
-        preset: str = typer.Option("small", help=PRESET_HELP),
+        preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
+        config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
         min_frame_gap: Optional[int] = typer.Option(None, "--min-frame-gap", help="delta_t: same-video frames closer than this are not negatives (default: 15); 0 = plain NT-Xent (SimCLR)."),
         temperature: Optional[float] = typer.Option(None, help="Softmax temperature tau (default: 0.5)."),
+        frames_per_video: Optional[int] = typer.Option(None, "--frames-per-video", min=0, help="Video-clustered batches: k frames of each of batch/k sampled videos, so the temporal mask has neighbours to remove (default 0: uniform batches, the released code's). The log reports the share of negatives masked."),
         epochs: Optional[int] = typer.Option(None, help="Epochs (default: paper 400, small 10, tiny 2)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="GLOBAL pairs per batch over all processes (default: paper 512, small 32, tiny 8); the loss always sees all of them."),
         lr: Optional[float] = typer.Option(None, help="Adam learning rate (default: paper 1e-5; small/tiny 1e-4); weight decay 0.05."),
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (the LR schedule spans them)."),
         device: str = typer.Option("auto", help="auto | cpu | cuda (bf16 autocast on CUDA)."),
-        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped (a folder without a checkpoint: a fresh run)."),
         seed: Optional[int] = typer.Option(None, help="Random seed (default: 0)."),
         num_workers: Optional[int] = typer.Option(None, "--num-workers", help="DataLoader worker processes (default: 0) (augmentations run there)."),
         preload: bool = typer.Option(False, "--preload/--no-preload", help="Decode and resize every frame into memory first."),
         checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps (0 = at each epoch end)."),
-        set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any setting: key=value (crop_scale, jitter, flip_p, grad_clip (default: none for this stage), model.dropout, ...)."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any setting: key=value (crop_scale, jitter, flip_p, grad_clip (default: none for this stage), schedule (default: constant after a 5% warm-up), model.dropout, ...)."),
     ) -> None:
-        """Contrastive pretraining with MT-NXent (two augmented views per frame; temporal neighbours masked). Defaults follow the paper (docs/method.md) for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
+        """Contrastive pretraining with MT-NXent (two augmented views per frame; temporal neighbours masked). No gradient clipping and a constant lr after a short warm-up, so the loss leaves its plateau at chance. Defaults follow the paper (docs/method.md) for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
         from ..train import pretrain_contrastive
 
         _run_folder(out)
         res = pretrain_contrastive(
             _one_site(data, "pretrain contrastive"), out, preset=preset, min_frame_gap=min_frame_gap,
-            temperature=temperature, epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, device=device,
-            resume=resume, seed=seed, num_workers=num_workers, preload=preload, checkpoint_every=checkpoint_every,
-            overrides=_overrides(set_),
+            temperature=temperature, frames_per_video=frames_per_video, epochs=epochs, batch_size=batch_size, lr=lr,
+            max_steps=max_steps, device=device, resume=resume, seed=seed, num_workers=num_workers, preload=preload,
+            checkpoint_every=checkpoint_every, overrides=_overrides(set_), config_file=config,
         )
         _echo_run("pretrain contrastive", res, f"; encoder -> {res.encoder_path}")
 
@@ -138,30 +145,33 @@ def register(app: typer.Typer) -> None:
         data: List[Path] = _opt_data(),
         out: Path = typer.Option(..., "--out", help="Run folder: model.safetensors (lowest validation DiceBCE), checkpoint, log.csv."),
         init: Optional[Path] = typer.Option(None, "--init", help="Pretrained RUN/encoder.safetensors (same preset). Without it: a baseline from random init (lower bound on the source, upper bound on the target's labeled ub_split)."),
-        preset: str = typer.Option("small", help=PRESET_HELP),
+        preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
+        config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
+        recipe: Optional[str] = typer.Option(None, "--recipe", help="default: AdamW, decoupled decay off norms/biases/embeddings, encoder lr 0.1x, 5% warm-up + cosine, no clipping (the same for every arm); paper: the released code's SGD (momentum 0.99, wd 0.05/0.1 on all parameters, clip 1.0), which at short budgets decays the encoder instead of fine-tuning it. See docs/method.md."),
+        augment: Optional[str] = typer.Option(None, "--augment", help="none (default) | intensity: probe-agnostic gain, gamma, blur, noise and black-level augmentation of the labeled frames."),
         split_column: str = typer.Option("auto", "--split-column", help="auto | split | ub_split: which manifest column gives train/val (auto: split if it has labeled train+val, else ub_split)."),
         epochs: Optional[int] = typer.Option(None, help="Epochs (default: paper 200, small 5, tiny 2)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="GLOBAL batch over all processes (default: paper 512, small 16, tiny 8)."),
-        lr: Optional[float] = typer.Option(None, help="SGD learning rate (default: paper 2e-4; small/tiny 2e-3 for short CPU runs), momentum 0.99 (--set momentum=...)."),
-        weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Weight decay (default: 0.05; 0.1 when --init is a contrastive encoder)."),
+        lr: Optional[float] = typer.Option(None, help="Decoder/head learning rate (default recipe: paper preset 1e-4, small/tiny 1e-3, encoder 0.1x; paper recipe: 2e-4, small/tiny 2e-3)."),
+        weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Weight decay (default: 0.05; paper recipe: 0.1 when --init is a contrastive encoder)."),
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (the LR schedule spans them)."),
         device: str = typer.Option("auto", help="auto | cpu | cuda (bf16 autocast on CUDA)."),
-        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped (a folder without a checkpoint: a fresh run)."),
         seed: Optional[int] = typer.Option(None, help="Random seed (default: 0) (also fixes the decoder's random init)."),
         num_workers: Optional[int] = typer.Option(None, "--num-workers", help="DataLoader worker processes (default: 0)."),
         preload: bool = typer.Option(False, "--preload/--no-preload", help="Decode and resize every frame and mask into memory first."),
         checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps (0 = at each epoch end)."),
-        set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any setting: key=value (momentum, optimizer, schedule, grad_clip, model.dropout, ...)."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any setting: key=value (encoder_lr_scale, decoder_only_steps (LP-FT), momentum, optimizer, schedule, grad_clip, model.dropout, ...)."),
     ) -> None:
-        """Supervised fine-tuning on ONE labeled site with DiceBCE; keeps the best validation checkpoint. Defaults follow the paper (docs/method.md) for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
+        """Supervised fine-tuning on ONE labeled site with DiceBCE and a named recipe; keeps the best validation checkpoint. Defaults follow the paper (docs/method.md) for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
         from ..train import finetune as run_finetune
 
         _run_folder(out)
         res = run_finetune(
-            _one_site(data, "finetune"), out, init=init, preset=preset, split_column=split_column, epochs=epochs,
-            batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_steps=max_steps, device=device, resume=resume,
-            seed=seed, num_workers=num_workers, preload=preload, checkpoint_every=checkpoint_every,
-            overrides=_overrides(set_),
+            _one_site(data, "finetune"), out, init=init, recipe=recipe, augment=augment, preset=preset,
+            split_column=split_column, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            max_steps=max_steps, device=device, resume=resume, seed=seed, num_workers=num_workers, preload=preload,
+            checkpoint_every=checkpoint_every, overrides=_overrides(set_), config_file=config,
         )
         best = f"; best val DiceBCE {res.best_val:.4f} (epoch {res.best_epoch}) -> {res.model_path}" if res.best_val is not None else ""
         _echo_run("finetune" if init else "baseline", res, best)

@@ -125,16 +125,21 @@ class UnlabeledImageDataset(_SiteFrames):
 
 
 class SegmentationDataset(_SiteFrames):
-    """Labeled frames -> (image (3,S,S) float32 in [0,1], mask (1,S,S) float32 in {0,1})."""
+    """Labeled frames -> (image (3,S,S) float32 in [0,1], mask (1,S,S) float32 in {0,1}).
+
+    ``augment`` (e.g. :class:`pocus_edge.data.transforms.IntensityAugment`) changes the image's
+    intensities, never its geometry (the mask stays exact), with a generator seeded by (seed,
+    epoch, index)."""
 
     def __init__(self, site: Site, records: Sequence[FrameRecord], size: int, *, seed: int = 0,
-                 preload: bool = False, preload_threads: int = 4):
+                 preload: bool = False, preload_threads: int = 4, augment=None):
         unlabeled = [r.filename for r in records if not r.labeled]
         if unlabeled:
             raise DataError(
                 f"{site.root}: {len(unlabeled)} selected frame(s) have no mask (e.g. {unlabeled[0]!r})"
             )
         super().__init__(site, records, size, seed=seed, preload=preload, preload_threads=preload_threads)
+        self.augment = augment
         self._mask_cache: list[np.ndarray] | None = None
         if preload:
             self._mask_cache = self._parallel(
@@ -152,8 +157,13 @@ class SegmentationDataset(_SiteFrames):
         return torch.from_numpy(preprocess_mask(self.site.read_mask(self.records[index]), self.size))
 
     def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
-        index, _ = split_key(key, self.epoch)
-        return self.image(index), self.mask(index)
+        index, epoch = split_key(key, self.epoch)
+        image = self.image(index)
+        if self.augment is not None:
+            rng = np.random.default_rng(sample_seed(self.seed, epoch, index, "intensity"))
+            gray = torch.from_numpy(self.augment(image[0].numpy(), rng))
+            image = gray.unsqueeze(0).expand(3, -1, -1).contiguous()
+        return image, self.mask(index)
 
 
 def contrastive_transform(size: int, cfg):

@@ -38,7 +38,6 @@ naming the file and leaves nothing behind.
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator

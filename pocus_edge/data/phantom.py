@@ -32,7 +32,10 @@ cortical band; the shadowed bone beneath it is not labeled, nor is cartilage. Th
 cortex is drawn from the same geometry by the same rule, so masks are exact (pixel centres
 inside the band, see :func:`pocus_edge.data.phantom_anatomy.bone_band`). Target frames
 are labeled at the paper's rate (every 8th frame of each patient, phase shifted per
-patient); unlabeled frames have no mask file.
+patient); unlabeled frames have no mask file. The number of target test patients and whether
+all their frames are labeled are preset knobs (``target_test_patients``,
+``label_all_target_test``; the ``study`` preset: 12 patients, all frames), so an evaluation can
+have the power of whole sweeps without changing the training data's labeling.
 """
 
 from __future__ import annotations
@@ -75,16 +78,57 @@ class SimPreset:
     oversample: int  # simulated depth samples per output pixel
     sweep_step_mm: float  # elevational probe motion between kept frames
     target_label_every: int = 8  # the paper labels 12.5% of target frames
+    # Target test patients: None = the paper's share (12.5 % of patients); a number sets it.
+    target_test_patients: int | None = None
+    # True: every frame of the target test patients is labeled (a test set with the statistical
+    # power of whole sweeps); False: they are labeled at the sparse rate like everyone else.
+    label_all_target_test: bool = False
+
+    def split_options(self, domain: str) -> dict:
+        """Keyword options of :func:`pocus_edge.data.splits.assign_splits` for this preset."""
+        if domain != "target" or self.target_test_patients is None:
+            return {}
+        if not 1 <= self.target_test_patients < self.patients:
+            raise ConfigError(
+                f"target test patients must be in 1..{self.patients - 1} for {self.patients} patients, "
+                f"got {self.target_test_patients}"
+            )
+        # assign_splits rounds patients x fraction to the nearest integer: this gives exactly N.
+        return {"target_test_fraction": self.target_test_patients / self.patients}
 
 
 PRESETS = {
     # Tests: every split gets a patient (6 patients -> source 4/1/1, target test 1, ub 4/1).
     "tiny": SimPreset("tiny", patients=6, frames_per_video=8, frame_stride=2, scale=0.45, oversample=1, sweep_step_mm=0.3),
-    # The CPU demo: ~700 source / ~580 target frames of ~200 x 230 px.
-    "demo": SimPreset("demo", patients=24, frames_per_video=6, frame_stride=4, scale=1.0, oversample=2, sweep_step_mm=0.35),
+    # The CPU demo: ~700 source / ~580 target frames of ~200 x 230 px; its 3 target test patients
+    # are labeled on every frame (72 frames instead of 9), so the report can show its uncertainty.
+    "demo": SimPreset("demo", patients=24, frames_per_video=6, frame_stride=4, scale=1.0, oversample=2, sweep_step_mm=0.35,
+                      label_all_target_test=True),
     # The Table 3 analog benchmark: a few thousand frames per domain.
     "bench": SimPreset("bench", patients=44, frames_per_video=16, frame_stride=2, scale=1.0, oversample=2, sweep_step_mm=0.25),
+    # `pocus-edge study`: bench-sized sweeps, 12 target test patients with every frame labeled
+    # (768 test frames), 38 target patients left for pretraining as in `bench`.
+    "study": SimPreset("study", patients=50, frames_per_video=16, frame_stride=2, scale=1.0, oversample=2,
+                       sweep_step_mm=0.25, target_test_patients=12, label_all_target_test=True),
 }
+
+
+def with_target_test(preset: str | SimPreset, patients: int | None = None, label_all: bool | None = None) -> SimPreset:
+    """A preset with its target test changed: ``patients`` test patients and/or every frame of
+    them labeled (None keeps the preset's setting)."""
+    import dataclasses
+
+    p = get_preset(preset)
+    changes = {}
+    if patients is not None:
+        changes["target_test_patients"] = int(patients)
+    if label_all is not None:
+        changes["label_all_target_test"] = bool(label_all)
+    if not changes:
+        return p
+    out = dataclasses.replace(p, **changes)
+    out.split_options("target")  # refuse an impossible count before anything is rendered
+    return out
 
 SOURCE_PROFILE = "lumify"
 TARGET_PROFILE = "telemed"
@@ -149,8 +193,10 @@ def _patient_id(domain: str, index: int) -> str:
     return f"{'S' if domain == 'source' else 'T'}{index + 1:03d}"
 
 
-def planned_records(domain: str, preset: str | SimPreset = "demo") -> list[FrameRecord]:
-    """The manifest rows a simulated site will have (no splits yet), without rendering."""
+def planned_records(domain: str, preset: str | SimPreset = "demo", seed: int = 0) -> list[FrameRecord]:
+    """The manifest rows a simulated site will have (no splits yet), without rendering. With
+    ``label_all_target_test`` every frame of the target test patients (as the seed's splits will
+    draw them) is labeled."""
     if domain not in SITE_KEYS:
         raise ConfigError(f"unknown domain {domain!r}; choose source or target")
     p = get_preset(preset)
@@ -173,7 +219,21 @@ def planned_records(domain: str, preset: str | SimPreset = "demo") -> list[Frame
                         patient=pid, view=view, labeled=labeled,
                     )
                 )
+    if domain == "target" and p.label_all_target_test:
+        records = _label_test_patients(records, p, seed)
     return records
+
+
+def _label_test_patients(records: list[FrameRecord], preset: SimPreset, seed: int) -> list[FrameRecord]:
+    """Mark every frame of the target test patients labeled. Every patient already has sparse
+    labels, so the splits drawn afterwards pick the same test patients."""
+    import dataclasses
+
+    from .splits import assign_splits
+
+    split = assign_splits(records, domain="target", seed=seed, **preset.split_options("target"))
+    test_patients = {r.patient for r in split if r.split == "test"}
+    return [dataclasses.replace(r, labeled=True) if r.patient in test_patients else r for r in records]
 
 
 def iter_site_frames(
@@ -188,7 +248,7 @@ def iter_site_frames(
     order (``record.labeled`` says whether the mask is written). Every patient and video has
     its own seed, so ``patients`` (indices) renders a subset with identical pixels."""
     p = get_preset(preset)
-    records = iter(planned_records(domain, p))
+    records = iter(planned_records(domain, p, seed))
     prof = load_profile(profile or (SOURCE_PROFILE if domain == "source" else TARGET_PROFILE))
     views = SOURCE_VIEWS if domain == "source" else TARGET_VIEWS
     key = SITE_KEYS[domain]
@@ -239,14 +299,14 @@ def simulate_site(
     prof = load_profile(profile or (SOURCE_PROFILE if domain == "source" else TARGET_PROFILE))
     root = Path(root)
     # Fail on a preset too small for the paper's splits before rendering anything.
-    assign_splits(planned_records(domain, p), domain=domain, seed=seed)
+    assign_splits(planned_records(domain, p, seed), domain=domain, seed=seed, **p.split_options(domain))
     _prepare_site_dir(root, overwrite)
     writer = SiteWriter(root, overwrite=overwrite, fsync_frames=False)
     for rec, image, mask in _site_frames(domain, p, seed, prof, workers):
         writer.add(rec, image, mask if rec.labeled else None)
         if on_frame is not None:
             on_frame()
-    writer.records = assign_splits(writer.records, domain=domain, seed=seed)
+    writer.records = assign_splits(writer.records, domain=domain, seed=seed, **p.split_options(domain))
     return writer.close()
 
 
@@ -291,10 +351,14 @@ def simulate(
     source_profile: str | Path | ProbeProfile = SOURCE_PROFILE,
     target_profile: str | Path | ProbeProfile = TARGET_PROFILE,
     workers: int = 1,
+    target_test_patients: int | None = None,
+    label_all_target_test: bool | None = None,
 ) -> tuple[Site, Site]:
     """Write ``out/source`` and ``out/target``; returns the two loaded sites. ``workers`` > 1
-    renders in that many processes (same files, faster on an idle multi-core machine)."""
-    p = get_preset(preset)
+    renders in that many processes (same files, faster on an idle multi-core machine).
+    ``target_test_patients`` / ``label_all_target_test`` change the preset's target test (None
+    keeps it)."""
+    p = with_target_test(preset, target_test_patients, label_all_target_test)
     # Validate both profiles before writing anything.
     profiles = {"source": load_profile(source_profile), "target": load_profile(target_profile)}
     out = Path(out)
@@ -302,7 +366,7 @@ def simulate(
     from .splits import assign_splits
 
     for domain in ("source", "target"):
-        assign_splits(planned_records(domain, p), domain=domain, seed=seed)  # too few patients?
+        assign_splits(planned_records(domain, p, seed), domain=domain, seed=seed, **p.split_options(domain))  # too few patients?
         root = out / domain
         if (root / MANIFEST).exists() and not overwrite:
             raise DataError(f"{root}: already holds a site (manifest.csv exists); pass --overwrite to replace it")

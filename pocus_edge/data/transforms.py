@@ -117,3 +117,65 @@ def preprocess_mask(mask: np.ndarray, size: int) -> np.ndarray:
 def preprocess_batch(frames: list[np.ndarray], size: int) -> np.ndarray:
     """List of uint8 HxW frames (sizes may differ) -> float32 (N, 3, size, size)."""
     return np.stack([preprocess_frame(f, size) for f in frames], axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training-time augmentation (never used at inference; preprocessing above is unaffected)
+
+
+class IntensityAugment:
+    """Probe-agnostic intensity augmentation of a preprocessed gray frame (float32 (S, S) in
+    [0, 1]): what changes between probes and presets without changing the anatomy. Each step is
+    applied with probability ``p``, in this order, with values drawn uniformly:
+
+    * gain: x * exp(u), u in [-0.3, 0.3] (x0.74 - x1.35);
+    * gamma: x ** exp(u), u in [-0.4, 0.4] (0.67 - 1.49);
+    * blur: Gaussian, sigma in [0.3, 1.5] px at the model's resolution;
+    * noise: additive Gaussian, sd in [0.01, 0.06];
+    * black level: b + (1 - b) x, b in [0, 0.1];
+
+    then clipped to [0, 1]. The ranges are fixed a priori, generic for B-mode ultrasound, and
+    not fitted to any probe profile. ``rng`` (numpy Generator) makes a sample reproducible.
+    """
+
+    GAIN_LOG = 0.3
+    GAMMA_LOG = 0.4
+    BLUR_SIGMA = (0.3, 1.5)
+    NOISE_SD = (0.01, 0.06)
+    BLACK_LEVEL = 0.1
+
+    def __init__(self, p: float = 0.5):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"augmentation probability must be in [0, 1], got {p}")
+        self.p = p
+
+    def __call__(self, gray: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        x = np.asarray(gray, dtype=np.float32)
+        if rng.random() < self.p:
+            x = x * np.float32(np.exp(rng.uniform(-self.GAIN_LOG, self.GAIN_LOG)))
+        if rng.random() < self.p:
+            x = np.clip(x, 0.0, 1.0) ** np.float32(np.exp(rng.uniform(-self.GAMMA_LOG, self.GAMMA_LOG)))
+        if rng.random() < self.p:
+            import cv2
+
+            sigma = rng.uniform(*self.BLUR_SIGMA)
+            x = cv2.GaussianBlur(np.ascontiguousarray(x), (0, 0), sigmaX=sigma, sigmaY=sigma,
+                                 borderType=cv2.BORDER_REFLECT_101)
+        if rng.random() < self.p:
+            x = x + rng.normal(0.0, rng.uniform(*self.NOISE_SD), size=x.shape).astype(np.float32)
+        if rng.random() < self.p:
+            b = np.float32(rng.uniform(0.0, self.BLACK_LEVEL))
+            x = b + (np.float32(1.0) - b) * x
+        return np.clip(x, 0.0, 1.0).astype(np.float32)
+
+
+AUGMENTATIONS = ("none", "intensity")
+
+
+def make_augmentation(name: str):
+    """The training augmentation called ``name`` (None for ``none``)."""
+    if name == "none":
+        return None
+    if name == "intensity":
+        return IntensityAugment()
+    raise DataError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}")

@@ -1,6 +1,6 @@
 """Pretraining wrappers around the TransUNet branch.
 
-* Generative (SimMIM-style): :class:`MaskGenerator` draws a grid of ``mim.mask_cell``-pixel cells,
+* Generative (SimMIM-style): :class:`MaskGenerator` draws a grid of cells (7x7, or ``mim.mask_cell`` pixels each),
   masks ``ceil(cells * mask_ratio)`` of them per image; ``speckle_fraction`` of the masked cells get
   multiplicative speckle ``x + x * N(0, 1)`` (clipped to [0, 1]) instead of zeros (released code).
   :class:`MIMModel` reconstructs the 3-channel image with a whole TransUNet and scores it with
@@ -35,16 +35,17 @@ class MaskGenerator:
 
     def __init__(self, img_size: int, mim: MIMConfig | None = None):
         mim = mim or MIMConfig()
-        if mim.mask_cell < 1 or img_size < mim.mask_cell:
-            raise ConfigError(f"mask_cell={mim.mask_cell} must be in 1..img_size={img_size}")
+        cell = mim.cell_pixels(img_size)  # the paper's 7x7 grid at any size unless mask_cell is set
+        if cell < 1 or img_size < cell:
+            raise ConfigError(f"mask_cell={cell} must be in 1..img_size={img_size}")
         if not 0.0 < mim.mask_ratio <= 1.0:
             raise ConfigError(f"mask_ratio={mim.mask_ratio} must be in (0, 1]")
         if not 0.0 <= mim.speckle_fraction <= 1.0:
             raise ConfigError(f"speckle_fraction={mim.speckle_fraction} must be in [0, 1]")
         self.img_size = img_size
-        self.cell = mim.mask_cell
+        self.cell = cell
         # A partial last cell (img_size not a multiple of the cell) still counts as a cell.
-        self.cells_per_side = math.ceil(img_size / mim.mask_cell)
+        self.cells_per_side = math.ceil(img_size / cell)
         self.num_cells = self.cells_per_side**2
         self.num_masked = math.ceil(self.num_cells * mim.mask_ratio - 1e-9)  # 49 * 0.6 -> 30
         self.num_speckle = math.floor(self.num_masked * mim.speckle_fraction + 0.5)  # 30 * 0.2 -> 6

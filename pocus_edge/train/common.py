@@ -3,9 +3,12 @@ per-preset defaults and ``--set`` overrides into typed configs, and the run's ca
 
 from __future__ import annotations
 
-from dataclasses import fields
+import dataclasses
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+import yaml
 
 from ..config import (
     ContrastiveConfig,
@@ -19,59 +22,140 @@ from ..config import (
 )
 from ..data.layout import MANIFEST, FrameRecord, Site, check_frame_files, load_site
 from ..errors import CheckpointError, ConfigError, TrainingError
+from .recipes import get_recipe
 
 STAGE_CONFIGS = {"mim": MIMConfig, "contrastive": ContrastiveConfig, "finetune": FinetuneConfig}
+DEFAULT_PRESET = "small"
 
 # The paper's batch sizes and epochs (the dataclass defaults) are for 4-8 GPUs and ~20k frames.
-# ``small`` and ``tiny`` get CPU-sized defaults; every value can still be overridden.
+# ``small`` and ``tiny`` get CPU-sized defaults; every value can still be overridden. Fine-tuning
+# learning rates belong to the recipes (pocus_edge.train.recipes).
 PRESET_STAGE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {},
     "small": {
         "mim": {"batch_size": 32, "epochs": 10},
         # lr 1e-5 is tuned for 400 epochs of 512 pairs; a short CPU run needs a larger step.
         "contrastive": {"batch_size": 32, "epochs": 10, "lr": 1e-4},
-        # lr 2e-4 is tuned for ~6,600 steps of 512 frames; in a few hundred steps of 16 it barely
-        # moves (tiny preset, 300 steps: val Dice 0.007 at 2e-4 vs 0.85 at 2e-3).
-        "finetune": {"batch_size": 16, "epochs": 5, "lr": 2e-3},
+        "finetune": {"batch_size": 16, "epochs": 5},
     },
     "tiny": {
         "mim": {"batch_size": 8, "epochs": 2},
         "contrastive": {"batch_size": 8, "epochs": 2, "lr": 1e-4},
-        "finetune": {"batch_size": 8, "epochs": 2, "lr": 2e-3},
+        "finetune": {"batch_size": 8, "epochs": 2},
     },
 }
 
 
 # Engine defaults that differ by stage (every preset); ``--set train.X=...`` still wins.
-# Contrastive: no gradient clipping. METHOD.md gives none, and with the engine's 1.0 the loss
-# sits at chance (ln(2B - 1)) for ~250 steps longer (tiny preset, batch 32, Adam 1e-4, constant
-# LR: leaves chance near step 450 instead of 200; with the cosine schedule of a 500-step run it
-# never leaves). benchmarks/RESULTS.md section 3 has the measurements.
+# Contrastive: no gradient clipping and, after a short warm-up, a constant learning rate.
+# METHOD.md gives neither clipping nor a schedule, and both lengthen the plateau at chance
+# (ln(2B - 1)) that the loss sits on until the network has learned the augmentation invariance:
+# clipping at 1.0 by ~250 steps (tiny preset, batch 32, Adam 1e-4); a cosine fitted to a few
+# hundred steps has halved the lr before the escape starts (benchmarks/notes/contrastive_plateau.md).
 STAGE_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "contrastive": {"grad_clip": None},
+    "contrastive": {"grad_clip": None, "schedule": "constant", "warmup_fraction": 0.05},
 }
 
 
-def stage_defaults(stage: str, preset: str) -> Any:
-    """The stage config for a preset before user overrides (paper = METHOD.md values)."""
+@dataclass
+class RunOptions:
+    """What every training stage accepts besides its own settings (the CLI's shared flags).
+
+    ``preset`` None: the config file's, else ``small``. ``epochs``/``batch_size``/``lr``/
+    ``max_steps``/``seed``/``num_workers`` None: the preset's (or recipe's) default. ``overrides``
+    are ``--set`` items; ``config_file`` a YAML run config (``RUN/config.yaml`` of an earlier run
+    works). Precedence: defaults < recipe < config file < ``--set`` < the explicit options here.
+    """
+
+    preset: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    max_steps: int | None = None
+    seed: int | None = None
+    device: str = "auto"
+    resume: bool = False
+    overrides: dict[str, Any] | None = None
+    config_file: str | Path | None = None
+    num_workers: int | None = None
+    preload: bool = False
+    progress: bool = True
+    tensorboard: bool = True
+    checkpoint_every: int = 0
+    on_step: Callable[[int, float], None] | None = None
+    time_limit_s: float | None = None
+
+    @classmethod
+    def build(cls, options: "RunOptions | None" = None, **kwargs: Any) -> "RunOptions":
+        """``options`` with ``kwargs`` (RunOptions fields) applied; unknown names are refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return dataclasses.replace(options or cls(), **kwargs)
+
+    def explicit(self) -> dict[str, Any]:
+        """The stage/engine values given explicitly (None = not given)."""
+        return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "max_steps": self.max_steps,
+                "seed": self.seed, "num_workers": self.num_workers}
+
+
+@dataclass
+class ResolvedConfig:
+    """The configs one run trains with, and where they came from."""
+
+    stage: str
+    preset: str
+    model: ModelConfig
+    stage_cfg: Any
+    train: TrainConfig
+
+    def record(self) -> dict[str, Any]:
+        """What ``RUN/config.yaml`` holds (and ``--config`` reads back)."""
+        return {"stage": self.stage, "preset": self.preset, "model": to_dict(self.model),
+                self.stage: to_dict(self.stage_cfg), "train": to_dict(self.train)}
+
+
+def stage_defaults(stage: str, preset: str, recipe: str | None = None) -> Any:
+    """The stage config for a preset (and, for fine-tuning, a recipe) before user overrides."""
     cfg = STAGE_CONFIGS[stage]()
-    extra = PRESET_STAGE_DEFAULTS.get(preset, {}).get(stage, {})
+    extra = dict(PRESET_STAGE_DEFAULTS.get(preset, {}).get(stage, {}))
+    if stage == "finetune":
+        extra.update(get_recipe(recipe or cfg.recipe).finetune_values(preset))
     return apply_overrides(cfg, extra) if extra else cfg
 
 
-def resolve_configs(
-    stage: str,
-    preset: str,
-    overrides: dict[str, Any] | None = None,
-    **explicit: Any,
-) -> tuple[ModelConfig, Any, TrainConfig]:
-    """(model, stage, engine) configs for a run.
+def read_config_file(path: str | Path, stage: str) -> dict[str, Any]:
+    """A run config YAML: top-level ``stage``, ``preset``, ``recipe`` and sections ``model``,
+    ``train`` and one per stage (sections of other stages are ignored, so one file can serve
+    every stage). A ``stage`` other than this one is refused."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, expected a YAML config file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a run config is a mapping (stage, preset, model, train, {', '.join(STAGE_CONFIGS)})")
+    allowed = {"stage", "preset", "recipe", "model", "train", *STAGE_CONFIGS}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; expected {', '.join(sorted(allowed))}")
+    if data.get("stage") not in (None, stage):
+        raise ConfigError(f"{path}: written for stage {data['stage']!r}, this command runs {stage!r}")
+    for section in ("model", "train", *STAGE_CONFIGS):
+        if not isinstance(data.get(section) or {}, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping")
+    return data
 
-    ``overrides`` are ``--set`` items: ``key=value`` where key is a field of the stage config,
-    TrainConfig or ModelConfig, optionally prefixed (``model.dropout``, ``train.grad_clip``,
-    ``mim.mask_ratio``). ``explicit`` keyword values (``epochs=``, ``lr=``, ``seed=``...) that
-    are not None win over both.
-    """
+
+def _bucket_overrides(stage: str, overrides: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """``--set`` items sorted into model / train / stage buckets (prefix or unique field name)."""
     stage_cls = STAGE_CONFIGS[stage]
     owners = {"model": ModelConfig, "train": TrainConfig, stage: stage_cls}
     buckets: dict[str, dict[str, Any]] = {"model": {}, "train": {}, stage: {}}
@@ -89,19 +173,75 @@ def resolve_configs(
                 raise ConfigError(f"--set {key}: ambiguous, prefix it with one of {', '.join(candidates)}")
             prefix, name = candidates[0], key
         buckets[prefix][name] = value
+    return buckets
+
+
+def _choose_recipe(given: str | None, file: dict[str, Any], config_file: Any) -> str | None:
+    """The recipe named on the command line, else the config file's; the two must agree (a
+    config file holds the recipe's resolved values, which would silently beat another recipe)."""
+    in_file = file.get("recipe") or (file.get("finetune") or {}).get("recipe")
+    if given and in_file and given != in_file:
+        raise ConfigError(f"{config_file}: written for recipe {in_file!r}, but recipe {given!r} was asked for")
+    return given or in_file
+
+
+def _model_values(section: dict[str, Any], preset: str, config_file: Any) -> dict[str, Any]:
+    """A config file's model section minus its ``name``, which must be the run's preset."""
+    values = dict(section)
+    name = values.pop("name", None)
+    if name is not None and name != preset:
+        raise ConfigError(f"{config_file}: its model is preset {name!r}, this run uses preset {preset!r}")
+    return values
+
+
+def resolve_configs(
+    stage: str,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    config_file: str | Path | None = None,
+    recipe: str | None = None,
+    defaults: dict[str, Any] | None = None,
+    **explicit: Any,
+) -> ResolvedConfig:
+    """The (model, stage, engine) configs of a run.
+
+    Precedence, lowest first: the dataclass defaults, the preset's, the recipe's (fine-tuning),
+    the stage's engine defaults, ``defaults`` (stage values a caller derives, e.g. the ``paper``
+    recipe's weight decay after a contrastive encoder), the config file, ``overrides`` (``--set``
+    items ``key=value``, key a field of the stage config, TrainConfig or ModelConfig, optionally
+    prefixed: ``model.dropout``, ``train.grad_clip``, ``mim.mask_ratio``), then ``explicit``
+    keyword values that are not None (``epochs=``, ``lr=``, ``seed=``...).
+    """
+    stage_cls = STAGE_CONFIGS[stage]
+    file = read_config_file(config_file, stage) if config_file is not None else {}
+    buckets = _bucket_overrides(stage, overrides)
+    preset = preset or file.get("preset") or DEFAULT_PRESET
+    if stage == "finetune":
+        recipe = _choose_recipe(recipe or buckets[stage].get("recipe"), file, config_file)
+    elif recipe is not None:
+        raise ConfigError(f"--recipe applies to fine-tuning, not to stage {stage}")
     for key, value in explicit.items():
         if value is None:
             continue
         for prefix in (stage, "train"):
-            if key in {f.name for f in fields(owners[prefix])}:
+            if key in {f.name for f in fields(STAGE_CONFIGS[stage] if prefix == stage else TrainConfig)}:
                 buckets[prefix][key] = value
                 break
         else:
             raise ConfigError(f"unknown option {key!r} for stage {stage}")
-    model_cfg = model_preset(preset, **buckets["model"])
-    stage_cfg = apply_overrides(stage_defaults(stage, preset), buckets[stage])
-    train_cfg = apply_overrides(TrainConfig(), {**STAGE_TRAIN_DEFAULTS.get(stage, {}), **buckets["train"]})
-    return model_cfg, stage_cfg, train_cfg
+    where = f" (from {config_file})" if config_file is not None else ""
+    try:
+        model_cfg = model_preset(preset, **_model_values(file.get("model") or {}, preset, config_file),
+                                 **buckets["model"])
+        stage_cfg = apply_overrides(stage_defaults(stage, preset, recipe),
+                                    {**(defaults or {}), **(file.get(stage) or {}), **buckets[stage]})
+        recipe_train = get_recipe(stage_cfg.recipe).train_values(preset) if stage_cls is FinetuneConfig else {}
+        train_cfg = apply_overrides(TrainConfig(), {**recipe_train, **STAGE_TRAIN_DEFAULTS.get(stage, {}),
+                                                    **(file.get("train") or {}), **buckets["train"]})
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{where}") from None
+    return ResolvedConfig(stage, preset, model_cfg, stage_cfg, train_cfg)
 
 
 def open_one_site(site_dir: Any, *, what: str, check_images: bool = False) -> Site:
@@ -157,6 +297,9 @@ def seeded_model(seed: int, build):
 
 __all__ = [
     "PRESET_STAGE_DEFAULTS",
+    "ResolvedConfig",
+    "RunOptions",
+    "read_config_file",
     "check_image_files",
     "check_init_card",
     "hyperparameters",

@@ -100,6 +100,22 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value / dist.get_world_size()
 
 
+def world_size() -> int:
+    """Processes in the group (1 without one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum of a detached tensor over ranks (e.g. a global count of masked pixels)."""
+    if world_size() == 1:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
 def all_ranks_true(flag: bool, device: torch.device) -> bool:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag
@@ -174,6 +190,8 @@ __all__ = [
     "GlobalBatchNorm2d",
     "all_ranks_true",
     "all_reduce_mean",
+    "all_reduce_sum",
+    "world_size",
     "barrier",
     "convert_batchnorm",
     "gather_no_grad",

@@ -10,8 +10,15 @@ checkpoints (``RUN/checkpoint.safetensors``: weights, optimizer and scheduler st
 position in the epoch) so ``resume=True`` continues bit for bit where a killed run stopped.
 
 A non-finite loss stops the run with :class:`TrainingError` before the optimizer touches the
-weights, so the last checkpoint on disk stays the last good one. A failed checkpoint write (full
-disk) raises TrainingError and leaves the previous checkpoint intact.
+weights, so the last checkpoint on disk stays the last good one. A failed write (full disk,
+read-only folder: ``OSError`` or safetensors' ``SafetensorError``) raises a one-line
+TrainingError naming the file and leaves the previous file intact.
+
+Stages plug in through small pieces: :class:`OptimSettings` (optimizer, parameter groups from
+:mod:`.recipes`), a sampler factory (e.g. :class:`.sampler.VideoClusteredSampler`),
+:class:`Hooks` (validation, best/end callbacks) and the shared :class:`.common.RunOptions`.
+``Trainer.fit`` is a short loop over named steps: prepare, train an epoch (step, time budget,
+progress), end of epoch (validation, checkpoint), finish.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
@@ -33,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from ..config import TrainConfig
 from ..errors import ConfigError, TrainingError
 from ..io import atomic_path, write_text_atomic
+from .recipes import ParamGroup, single_group
 from .distributed import (
     DistContext,
     all_ranks_true,
@@ -42,6 +50,7 @@ from .distributed import (
 )
 
 CHECKPOINT = "checkpoint.safetensors"
+CONFIG_FILE = "config.yaml"
 LOG_CSV = "log.csv"
 TB_DIR = "tensorboard"
 _TRAINER_KEY = "pocus_edge_trainer"
@@ -51,7 +60,9 @@ SCHEDULES = ("cosine", "constant")
 
 @dataclass
 class OptimSettings:
-    """Stage hyperparameters the engine needs. ``batch_size`` is the GLOBAL batch (all processes)."""
+    """Stage hyperparameters the engine needs. ``batch_size`` is the GLOBAL batch (all processes).
+    ``groups(model)`` splits the parameters into :class:`ParamGroup` s (lr scale, weight decay,
+    LP-FT hold); by default every trainable parameter is one group with ``weight_decay``."""
 
     optimizer: str
     lr: float
@@ -59,6 +70,7 @@ class OptimSettings:
     batch_size: int
     epochs: int
     momentum: float = 0.9
+    groups: Callable[[nn.Module], list[ParamGroup]] | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -69,6 +81,9 @@ class OptimSettings:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+
+    def param_groups(self, model: nn.Module) -> list[ParamGroup]:
+        return self.groups(model) if self.groups is not None else single_group(model, self.weight_decay)
 
 
 @dataclass
@@ -84,41 +99,67 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     stopped_early: bool = False  # the time limit ended the run before its planned steps
+    # Mean over this process's steps of the extra values a loss function reported (e.g. the
+    # contrastive stage's share of masked negatives).
+    extras: dict[str, float] = field(default_factory=dict)
 
 
-def build_optimizer(params, s: OptimSettings) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+def build_optimizer(groups: Sequence[ParamGroup], s: OptimSettings) -> torch.optim.Optimizer:
+    torch_groups = [{"params": g.params, "lr": s.lr * g.lr_scale, "weight_decay": g.weight_decay, "name": g.name,
+                     "hold_steps": g.hold_steps} for g in groups if g.params]
     if s.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        return torch.optim.AdamW(torch_groups, lr=s.lr, weight_decay=s.weight_decay)
     if s.optimizer == "adam":
         # Adam with L2 weight decay, as the released contrastive code.
-        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
-    return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        return torch.optim.Adam(torch_groups, lr=s.lr, weight_decay=s.weight_decay)
+    return torch.optim.SGD(torch_groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
 
 class LRFactor:
-    """Multiplier of the base LR at a step: linear warm-up, then cosine to 0 or constant."""
+    """Multiplier of a group's base LR at a step: 0 for ``hold_steps`` (LP-FT), linear warm-up,
+    then cosine to 0 or constant. Plain attributes only: LambdaLR saves them in checkpoints."""
 
-    def __init__(self, schedule: str, total_steps: int, warmup_steps: int):
+    def __init__(self, schedule: str, total_steps: int, warmup_steps: int, hold_steps: int = 0):
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         self.schedule, self.total, self.warmup = schedule, max(1, total_steps), max(0, warmup_steps)
+        self.hold = max(0, hold_steps)
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
+        if step < self.hold:
+            return 0.0
+        if step - self.hold < self.warmup:
+            return (step - self.hold + 1) / self.warmup
         if self.schedule == "constant":
             return 1.0
         progress = (step - self.warmup) / max(1, self.total - self.warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-class _EpochSampler(Sampler):
-    """Yields ``(index, epoch)`` keys of a DistributedSampler's epoch, minus the first ``skip``
-    (resuming in the middle of an epoch). Carrying the epoch in the key lets persistent
-    DataLoader workers, which hold their own dataset copy, seed each sample by epoch."""
+def warmup_steps(cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> int:
+    return max(cfg.warmup_epochs * steps_per_epoch, int(round(cfg.warmup_fraction * total_steps)))
 
-    def __init__(self, sampler: DistributedSampler):
+
+def batch_plan(n_frames: int, batch_size: int, world_size: int) -> tuple[int, int]:
+    """(global batch actually used, per-process batch). The global batch is clamped to the
+    dataset size (a tiny site) and must split evenly over the processes."""
+    global_batch = batch_size
+    if global_batch > n_frames:
+        global_batch = max(world_size, (n_frames // world_size) * world_size)
+    if global_batch % world_size:
+        raise ConfigError(f"global batch size {global_batch} does not split evenly over {world_size} processes")
+    if n_frames < world_size:
+        raise TrainingError(f"{n_frames} training frame(s) cannot feed {world_size} processes")
+    return global_batch, global_batch // world_size
+
+
+class _EpochSampler(Sampler):
+    """Yields ``(index, epoch)`` keys of a per-rank sampler's epoch (a DistributedSampler or any
+    sampler with ``set_epoch``), minus the first ``skip`` (resuming in the middle of an epoch).
+    Carrying the epoch in the key lets persistent DataLoader workers, which hold their own
+    dataset copy, seed each sample by epoch."""
+
+    def __init__(self, sampler: Sampler):
         self.sampler, self.epoch, self.skip = sampler, 0, 0
 
     def start(self, epoch: int, skip: int) -> None:
@@ -148,6 +189,26 @@ def enable_grad_checkpointing(model: nn.Module) -> int:
             except (TypeError, NotImplementedError):
                 pass
     return count
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing files: one error contract
+
+
+T = TypeVar("T")
+
+
+def write_or_fail(path: Path, what: str, write: Callable[[], T]) -> T:
+    """Run ``write`` (an atomic write of ``path``); a full disk or read-only folder becomes one
+    TrainingError line naming the file. The atomic write left no partial file behind."""
+    from safetensors import SafetensorError
+
+    try:
+        return write()
+    except (OSError, SafetensorError) as exc:
+        reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        kept = f"the previous {what} is intact" if Path(path).exists() else f"no {what} was written"
+        raise TrainingError(f"{path}: could not write the {what} ({reason}); {kept}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,13 +245,12 @@ def save_training_state(path: Path, model: nn.Module, optimizer, scheduler, trai
         "optimizer_state_ids": [str(pid) for pid in opt["state"]],
         "scheduler": scheduler.state_dict(),
     }
-    try:
+
+    def write() -> None:
         with atomic_path(path) as tmp:
             _write_safetensors(tensors, tmp, {_TRAINER_KEY: json.dumps(meta, default=str)})
-    except OSError as exc:
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint was written"
-        raise TrainingError(f"{path}: could not write the checkpoint ({reason}); {kept}") from None
+
+    write_or_fail(path, "checkpoint", write)
 
 
 def load_training_state(path: Path, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
@@ -218,7 +278,10 @@ def load_training_state(path: Path, model: nn.Module, optimizer, scheduler) -> d
         if k.startswith("optim."):
             _, pid, name = k.split(".", 2)
             state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
+    except ValueError as exc:  # another number or size of parameter groups (another recipe)
+        raise TrainingError(f"{path}: its optimizer state does not fit this run ({exc}); was it made with another recipe?") from None
     scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng.cpu"])
     cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(64) if f"rng.cuda.{i}" in tensors]
@@ -272,28 +335,106 @@ class _RunLog:
         w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
         w.writeheader()
         w.writerows(self.rows)
-        write_text_atomic(self.path, buf.getvalue())
+        write_or_fail(self.path, "training log", lambda: write_text_atomic(self.path, buf.getvalue()))
         if self.writer is not None:
             self.writer.flush()
 
     def close(self) -> None:
-        self.flush()
-        if self.writer is not None:
-            self.writer.close()
+        try:
+            self.flush()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+
+
+class _Progress:
+    """A rich progress bar on a terminal; otherwise a log line every ``log_every`` steps."""
+
+    def __init__(self, enabled: bool, description: str, total: int, start: int):
+        self.bar = None
+        self.task = None
+        self.lines = enabled
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        if console.is_terminal:
+            self.bar = Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console,
+                                transient=False)
+            self.task = self.bar.add_task(description, total=total, completed=start, status="")
+            self.bar.start()
+            self.lines = False
+
+    def update(self, step: int, total: int, status: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, total=total, status=status)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
+LossFn = Callable[[nn.Module, Any], Any]  # -> loss tensor, or (loss tensor, {name: float})
+SamplerFactory = Callable[[Dataset, DistContext, int], Sampler]  # (dataset, ctx, seed) -> per-rank sampler
+
+
+def uniform_sampler(dataset: Dataset, ctx: DistContext, seed: int) -> Sampler:
+    """Frames in a fresh random order every epoch (the released code's batches), split over ranks."""
+    return DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed,
+                              drop_last=True)
+
+
+@dataclass
+class RunState:
+    """Where a run stands; handed to the hooks."""
+
+    global_batch: int
+    local_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    planned_steps: int
+    step: int = 0
+    start_step: int = 0  # where this process started (a resumed run: the checkpoint's step)
+    epoch: int = 0
+    epochs_done: int = 0
+    last_loss: float = float("nan")
+    best_val: float | None = None
+    best_epoch: int | None = None
+    out_of_time: bool = False
+    t0: float = 0.0
+    epoch_loss_sum: float = 0.0
+    epoch_loss_n: int = 0
+    extras_sum: dict[str, float] = field(default_factory=dict)
+    extras_n: int = 0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+@dataclass
+class Hooks:
+    """Stage callbacks. ``val_fn(model)`` runs at each epoch end on the unwrapped model in eval
+    mode and returns ``{"val_loss": float, ...}``; ``on_best(model, state, val)`` is called on
+    rank 0 when ``val_loss`` improves, ``on_end(model, state)`` after the last step, and
+    ``on_step(step, loss)`` after every optimizer step (tests use it to simulate a kill)."""
+
+    val_fn: Callable[[nn.Module], dict[str, float]] | None = None
+    on_best: Callable[[nn.Module, RunState, dict[str, float]], None] | None = None
+    on_end: Callable[[nn.Module, RunState], None] | None = None
+    on_step: Callable[[int, float], None] | None = None
 
 
 class Trainer:
     """Runs one stage. ``loss_fn(model, batch)`` gets the (possibly DDP-wrapped) model and a batch
     already on the device and returns this process's objective (see ``distributed`` for the
-    gradient bookkeeping). ``val_fn(model)`` (optional) runs at each epoch end on the unwrapped
-    model in eval mode and returns ``{"val_loss": float, ...}``; ``on_best(model, epoch, val)`` is
-    called on rank 0 when ``val_loss`` improves, ``on_end(model)`` after the last step."""
+    gradient bookkeeping), optionally with a dict of extra values to log. ``config_record`` (the
+    resolved configs) is written to ``RUN/config.yaml``."""
 
     def __init__(
         self,
@@ -305,18 +446,15 @@ class Trainer:
         optim: OptimSettings,
         train: TrainConfig,
         ctx: DistContext,
-        val_fn: Callable[[nn.Module], dict[str, float]] | None = None,
-        on_best: Callable[[nn.Module, int, dict[str, float]], None] | None = None,
-        on_end: Callable[[nn.Module], None] | None = None,
-        resume: bool = False,
-        checkpoint_every: int = 0,
-        progress: bool = True,
-        tensorboard: bool = True,
+        options: Any = None,
+        hooks: Hooks | None = None,
         description: str = "train",
-        on_step: Callable[[int, float], None] | None = None,
         collate_fn: Callable | None = None,
-        time_limit_s: float | None = None,
+        sampler: SamplerFactory | None = None,
+        config_record: dict[str, Any] | None = None,
     ):
+        from .common import RunOptions
+
         self.model = model
         self.loss_fn = loss_fn
         self.dataset = train_dataset
@@ -324,109 +462,138 @@ class Trainer:
         self.optim = optim
         self.cfg = train
         self.ctx = ctx
-        self.val_fn = val_fn
-        self.on_best = on_best
-        self.on_end = on_end
-        self.resume = resume
-        self.checkpoint_every = int(checkpoint_every)
-        self.progress = progress
-        self.tensorboard = tensorboard
+        self.options = options if options is not None else RunOptions()
+        self.hooks = hooks or Hooks(on_step=self.options.on_step)
+        if self.hooks.on_step is None:
+            self.hooks.on_step = self.options.on_step
         self.description = description
-        self.on_step = on_step
         self.collate_fn = collate_fn
+        self.sampler_factory = sampler or uniform_sampler
+        self.config_record = config_record
         self.global_step = 0
-        self.time_limit_s = time_limit_s
-
-    # -- setup ------------------------------------------------------------------------------
-
-    def _local_batch(self) -> tuple[int, int]:
-        """(global batch actually used, per-process batch). The global batch is clamped to the
-        dataset size (a tiny site) and must split evenly over the processes."""
-        world = self.ctx.world_size
-        n = len(self.dataset)
-        global_batch = self.optim.batch_size
-        if global_batch > n:
-            global_batch = max(world, (n // world) * world)
-        if global_batch % world:
-            raise ConfigError(f"global batch size {global_batch} does not split evenly over {world} processes")
-        if n < world:
-            raise TrainingError(f"{n} training frame(s) cannot feed {world} processes")
-        return global_batch, global_batch // world
+        self.global_batch, self.local_batch = batch_plan(len(train_dataset), optim.batch_size, ctx.world_size)
 
     def _say(self, text: str) -> None:
         if self.ctx.is_main:
             print(text, file=sys.stderr, flush=True)
 
+    # -- the loop ---------------------------------------------------------------------------
+
     def fit(self) -> TrainResult:
-        ctx, cfg = self.ctx, self.cfg
-        device = ctx.device
-        if ctx.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_path = self.out_dir / CHECKPOINT
-        if ckpt_path.exists() and not self.resume:
+        state = self._prepare()
+        try:
+            while state.step < state.total_steps and not state.out_of_time:
+                self._train_epoch(state)
+                self._end_of_epoch(state)
+            self._finish(state)
+        finally:
+            self._progress.close()
+            self._log.close()
+        return self._result(state)
+
+    # -- prepare ----------------------------------------------------------------------------
+
+    def _prepare(self) -> RunState:
+        self._check_out_dir()
+        self._place_model()
+        self.optimizer = build_optimizer(self.optim.param_groups(self.model), self.optim)
+        if self.global_batch != self.optim.batch_size:
+            self._say(f"note: batch size {self.optim.batch_size} > {len(self.dataset)} training frames; using {self.global_batch}")
+        state = self._plan()
+        self._restore_or_seed(state)
+        self._write_config()
+        self.ddp_model = self.model
+        if self.ctx.distributed:
+            device = self.ctx.device
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self._log = _RunLog(self.out_dir, self.ctx.is_main, self.options.tensorboard, state.step)
+        self._make_loader()
+        self._progress = _Progress(self.options.progress and self.ctx.is_main, self.description, state.total_steps,
+                                   state.step)
+        state.epochs_done = state.step // state.steps_per_epoch
+        state.start_step = state.step
+        state.t0 = time.perf_counter()
+        return state
+
+    def _check_out_dir(self) -> None:
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise TrainingError(f"{self.out_dir}: is a file; --out must be a folder for the run")
+        if self.ctx.is_main:
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise TrainingError(f"{self.out_dir}: cannot create the run folder ({exc.strerror or exc})") from None
+        if (self.out_dir / CHECKPOINT).exists() and not self.options.resume:
             raise TrainingError(
                 f"{self.out_dir}: already holds a training run ({CHECKPOINT}); pass --resume to continue it or choose another --out"
             )
-        model = self.model
-        if cfg.grad_checkpointing:
-            enable_grad_checkpointing(model)
-        if ctx.distributed:
-            model = convert_batchnorm(model, device)
-        model = model.to(device)
-        self.model = model
+
+    def _place_model(self) -> None:
+        device = self.ctx.device
+        if self.cfg.grad_checkpointing:
+            enable_grad_checkpointing(self.model)
+        if self.ctx.distributed:
+            self.model = convert_batchnorm(self.model, device)
+        self.model = self.model.to(device)
         if device.type == "cuda":
             # Speed over bit-reproducibility on GPUs (CPU runs stay exact).
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        optimizer = build_optimizer(model.parameters(), self.optim)
-        global_batch, local_batch = self._local_batch()
-        if global_batch != self.optim.batch_size:
-            self._say(f"note: batch size {self.optim.batch_size} > {len(self.dataset)} training frames; using {global_batch}")
-        sampler = DistributedSampler(
-            self.dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed, drop_last=True
-        )
-        steps_per_epoch = len(sampler) // local_batch
+
+    def _plan(self) -> RunState:
+        self.sampler = self.sampler_factory(self.dataset, self.ctx, self.cfg.seed)
+        steps_per_epoch = len(self.sampler) // self.local_batch
         if steps_per_epoch < 1:
-            raise TrainingError(f"{len(self.dataset)} training frame(s) give no full batch of {global_batch}")
-        total_steps = self.optim.epochs * steps_per_epoch
-        if cfg.max_steps is not None:
-            total_steps = min(total_steps, int(cfg.max_steps))
-        warmup = cfg.warmup_epochs * steps_per_epoch
-        planned_steps = total_steps
-        lr_factor = LRFactor(cfg.schedule, total_steps, warmup)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+            raise TrainingError(f"{len(self.dataset)} training frame(s) give no full batch of {self.global_batch}")
+        total = self.optim.epochs * steps_per_epoch
+        if self.cfg.max_steps is not None:
+            total = min(total, int(self.cfg.max_steps))
+        warmup = warmup_steps(self.cfg, steps_per_epoch, total)
+        holds = [g.get("hold_steps", 0) for g in self.optimizer.param_groups]
+        self.lr_factors = [LRFactor(self.cfg.schedule, total, warmup, hold) for hold in holds]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, self.lr_factors if len(self.lr_factors) > 1 else self.lr_factors[0]
+        )
+        return RunState(self.global_batch, self.local_batch, steps_per_epoch, total, total)
 
-        start_step, best_val, best_epoch = 0, None, None
-        if self.resume and ckpt_path.exists():
-            meta = load_training_state(ckpt_path, model, optimizer, scheduler)
-            start_step = int(meta["global_step"])
-            best_val, best_epoch = meta.get("best_val"), meta.get("best_epoch")
-            self._say(f"resuming {ckpt_path} at step {start_step}")
-        elif self.resume:
+    def _restore_or_seed(self, state: RunState) -> None:
+        ckpt_path = self.out_dir / CHECKPOINT
+        if self.options.resume and ckpt_path.exists():
+            meta = load_training_state(ckpt_path, self.model, self.optimizer, self.scheduler)
+            state.step = int(meta["global_step"])
+            state.best_val, state.best_epoch = meta.get("best_val"), meta.get("best_epoch")
+            self._say(f"resuming {ckpt_path} at step {state.step}")
+            return
+        if self.options.resume:
             self._say(f"note: --resume given but {ckpt_path} does not exist; starting a new run")
-        else:
-            # Dropout streams differ per rank but are fixed by the seed (the model's init was seeded
-            # by the stage before it was built, identically on every rank).
-            from ..data.datasets import sample_seed
+        # Dropout streams differ per rank but are fixed by the seed (the model's init was seeded by
+        # the stage before it was built, identically on every rank). A --resume without a
+        # checkpoint seeds exactly like a fresh run.
+        from ..data.datasets import sample_seed
 
-            torch.manual_seed(sample_seed(cfg.seed, 0, ctx.rank, "engine"))
+        torch.manual_seed(sample_seed(self.cfg.seed, 0, self.ctx.rank, "engine"))
 
-        ddp_model = model
-        if ctx.distributed:
-            ddp_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
-            )
-        log = _RunLog(self.out_dir, ctx.is_main, self.tensorboard, start_step)
-        use_amp = bool(cfg.amp) and device.type == "cuda"
+    def _write_config(self) -> None:
+        if self.config_record is None or not self.ctx.is_main:
+            return
+        import yaml
+
+        path = self.out_dir / CONFIG_FILE
+        text = yaml.safe_dump(self.config_record, sort_keys=False)
+        write_or_fail(path, "run config", lambda: write_text_atomic(path, text))
+
+    def _make_loader(self) -> None:
+        cfg, device = self.cfg, self.ctx.device
         loader_gen = torch.Generator()  # keeps DataLoader seeding off the global RNG (exact resume)
         loader_gen.manual_seed(cfg.seed)
-
-        epoch_sampler = _EpochSampler(sampler)
-        loader = DataLoader(
+        self._epoch_sampler = _EpochSampler(self.sampler)
+        self._loader = DataLoader(
             self.dataset,
-            batch_size=local_batch,
-            sampler=epoch_sampler,
+            batch_size=self.local_batch,
+            sampler=self._epoch_sampler,
             drop_last=True,
             num_workers=cfg.num_workers,
             pin_memory=device.type == "cuda",
@@ -436,153 +603,155 @@ class Trainer:
             prefetch_factor=4 if cfg.num_workers > 0 else None,
         )
 
-        def make_loader(epoch: int, skip_batches: int) -> DataLoader:
-            epoch_sampler.start(epoch, skip_batches * local_batch)
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(epoch)
-            return loader
+    def _epoch_batches(self, epoch: int, skip_batches: int) -> DataLoader:
+        self._epoch_sampler.start(epoch, skip_batches * self.local_batch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self._loader
 
-        def save(step: int, epoch: int) -> None:
-            if ctx.is_main:
-                save_training_state(
-                    ckpt_path,
-                    model,
-                    optimizer,
-                    scheduler,
-                    {
-                        "global_step": step,
-                        "epoch": epoch,
-                        "best_val": best_val,
-                        "best_epoch": best_epoch,
-                        "total_steps": total_steps,
-                        "batch_size": global_batch,
-                    },
-                )
-                log.flush()
-            barrier()
+    # -- one epoch --------------------------------------------------------------------------
 
-        progress = None
-        task = None
-        if self.progress and ctx.is_main:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    def _train_epoch(self, state: RunState) -> None:
+        spe = state.steps_per_epoch
+        state.epoch = state.step // spe
+        skip = state.step - state.epoch * spe
+        self.ddp_model.train()
+        state.epoch_loss_sum, state.epoch_loss_n = 0.0, 0
+        for batch in self._epoch_batches(state.epoch, skip):
+            self._step(state, batch)
+            epoch_end = state.step % spe == 0
+            self._time_budget(state, epoch_end)
+            if state.step >= state.total_steps or epoch_end or state.out_of_time:
+                break
+            if self.options.checkpoint_every and state.step % self.options.checkpoint_every == 0:
+                self._save(state, state.epoch)
 
-            console = Console(stderr=True)
-            if console.is_terminal:
-                progress = Progress(
-                    TextColumn(f"[bold]{self.description}"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TextColumn("{task.fields[status]}"),
-                    TimeRemainingColumn(),
-                    console=console,
-                    transient=False,
-                )
-                task = progress.add_task(self.description, total=total_steps, completed=start_step, status="")
-                progress.start()
-        t0 = time.perf_counter()
-        step = start_step
-        last_loss = float("nan")
-        epochs_done = start_step // steps_per_epoch
-        out_of_time = False
-        try:
-            while step < total_steps and not out_of_time:
-                epoch = step // steps_per_epoch
-                skip = step - epoch * steps_per_epoch
-                ddp_model.train()
-                loss_sum, loss_n = 0.0, 0
-                for batch in make_loader(epoch, skip):
-                    batch = _to_device(batch, device)
-                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                        loss = self.loss_fn(ddp_model, batch)
-                    loss = loss.float()
-                    reported = all_reduce_mean(loss.detach())
-                    finite = all_ranks_true(bool(torch.isfinite(loss).item()), device)
-                    if not finite:
-                        kept = f"last good checkpoint kept: {ckpt_path}" if ckpt_path.exists() else "no checkpoint had been written yet"
-                        raise TrainingError(
-                            f"{self.description}: loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); "
-                            f"stopped before updating the weights; {kept} (try a lower learning rate)"
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.grad_clip))
-                    optimizer.step()
-                    lr_now = optimizer.param_groups[0]["lr"]
-                    scheduler.step()
-                    step += 1
-                    last_loss = float(reported.item())
-                    loss_sum += last_loss
-                    loss_n += 1
-                    if step % max(1, cfg.log_every) == 0 or step == total_steps:
-                        log.add({"step": step, "epoch": epoch + 1, "phase": "train", "loss": last_loss, "lr": lr_now,
-                                 "elapsed_s": round(time.perf_counter() - t0, 3)})
-                        if progress is None and self.progress and ctx.is_main:
-                            self._say(f"[{self.description}] step {step}/{total_steps} epoch {epoch + 1} "
-                                      f"loss {last_loss:.4f} lr {lr_now:.2e} {time.perf_counter() - t0:.0f}s")
-                    if progress is not None:
-                        progress.update(task, completed=step, status=f"ep {epoch + 1} loss {last_loss:.4f}")
-                    if self.on_step is not None:
-                        self.on_step(step, last_loss)
-                    epoch_end = step % steps_per_epoch == 0
-                    if self.time_limit_s is not None:
-                        # Every rank takes part in the vote (a collective), and any rank over time stops all.
-                        over = time.perf_counter() - t0 > self.time_limit_s
-                        out_of_time = not all_ranks_true(not over, device)
-                        done = step - start_step
-                        if (done in (5, 10, 20) or done % 25 == 0 or epoch_end) and not out_of_time:
-                            # Time-budgeted schedule: shrink the planned steps to what the measured
-                            # pace (start-up and validation included) fits, so the cosine still anneals.
-                            new_total = _fit_steps(step, start_step, time.perf_counter() - t0, self.time_limit_s)
-                            new_total = int(all_reduce_mean(torch.tensor(float(new_total), device=device)).item())
-                            total_steps = min(planned_steps, max(step + 1, new_total))
-                            lr_factor.total = max(1, total_steps)
-                    if step >= total_steps or epoch_end or out_of_time:
-                        break
-                    if self.checkpoint_every and step % self.checkpoint_every == 0:
-                        save(step, epoch)
-                epoch_end = step % steps_per_epoch == 0 or step >= total_steps or out_of_time
-                if out_of_time:
-                    self._say(f"[{self.description}] time limit {self.time_limit_s:.0f}s reached at step {step}/{total_steps}")
-                if epoch_end:
-                    epochs_done = epoch + 1
-                    if self.val_fn is not None:
-                        ddp_model.eval()
-                        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                            val = self.val_fn(model)
-                        row = {"step": step, "epoch": epoch + 1, "phase": "val", **val}
-                        log.add(row)
-                        n_epochs = max(1, math.ceil(total_steps / steps_per_epoch))
-                        if (epoch + 1) % max(1, n_epochs // 8) == 0 or step >= total_steps or out_of_time:
-                            self._say(f"[{self.description}] epoch {epoch + 1}: train loss {loss_sum / max(1, loss_n):.4f}, "
-                                      + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-                        if best_val is None or val["val_loss"] < best_val:
-                            best_val, best_epoch = float(val["val_loss"]), epoch + 1
-                            if ctx.is_main and self.on_best is not None:
-                                self.on_best(model, epoch + 1, val)
-                    save(step, epoch + 1)
-            self.global_step = step
-            if self.on_end is not None and ctx.is_main:
-                self.on_end(model)
-            barrier()
-        finally:
-            if progress is not None:
-                progress.stop()
-            log.close()
-        return TrainResult(
-            out_dir=self.out_dir,
-            global_step=step,
-            epochs_done=epochs_done,
-            last_loss=last_loss,
-            best_val=best_val,
-            best_epoch=best_epoch,
-            batch_size=global_batch,
-            steps_per_epoch=steps_per_epoch,
-            history=list(log.rows),
-            seconds=time.perf_counter() - t0,
-            stopped_early=out_of_time,
+    def _step(self, state: RunState, batch: Any) -> None:
+        device = self.ctx.device
+        batch = _to_device(batch, device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self._use_amp()):
+            loss, extras = _split_loss(self.loss_fn(self.ddp_model, batch))
+        loss = loss.float()
+        reported = all_reduce_mean(loss.detach())
+        if not all_ranks_true(bool(torch.isfinite(loss).item()), device):
+            self._stop_non_finite(state, loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.cfg.grad_clip))
+        self.optimizer.step()
+        lr_now = max(g["lr"] for g in self.optimizer.param_groups)
+        self.scheduler.step()
+        state.step += 1
+        state.last_loss = float(reported.item())
+        state.epoch_loss_sum += state.last_loss
+        state.epoch_loss_n += 1
+        for k, v in extras.items():
+            state.extras_sum[k] = state.extras_sum.get(k, 0.0) + float(v)
+        state.extras_n += 1 if extras else 0
+        self._report_step(state, lr_now, extras)
+        if self.hooks.on_step is not None:
+            self.hooks.on_step(state.step, state.last_loss)
+
+    def _use_amp(self) -> bool:
+        return bool(self.cfg.amp) and self.ctx.device.type == "cuda"
+
+    def _stop_non_finite(self, state: RunState, loss: torch.Tensor) -> None:
+        ckpt_path = self.out_dir / CHECKPOINT
+        kept = f"last good checkpoint kept: {ckpt_path}" if ckpt_path.exists() else "no checkpoint had been written yet"
+        raise TrainingError(
+            f"{self.description}: loss became {loss.item()} at step {state.step + 1} (epoch {state.epoch + 1}); "
+            f"stopped before updating the weights; {kept} (try a lower learning rate)"
         )
+
+    def _report_step(self, state: RunState, lr_now: float, extras: dict[str, float]) -> None:
+        if state.step % max(1, self.cfg.log_every) == 0 or state.step == state.total_steps:
+            self._log.add({"step": state.step, "epoch": state.epoch + 1, "phase": "train", "loss": state.last_loss,
+                           "lr": lr_now, **{k: float(v) for k, v in extras.items()},
+                           "elapsed_s": round(state.elapsed(), 3)})
+            if self._progress.lines:
+                self._say(f"[{self.description}] step {state.step}/{state.total_steps} epoch {state.epoch + 1} "
+                          f"loss {state.last_loss:.4f} lr {lr_now:.2e} {state.elapsed():.0f}s")
+        self._progress.update(state.step, state.total_steps, f"ep {state.epoch + 1} loss {state.last_loss:.4f}")
+
+    def _time_budget(self, state: RunState, epoch_end: bool) -> None:
+        """With ``time_limit_s``: stop when over time (every rank votes) and re-fit the planned
+        steps to the measured pace, so a cosine schedule still anneals within the limit."""
+        limit = self.options.time_limit_s
+        if limit is None:
+            return
+        device = self.ctx.device
+        over = state.elapsed() > limit
+        state.out_of_time = not all_ranks_true(not over, device)
+        done = state.step - state.start_step
+        if (done in (5, 10, 20) or done % 25 == 0 or epoch_end) and not state.out_of_time:
+            new_total = _fit_steps(state.step, state.start_step, state.elapsed(), limit)
+            new_total = int(all_reduce_mean(torch.tensor(float(new_total), device=device)).item())
+            state.total_steps = min(state.planned_steps, max(state.step + 1, new_total))
+            for factor in self.lr_factors:
+                factor.total = max(1, state.total_steps)
+
+    # -- end of an epoch, end of the run ----------------------------------------------------
+
+    def _end_of_epoch(self, state: RunState) -> None:
+        epoch_end = state.step % state.steps_per_epoch == 0 or state.step >= state.total_steps or state.out_of_time
+        if state.out_of_time:
+            self._say(f"[{self.description}] time limit {self.options.time_limit_s:.0f}s reached at step "
+                      f"{state.step}/{state.total_steps}")
+        if not epoch_end:
+            return
+        state.epochs_done = state.epoch + 1
+        if self.hooks.val_fn is not None:
+            self._validate(state)
+        self._save(state, state.epoch + 1)
+
+    def _validate(self, state: RunState) -> None:
+        device = self.ctx.device
+        self.ddp_model.eval()
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self._use_amp()):
+            val = self.hooks.val_fn(self.model)
+        self._log.add({"step": state.step, "epoch": state.epoch + 1, "phase": "val", **val})
+        n_epochs = max(1, math.ceil(state.total_steps / state.steps_per_epoch))
+        if (state.epoch + 1) % max(1, n_epochs // 8) == 0 or state.step >= state.total_steps or state.out_of_time:
+            self._say(f"[{self.description}] epoch {state.epoch + 1}: train loss "
+                      f"{state.epoch_loss_sum / max(1, state.epoch_loss_n):.4f}, "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+        if state.best_val is None or val["val_loss"] < state.best_val:
+            state.best_val, state.best_epoch = float(val["val_loss"]), state.epoch + 1
+            if self.ctx.is_main and self.hooks.on_best is not None:
+                self.hooks.on_best(self.model, state, val)
+
+    def _save(self, state: RunState, epoch: int) -> None:
+        if self.ctx.is_main:
+            save_training_state(
+                self.out_dir / CHECKPOINT, self.model, self.optimizer, self.scheduler,
+                {"global_step": state.step, "epoch": epoch, "best_val": state.best_val, "best_epoch": state.best_epoch,
+                 "total_steps": state.total_steps, "batch_size": state.global_batch},
+            )
+            self._log.flush()
+        barrier()
+
+    def _finish(self, state: RunState) -> None:
+        self.global_step = state.step
+        if self.hooks.on_end is not None and self.ctx.is_main:
+            self.hooks.on_end(self.model, state)
+        barrier()
+
+    def _result(self, state: RunState) -> TrainResult:
+        extras = {k: v / max(1, state.extras_n) for k, v in state.extras_sum.items()}
+        return TrainResult(
+            out_dir=self.out_dir, global_step=state.step, epochs_done=state.epochs_done, last_loss=state.last_loss,
+            best_val=state.best_val, best_epoch=state.best_epoch, batch_size=state.global_batch,
+            steps_per_epoch=state.steps_per_epoch, history=list(self._log.rows), seconds=state.elapsed(),
+            stopped_early=state.out_of_time, extras=extras,
+        )
+
+
+def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    if isinstance(out, tuple):
+        loss, extras = out
+        return loss, dict(extras)
+    return out, {}
 
 
 def _fit_steps(step: int, start_step: int, elapsed: float, limit: float) -> int:
@@ -609,7 +778,13 @@ def read_log(out_dir: str | Path) -> list[dict[str, str]]:
 
 __all__: Sequence[str] = [
     "CHECKPOINT",
+    "CONFIG_FILE",
     "LOG_CSV",
+    "Hooks",
+    "RunState",
+    "batch_plan",
+    "uniform_sampler",
+    "write_or_fail",
     "OptimSettings",
     "TrainResult",
     "Trainer",

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning on ONE labeled site with DiceBCE (METHOD.md, "Fine-tuning").
+"""Supervised fine-tuning on ONE labeled site with DiceBCE (METHOD.md, "Fine-tuning"), with a
+named recipe (:mod:`.recipes`: ``default`` or the released code's ``paper``).
 
 With ``init`` (a pretraining run's ``encoder.safetensors``): embeddings + encoder come from it,
 decoder and head start random, and the stage is "finetune". Without ``init``: the baselines,
@@ -9,17 +10,20 @@ decoder and head start random, and the stage is "finetune". Without ``init``: th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..card import build_card, site_entry
 from ..data.datasets import SegmentationDataset
+from ..data.transforms import make_augmentation
 from ..errors import TrainingError
-from .common import check_init_card, hyperparameters, open_one_site, resolve_configs, seeded_model
+from .common import RunOptions, check_init_card, hyperparameters, open_one_site, resolve_configs, seeded_model
 from .distributed import gather_no_grad, gather_with_grad, setup
-from .engine import OptimSettings, Trainer, TrainResult
+from .engine import Hooks, OptimSettings, Trainer, TrainResult, write_or_fail
+from .recipes import finetune_groups, get_recipe
 
 MODEL_FILE = "model.safetensors"
 SPLIT_COLUMNS = ("auto", "split", "ub_split")
@@ -81,86 +85,26 @@ def build_finetune_model(model_cfg, seed: int, init: str | Path | None = None):
     return model, card
 
 
-def finetune(
-    site_dir: Any,
-    out_dir: str | Path,
-    *,
-    init: str | Path | None = None,
-    preset: str = "small",
-    split_column: str = "auto",
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    weight_decay: float | None = None,
-    max_steps: int | None = None,
-    seed: int | None = None,
-    device: str = "auto",
-    resume: bool = False,
-    overrides: dict[str, Any] | None = None,
-    num_workers: int | None = None,
-    preload: bool = False,
-    progress: bool = True,
-    tensorboard: bool = True,
-    checkpoint_every: int = 0,
-    on_step: Callable[[int, float], None] | None = None,
-    time_limit_s: float | None = None,
-    max_val_frames: int | None = None,
-) -> FinetuneResult:
-    """Fine-tune (or train a baseline) on one labeled site; returns the run summary and the path
-    of the best-validation checkpoint (``out_dir/model.safetensors``). ``max_val_frames`` scores an
-    evenly spaced subset of the validation split (cheaper epochs on CPUs)."""
-    from ..models.weights import read_checkpoint
+def _init_defaults(recipe_name: str, init_card: dict[str, Any] | None) -> dict[str, Any]:
+    """Stage values derived from the init checkpoint: the ``paper`` recipe's weight decay after a
+    contrastive encoder (METHOD.md: 0.05 after MIM, 0.1 after contrastive pretraining)."""
+    recipe = get_recipe(recipe_name)
+    if init_card and init_card.get("stage") == "pretrain-contrastive" and recipe.contrastive_init_weight_decay:
+        return {"weight_decay": recipe.contrastive_init_weight_decay}
+    return {}
 
-    overrides = dict(overrides or {})
-    init_card = None
-    if init is not None:
-        _, init_card = read_checkpoint(init)
-        # METHOD.md: weight decay 0.05 after MIM pretraining, 0.1 after contrastive pretraining.
-        if weight_decay is None and not any(k.split(".")[-1] == "weight_decay" for k in overrides):
-            if init_card.get("stage") == "pretrain-contrastive":
-                weight_decay = 0.1
-    model_cfg, ft_cfg, train_cfg = resolve_configs(
-        "finetune", preset, overrides, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        max_steps=max_steps, seed=seed, num_workers=num_workers,
-    )
-    if init is not None:
-        check_init_card(init, init_card, model_cfg, preset)
-    ctx = setup(device)
-    site = open_one_site(site_dir, what="finetune", check_images=True)
-    column, train_recs, val_recs = select_labeled_splits(site, split_column)
-    if max_val_frames is not None and len(val_recs) > max_val_frames > 0:
-        # Evenly spaced, deterministic subset: validation cost matters on short CPU budgets.
-        stride = -(-len(val_recs) // max_val_frames)
-        val_recs = val_recs[::stride]
 
-    model, loaded_card = build_finetune_model(model_cfg, train_cfg.seed, init)
-    init_card = loaded_card if init is not None else None
-    size = model_cfg.img_size
-    threads = max(1, train_cfg.num_workers or 4)
-    train_ds = SegmentationDataset(site, train_recs, size, seed=train_cfg.seed, preload=preload, preload_threads=threads)
-    val_ds = SegmentationDataset(site, val_recs, size, seed=train_cfg.seed, preload=preload, preload_threads=threads)
-    stage = "finetune" if init is not None else "baseline"
-    out_dir = Path(out_dir)
-    from ..losses import dice_bce
-
-    def loss_fn(net, batch):
-        images, masks = batch
-        prob = torch.sigmoid(net(images).float())
-        # DiceBCE's Dice term is over the whole batch: compute it on the GLOBAL batch (every rank
-        # the same value; see distributed.py for why the gradients then come out exact).
-        return dice_bce(gather_with_grad(prob), gather_no_grad(masks))
-
-    val_batch = max(1, min(64, ft_cfg.batch_size))
+def _validation(val_ds: SegmentationDataset, ctx, batch: int):
+    """Source-validation DiceBCE and Dice of a model: each rank scores every world_size-th image
+    and the sums are all-reduced (the result does not depend on the number of processes)."""
+    from ..metrics import dice_iou_per_image
 
     def val_fn(net) -> dict[str, float]:
-        # Each rank scores every world_size-th image; sums are all-reduced.
         idx = list(range(ctx.rank, len(val_ds), ctx.world_size))
         loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
         dice_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-        from ..metrics import dice_iou_per_image
-
-        for start in range(0, len(idx), val_batch):
-            items = [val_ds[i] for i in idx[start : start + val_batch]]
+        for start in range(0, len(idx), batch):
+            items = [val_ds[i] for i in idx[start : start + batch]]
             images = torch.stack([a for a, _ in items]).to(ctx.device)
             masks = torch.stack([b for _, b in items]).to(ctx.device)
             prob = torch.sigmoid(net(images).float())
@@ -174,50 +118,106 @@ def finetune(
         n = len(val_ds)
         return {"val_loss": float(loss_sum / n), "val_dice": float(dice_sum / n)}
 
-    result_holder: dict[str, Any] = {}
+    return val_fn
 
-    def card_for(extra: dict[str, Any]) -> dict[str, Any]:
-        return build_card(
-            preset=preset,
-            model=model_cfg,
-            out_channels=1,
-            stage=stage,
-            hyperparameters=hyperparameters(ft_cfg, train_cfg, split_column=column, val_frames=len(val_recs), **extra),
+
+def _finetune_optim(ft_cfg) -> OptimSettings:
+    """Optimizer settings with the recipe's parameter groups (encoder lr scale, no decay on
+    norms/biases/embeddings, LP-FT hold)."""
+    groups = partial(finetune_groups, weight_decay=ft_cfg.weight_decay, encoder_lr_scale=ft_cfg.encoder_lr_scale,
+                     decay_all_parameters=ft_cfg.decay_all_parameters, decoder_only_steps=ft_cfg.decoder_only_steps)
+    return OptimSettings(ft_cfg.optimizer, ft_cfg.lr, ft_cfg.weight_decay, ft_cfg.batch_size, ft_cfg.epochs,
+                         momentum=ft_cfg.momentum, groups=groups)
+
+
+def _resolve(opts: RunOptions, recipe: str | None, init_card: dict[str, Any] | None, **explicit: Any):
+    """The run's configs: the recipe's defaults (with its weight decay after a contrastive
+    encoder), then the config file, --set and the explicit options."""
+    chosen = resolve_configs("finetune", opts.preset, opts.overrides, config_file=opts.config_file, recipe=recipe)
+    return resolve_configs(
+        "finetune", opts.preset, opts.overrides, config_file=opts.config_file, recipe=recipe,
+        defaults=_init_defaults(chosen.stage_cfg.recipe, init_card), **explicit, **opts.explicit(),
+    )
+
+
+def _datasets(site, split_column: str, max_val_frames: int | None, size: int, ft_cfg, train_cfg, preload: bool):
+    """(split column, train dataset, validation dataset); ``max_val_frames`` keeps an evenly
+    spaced, deterministic subset of the validation frames (validation cost matters on CPUs)."""
+    column, train_recs, val_recs = select_labeled_splits(site, split_column)
+    if max_val_frames is not None and len(val_recs) > max_val_frames > 0:
+        val_recs = val_recs[:: -(-len(val_recs) // max_val_frames)]
+    threads = max(1, train_cfg.num_workers or 4)
+    train_ds = SegmentationDataset(site, train_recs, size, seed=train_cfg.seed, preload=preload,
+                                   preload_threads=threads, augment=make_augmentation(ft_cfg.augment))
+    val_ds = SegmentationDataset(site, val_recs, size, seed=train_cfg.seed, preload=preload, preload_threads=threads)
+    return column, train_ds, val_ds
+
+
+def dice_bce_loss(net, batch):
+    """DiceBCE of a batch. Its Dice term is over the whole batch, so it is computed on the GLOBAL
+    batch (every rank the same value; distributed.py explains why the gradients come out exact)."""
+    from ..losses import dice_bce
+
+    images, masks = batch
+    prob = torch.sigmoid(net(images).float())
+    return dice_bce(gather_with_grad(prob), gather_no_grad(masks))
+
+
+def finetune(
+    site_dir: Any,
+    out_dir: str | Path,
+    options: RunOptions | None = None,
+    *,
+    init: str | Path | None = None,
+    recipe: str | None = None,
+    split_column: str = "auto",
+    weight_decay: float | None = None,
+    augment: str | None = None,
+    max_val_frames: int | None = None,
+    **kwargs: Any,
+) -> FinetuneResult:
+    """Fine-tune (or train a baseline) on one labeled site with a recipe (``default`` or
+    ``paper``, :mod:`.recipes`); returns the run summary and the path of the best-validation
+    checkpoint (``out_dir/model.safetensors``). ``max_val_frames`` scores an evenly spaced subset
+    of the validation split (cheaper epochs on CPUs). ``options`` / ``kwargs``:
+    :class:`RunOptions` fields."""
+    from ..models.weights import read_checkpoint, save_checkpoint
+
+    opts = RunOptions.build(options, **kwargs)
+    init_card = read_checkpoint(init)[1] if init is not None else None
+    resolved = _resolve(opts, recipe, init_card, weight_decay=weight_decay, augment=augment)
+    model_cfg, ft_cfg, train_cfg = resolved.model, resolved.stage_cfg, resolved.train
+    if init is not None:
+        check_init_card(init, init_card, model_cfg, resolved.preset)
+    ctx = setup(opts.device)
+    site = open_one_site(site_dir, what="finetune", check_images=True)
+    column, train_ds, val_ds = _datasets(site, split_column, max_val_frames, model_cfg.img_size, ft_cfg, train_cfg,
+                                         opts.preload)
+    model, init_card = build_finetune_model(model_cfg, train_cfg.seed, init)
+    stage = "finetune" if init is not None else "baseline"
+    out_dir, optim, written = Path(out_dir), _finetune_optim(ft_cfg), {}
+
+    def on_best(net, state, val: dict[str, float]) -> None:
+        card = build_card(
+            preset=resolved.preset, model=model_cfg, out_channels=1, stage=stage, init=init_card,
+            hyperparameters=hyperparameters(
+                ft_cfg, train_cfg, split_column=column, val_frames=len(val_ds),
+                param_groups=[g.describe(ft_cfg.lr) for g in optim.param_groups(net)], best_epoch=state.epoch + 1,
+                best_step=state.step, best_val_dicebce=val["val_loss"], best_val_dice=val["val_dice"],
+                global_batch=state.global_batch,
+            ),
             data=[site_entry(site, role="supervised", splits=[f"{column}=train", f"{column}=val"])],
-            init=init_card,
         )
-
-    def on_best(net, epoch: int, val: dict[str, float]) -> None:
-        from ..models.weights import save_checkpoint
-
-        card = card_for({"best_epoch": epoch, "best_val_dicebce": val["val_loss"], "best_val_dice": val["val_dice"],
-                         "global_batch": result_holder.get("batch")})
-        save_checkpoint(out_dir / MODEL_FILE, net.state_dict(), card)
-        result_holder["card"] = card
+        path = out_dir / MODEL_FILE
+        write_or_fail(path, "model", lambda: save_checkpoint(path, net.state_dict(), card))
+        written["card"] = card
 
     trainer = Trainer(
-        model=model,
-        loss_fn=loss_fn,
-        train_dataset=train_ds,
-        out_dir=out_dir,
-        optim=OptimSettings(ft_cfg.optimizer, ft_cfg.lr, ft_cfg.weight_decay, ft_cfg.batch_size, ft_cfg.epochs,
-                            momentum=ft_cfg.momentum),
-        train=train_cfg,
-        ctx=ctx,
-        val_fn=val_fn,
-        on_best=on_best,
-        resume=resume,
-        checkpoint_every=checkpoint_every,
-        progress=progress,
-        tensorboard=tensorboard,
-        description=f"{stage} {site.name}",
-        on_step=on_step,
-        time_limit_s=time_limit_s,
+        model=model, loss_fn=dice_bce_loss, train_dataset=train_ds, out_dir=out_dir, optim=optim, train=train_cfg,
+        ctx=ctx, options=opts, description=f"{stage} {site.name}", config_record=resolved.record(),
+        hooks=Hooks(val_fn=_validation(val_ds, ctx, max(1, min(64, ft_cfg.batch_size))), on_best=on_best),
     )
-    result_holder["batch"] = trainer._local_batch()[0]
     res = trainer.fit()
     model_path = out_dir / MODEL_FILE
-    card = result_holder.get("card")
-    if card is None and model_path.exists():
-        card = read_checkpoint(model_path)[1]
+    card = written.get("card") or (read_checkpoint(model_path)[1] if model_path.exists() else None)
     return FinetuneResult(**vars(res), model_path=model_path if model_path.exists() else None, card=card)

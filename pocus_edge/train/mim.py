@@ -1,6 +1,7 @@
 """Masked image modeling pretraining (SimMIM-style, METHOD.md generative branch) on ONE site.
 
-Reads only the images of the site's pretraining split (never a mask file). Each sample's mask
+Reads only the images of the site's pretraining split (never a mask file). The mask grid is the
+paper's 7x7 at any input size (cells of ceil(size / 7) px). Each sample's mask
 grid, speckle cells and speckle noise are drawn from a generator seeded by (seed, epoch, index),
 so single-process, DDP and resumed runs see identical inputs. The whole TransUNet (3 output
 channels) reconstructs the image; loss = mean absolute error over masked pixels. Writes
@@ -9,9 +10,10 @@ channels) reconstructs the image; loss = mean absolute error over masked pixels.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,9 +22,9 @@ from torch.utils.data import Dataset
 from ..card import build_card, site_entry
 from ..data.datasets import UnlabeledImageDataset, sample_generator, split_key
 from ..errors import TrainingError
-from .common import check_image_files, hyperparameters, open_one_site, resolve_configs, seeded_model
+from .common import RunOptions, check_image_files, hyperparameters, open_one_site, resolve_configs, seeded_model
 from .distributed import setup
-from .engine import OptimSettings, Trainer, TrainResult
+from .engine import Hooks, OptimSettings, Trainer, TrainResult, write_or_fail
 
 ENCODER_FILE = "encoder.safetensors"
 
@@ -45,7 +47,7 @@ def save_encoder(path: Path, net: nn.Module, card: dict[str, Any]) -> None:
     from ..models.heads import encoder_state
     from ..models.weights import save_checkpoint
 
-    save_checkpoint(path, encoder_state(net), card)
+    write_or_fail(path, "encoder", lambda: save_checkpoint(path, encoder_state(net), card))
 
 
 class MaskedImages(Dataset):
@@ -74,7 +76,11 @@ class MaskedImages(Dataset):
 
 
 class MIMObjective(nn.Module):
-    """One forward for DDP: mask the input, reconstruct with the whole TransUNet, masked L1."""
+    """One forward for DDP: mask the input, reconstruct with the whole TransUNet, masked L1.
+
+    Images may have different numbers of masked pixels (a partial last grid cell), so under
+    several processes each returns world x (its error sum / the GLOBAL masked-pixel count): the
+    objectives sum to world x the global-batch loss (see distributed.py)."""
 
     def __init__(self, mim_model: nn.Module):
         super().__init__()
@@ -83,79 +89,74 @@ class MIMObjective(nn.Module):
     def forward(self, image, mask, speckle, noise):
         from ..losses import masked_l1
         from ..models.heads import apply_mim_mask
+        from .distributed import all_reduce_sum, world_size
 
-        reconstruction = self.mim.net(apply_mim_mask(image, mask, speckle, noise=noise))
-        return masked_l1(reconstruction.float(), image, mask)
+        reconstruction = self.mim.net(apply_mim_mask(image, mask, speckle, noise=noise)).float()
+        world = world_size()
+        if world == 1:
+            return masked_l1(reconstruction, image, mask)
+        weights = mask.to(reconstruction.dtype).expand_as(reconstruction)
+        count = all_reduce_sum(weights.sum().detach()).clamp_min(1.0)
+        return world * ((reconstruction - image).abs() * weights).sum() / count
+
+
+def resolve_mask_cell(img_size: int, mim_cfg) -> Any:
+    """The MIM config with its mask cell in pixels filled in (recorded in the card):
+    ``mask_cell`` when set, else ceil(img_size / mask_grid)."""
+    return dataclasses.replace(mim_cfg, mask_cell=mim_cfg.cell_pixels(img_size))
 
 
 def pretrain_mim(
     site_dir: Any,
     out_dir: str | Path,
+    options: RunOptions | None = None,
     *,
-    preset: str = "small",
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    max_steps: int | None = None,
-    seed: int | None = None,
-    device: str = "auto",
-    resume: bool = False,
-    overrides: dict[str, Any] | None = None,
-    num_workers: int | None = None,
-    preload: bool = False,
     split: str = "train",
-    progress: bool = True,
-    tensorboard: bool = True,
-    checkpoint_every: int = 0,
-    on_step: Callable[[int, float], None] | None = None,
-    time_limit_s: float | None = None,
+    **kwargs: Any,
 ) -> PretrainResult:
     """Pretrain a MIM-TransUNet on the images of ``split`` of ONE site; returns the run summary and
-    ``out_dir/encoder.safetensors``."""
+    ``out_dir/encoder.safetensors``. ``options`` / ``kwargs``: :class:`RunOptions` fields."""
     from ..models.heads import MaskGenerator, MIMModel
 
-    model_cfg, mim_cfg, train_cfg = resolve_configs(
-        "mim", preset, overrides, epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, seed=seed,
-        num_workers=num_workers,
-    )
-    ctx = setup(device)
+    opts = RunOptions.build(options, **kwargs)
+    resolved = resolve_configs("mim", opts.preset, opts.overrides, config_file=opts.config_file, **opts.explicit())
+    resolved.stage_cfg = resolve_mask_cell(resolved.model.img_size, resolved.stage_cfg)
+    model_cfg, mim_cfg, train_cfg = resolved.model, resolved.stage_cfg, resolved.train
+    ctx = setup(opts.device)
     site = open_one_site(site_dir, what="pretrain mim")
     records = pretrain_records(site, split)
     check_image_files(site, records)
-    images = UnlabeledImageDataset(site, records, model_cfg.img_size, seed=train_cfg.seed, preload=preload,
+    images = UnlabeledImageDataset(site, records, model_cfg.img_size, seed=train_cfg.seed, preload=opts.preload,
                                    preload_threads=max(1, train_cfg.num_workers or 4))
     dataset = MaskedImages(images, MaskGenerator(model_cfg.img_size, mim_cfg), train_cfg.seed)
     model = seeded_model(train_cfg.seed, lambda: MIMObjective(MIMModel(model_cfg, mim_cfg)))
     out_dir = Path(out_dir)
-    holder: dict[str, Any] = {}
+    written: dict[str, Any] = {}
 
     def loss_fn(net, batch):
-        # Every image has the same number of masked pixels, so the mean of the per-process losses
-        # equals the global-batch loss (see distributed.py).
         return net(*batch)
 
-    def on_end(net) -> None:
+    def on_end(net, state) -> None:
         card = build_card(
-            preset=preset,
+            preset=resolved.preset,
             model=model_cfg,
             out_channels=0,  # encoder only
             stage="pretrain-mim",
-            hyperparameters=hyperparameters(mim_cfg, train_cfg, global_batch=holder["batch"],
-                                            steps=holder["trainer"].global_step),
+            hyperparameters=hyperparameters(mim_cfg, train_cfg, global_batch=state.global_batch, steps=state.step),
             data=[site_entry(site, role="ssl-images-only", splits=[f"split={split}"])],
         )
-        holder["card"] = card
         save_encoder(out_dir / ENCODER_FILE, net.mim, card)
+        written["card"] = card
 
     trainer = Trainer(
         model=model, loss_fn=loss_fn, train_dataset=dataset, out_dir=out_dir,
         optim=OptimSettings(mim_cfg.optimizer, mim_cfg.lr, mim_cfg.weight_decay, mim_cfg.batch_size, mim_cfg.epochs),
-        train=train_cfg, ctx=ctx, on_end=on_end, resume=resume, checkpoint_every=checkpoint_every,
-        progress=progress, tensorboard=tensorboard, description=f"pretrain mim {site.name}", on_step=on_step,
-        time_limit_s=time_limit_s,
+        train=train_cfg, ctx=ctx, options=opts, hooks=Hooks(on_end=on_end),
+        description=f"pretrain mim {site.name}", config_record=resolved.record(),
     )
-    holder["batch"] = trainer._local_batch()[0]
-    holder["trainer"] = trainer
-    res = trainer.fit()
-    path = out_dir / ENCODER_FILE
-    return PretrainResult(**vars(res), encoder_path=path if path.exists() else None, card=holder.get("card"))
+    return PretrainResult(**vars(trainer.fit()), encoder_path=encoder_if_written(out_dir), card=written.get("card"))
+
+
+def encoder_if_written(out_dir: Path) -> Path | None:
+    path = Path(out_dir) / ENCODER_FILE
+    return path if path.exists() else None

@@ -1,0 +1,416 @@
+"""Scoring and reporting for `pocus-edge study` (:mod:`.study`).
+
+Scores: per image Dice, IoU (smoothing 1, threshold 0.5), HD95 and average surface distance
+(pixels at the model's input size; NaN where the prediction or the truth is empty) on the
+target's labeled test frames, and Dice on the source validation frames. The unit of inference
+is the test PATIENT: each (arm, seed) is reduced to per-patient means first.
+
+Statistics (no frame-level p-values):
+
+* arm mean: grand mean over seeds x patients, 95 % CI from a hierarchical bootstrap (seeds with
+  replacement, then patients with replacement);
+* paired difference to the comparison arm on the seeds both have: the same bootstrap on the
+  (seed, patient) differences; a two-sided bootstrap p-value; Holm's correction across every
+  comparison of the report; the interval at the Holm level of the arm's rank;
+* verdict: *helps* if the Holm-level interval's lower end is > 0, the Holm-adjusted p <= 0.05 and
+  the gain >= 0.02 Dice; *hurts* symmetrically; else *inconclusive*;
+* convergence check: source-validation Dice of each source-trained arm against its comparison
+  arm, flagged when more than 0.01 apart (the arms did not reach the same source fit).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from ..io import write_bytes_atomic, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from .study import ArmRun, Study
+
+MIN_EFFECT = 0.02
+CONVERGENCE_GAP = 0.01
+ALPHA = 0.05
+COLUMNS = ("site", "patient", "videoname", "framenum", "filename", "dice", "iou", "hd95", "asd")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring one arm and seed
+
+
+def _frames(study: "Study", which: str):
+    """(records, gray uint8 (N, S, S), masks bool (N, S, S)) of the target test or the source
+    validation subset, preprocessed once per study process."""
+    if which in study._frames:
+        return study._frames[which]
+    from ..config import model_preset
+    from ..data.transforms import preprocess_gray, preprocess_mask
+
+    size = model_preset(study.options.preset).img_size
+    if which == "test":
+        site, records = study.target_site, study.target_site.select("test", labeled=True)
+    else:
+        site, records = study.source_site, study.source_site.select("val", labeled=True)
+        limit = study.budget.val_frames
+        if limit and len(records) > limit:
+            records = records[:: -(-len(records) // limit)]  # the stride fine-tuning validates on
+    if not records:
+        from ..errors import DataError
+
+        raise DataError(f"{site.manifest_path}: no labeled {'test' if which == 'test' else 'val'} frames to score")
+    gray = np.stack([preprocess_gray(site.read_image(r), size) for r in records])
+    masks = np.stack([preprocess_mask(site.read_mask(r), size)[0] > 0.5 for r in records])
+    study._frames[which] = (site, records, gray, masks)
+    return study._frames[which]
+
+
+def _predict(predictor: Callable, gray: np.ndarray, device, batch: int = 64) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(gray), batch):
+            g = torch.from_numpy(gray[start : start + batch]).to(torch.float32) / 255.0
+            x = g[:, None].expand(-1, 3, -1, -1).contiguous().to(device)
+            out.append(predictor(x).float().cpu().numpy()[:, 0])
+    return np.concatenate(out)
+
+
+def score_arm(study: "Study", run: "ArmRun", csv_path: Path) -> int:
+    """Per-image scores of one arm and seed on the target test and the source validation frames,
+    written to ``csv_path``; returns the number of images scored."""
+    from ..metrics import dice_iou_per_image, surface_distances_per_image
+    from .study import ARMS
+
+    predictor = ARMS[run.arm].predictor(study, run)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    n = 0
+    for which in ("test", "val"):
+        site, records, gray, masks = _frames(study, which)
+        prob = _predict(predictor, gray, study.device)
+        dice, iou = dice_iou_per_image(prob, masks)
+        if which == "test":
+            hd95, asd = surface_distances_per_image(prob, masks)
+        else:
+            hd95 = asd = np.full(len(records), np.nan)
+        for r, d, j, h, a in zip(records, dice, iou, hd95, asd):
+            writer.writerow([f"{'target-test' if which == 'test' else 'source-val'}", r.patient, r.videoname,
+                             r.framenum, r.filename, f"{d:.6f}", f"{j:.6f}", _num(h), _num(a)])
+        n += len(records)
+    write_text_atomic(csv_path, buf.getvalue())
+    return n
+
+
+def _num(v: float) -> str:
+    return "" if not math.isfinite(v) else f"{v:.4f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Collecting scores
+
+
+def _read_scores(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _float(v: str) -> float:
+    return float(v) if v not in ("", None) else float("nan")
+
+
+def collect(study: "Study") -> dict[str, Any]:
+    """Per (arm key, seed): per-patient means of the test metrics and the source-val Dice."""
+    from .study import read_done
+
+    scores: dict[str, dict[int, dict[str, Any]]] = {}
+    for choice in study.choices:
+        for seed in study.seeds_of(choice):
+            folder = study.out / "eval" / choice.key / f"seed{seed}"
+            if read_done(folder) is None:
+                continue
+            rows = _read_scores(folder / "per_image.csv")
+            test = [r for r in rows if r["site"] == "target-test"]
+            val = [r for r in rows if r["site"] == "source-val"]
+            per_patient: dict[str, dict[str, float]] = {}
+            for patient in sorted({r["patient"] for r in test}):
+                mine = [r for r in test if r["patient"] == patient]
+                per_patient[patient] = {m: _nanmean([_float(r[m]) for r in mine]) for m in ("dice", "iou", "hd95", "asd")}
+                per_patient[patient]["empty_boundary"] = sum(not math.isfinite(_float(r["hd95"])) for r in mine)
+                per_patient[patient]["frames"] = len(mine)
+            scores.setdefault(choice.key, {})[seed] = {
+                "patients": per_patient,
+                "frame_dice": float(np.mean([_float(r["dice"]) for r in test])) if test else float("nan"),
+                "source_val_dice": float(np.mean([_float(r["dice"]) for r in val])) if val else float("nan"),
+            }
+    return scores
+
+
+def _nanmean(values) -> float:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
+
+
+def _matrix(per_seed: dict[int, dict[str, Any]], seeds: list[int], patients: list[str], metric: str) -> np.ndarray:
+    return np.array([[per_seed[s]["patients"].get(p, {}).get(metric, np.nan) for p in patients] for s in seeds])
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def analyse(study: "Study", scores: dict[str, Any]) -> dict[str, Any]:
+    from ..metrics import bootstrap_p_value, hierarchical_bootstrap, holm_adjust, percentile_interval, verdict
+    from .study import ARMS, comparison_of
+
+    n_boot = study.options.bootstrap
+    patients = sorted({p for per_seed in scores.values() for s in per_seed.values() for p in s["patients"]})
+    arms: dict[str, Any] = {}
+    for choice in study.choices:
+        per_seed = scores.get(choice.key, {})
+        seeds = sorted(per_seed)
+        if not seeds:
+            continue
+        entry: dict[str, Any] = {"arm": choice.arm, "recipe": choice.recipe, "seeds": seeds,
+                                 "describe": ARMS[choice.arm].describe}
+        for metric in ("dice", "iou", "hd95", "asd"):
+            m = _matrix(per_seed, seeds, patients, metric)
+            draws = hierarchical_bootstrap(m, n_boot, seed=1)
+            entry[metric] = {"mean": _nanmean(m), "ci95": percentile_interval(draws, ALPHA)}
+        entry["per_seed_dice"] = [_nanmean(_matrix(per_seed, [s], patients, "dice")) for s in seeds]
+        entry["source_val_dice"] = float(np.mean([per_seed[s]["source_val_dice"] for s in seeds]))
+        entry["frames_without_boundary"] = int(sum(v["empty_boundary"] for s in seeds for v in per_seed[s]["patients"].values()))
+        entry["frames_scored"] = int(sum(v["frames"] for s in seeds for v in per_seed[s]["patients"].values()))
+        arms[choice.key] = entry
+
+    comparisons: dict[str, Any] = {}
+    draws_of: dict[str, np.ndarray] = {}
+    for choice in study.choices:
+        base = comparison_of(choice.arm, choice.recipe, study.options.recipe)
+        if base is None or choice.key not in arms or f"{base[0]}@{base[1]}" not in arms:
+            continue
+        base_key = f"{base[0]}@{base[1]}"
+        seeds = sorted(set(scores[choice.key]) & set(scores[base_key]))
+        if not seeds:
+            continue
+        entry = {"arm": choice.key, "baseline": base_key, "seeds": seeds}
+        for metric in ("dice", "hd95"):
+            diff = (_matrix(scores[choice.key], seeds, patients, metric)
+                    - _matrix(scores[base_key], seeds, patients, metric))
+            draws = hierarchical_bootstrap(diff, n_boot, seed=2)
+            entry[metric] = {"mean": _nanmean(diff), "ci95": percentile_interval(draws, ALPHA),
+                             "per_seed": [_nanmean(row) for row in diff]}
+            if metric == "dice":
+                draws_of[choice.key] = draws
+                entry["p_bootstrap"] = bootstrap_p_value(draws)
+        sv = arms[choice.key]["source_val_dice"] - arms[base_key]["source_val_dice"]
+        entry["source_val_dice_gap"] = sv
+        entry["convergence_flag"] = bool(ARMS[choice.arm].convergence_check and ARMS[base[0]].convergence_check
+                                         and abs(sv) > CONVERGENCE_GAP)
+        comparisons[choice.key] = entry
+    holm = holm_adjust({k: v["p_bootstrap"] for k, v in comparisons.items()}, ALPHA)
+    for key, entry in comparisons.items():
+        level = holm[key]["alpha"]
+        entry["p_holm"] = holm[key]["p_holm"]
+        entry["holm_alpha"] = level
+        entry["dice"]["ci_holm"] = percentile_interval(draws_of[key], level)
+        entry["verdict"] = verdict(entry["dice"]["mean"], entry["dice"]["ci_holm"], entry["p_holm"], alpha=ALPHA,
+                                   min_effect=MIN_EFFECT)
+    return {"patients": patients, "arms": arms, "comparisons": comparisons, "goals": _goals(study, arms, comparisons)}
+
+
+def _goals(study: "Study", arms: dict[str, Any], comparisons: dict[str, Any]) -> dict[str, Any]:
+    """The method's claims on this data, for every fused arm and SSL branch in the study: fused >=
+    lower + 0.03 with its Holm-level CI above 0; each SSL branch >= the lower bound; fused <= the
+    upper bound."""
+    from .study import ARMS
+
+    r = study.options.recipe
+    upper = arms.get(f"upper@{r}")
+    goals: dict[str, Any] = {}
+    for key, c in comparisons.items():
+        arm, _, recipe = key.partition("@")
+        if recipe != r or c["baseline"] != f"lower@{r}":
+            continue
+        kind = ARMS[arm]
+        if kind.claim == "fusion":
+            goals[f"{arm} >= lower + 0.03, CI excluding 0"] = bool(c["dice"]["mean"] >= 0.03 and c["dice"]["ci_holm"][0] > 0)
+            if upper is not None:
+                goals[f"{arm} <= upper"] = bool(arms[key]["dice"]["mean"] <= upper["dice"]["mean"])
+        elif kind.claim == "branch":
+            goals[f"{arm} >= lower"] = bool(c["dice"]["mean"] >= 0)
+    return goals
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _label(key: str, default_recipe: str) -> str:
+    arm, _, recipe = key.partition("@")
+    return arm if recipe == default_recipe else key
+
+
+def _ci(ci: tuple[float, float] | list[float], digits: int = 3) -> str:
+    low, high = ci
+    return f"[{low:+.{digits}f}, {high:+.{digits}f}]" if math.isfinite(low) else ""
+
+
+def _plain_ci(ci, digits: int = 3) -> str:
+    low, high = ci
+    return f"[{low:.{digits}f}, {high:.{digits}f}]" if math.isfinite(low) else ""
+
+
+def _v(value: float, fmt: str) -> str:
+    return format(value, fmt) if math.isfinite(value) else "-"
+
+
+def render_markdown(study: "Study", analysis: dict[str, Any], facts: dict[str, Any]) -> str:
+    r = study.options.recipe
+    arms, comps = analysis["arms"], analysis["comparisons"]
+    lines = [
+        f"# Study: {study.source_site.name} -> {study.target_site.name}",
+        "",
+        f"Preset `{study.options.preset}`, recipe `{r}`, budget `{study.budget.name}` (steps x global batch: MIM "
+        f"{study.budget.mim[0]}x{study.budget.mim[1]}, contrastive {study.budget.contrastive[0]}x"
+        f"{study.budget.contrastive[1]}, fine-tuning {study.budget.finetune[0]}x{study.budget.finetune[1]}), "
+        f"{len(analysis['patients'])} target test patients ({facts['test_frames']} labeled frames), "
+        f"{study.options.bootstrap} bootstrap draws. Code {facts['code_version']}.",
+        "",
+        "## Target test, per arm",
+        "",
+        "Means over seeds x test patients (each patient weighted equally); 95 % CI from a hierarchical bootstrap "
+        "(seeds, then patients). HD95 / ASD in pixels at the model's input size, over frames where both masks are "
+        "non-empty.",
+        "",
+        "| arm | seeds | Dice [95 % CI] | IoU | HD95 px [95 % CI] | ASD px | source-val Dice | frames w/o boundary |",
+        "|---|---:|---|---:|---|---:|---:|---:|",
+    ]
+    for key, a in arms.items():
+        lines.append(
+            f"| {_label(key, r)} | {len(a['seeds'])} | {a['dice']['mean']:.4f} {_plain_ci(a['dice']['ci95'])} | "
+            f"{a['iou']['mean']:.4f} | {_v(a['hd95']['mean'], '.2f')} {_plain_ci(a['hd95']['ci95'], 2)} | "
+            f"{_v(a['asd']['mean'], '.2f')} | "
+            f"{a['source_val_dice']:.4f} | {a['frames_without_boundary']}/{a['frames_scored']} |")
+    lines += [
+        "",
+        "## Paired differences and verdicts",
+        "",
+        f"Difference = arm - comparison arm on the same seeds and patients. Holm-level CI: the interval at the "
+        f"Holm step of the arm's p-value rank (family of {len(comps)} comparisons). Verdict *helps* only if that "
+        f"interval's lower end is > 0, the Holm-adjusted p <= {ALPHA} and the gain >= {MIN_EFFECT}; *hurts* "
+        "symmetrically; else *inconclusive*. Source-val gap = source-validation Dice difference (flagged when > "
+        f"{CONVERGENCE_GAP} for two source-trained arms: they did not fit the source equally).",
+        "",
+        "| arm | vs | seeds | Dice diff | 95 % CI | Holm-level CI | p (Holm) | verdict | HD95 diff px [95 % CI] | source-val gap |",
+        "|---|---|---:|---:|---|---|---:|---|---|---:|",
+    ]
+    for key, c in comps.items():
+        flag = " (flag)" if c["convergence_flag"] else ""
+        lines.append(
+            f"| {_label(key, r)} | {_label(c['baseline'], r)} | {len(c['seeds'])} | {c['dice']['mean']:+.4f} | "
+            f"{_ci(c['dice']['ci95'])} | {_ci(c['dice']['ci_holm'])} | {c['p_holm']:.3g} | **{c['verdict']}** | "
+            f"{_v(c['hd95']['mean'], '+.2f')} {_ci(c['hd95']['ci95'], 2)} | {c['source_val_dice_gap']:+.4f}{flag} |")
+    if analysis["goals"]:
+        lines += ["", "Goals: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in analysis["goals"].items())]
+    lines += ["", "Per-seed paired differences: `study.png`.", "", "## Pretraining", ""]
+    for name, info in facts["pretraining"].items():
+        extras = ", ".join(f"{k} {v:.3f}" for k, v in (info.get("extras") or {}).items())
+        lines.append(f"- {name}: {info['steps']} steps, last loss {info['last_loss']:.4f}"
+                     + (f" ({extras}, means over the run)" if extras else ""))
+    lines += ["", "## Arms", ""]
+    for key, a in arms.items():
+        lines.append(f"- `{_label(key, r)}`: {a['describe']}" + (f" (recipe {a['recipe']})" if a["recipe"] != r else ""))
+    return "\n".join(lines) + "\n"
+
+
+def plot_differences(study: "Study", analysis: dict[str, Any], path: Path) -> Path | None:
+    """One figure: per-seed paired Dice (left) and HD95 (right) differences of every arm to its
+    comparison arm, with the bootstrap mean and Holm-level (Dice) / 95 % (HD95) intervals."""
+    comps = analysis["comparisons"]
+    if not comps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = study.options.recipe
+    keys = list(comps)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.3 * len(keys) * 2), 4.2))
+    for ax, metric, ci_key, unit in ((axes[0], "dice", "ci_holm", "Dice"), (axes[1], "hd95", "ci95", "HD95 (px)")):
+        for i, key in enumerate(keys):
+            c = comps[key][metric]
+            ax.scatter(np.full(len(c["per_seed"]), i) + np.linspace(-0.12, 0.12, len(c["per_seed"])), c["per_seed"],
+                       s=16, color="#888888", zorder=3, label="per seed" if i == 0 else None)
+            low, high = c[ci_key]
+            ax.errorbar(i, c["mean"], yerr=[[c["mean"] - low], [high - c["mean"]]], fmt="o", color="#c0392b",
+                        capsize=4, zorder=4, label="mean, interval" if i == 0 else None)
+        ax.axhline(0.0, color="black", lw=0.8)
+        if metric == "dice":
+            for y in (MIN_EFFECT, -MIN_EFFECT):
+                ax.axhline(y, color="black", lw=0.6, ls=":")
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels([f"{_label(k, r)}\nvs {_label(comps[k]['baseline'], r)}" for k in keys], fontsize=7)
+        ax.set_ylabel(f"paired difference, {unit}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_title("target test Dice (Holm-level interval; dotted: +-0.02)", fontsize=9)
+    axes[1].set_title("target test HD95, lower is better (95 % interval)", fontsize=9)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return write_bytes_atomic(path, buf.getvalue())
+
+
+def write_report(study: "Study", *, say: Callable[[str], None] = print):
+    """``study.md``, ``study.json`` and ``study.png`` from every finished evaluation."""
+    import platform
+
+    import torch
+
+    from ..card import code_version
+    from .study import read_done
+
+    scores = collect(study)
+    if not scores:
+        say("no finished evaluation yet: no report")
+        return None, None, None, None
+    analysis = analyse(study, scores)
+    pretraining = {}
+    from .study import PRETRAININGS
+
+    for name in PRETRAININGS:
+        info = read_done(study.out / "pretrain" / name)
+        if info is not None:
+            pretraining[name] = {k: info.get(k) for k in ("steps", "last_loss", "extras", "seconds", "loss_curve")}
+    facts = {
+        "code_version": code_version(),
+        "test_frames": len(study.target_site.select("test", labeled=True)),
+        "pretraining": pretraining,
+    }
+    payload = {
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(study.options).items()},
+        "protocol": study.options.protocol(),
+        "machine": {"device": str(study.device), "platform": platform.platform(), "torch": torch.__version__,
+                    "cpu_threads": torch.get_num_threads()},
+        **facts,
+        **analysis,
+        "scores": {k: {str(s): v for s, v in per_seed.items()} for k, per_seed in scores.items()},
+    }
+    md = write_text_atomic(study.out / "study.md", render_markdown(study, analysis, facts))
+    js = write_json_atomic(study.out / "study.json", payload)
+    fig = plot_differences(study, analysis, study.out / "study.png")
+    say(md.read_text())
+    say(f"report: {md}, {js}" + (f", {fig}" if fig else ""))
+    return md, js, fig, analysis
+
+
+__all__ = ["analyse", "collect", "plot_differences", "render_markdown", "score_arm", "write_report"]

@@ -1,0 +1,223 @@
+"""`pocus-edge study` on the tiny preset: the simulator's test-patient knob, the arm registry,
+paired seeds, resumability, AdaBN, and a report whose statistics match an independent
+recomputation from the per-image scores."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pocus_edge.errors import ConfigError
+from pocus_edge.train import study as study_mod
+from pocus_edge.train.study import ARMS, ArmKind, StudyOptions, parse_arms, run_study
+
+
+@pytest.fixture(scope="module")
+def study_sites(tmp_path_factory):
+    """Tiny sites with 2 target test patients, every frame of them labeled."""
+    from pocus_edge.data.phantom import simulate
+
+    root = tmp_path_factory.mktemp("study_sites")
+    source, target = simulate(root, preset="tiny", seed=0, progress=False, target_test_patients=2,
+                              label_all_target_test=True)
+    return source.root, target.root
+
+
+def test_simulator_knob_labels_every_frame_of_the_chosen_test_patients(study_sites):
+    from pocus_edge.data.layout import load_site
+    from pocus_edge.data.phantom import get_preset, planned_records, with_target_test
+
+    _, target = study_sites
+    site = load_site(target)
+    test_patients = {r.patient for r in site.records if r.split == "test"}
+    assert len(test_patients) == 2
+    of_test = [r for r in site.records if r.patient in test_patients]
+    assert all(r.labeled and r.split == "test" for r in of_test)
+    assert all((site.root / "Masks" / r.filename).is_file() for r in of_test)
+    others = [r for r in site.records if r.patient not in test_patients]
+    assert 0 < sum(r.labeled for r in others) < len(others) / 4  # everyone else stays sparse (12.5 %)
+    # The knob only adds labels: the same frames, videos and (sparse) labels elsewhere.
+    sparse = planned_records("target", get_preset("tiny"), 0)
+    full = planned_records("target", with_target_test("tiny", 2, True), 0)
+    assert [r.filename for r in sparse] == [r.filename for r in full]
+    assert all(b.labeled or not a.labeled for a, b in zip(sparse, full))
+    with pytest.raises(ConfigError, match="target test patients must be in 1..5"):
+        with_target_test("tiny", 6, True)
+
+
+def test_parse_arms_adds_what_arms_need_and_are_compared_with():
+    keys = [c.key for c in parse_arms(["fused", "mim@paper:1"], "default", 3)]
+    assert keys == ["lower@default", "mim@default", "contrastive@default", "fused@default", "lower@paper", "mim@paper"]
+    seeds = {c.key: c.seeds for c in parse_arms(["fused", "mim@paper:1"], "default", 3)}
+    assert seeds["lower@paper"] == 1 and seeds["lower@default"] == 3
+    with pytest.raises(ConfigError, match="unknown arm"):
+        parse_arms(["student"], "default", 3)
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        parse_arms(["mim@fast"], "default", 3)
+    with pytest.raises(ConfigError, match="seeds after ':' must be 1..3"):
+        parse_arms(["mim:4"], "default", 3)
+
+
+def _options(sites, out, **kw):
+    source, target = sites
+    base = dict(source=source, target=target, out=out, budget="smoke", preset="tiny", device="cpu", seeds=2,
+                progress=False, bootstrap=2000, arms=("lower", "mim", "contrastive", "fused", "adabn", "mim@paper:1"))
+    return StudyOptions(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def smoke_study(study_sites, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "s"
+    messages: list[str] = []
+    result = run_study(_options(study_sites, out), say=messages.append)
+    return out, result, messages
+
+
+def _per_image(out: Path, key: str, seed: int) -> list[dict[str, str]]:
+    with open(out / "eval" / key / f"seed{seed}" / "per_image.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_study_prints_an_estimate_first_and_reports_every_arm(smoke_study):
+    out, result, messages = smoke_study
+    estimate = next(i for i, m in enumerate(messages) if "estimate: ~" in m)
+    first_unit = next(i for i, m in enumerate(messages) if m.startswith("[1/"))
+    assert first_unit > estimate
+    report = json.loads((out / "study.json").read_text())
+    assert set(report["arms"]) == {"lower@default", "mim@default", "contrastive@default", "fused@default",
+                                   "adabn@default", "lower@paper", "mim@paper"}
+    assert set(report["comparisons"]) == set(report["arms"]) - {"lower@default"}
+    assert report["comparisons"]["mim@paper"]["baseline"] == "lower@paper"
+    assert report["comparisons"]["lower@paper"]["baseline"] == "lower@default"
+    assert report["arms"]["mim@paper"]["seeds"] == [0] and report["arms"]["mim@default"]["seeds"] == [0, 1]
+    assert (out / "study.png").stat().st_size > 0 and "## Paired differences" in (out / "study.md").read_text()
+    assert report["pretraining"]["contrastive"]["extras"]["masked_negatives"] > 0  # video-clustered batches
+    for c in report["comparisons"].values():
+        assert c["verdict"] in ("helps", "hurts", "inconclusive")
+
+
+def test_report_statistics_match_the_per_image_scores(smoke_study):
+    out, _, _ = smoke_study
+    report = json.loads((out / "study.json").read_text())
+    patients = report["patients"]
+    assert len(patients) == 2
+
+    def matrix(key, seeds):
+        rows = {s: [r for r in _per_image(out, key, s) if r["site"] == "target-test"] for s in seeds}
+        return np.array([[np.mean([float(r["dice"]) for r in rows[s] if r["patient"] == p]) for p in patients]
+                         for s in seeds])
+
+    for key, arm in report["arms"].items():
+        assert arm["dice"]["mean"] == pytest.approx(matrix(key, arm["seeds"]).mean(), abs=1e-9)
+        low, high = arm["dice"]["ci95"]
+        assert low <= arm["dice"]["mean"] + 1e-9 and arm["dice"]["mean"] - 1e-9 <= high
+    mim = report["comparisons"]["mim@default"]
+    diff = matrix("mim@default", [0, 1]) - matrix("lower@default", [0, 1])
+    assert mim["dice"]["mean"] == pytest.approx(diff.mean(), abs=1e-9)
+    assert mim["dice"]["per_seed"] == pytest.approx(diff.mean(axis=1).tolist(), abs=1e-9)
+
+
+def test_fused_and_adabn_arms_are_what_they_say(smoke_study, study_sites):
+    from pocus_edge.data.layout import load_site
+    from pocus_edge.data.transforms import preprocess_frame, preprocess_mask
+    from pocus_edge.metrics import dice_iou_per_image
+    from pocus_edge.models.fusion import fuse
+    from pocus_edge.models.weights import build_segmenter, read_checkpoint
+
+    out, _, _ = smoke_study
+    _, target = study_sites
+    site = load_site(target)
+    recs = site.select("test", labeled=True)
+    x = torch.from_numpy(np.stack([preprocess_frame(site.read_image(r), 64) for r in recs]))
+    y = np.stack([preprocess_mask(site.read_mask(r), 64) for r in recs])
+    models = {k: build_segmenter(out / "runs" / k / "seed1" / "train" / "model.safetensors")[0]
+              for k in ("mim@default", "contrastive@default")}
+    with torch.no_grad():
+        fused = fuse(models["mim@default"].predict(x), models["contrastive@default"].predict(x), method="entropy",
+                     norm="image")
+    scored = [r for r in _per_image(out, "fused@default", 1) if r["site"] == "target-test"]
+    assert [r["filename"] for r in scored] == [r.filename for r in recs]
+    np.testing.assert_allclose([float(r["dice"]) for r in scored], dice_iou_per_image(fused, y)[0], atol=1e-6)
+    # AdaBN: the lower bound's weights, other BatchNorm statistics, the target images in its card.
+    lower, _ = read_checkpoint(out / "runs" / "lower@default" / "seed1" / "train" / "model.safetensors")
+    adapted, card = read_checkpoint(out / "runs" / "adabn@default" / "seed1" / "model.safetensors")
+    for k, v in lower.items():
+        if "running_" in k or "num_batches_tracked" in k:
+            continue
+        assert torch.equal(v, adapted[k]), k
+    assert any(not torch.equal(v, adapted[k]) for k, v in lower.items() if "running_mean" in k)
+    assert card["data"][-1]["role"] == "ssl-images-only" and card["adabn"]["frames"] > 0
+
+
+def test_rerun_skips_finished_units_and_refuses_changed_settings(smoke_study, study_sites, monkeypatch):
+    out, first, _ = smoke_study
+    assert first.units_run == first.units_total > 0
+    import sys
+
+    ft = sys.modules["pocus_edge.train.finetune"]  # the package re-exports the function under this name
+    monkeypatch.setattr(ft, "finetune", lambda *a, **k: pytest.fail("a finished arm was trained again"))
+    again = run_study(_options(study_sites, out), say=lambda m: None)
+    assert again.units_run == 0
+    with pytest.raises(ConfigError, match="run with other settings.*budget"):
+        run_study(_options(study_sites, out, steps={"finetune": 7}), say=lambda m: None)
+
+
+def test_a_registered_arm_plugs_in_without_touching_the_loop(smoke_study, study_sites, monkeypatch):
+    """A new arm (as a distilled student will be) joins through the registry: here one that
+    predicts exactly what the lower bound predicts, so its paired difference must be 0."""
+    out, _, _ = smoke_study
+    monkeypatch.setitem(ARMS, "echo", ArmKind(
+        "echo", "the lower bound's predictions", lambda study, run: study_mod._segmenter_predictor(
+            study, study.arm_run("lower", run.recipe, run.seed)), needs=("lower",), convergence_check=False))
+    res = run_study(_options(study_sites, out, arms=("lower", "mim", "contrastive", "fused", "adabn", "mim@paper:1",
+                                                    "echo")), say=lambda m: None)
+    assert res.units_run == 2  # two evaluations, nothing trained
+    echo = res.summary["comparisons"]["echo@default"]
+    assert echo["dice"]["mean"] == 0.0 and echo["verdict"] == "inconclusive"
+
+
+def test_adabn_statistics_are_the_average_of_the_batch_statistics():
+    from pocus_edge.config import model_preset
+    from pocus_edge.models.transunet import TransUNet
+    from pocus_edge.train.adabn import adapt_batchnorm, batchnorm_layers
+
+    torch.manual_seed(0)
+    net = TransUNet(model_preset("tiny")).eval()
+    images = torch.rand(10, 3, 64, 64)
+    first_bn = batchnorm_layers(net)[0]
+    seen = []
+    hook = first_bn.register_forward_hook(lambda m, inp, outp: seen.append(inp[0].detach()))
+    with torch.no_grad():
+        net(images[:4]), net(images[4:8]), net(images[8:])
+    hook.remove()
+    adapted = adapt_batchnorm(net, images, batch_size=4)
+    bn = batchnorm_layers(adapted)[0]
+    means = torch.stack([x.mean(dim=(0, 2, 3)) for x in seen])
+    variances = torch.stack([x.var(dim=(0, 2, 3), unbiased=True) for x in seen])
+    torch.testing.assert_close(bn.running_mean, means.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, variances.mean(0), rtol=1e-4, atol=1e-5)
+    assert not bn.training and torch.equal(bn.weight, first_bn.weight)
+    assert not torch.equal(first_bn.running_mean, bn.running_mean)  # the original is untouched
+
+
+def test_cli_study_estimate_and_bad_input(study_sites, tmp_path, capsys):
+    from pocus_edge.cli import main
+
+    source, target = study_sites
+    code = main(["study", "--source", str(source), "--target", str(target), "--out", str(tmp_path / "e"),
+                 "--preset", "tiny", "--budget", "smoke", "--device", "cpu", "--arms", "lower,mim", "--estimate"])
+    out = capsys.readouterr().out
+    assert code == 0 and "estimate: ~" in out and not (tmp_path / "e" / "runs").exists()
+    assert main(["study", "--source", str(source), "--out", str(tmp_path / "x")]) == 2
+    assert "--target" in capsys.readouterr().err
+    assert main(["study", "--source", str(source), "--target", str(source), "--out", str(tmp_path / "y"),
+                 "--preset", "tiny"]) == 2
+    assert "same site" in capsys.readouterr().err
+    assert main(["study", "--source", str(source), "--target", str(target), "--out", str(tmp_path / "z"),
+                 "--steps", "mim=lots"]) == 2
+    assert "KIND=N" in capsys.readouterr().err
