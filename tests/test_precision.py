@@ -239,7 +239,7 @@ def test_runtime_refuses_an_unreadable_engine_card_before_any_gpu_work(tmp_path)
 
 
 def _no_staging_left(folder: Path) -> bool:
-    return not [p for p in folder.iterdir() if p.name.startswith(".pocus-staging-") or p.name.endswith(".tmp")]
+    return not [p for p in folder.iterdir() if p.name.startswith(".")]
 
 
 def test_failed_parity_leaves_nothing_under_the_final_name(fused, tmp_path):
