@@ -2,7 +2,7 @@
 
 A *preset* fixes the model shape (``paper`` = TransUNet R50-ViT-B/16 at 224x224, exactly the
 published network; ``small`` = CPU-trainable; ``tiny`` = unit tests) and the image size the
-data pipeline resizes to. Stage hyperparameters default to METHOD.md (the paper / released
+data pipeline resizes to. Stage hyperparameters default to docs/method.md (the paper / released
 code) and every field can be overridden from the CLI (``--set key=value``) or a YAML file.
 """
 
@@ -106,7 +106,7 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
 
 @dataclass
 class MIMConfig:
-    """SimMIM-style pretraining (METHOD.md, generative branch)."""
+    """SimMIM-style pretraining (docs/method.md, generative branch)."""
 
     # The paper masks a 7x7 grid of 32-px cells at 224 px. The grid, not the cell size, is what
     # carries over to other input sizes: cells are ceil(img_size / mask_grid) pixels (19 px at
@@ -133,7 +133,7 @@ class MIMConfig:
 
 @dataclass
 class ContrastiveConfig:
-    """Contrastive pretraining with MT-NXent (METHOD.md, contrastive branch)."""
+    """Contrastive pretraining with MT-NXent (docs/method.md, contrastive branch)."""
 
     temperature: float = 0.5
     min_frame_gap: int = 15  # delta_t; 0 = plain NT-Xent (SimCLR)

@@ -59,7 +59,3 @@ class ToolchainUnavailable(PocusError):
     """
 
     exit_code = 3
-
-
-class NotBuiltYet(PocusError):
-    """A CLI command whose implementation has not landed yet."""

@@ -236,7 +236,7 @@ def _is_stale(p: Path, pid: int, its_host: str, host: str) -> bool:
     return False
 
 
-def _new_temp_name(folder: Path, name: str, kind: str, suffix: str = "") -> Path:
+def new_temp_name(folder: Path, name: str, kind: str, suffix: str = "") -> Path:
     """A fresh, unused temporary name in ``folder``; nothing is created."""
     for _ in range(100):
         rand = secrets.token_hex(4)
@@ -247,18 +247,20 @@ def _new_temp_name(folder: Path, name: str, kind: str, suffix: str = "") -> Path
 
 
 @contextlib.contextmanager
-def staging_dir(near: str | os.PathLike) -> Iterator[Path]:
+def staging_dir(near: str | os.PathLike, *, check: bool = True) -> Iterator[Path]:
     """A scratch folder next to ``near`` (same file system, so results can be renamed into place),
     removed when the block exits however it exits; one left by a killed process is swept on the
-    next start. Use it for multi-file work before the final rename."""
+    next start. Use it for multi-file work before the final rename. ``check``: refuse up front
+    a folder where the file ``near`` goes (False when ``near`` may be a folder artifact)."""
     final = Path(near)
-    check_output_file(final)
+    if check:
+        check_output_file(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise output_error(final, exc) from None
     sweep_stale_temps(final.parent)
-    tmp = _new_temp_name(final.parent, final.name, "tmp", ".staging")
+    tmp = new_temp_name(final.parent, final.name, "tmp", ".staging")
     try:
         tmp.mkdir()
     except OSError as exc:
@@ -305,7 +307,7 @@ def atomic_path(
         raise output_error(final, exc) from None
     sweep_stale_temps(final.parent)
     sfx = suffix if suffix is not None else "".join(final.suffixes)
-    tmp = _new_temp_name(final.parent, final.name, "tmp", sfx)
+    tmp = new_temp_name(final.parent, final.name, "tmp", sfx)
     _register(tmp)
     try:
         yield tmp
@@ -342,7 +344,7 @@ def _move_into_place(tmp: Path, final: Path, kind: str, replaces: Callable[[Path
     _check_replaceable_dir(final, replaces)
     # os.replace cannot replace a non-empty folder: move the old one aside (a name the sweep
     # restores if we are killed before the new one is in place), then remove it.
-    old = _new_temp_name(final.parent, final.name, "old")
+    old = new_temp_name(final.parent, final.name, "old")
     os.replace(final, old)
     _register(old)
     try:

@@ -1,4 +1,4 @@
-"""Training losses (METHOD.md): MT-NXent (contrastive), DiceBCE (fine-tuning), masked L1 (MIM)."""
+"""Training losses (docs/method.md): MT-NXent (contrastive), DiceBCE (fine-tuning), masked L1 (MIM)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Segmentation metrics as the method reports them (METHOD.md, "Metrics").
+"""Segmentation metrics as the method reports them (docs/method.md, "Metrics").
 
 Per-image Dice and IoU with smoothing 1 on the thresholded prediction, averaged over images;
 significance between two models by the Wilcoxon signed-rank test on paired per-image Dice.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 THRESHOLD = 0.5
-# The one mask rule of the project (METHOD.md: threshold 0.5): bone where the probability is
+# The one mask rule of the project (docs/method.md: threshold 0.5): bone where the probability is
 # strictly greater than the threshold. Scoring, export parity, the runtime, the golden vectors
 # and the Android port all use it, so a pixel at exactly 0.5 is background everywhere.
 MASK_RULE = "prob > threshold"

@@ -349,7 +349,7 @@ def test_devices_table_is_dense_and_matches_names():
 
 def test_paper_gflops_match_flop_counter():
     """The GFLOPs the tool reports for the paper preset vs an independent FlopCounterMode count of
-    the two branches on the meta device (no arithmetic runs), within 2%; and METHOD.md's 58.3
+    the two branches on the meta device (no arithmetic runs), within 2%; and docs/method.md's 58.3
     GFLOPs per branch."""
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -1,4 +1,4 @@
-"""Fusion head against a per-pixel brute-force reference (METHOD.md formulas)."""
+"""Fusion head against a per-pixel brute-force reference (docs/method.md formulas)."""
 
 from __future__ import annotations
 

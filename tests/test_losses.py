@@ -12,7 +12,7 @@ from pocus_edge.losses import dice_bce, masked_l1, mt_nxent, mt_nxent_mask
 
 
 def brute_force_mt_nxent(z1, z2, video_ids, frame_ids, min_frame_gap, temperature):
-    """METHOD.md written out with Python loops over every (k, l) pair."""
+    """docs/method.md written out with Python loops over every (k, l) pair."""
     batch = len(video_ids)
     rows = [F.normalize(v, dim=0) for v in list(z1) + list(z2)]
     videos = list(video_ids) * 2

@@ -14,12 +14,12 @@ from pocus_edge.models.flops import TwoBranchModel, count_flops, count_params, m
 from pocus_edge.models.heads import ContrastiveModel, MaskGenerator, MIMModel, apply_mim_mask, encoder_state
 from pocus_edge.models.transunet import TransUNet
 
-PAPER_PARAMS = 105_275_921  # METHOD.md reference size, 1 output channel
+PAPER_PARAMS = 105_275_921  # docs/method.md reference size, 1 output channel
 PAPER_GFLOPS = 58.3
 
 
 # ---------------------------------------------------------------------------------------------
-# An independent, by-hand account of the architecture in METHOD.md (conv/linear weights, norms,
+# An independent, by-hand account of the architecture in docs/method.md (conv/linear weights, norms,
 # biases; multiply-adds of every conv, linear and attention product).
 
 
@@ -290,4 +290,4 @@ def test_contrastive_model_projection_and_shared_encoder_names(tiny_cfg):
     with torch.device("meta"):
         paper = ContrastiveModel(model_preset("paper"))
     shapes = [tuple(m.weight.shape) for m in paper.projector if isinstance(m, torch.nn.Linear)]
-    assert shapes == [(768, 768), (128, 768)]  # METHOD.md: 768-768-128
+    assert shapes == [(768, 768), (128, 768)]  # docs/method.md: 768-768-128

@@ -115,6 +115,23 @@ def test_runtime_streams_without_torch_or_the_exporter(tmp_path):
     assert report["frames_processed"] == 3 and report["gflops_per_frame"] == pytest.approx(result["gflops"])
 
 
+def test_gflops_of_a_cardless_graph_counted_with_onnx_and_unknown_without(tmp_path):
+    """The core install has onnxruntime but not onnx: a graph whose card gives no GFLOPs then
+    reports none (instead of failing); with onnx the count is 2 x MACs of its one 1x1 conv."""
+    model = _mean_channel_onnx(tmp_path / "m.onnx", card={"img_size": 32, "precision": "fp32"})
+    code = """
+        import json, sys
+        from pocus_edge.runtime.backends import open_backend
+        print(json.dumps(open_backend(sys.argv[1]).gflops_per_frame))
+    """
+    without = _run_blocked(code, str(model), blocked=RUNTIME_ONLY + ("onnx",))
+    assert without.returncode == 0, without.stderr[-2000:]
+    assert json.loads(without.stdout.strip().splitlines()[-1]) is None
+    counted = _run_blocked(code, str(model))
+    assert counted.returncode == 0, counted.stderr[-2000:]
+    assert json.loads(counted.stdout.strip().splitlines()[-1]) == pytest.approx(2 * 3 * 32 * 32 / 1e9)
+
+
 def test_benchmark_an_exported_model_without_torch(tmp_path):
     model = _mean_channel_onnx(tmp_path / "m.onnx")
     done = _run_blocked("""

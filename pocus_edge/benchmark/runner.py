@@ -256,7 +256,7 @@ def _predict(prepared: Prepared, frames: np.ndarray, batch: int) -> np.ndarray:
 
 
 def _dice_iou(prediction: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image Dice and IoU with smoothing 1 (pocus_edge.metrics, METHOD.md)."""
+    """Per-image Dice and IoU with smoothing 1 (pocus_edge.metrics, docs/method.md)."""
     from ..metrics import dice_iou_per_image
 
     return dice_iou_per_image(prediction, target, threshold=THRESHOLD)

@@ -82,14 +82,11 @@ def register(app: typer.Typer) -> None:
         # Before any work: never a folder where a file goes (or the reverse), never unwritable.
         (check_output_dir if out.suffix.lower() == ".mlpackage" else check_output_file)(out, what="--out")
         try:
-            from ..export.staging import sigterm_as_exit
-
-            with sigterm_as_exit():
-                result = export_checkpoints(
-                    checkpoint if checkpoint is not None else generative, None if checkpoint is not None else contrastive,
-                    out, options, method=fusion, norm=fusion_norm, formula=fusion_formula,
-                    uint8_input=uint8_input, return_branches=branches,
-                )
+            result = export_checkpoints(
+                checkpoint if checkpoint is not None else generative, None if checkpoint is not None else contrastive,
+                out, options, method=fusion, norm=fusion_norm, formula=fusion_formula,
+                uint8_input=uint8_input, return_branches=branches,
+            )
         except ToolchainMissing as exc:
             for line in exc.result.summary_lines():
                 typer.echo(line)

@@ -5,7 +5,7 @@
 * :class:`UnlabeledImageDataset`: frames -> image. Reads ``Images/`` only and never opens a mask
   file, whatever the manifest says (pretraining's site-isolation guarantee).
 * :class:`ContrastivePairDataset`: frames -> (view1, view2, video_id, frame_idx) with the
-  method's augmentations (METHOD.md, contrastive branch).
+  method's augmentations (docs/method.md, contrastive branch).
 
 Randomness (augmentations, MIM masks) is drawn from a generator seeded by (seed, epoch, sample
 index), never from the process-global RNG: a sample looks the same whichever process, worker or

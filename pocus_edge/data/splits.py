@@ -1,4 +1,4 @@
-"""Patient-level, seeded splits with the paper's proportions (METHOD.md, Tables 1-2).
+"""Patient-level, seeded splits with the paper's proportions (docs/method.md, Tables 1-2).
 
 Splits are drawn over *patients*, never frames, so no patient's frames appear in two splits.
 Counts are patient counts (the paper reports 74/17/18 source patients and 119/17 target

@@ -1,6 +1,6 @@
 """The one preprocessing function, shared by training, evaluation, export parity and the runtime.
 
-Released-code preprocessing (METHOD.md): grayscale frame, zero-padded at the bottom/right to a
+Released-code preprocessing (docs/method.md): grayscale frame, zero-padded at the bottom/right to a
 square, resized to ``size`` x ``size``, repeated to 3 channels, scaled to [0, 1]; no mean/std
 normalization. Masks: binarize (label >= 1 is bone), resize, threshold at 0.5.
 

@@ -210,7 +210,7 @@ def export_model(model, out: str | os.PathLike, options: ExportOptions | None = 
 
     ``options`` (an :class:`ExportOptions`); keyword ``overrides`` replace its fields.
     """
-    from .staging import sigterm_as_exit, staging_dir
+    from .staging import staging_dir
 
     opts = dataclasses.replace(options or ExportOptions(), **overrides)
     spec = artifact_format(opts.target, opts.precision)
@@ -220,7 +220,7 @@ def export_model(model, out: str | os.PathLike, options: ExportOptions | None = 
     if missing and spec.target in ("openvino", "coreml"):
         raise ToolchainUnavailable(f"{spec.target} export unavailable: {missing} (pip install 'pocus-edge[{spec.target}]')")
     model = model.eval()
-    with sigterm_as_exit(), staging_dir(out) as staging:
+    with staging_dir(out) as staging:
         job = _Job(model, out, opts, spec, staging, ExportResult(target=spec.target, precision=spec.precision, artifact=None))
         for step in STEPS[spec.target]:
             step(job)

@@ -197,7 +197,7 @@ def _probability_model(model: str | Path | None, seed: int, student: str | None 
         return None
 
 
-DEFAULT_THRESHOLD = THRESHOLD  # METHOD.md; exported model cards carry it as "threshold"
+DEFAULT_THRESHOLD = THRESHOLD  # docs/method.md; exported model cards carry it as "threshold"
 
 
 def threshold_probe(threshold: float) -> np.ndarray:

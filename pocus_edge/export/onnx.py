@@ -10,19 +10,18 @@ to ~4e-6 (legacy: ~7e-5, and it exports batch_norm with training=True).
 from __future__ import annotations
 
 import json
+import contextlib
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..card import CARD_KEY, EXPORT_CARD_FORMAT as CARD_FORMAT, EXPORT_INPUT_NAME as INPUT_NAME, export_card, parse_card
+from ..card import CARD_KEY, EXPORT_INPUT_NAME as INPUT_NAME, export_card, parse_card
 from ..errors import ExportError
 from ..io import atomic_path
-from .staging import STAGING_PREFIX
+from .staging import staging_dir
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
@@ -88,7 +87,8 @@ def save_onnx_atomic(model_proto, path: str | os.PathLike) -> Path:
             onnx.save_model(model_proto, str(tmp))
         return final
     data_name = final.name + ".data"
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{final.name}.", dir=final.parent))
+    scratch = contextlib.ExitStack()
+    staging = scratch.enter_context(staging_dir(final))
     try:
         onnx.save_model(
             model_proto, str(staging / final.name), save_as_external_data=True,
@@ -97,7 +97,7 @@ def save_onnx_atomic(model_proto, path: str | os.PathLike) -> Path:
         os.replace(staging / data_name, final.parent / data_name)
         os.replace(staging / final.name, final)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        scratch.close()
     return final
 
 
@@ -140,7 +140,8 @@ def export_onnx(
     if batch is None:
         dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=int(max_batch))},)
     final = Path(path)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{final.name}.", dir=final.parent if final.parent.exists() else None))
+    scratch = contextlib.ExitStack()
+    staging = scratch.enter_context(staging_dir(final))
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -164,7 +165,7 @@ def export_onnx(
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"{final}: torch.onnx.export failed: {first[:300]}") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        scratch.close()
     # The exporter's own metadata (torch.export graph signature) is noise for a deployed model.
     del proto.metadata_props[:]
     if simplify:

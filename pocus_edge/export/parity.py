@@ -76,7 +76,7 @@ def parity_frames(
 
 
 def dice_per_image(a: np.ndarray, b: np.ndarray, smooth: float = 1.0) -> np.ndarray:
-    """Dice (smoothing 1, METHOD.md metric) between two binary mask batches, one value per image."""
+    """Dice (smoothing 1, docs/method.md metric) between two binary mask batches, one value per image."""
     a = a.reshape(a.shape[0], -1).astype(np.float64)
     b = b.reshape(b.shape[0], -1).astype(np.float64)
     inter = (a * b).sum(1)

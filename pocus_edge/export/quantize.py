@@ -18,9 +18,8 @@ so a student with sigmoid-gated blocks is quantized and converted like any other
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,7 +29,7 @@ import numpy as np
 from .._compat import chdir
 from ..errors import DataError, ExportError
 from .onnx import CARD_KEY, check_onnx, read_onnx_card, save_onnx_atomic, set_card
-from .staging import STAGING_PREFIX
+from .staging import staging_dir
 
 # Op types the int8 pass quantizes: where the time goes, and where int8 kernels exist.
 INT8_OP_TYPES = ("Conv", "MatMul", "Gemm")
@@ -397,7 +396,8 @@ def quantize_int8(
         raise ExportError(f"unknown calibration method {calibrate_method!r}; choose one of {', '.join(methods)}")
     card = read_onnx_card(src)
     dst = Path(dst)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{dst.name}.", dir=dst.parent if dst.parent.exists() else None)).resolve()
+    scratch = contextlib.ExitStack()
+    staging = scratch.enter_context(staging_dir(dst))
     # onnxruntime's pre-processing and calibration write scratch files (a uuid-named external
     # data file, sym_shape_infer_temp.onnx) into the *current* directory: run them from the
     # staging folder so nothing leaks into the user's folder.
@@ -438,7 +438,7 @@ def quantize_int8(
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"{src}: int8 quantization failed: {first[:300]}") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        scratch.close()
     calib = reader.describe() if hasattr(reader, "describe") else {}
     card = dict(card, precision="int8", int8={
         "format": "QDQ", "per_channel": per_channel, "weights": "int8 symmetric",

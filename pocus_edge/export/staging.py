@@ -3,9 +3,9 @@ name and moved into place only after its parity check passed, so a failed or int
 export never leaves a half-written or failing artifact under the final name, nor replaces a
 good one.
 
-Staging folders are named ``.pocus-staging-<final name>.<random>`` (a pattern a sweep on the
-next start can recognise) and are removed on every exit the process survives: normal return,
-an exception, Ctrl-C, and SIGTERM (turned into SystemExit while an export runs).
+Staging folders are :func:`pocus_edge.io.staging_dir` folders: removed on every exit the
+process survives (return, exception, Ctrl-C, SIGTERM through the command line) and swept on
+the next start when a ``kill -9`` left them behind.
 """
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import tempfile
-import threading
 from pathlib import Path
 from typing import Iterator
 
-STAGING_PREFIX = ".pocus-staging-"
+from .. import io
+
 # Files that travel with an artifact: external weights of a big ONNX, an OpenVINO IR's weights,
 # the model card sidecar of an engine.
 COMPANION_SUFFIXES = (".data", ".bin", ".json")
@@ -27,14 +25,10 @@ COMPANION_SUFFIXES = (".data", ".bin", ".json")
 
 @contextlib.contextmanager
 def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """A fresh folder beside ``final`` (same filesystem, so promotion is a rename), removed on exit."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{final.name}.", dir=final.parent)).resolve()
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    """A fresh folder beside ``final`` (same filesystem, so promotion is a rename), removed on
+    exit. ``final`` may be a file or a folder artifact (a Core ML package): the caller checks it."""
+    with io.staging_dir(final, check=False) as path:
+        yield path.resolve()
 
 
 def companions(path: Path) -> list[Path]:
@@ -48,8 +42,9 @@ def companions(path: Path) -> list[Path]:
 
 def promote(staged: Path, final: Path) -> Path:
     """Move a staged artifact (and its companions, first) to ``final`` by rename. A directory
-    artifact (a Core ML package) replaces an older package of the same name; a plain folder
-    that is not an artifact of this kind is never replaced (the caller checks up front)."""
+    artifact (a Core ML package) replaces an older package of the same name (moved aside first,
+    so a crash in between leaves the old one for the next start's sweep to restore); a plain
+    folder that is not an artifact of this kind is never replaced (the caller checks up front)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     for part in companions(staged):
         target = final.with_suffix(".bin") if part.suffix == ".bin" and staged.suffix == ".xml" else final.with_name(final.name + part.name[len(staged.name):])
@@ -57,8 +52,7 @@ def promote(staged: Path, final: Path) -> Path:
     if staged.is_dir():
         old = None
         if final.exists():
-            old = final.with_name(f"{STAGING_PREFIX}{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            old = io.new_temp_name(final.parent, final.name, "old")
             os.replace(final, old)
         os.replace(staged, final)
         if old is not None:
@@ -66,21 +60,3 @@ def promote(staged: Path, final: Path) -> Path:
     else:
         os.replace(staged, final)
     return final
-
-
-@contextlib.contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """While the block runs in the main thread, SIGTERM raises SystemExit(143), so ``finally``
-    blocks (staging cleanup) run as they do for Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _exit(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, _exit)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

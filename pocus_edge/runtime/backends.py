@@ -225,7 +225,10 @@ class OrtBackend(Backend):
         if from_card is not None:
             return from_card
         if self._counted_gflops is None:
-            self._counted_gflops = count_onnx_flops(self.path) / 1e9
+            try:
+                self._counted_gflops = count_onnx_flops(self.path) / 1e9
+            except ModuleNotFoundError:  # the core install has onnxruntime but not onnx: no count
+                return None
         return self._counted_gflops
 
 
@@ -470,7 +473,10 @@ class OpenVINOBackend(Backend):
         if from_card is not None or self.path.suffix != ".onnx":
             return from_card
         if self._counted_gflops is None:
-            self._counted_gflops = count_onnx_flops(self.path) / 1e9
+            try:
+                self._counted_gflops = count_onnx_flops(self.path) / 1e9
+            except ModuleNotFoundError:  # the core install has onnxruntime but not onnx: no count
+                return None
         return self._counted_gflops
 
 

@@ -48,7 +48,7 @@ PRESET_STAGE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 
 # Engine defaults that differ by stage (every preset); ``--set train.X=...`` still wins.
 # Contrastive: no gradient clipping and, after a short warm-up, a constant learning rate.
-# METHOD.md gives neither clipping nor a schedule, and both lengthen the plateau at chance
+# docs/method.md gives neither clipping nor a schedule, and both lengthen the plateau at chance
 # (ln(2B - 1)) that the loss sits on until the network has learned the augmentation invariance:
 # clipping at 1.0 by ~250 steps (tiny preset, batch 32, Adam 1e-4); a cosine fitted to a few
 # hundred steps has halved the lr before the escape starts (benchmarks/notes/contrastive_plateau.md).

@@ -1,4 +1,4 @@
-"""Contrastive pretraining with MT-NXent on ONE unlabeled site (METHOD.md, contrastive branch).
+"""Contrastive pretraining with MT-NXent on ONE unlabeled site (docs/method.md, contrastive branch).
 
 Batches are drawn at random from the whole training split (the released code) or, with
 ``frames_per_video`` k > 0, as k frames of each of batch/k videos (:mod:`.sampler`), so that the

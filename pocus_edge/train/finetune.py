@@ -1,4 +1,4 @@
-"""Supervised fine-tuning on ONE labeled site with DiceBCE (METHOD.md, "Fine-tuning"), with a
+"""Supervised fine-tuning on ONE labeled site with DiceBCE (docs/method.md, "Fine-tuning"), with a
 named recipe (:mod:`.recipes`: ``default`` or the released code's ``paper``).
 
 With ``init`` (a pretraining run's ``encoder.safetensors``): embeddings + encoder come from it,
@@ -87,7 +87,7 @@ def build_finetune_model(model_cfg, seed: int, init: str | Path | None = None):
 
 def _init_defaults(recipe_name: str, init_card: dict[str, Any] | None) -> dict[str, Any]:
     """Stage values derived from the init checkpoint: the ``paper`` recipe's weight decay after a
-    contrastive encoder (METHOD.md: 0.05 after MIM, 0.1 after contrastive pretraining)."""
+    contrastive encoder (docs/method.md: 0.05 after MIM, 0.1 after contrastive pretraining)."""
     recipe = get_recipe(recipe_name)
     if init_card and init_card.get("stage") == "pretrain-contrastive" and recipe.contrastive_init_weight_decay:
         return {"weight_decay": recipe.contrastive_init_weight_decay}

@@ -1,4 +1,4 @@
-"""Masked image modeling pretraining (SimMIM-style, METHOD.md generative branch) on ONE site.
+"""Masked image modeling pretraining (SimMIM-style, docs/method.md generative branch) on ONE site.
 
 Reads only the images of the site's pretraining split (never a mask file). The mask grid is the
 paper's 7x7 at any input size (cells of ceil(size / 7) px). Each sample's mask
