@@ -18,7 +18,7 @@ from pocus_edge.cli import main
 from pocus_edge.data.layout import load_site, sha256_file
 from pocus_edge.errors import CheckpointError, TrainingError
 from pocus_edge.models.weights import build_segmenter, read_checkpoint
-from pocus_edge.train import distill, engine, finetune, pretrain_contrastive, pretrain_mim
+from pocus_edge.train import distill, finetune, pretrain_contrastive, pretrain_mim
 
 FAST = dict(device="cpu", progress=False, tensorboard=False)
 
@@ -157,23 +157,12 @@ def test_target_masks_are_never_read(teachers, tmp_path, monkeypatch):
 def test_resume_after_a_kill_matches_an_uninterrupted_run(teachers, tmp_path, cache):
     """A kill mid-run and --resume give the same weights, optimizer state and model as one
     uninterrupted run, also across a source-loader epoch (32-frame source batches: 5 per epoch)."""
-    class Killed(Exception):
-        pass
-
-    def boom(step, loss):
-        if step == 4:
-            raise Killed
+    from test_train import _run_interrupted, assert_same_training_state
 
     kw = dict(max_steps=8, batch_size=8, checkpoint_every=3, overrides={"source_batch_size": 32, "teacher_cache": cache})
     whole = _distill(teachers, tmp_path / "whole", **kw)
-    with pytest.raises(Killed):
-        _distill(teachers, tmp_path / "killed", on_step=boom, **kw)
-    resumed = _distill(teachers, tmp_path / "killed", resume=True, **kw)
-    a, b = load_file(tmp_path / "whole" / engine.CHECKPOINT), load_file(tmp_path / "killed" / engine.CHECKPOINT)
-    assert a.keys() == b.keys()
-    for k in a:
-        if not k.startswith("rng."):
-            assert torch.equal(a[k], b[k]), k
+    resumed = _run_interrupted(lambda **k: _distill(teachers, tmp_path / "killed", **k), 4, **kw)
+    assert_same_training_state(tmp_path / "whole", tmp_path / "killed")
     assert whole.last_loss == resumed.last_loss
     wa, wb = load_file(whole.model_path), load_file(resumed.model_path)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
