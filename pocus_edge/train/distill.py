@@ -48,7 +48,7 @@ from .common import (
     seeded_model,
 )
 from .distributed import gather_no_grad, gather_with_grad, setup
-from .engine import Companion, Hooks, OptimSettings, Trainer, TrainResult, write_or_fail
+from .engine import Companion, Hooks, OptimSettings, Trainer, TrainResult, batch_plan, write_or_fail
 from .finetune import MODEL_FILE, _datasets, _validation
 from .mim import pretrain_records
 from .recipes import finetune_groups
@@ -241,15 +241,56 @@ def _preset(opts: RunOptions, generative: str | Path) -> str:
     return card.get("preset") or (card.get("model") or {}).get("name") or "small"
 
 
-def _sites(target: Any, source: Any):
-    """(target site, its train records, source site): one site each, never the same one."""
+@dataclass
+class _Data:
+    """The two sites and their datasets: target images (unlabeled, images only) and the source's
+    labeled train / validation frames."""
+
+    target_site: Any
+    source_site: Any
+    target_images: UnlabeledImageDataset
+    column: str
+    source_train: Dataset
+    source_val: Dataset
+
+    def card_entries(self) -> list[dict[str, Any]]:
+        return [site_entry(self.target_site, role="ssl-images-only", splits=["split=train"]),
+                site_entry(self.source_site, role="supervised", splits=[f"{self.column}=train", f"{self.column}=val"])]
+
+
+def _data(target: Any, source: Any, img_size: int, dcfg, train_cfg, opts: RunOptions, max_val_frames) -> _Data:
+    """Open one site each (never the same one) and build the datasets."""
     target_site = open_one_site(target, what="distill --target")
     source_site = open_one_site(source, what="distill --source", check_images=True)
     if target_site.root.resolve() == source_site.root.resolve():
         raise TrainingError(f"{target_site.root}: given as both --target and --source; distillation reads two sites")
     records = pretrain_records(target_site, "train")
     check_image_files(target_site, records)
-    return target_site, records, source_site
+    images = UnlabeledImageDataset(target_site, records, img_size, seed=train_cfg.seed, preload=opts.preload,
+                                   preload_threads=max(1, train_cfg.num_workers or 4))
+    column, source_train, source_val = _datasets(source_site, "split", max_val_frames, img_size, dcfg, train_cfg,
+                                                 opts.preload)
+    return _Data(target_site, source_site, images, column, source_train, source_val)
+
+
+def _saver(out_dir: Path, data: _Data, dcfg, train_cfg, optim: OptimSettings, teachers: dict[str, Any],
+           source_batch: int, written: dict[str, Any]):
+    """``on_best``: write the student checkpoint with its card (teachers, sites, settings)."""
+    from ..models.weights import read_checkpoint, save_student
+
+    def on_best(net, state, val: dict[str, float]) -> None:
+        facts = hyperparameters(
+            dcfg, train_cfg, teacher_fusion=dict(TEACHER_FUSION), val_frames=len(data.source_val),
+            param_groups=[g.describe(dcfg.lr) for g in optim.param_groups(net)], best_epoch=state.epoch + 1,
+            best_step=state.step, best_val_dicebce=val["val_loss"], best_val_dice=val["val_dice"],
+            global_batch=state.global_batch, source_global_batch=source_batch, target_frames=len(data.target_images),
+        )
+        path = out_dir / MODEL_FILE
+        write_or_fail(path, "model", lambda: save_student(path, net, stage="distill", hyperparameters=facts,
+                                                           data=data.card_entries(), teachers=teachers))
+        written["card"] = read_checkpoint(path)[1]
+
+    return on_best
 
 
 def distill(
@@ -273,48 +314,28 @@ def distill(
     ``out/model.safetensors`` (best source-validation DiceBCE). ``options`` / ``kwargs``:
     :class:`RunOptions` fields; None options take the config's (per-preset) defaults."""
     from ..models.students import build_student
-    from ..models.weights import read_checkpoint, save_student
+    from ..models.weights import read_checkpoint
 
     opts = RunOptions.build(options, **kwargs)
-    preset = _preset(opts, generative)
-    resolved = resolve_configs("distill", preset, opts.overrides, config_file=opts.config_file, student=student,
-                               soft_weight=soft_weight, source_weight=source_weight,
+    resolved = resolve_configs("distill", _preset(opts, generative), opts.overrides, config_file=opts.config_file,
+                               student=student, soft_weight=soft_weight, source_weight=source_weight,
                                confidence_weighting=confidence_weighting, **opts.explicit())
     model_cfg, dcfg, train_cfg = resolved.model, resolved.stage_cfg, resolved.train
     ctx = setup(opts.device)
     teacher, teachers = load_teacher(generative, contrastive, model_cfg, resolved.preset, ctx.device)
-    target_site, target_records, source_site = _sites(target, source)
-    threads = max(1, train_cfg.num_workers or 4)
-    target_images = UnlabeledImageDataset(target_site, target_records, model_cfg.img_size, seed=train_cfg.seed,
-                                          preload=opts.preload, preload_threads=threads)
-    column, source_train, source_val = _datasets(source_site, "split", max_val_frames, model_cfg.img_size, dcfg,
-                                                 train_cfg, opts.preload)
+    data = _data(target, source, model_cfg.img_size, dcfg, train_cfg, opts, max_val_frames)
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if opts.progress and ctx.is_main else None
-    targets = TeacherTargets(teacher, target_images, ctx.device, cache=dcfg.teacher_cache, say=say)
+    targets = TeacherTargets(teacher, data.target_images, ctx.device, cache=dcfg.teacher_cache, say=say)
     model = seeded_model(train_cfg.seed, lambda: build_student(dcfg.student, resolved.preset))
     out_dir, optim, written = Path(out), _optim(dcfg), {}
-    companion = Companion(source_train, dcfg.source_batch_size or dcfg.batch_size)
-
-    def on_best(net, state, val: dict[str, float]) -> None:
-        facts = hyperparameters(
-            dcfg, train_cfg, teacher_fusion=dict(TEACHER_FUSION), val_frames=len(source_val),
-            param_groups=[g.describe(dcfg.lr) for g in optim.param_groups(net)], best_epoch=state.epoch + 1,
-            best_step=state.step, best_val_dicebce=val["val_loss"], best_val_dice=val["val_dice"],
-            global_batch=state.global_batch, source_global_batch=trainer._companion_stream.global_batch,
-            target_frames=len(target_images),
-        )
-        data = [site_entry(target_site, role="ssl-images-only", splits=["split=train"]),
-                site_entry(source_site, role="supervised", splits=[f"{column}=train", f"{column}=val"])]
-        path = out_dir / MODEL_FILE
-        write_or_fail(path, "model", lambda: save_student(path, net, stage="distill", hyperparameters=facts, data=data,
-                                                           teachers=teachers))
-        written["card"] = read_checkpoint(path)[1]
-
+    companion = Companion(data.source_train, dcfg.source_batch_size or dcfg.batch_size)
+    source_batch = batch_plan(len(data.source_train), companion.batch_size, ctx.world_size)[0]
+    on_best = _saver(out_dir, data, dcfg, train_cfg, optim, teachers, source_batch, written)
     trainer = Trainer(
-        model=model, loss_fn=_loss(targets, dcfg), train_dataset=IndexedImages(target_images), out_dir=out_dir,
+        model=model, loss_fn=_loss(targets, dcfg), train_dataset=IndexedImages(data.target_images), out_dir=out_dir,
         optim=optim, train=train_cfg, ctx=ctx, options=opts, companion=companion,
-        description=f"distill {dcfg.student} {target_site.name}", config_record=resolved.record(),
-        hooks=Hooks(val_fn=_validation(source_val, ctx, max(1, min(64, dcfg.batch_size))), on_best=on_best),
+        description=f"distill {dcfg.student} {data.target_site.name}", config_record=resolved.record(),
+        hooks=Hooks(val_fn=_validation(data.source_val, ctx, max(1, min(64, dcfg.batch_size))), on_best=on_best),
     )
     res = trainer.fit()
     model_path = out_dir / MODEL_FILE
