@@ -182,6 +182,41 @@ class FinetuneConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation of a compact student from the fused two-branch teacher
+    (:mod:`pocus_edge.train.distill`).
+
+    Per step: ``soft_weight`` x soft-label BCE between the student and the teacher's fused
+    probabilities on ``batch_size`` unlabeled target frames, plus ``source_weight`` x DiceBCE on
+    ``source_batch_size`` labeled source frames. ``epochs`` count passes over the target frames.
+    The optimizer and schedule follow the ``default`` fine-tuning recipe (AdamW, decoupled decay
+    off norms and biases, warm-up then cosine, no clipping), except that the student's encoder
+    learns at the decoder's rate: it starts from random weights, so there is nothing to keep.
+    """
+
+    student: str = "mobilenetv3"  # a name of pocus_edge.models.students.STUDENTS
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 0.05
+    encoder_lr_scale: float = 1.0
+    decay_all_parameters: bool = False
+    soft_weight: float = 1.0
+    source_weight: float = 1.0  # 0: the teacher's soft masks only (source frames still validate)
+    # Weight each target pixel by the teacher's fusion confidence (the mean of the two branches'
+    # normalized entropy confidences): pixels both branches are unsure of count less.
+    confidence_weighting: bool = False
+    source_batch_size: int | None = None  # None: the same as batch_size
+    # Compute the teacher's soft masks of every target frame once, before training (the frames
+    # are not augmented, so they do not change); False runs the teacher on every batch.
+    teacher_cache: bool = True
+    # Augmentation of the labeled source frames: none | intensity (as fine-tuning's).
+    augment: str = "none"
+    batch_size: int = 512
+    epochs: int = 200
+
+
+@dataclass
 class TrainConfig:
     """Engine settings shared by every stage."""
 
@@ -295,7 +330,8 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
     write_text_atomic(path, yaml.safe_dump({"kind": type(cfg).__name__, **to_dict(cfg)}, sort_keys=False))
 
 
-CONFIG_CLASSES = {c.__name__: c for c in (ModelConfig, MIMConfig, ContrastiveConfig, FinetuneConfig, TrainConfig)}
+CONFIG_CLASSES = {c.__name__: c for c in (ModelConfig, MIMConfig, ContrastiveConfig, FinetuneConfig, DistillConfig,
+                                           TrainConfig)}
 
 
 def load_yaml(path: str | Path) -> Any:

@@ -11,7 +11,10 @@ simulator, ending in ``DIR/report.md``.
 5. export the fused two-branch graph to ONNX (fusion weights as extra outputs);
 6. stream one target test sweep through it from a TeleMED ``.tvd.h5`` recording (the B-mode
    panel inside a larger screen frame, cropped by the recording's ROI);
-7. write ``DIR/report.md`` with the accuracy table, latency/FPS/GFLOPs, plots and overlays.
+7. distil a phone-size student (``mobilenetv3``) from the two fine-tuned branches on the TARGET
+   site's unlabeled training frames (plus the SOURCE labels), evaluate it on the TARGET test
+   split, export it to ONNX and stream the same sweep through it;
+8. write ``DIR/report.md`` with the accuracy table, latency/FPS/GFLOPs, plots and overlays.
 
 Sites are never pooled: every training call reads exactly one site folder.
 
@@ -44,9 +47,11 @@ from .errors import ConfigError, DataError
 # its steps: its loss sits at chance (ln 63 for 32 pairs) for its first ~200-300 steps
 # (benchmarks/notes/contrastive_plateau.md).
 SCHEDULES: dict[str, dict[str, int]] = {
-    "full": {"mim": 100, "contrastive": 400, "finetune": 180, "baseline": 180},
-    "quick": {"mim": 10, "contrastive": 10, "finetune": 20, "baseline": 20},
+    "full": {"mim": 100, "contrastive": 400, "finetune": 180, "baseline": 180, "distill": 200},
+    "quick": {"mim": 10, "contrastive": 10, "finetune": 20, "baseline": 20, "distill": 20},
 }
+# The student the demo distils (pocus_edge.models.students).
+DEMO_STUDENT = "mobilenetv3"
 # Every fine-tuning of the demo (both branches and the lower bound) uses the same recipe.
 DEMO_RECIPE = "default"
 # Contrastive pretraining: uniform batches at lr 3e-4 (after the stage's 5 % warm-up). On the demo
@@ -60,12 +65,14 @@ DISPLAY_NAMES = {
     "contrastive_mtnxent": "contrastive (MT-NXent)",
     "fused-entropy": "fused (entropy)",
     "lower_bound": "lower bound (source only)",
+    "student_mobilenetv3": "student (mobilenetv3, distilled)",
 }
 PAPER_TARGET_DSC = {"generative (MIM)": 0.7116, "contrastive (MT-NXent)": 0.7181, "fused (entropy)": 0.7221, "lower bound (source only)": 0.6605}
 SCREEN_BORDER = (16, 8)  # rows above, columns left of the B-mode panel in the simulated recording
 SETTINGS_FILE = "demo_settings.json"
 # Everything the demo writes into its folder (what --fresh deletes, and nothing else).
-DEMO_OUTPUTS = ("data", "runs", "eval", "export", "stream", "plots", "report.md", "report.json", SETTINGS_FILE)
+DEMO_OUTPUTS = ("data", "runs", "eval", "export", "stream", "stream_student", "plots", "report.md", "report.json",
+                SETTINGS_FILE)
 
 
 @dataclass
@@ -75,6 +82,7 @@ class DemoResult:
     accuracy: dict[str, dict[str, float]]
     stream_report: dict[str, Any]
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    student_stream_report: dict[str, Any] | None = None
 
 
 class _Stages:
@@ -168,7 +176,7 @@ def run_demo(
     from .data.phantom import PRESETS as SIM_PRESETS
     from .data.phantom import simulate
     from .data.layout import MANIFEST, load_site
-    from .train import evaluate, finetune, pretrain_contrastive, pretrain_mim
+    from .train import distill, evaluate, finetune, pretrain_contrastive, pretrain_mim
     from .train.engine import CHECKPOINT
 
     if data_preset not in SIM_PRESETS:
@@ -185,7 +193,7 @@ def run_demo(
     _prepare_folder(out, settings, fresh=fresh, say=say)
     data, runs = out / "data", out / "runs"
     schedule = SCHEDULES["quick" if quick else "full"]
-    stages = _Stages(9, say)
+    stages = _Stages(11, say)
     t_start, c_start = time.perf_counter(), _cpu_seconds()
     # preload: the demo sites are small, so decoding every PNG once saves a few seconds per epoch.
     common = dict(preset=preset, seed=seed, progress=progress, tensorboard=False, device=device, preload=True,
@@ -257,20 +265,38 @@ def run_demo(
 
     stream_report, latency, overlays = stages.run("stream a TARGET test sweep (.tvd.h5) through the ONNX graph", do_stream)
 
+    def do_distill():
+        # The teacher is the two branches just fine-tuned (the same seed): distil from them.
+        def run(generative, out_dir, **kw):
+            return distill(generative, ft_con.model_path, target, source, out_dir, **kw)
+
+        return train(run, ft_mim.model_path, runs / "distill_student", student=DEMO_STUDENT, max_steps=steps("distill"))
+
+    student = stages.run(f"distil a phone-size student ({DEMO_STUDENT}) from both branches on unlabeled TARGET frames",
+                         do_distill)
+
+    def do_student():
+        return _student_row(student.model_path, target, out, recording, device=device, threads=threads,
+                            progress=progress)
+
+    ev_student, student_stream, student_onnx = stages.run(
+        "evaluate the student on the TARGET test split, export it to ONNX and stream the same sweep", do_student)
+
     def do_report():
         total_s = time.perf_counter() - t_start
         total_cpu = _cpu_seconds() - c_start
         return _write_report(
             out, data_preset=data_preset, preset=preset, quick=quick, seed=seed, schedule=schedule,
             runs={"MIM pretraining": mim, "contrastive pretraining": con, "fine-tune MIM": ft_mim,
-                  "fine-tune contrastive": ft_con, "lower bound": lower},
-            evals=(ev_branches, ev_lower), stream_report=stream_report, latency=latency, overlays=overlays,
+                  "fine-tune contrastive": ft_con, "lower bound": lower, "distil student": student},
+            evals=(ev_branches, ev_lower, ev_student), stream_report=stream_report, latency=latency, overlays=overlays,
+            student_stream=student_stream, student_onnx=student_onnx,
             onnx_path=onnx_path, recording=recording, stages=stages, total_s=total_s, total_cpu=total_cpu,
         )
 
     report_md, accuracy = stages.run("write the report", do_report)
     say(f"report: {report_md}")
-    return DemoResult(out, report_md, accuracy, stream_report, dict(stages.seconds))
+    return DemoResult(out, report_md, accuracy, stream_report, dict(stages.seconds), student_stream)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,6 +361,21 @@ def _stream(recording: Path, onnx_path: Path, out: Path, *, threads: int | None,
     return report, latency, overlays
 
 
+def _student_row(checkpoint: Path, target: Path, out: Path, recording: Path, *, device: str, threads: int | None,
+                 progress: bool):
+    """(evaluation on the target test split, stream report, ONNX path) of the distilled student:
+    scored like the other models, exported like the fused graph, streamed over the same sweep."""
+    from .export.fused import load_single
+    from .export.onnx import export_onnx
+    from .train import evaluate
+
+    evaluation = evaluate(target, [checkpoint], out / "eval" / "student", names=[f"student_{DEMO_STUDENT}"],
+                          device=device)
+    onnx_path = export_onnx(load_single(checkpoint), out / "export" / "student.onnx")
+    report, _, _ = _stream(recording, onnx_path, out / "stream_student", threads=threads, progress=progress)
+    return evaluation, report, onnx_path
+
+
 # ---------------------------------------------------------------------------------------------
 # Report
 
@@ -358,12 +399,13 @@ def _plots(out: Path, runs: dict, evals, latency: dict) -> dict[str, Path]:
 
     paths: dict[str, Path] = {}
     # Loss curves: pretraining losses have different units, so each gets its own panel.
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     for ax, (title, keys) in zip(
         axes,
         [("MIM pretraining (masked L1)", ["MIM pretraining"]),
          ("contrastive pretraining (MT-NXent)", ["contrastive pretraining"]),
-         ("fine-tuning (DiceBCE; dashed = source val)", ["fine-tune MIM", "fine-tune contrastive", "lower bound"])],
+         ("fine-tuning (DiceBCE; dashed = source val)", ["fine-tune MIM", "fine-tune contrastive", "lower bound"]),
+         ("distillation (soft BCE + DiceBCE; dashed = source val DiceBCE)", ["distil student"])],
     ):
         for key in keys:
             hist = runs[key].history or []
@@ -380,10 +422,9 @@ def _plots(out: Path, runs: dict, evals, latency: dict) -> dict[str, Path]:
             ax.legend(fontsize=7)
     paths["loss"] = save(fig, "loss_curves.png")
 
-    ev_branches, ev_lower = evals
-    dice = {**ev_branches.dice, **ev_lower.dice}
-    names = list(ev_branches.names) + list(ev_lower.names)
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    dice = {n: d for ev in evals for n, d in ev.dice.items()}
+    names = [n for ev in evals for n in ev.names]
+    fig, ax = plt.subplots(figsize=(9, 3.8))
     ax.boxplot([dice[n] for n in names], showfliers=False)
     rng = np.random.default_rng(0)
     for i, n in enumerate(names, start=1):
@@ -422,22 +463,57 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _differences_to_lower(ev_branches, ev_lower, n_boot: int = 10_000) -> dict[str, dict[str, Any]]:
-    """Each evaluated model's paired Dice difference to the lower bound, per target test patient
-    (frames of one patient are not independent), with a 95 % bootstrap CI over the patients."""
+def _paired_difference(ev_a, name_a: str, ev_b, name_b: str, n_boot: int = 10_000) -> dict[str, Any]:
+    """Model a's paired Dice difference to model b on the same frames, averaged per target test
+    patient (frames of one patient are not independent), with a 95 % bootstrap CI over the patients."""
     from .metrics import hierarchical_bootstrap, percentile_interval
 
-    lower = ev_lower.names[0]
-    patients = [r.patient for r in ev_lower.records]
+    if [r.filename for r in ev_a.records] != [r.filename for r in ev_b.records]:
+        raise DataError(f"{name_a} and {name_b} were scored on different frames; cannot pair them")
+    patients = [r.patient for r in ev_b.records]
     order = sorted(set(patients))
-    out: dict[str, dict[str, Any]] = {}
-    for name in ev_branches.names:
-        diff = ev_branches.dice[name] - ev_lower.dice[lower]
-        per_patient = np.array([[diff[[p == q for p in patients]].mean() for q in order]])
-        draws = hierarchical_bootstrap(per_patient, n_boot, seed=0)
-        out[name] = {"mean": float(per_patient.mean()), "ci95": percentile_interval(draws),
-                     "patients": len(order), "frames": int(diff.size)}
-    return out
+    diff = ev_a.dice[name_a] - ev_b.dice[name_b]
+    per_patient = np.array([[diff[[p == q for p in patients]].mean() for q in order]])
+    draws = hierarchical_bootstrap(per_patient, n_boot, seed=0)
+    return {"mean": float(per_patient.mean()), "ci95": percentile_interval(draws), "patients": len(order),
+            "frames": int(diff.size)}
+
+
+def _differences_to_lower(ev_branches, ev_lower, n_boot: int = 10_000) -> dict[str, dict[str, Any]]:
+    """Each evaluated model's paired Dice difference to the lower bound (:func:`_paired_difference`)."""
+    return {name: _paired_difference(ev_branches, name, ev_lower, ev_lower.names[0], n_boot)
+            for name in ev_branches.names}
+
+
+def _student_lines(ev_branches, ev_student, teacher_stream: dict[str, Any], student_stream: dict[str, Any],
+                   student_onnx: Path, out: Path) -> tuple[list[str], dict[str, Any]]:
+    """The report's student section (the distilled student next to its fused teacher: target Dice
+    and streaming FPS) and its JSON record."""
+    teacher, student = "fused-entropy", ev_student.names[0]
+    diff = _paired_difference(ev_student, student, ev_branches, teacher)
+    t_dice, s_dice = float(ev_branches.summaries[teacher].dice_mean), float(ev_student.summaries[student].dice_mean)
+    t_fps, s_fps = float(teacher_stream["fps"]), float(student_stream["fps"])
+    t_gf, s_gf = teacher_stream["gflops_per_frame"], student_stream["gflops_per_frame"]
+    low, high = diff["ci95"]
+    ratio = f"1/{t_gf / s_gf:.0f} of the teacher's GFLOPs" if t_gf and s_gf else "its GFLOPs"
+    lines = [
+        "", "## Phone-size student", "",
+        f"A `{DEMO_STUDENT}` student distilled from the two fine-tuned branches: the fused teacher's soft masks on "
+        "unlabeled TARGET training frames plus Dice+BCE on SOURCE labels (`pocus-edge distill`, docs/students.md); "
+        "scored on the same target test frames and streamed over the same sweep, batch 1:", "",
+        "| model | target Dice | FPS (stream) | GFLOPs per frame | ONNX |", "|---|---:|---:|---:|---|",
+        f"| fused (entropy) teacher | {t_dice:.4f} | {t_fps:.1f} | {t_gf} | `export/fused.onnx` |",
+        f"| {DISPLAY_NAMES.get(student, student)} | {s_dice:.4f} | {s_fps:.1f} | {s_gf} | `{_rel(student_onnx, out)}` |",
+        "",
+        f"The student runs at {ratio} and streams {s_fps / max(t_fps, 1e-9):.1f}x as fast; its target Dice differs "
+        f"from its teacher's by {diff['mean']:+.3f} (95 % CI over the {diff['patients']} test patients "
+        f"[{low:+.3f}, {high:+.3f}], one seed), so this demo shows the speed distillation buys, while whether the "
+        "student keeps its teacher's accuracy is the study's `student` arm's question (several seeds).",
+    ]
+    record = {"model": DISPLAY_NAMES.get(student, student), "dice": s_dice, "fps": s_fps, "gflops_per_frame": s_gf,
+              "teacher_dice": t_dice, "teacher_fps": t_fps, "difference_to_teacher": diff,
+              "onnx": _rel(student_onnx, out), "stream": student_stream}
+    return lines, record
 
 
 def _difference_lines(differences: dict[str, dict[str, Any]], display: dict[str, str], contrastive, schedule) -> list[str]:
@@ -479,16 +555,16 @@ def _difference_lines(differences: dict[str, dict[str, Any]], display: dict[str,
 
 
 def _write_report(out: Path, *, data_preset, preset, quick, seed, schedule, runs, evals, stream_report, latency,
-                  overlays, onnx_path, recording, stages, total_s, total_cpu):
+                  overlays, onnx_path, recording, stages, total_s, total_cpu, student_stream, student_onnx):
     import datetime as _dt
     import platform
 
     from .io import write_text_atomic
 
     plots = _plots(out, runs, evals, latency)
-    ev_branches, ev_lower = evals
-    summaries = {**ev_branches.summaries, **ev_lower.summaries}
-    names = list(ev_branches.names) + list(ev_lower.names)
+    ev_branches, ev_lower, ev_student = evals
+    summaries = {n: s for ev in evals for n, s in ev.summaries.items()}
+    names = [n for ev in evals for n in ev.names]
     display = {n: DISPLAY_NAMES.get(n, n) for n in names}
     accuracy = {display[n]: {"dice": float(summaries[n].dice_mean), "iou": float(summaries[n].iou_mean), "n": int(summaries[n].n)} for n in names}
 
@@ -515,6 +591,9 @@ def _write_report(out: Path, *, data_preset, preset, quick, seed, schedule, runs
                      f"{paper:.4f} |" if paper is not None else f"| {display[n]} | {s.n} | {s.dice_mean:.4f} ± {s.dice_std:.4f} | {s.iou_mean:.4f} ± {s.iou_std:.4f} | - |")
     differences = _differences_to_lower(ev_branches, ev_lower)
     lines += _difference_lines(differences, display, runs["contrastive pretraining"], schedule)
+    student_lines, student_record = _student_lines(ev_branches, ev_student, stream_report, student_stream,
+                                                   student_onnx, out)
+    lines += student_lines
     lines += [
         "",
         f"![per-image Dice]({_rel(plots['dice'], out)})",
@@ -579,7 +658,7 @@ def _write_report(out: Path, *, data_preset, preset, quick, seed, schedule, runs
 
     write_json_atomic(out / "report.json", {
         "accuracy": accuracy, "differences_to_lower_bound": {display[k]: v for k, v in differences.items()},
-        "recipe": DEMO_RECIPE, "stream": stream_report, "stage_seconds": stages.seconds,
+        "recipe": DEMO_RECIPE, "stream": stream_report, "student": student_record, "stage_seconds": stages.seconds,
         "stage_cpu_seconds": stages.cpu_seconds, "total_seconds": round(total_s, 1), "schedule": schedule,
         "data_preset": data_preset, "preset": preset, "quick": quick, "seed": seed,
     })

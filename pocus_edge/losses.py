@@ -159,8 +159,9 @@ def distillation_loss(
     *,
     teacher_weight: torch.Tensor | None = None,
     soft_weight: float = 1.0,
+    source_weight: float = 1.0,
 ) -> torch.Tensor:
-    """``soft_weight * soft_bce(target_prob, teacher_prob, teacher_weight) + dice_bce(source_prob, source_mask)``.
+    """``soft_weight * soft_bce(target_prob, teacher_prob, teacher_weight) + source_weight * dice_bce(source_prob, source_mask)``.
 
     ``target_prob``: the student on unlabeled target frames; ``teacher_prob``: the fused teacher
     on the same frames (never labels). ``source_prob`` / ``source_mask``: the student on labeled
@@ -168,11 +169,11 @@ def distillation_loss(
     """
     if (source_prob is None) != (source_mask is None):
         raise ValueError("source_prob and source_mask go together: pass both or neither")
-    if soft_weight < 0:
-        raise ValueError(f"soft_weight must be >= 0, got {soft_weight}")
+    if soft_weight < 0 or source_weight < 0:
+        raise ValueError(f"soft_weight and source_weight must be >= 0, got {soft_weight} and {source_weight}")
     loss = soft_weight * soft_bce(target_prob, teacher_prob, teacher_weight)
     if source_prob is not None:
-        loss = loss + dice_bce(source_prob, source_mask)
+        loss = loss + source_weight * dice_bce(source_prob, source_mask)
     return loss
 
 

@@ -13,7 +13,7 @@ import pytest
 from pocus_edge.cli import main
 from pocus_edge.data.layout import FrameRecord, SiteWriter, load_site
 
-COMMANDS = ["simulate", "import", "split", "pretrain", "finetune", "evaluate", "export", "stream", "benchmark", "flops", "demo"]
+COMMANDS = ["simulate", "import", "split", "pretrain", "finetune", "distill", "evaluate", "export", "stream", "benchmark", "flops", "demo"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -28,12 +28,14 @@ def test_demo_writes_a_consistent_report(demo_run):
     assert result.report_md == out / "report.md"
     text = result.report_md.read_text()
     # Every stage announced itself, in order.
-    assert [m.split("]")[0] for m in messages if m.startswith("[")] == [f"[{k}/9" for k in range(1, 10)]
+    assert [m.split("]")[0] for m in messages if m.startswith("[")] == [f"[{k}/11" for k in range(1, 12)]
     # The report's accuracy figures are the evaluator's own (summary.json), not recomputed differently.
     branches = json.loads((out / "eval" / "branches" / "summary.json").read_text())
     baseline = json.loads((out / "eval" / "baseline" / "summary.json").read_text())
-    evaluated = {**branches["models"], **baseline["models"]}
-    assert set(evaluated) == {"generative_mim", "contrastive_mtnxent", "fused-entropy", "lower_bound"}
+    student = json.loads((out / "eval" / "student" / "summary.json").read_text())
+    evaluated = {**branches["models"], **baseline["models"], **student["models"]}
+    assert set(evaluated) == {"generative_mim", "contrastive_mtnxent", "fused-entropy", "lower_bound",
+                              "student_mobilenetv3"}
     from pocus_edge.demo import DISPLAY_NAMES
 
     for name, summary in evaluated.items():
@@ -128,6 +130,49 @@ def test_demo_report_shows_each_branch_against_the_lower_bound_with_its_uncertai
         assert card["hyperparameters"]["recipe"] == "default"
 
 
+def test_demo_distils_a_student_and_reports_it_next_to_the_fused_model(demo_run):
+    """The student is distilled from the demo's own two branches, scored on the same target test
+    frames, exported and streamed over the same sweep; its row (Dice, FPS) and its paired
+    difference to the fused teacher are the evaluator's and the stream's own figures."""
+    import csv
+
+    from pocus_edge.data.layout import load_site, sha256_file
+    from pocus_edge.export.onnx import read_onnx_card
+    from pocus_edge.models.weights import read_checkpoint
+
+    out, result, _ = demo_run
+    report = json.loads((out / "report.json").read_text())
+    row = report["student"]
+    summary = json.loads((out / "eval" / "student" / "summary.json").read_text())["models"]["student_mobilenetv3"]
+    stream = json.loads((out / "stream_student" / "stream_report.json").read_text())
+    assert row["dice"] == pytest.approx(summary["dice_mean"], abs=1e-9) and row["stream"] == stream
+    assert result.student_stream_report == stream and row["fps"] == pytest.approx(stream["fps"])
+    assert stream["frames_processed"] == result.stream_report["frames_processed"] and stream["frames_dropped"] == 0
+    assert 0 < stream["gflops_per_frame"] < result.stream_report["gflops_per_frame"]
+    card = read_checkpoint(out / "runs" / "distill_student" / "model.safetensors")[1]
+    assert card["kind"] == "student" and card["stage"] == "distill" and card["student"] == "mobilenetv3"
+    for role, run in (("generative", "finetune_mim"), ("contrastive", "finetune_contrastive")):
+        assert card["teachers"][role]["sha256"] == sha256_file(out / "runs" / run / "model.safetensors")
+    onnx_card = read_onnx_card(out / "export" / "student.onnx")
+    assert onnx_card["kind"] == "student" and onnx_card["branches"]["student"] == card
+    # Paired difference to the fused teacher, recomputed from the per-image scores per patient.
+    dice = {}
+    for folder in ("branches", "student"):
+        with open(out / "eval" / folder / "per_image.csv", newline="") as fh:
+            for r in csv.DictReader(fh):
+                dice.setdefault(r["model"], {})[r["filename"]] = float(r["dice"])
+    patient_of = {r.filename: r.patient for r in load_site(out / "data" / "target").records}
+    per_patient = {}
+    for filename, d in dice["student_mobilenetv3"].items():
+        per_patient.setdefault(patient_of[filename], []).append(d - dice["fused-entropy"][filename])
+    expected = np.mean([np.mean(v) for v in per_patient.values()])
+    assert row["difference_to_teacher"]["mean"] == pytest.approx(expected, abs=2e-6)  # the CSV keeps 6 decimals
+    text = result.report_md.read_text()
+    assert "## Phone-size student" in text
+    assert f"| student (mobilenetv3, distilled) | {row['dice']:.4f} | {row['fps']:.1f} |" in text
+    assert f"| fused (entropy) teacher | {row['teacher_dice']:.4f} | {row['teacher_fps']:.1f} |" in text
+
+
 # Keep these last: they rerun the demo in the shared folder.
 
 
@@ -135,7 +180,8 @@ def test_a_rerun_reuses_every_finished_stage_and_gives_the_same_report(demo_run)
     from pocus_edge.demo import run_demo
 
     out, first, _ = demo_run
-    runs = ["pretrain_mim", "pretrain_contrastive", "finetune_mim", "finetune_contrastive", "baseline_lower"]
+    runs = ["pretrain_mim", "pretrain_contrastive", "finetune_mim", "finetune_contrastive", "baseline_lower",
+            "distill_student"]
     before = {name: (out / "runs" / name / "checkpoint.safetensors").read_bytes() for name in runs}
     models = {name: (out / "runs" / name / "model.safetensors").read_bytes() for name in runs[2:]}
     messages = []

@@ -56,7 +56,10 @@ def test_parse_arms_adds_what_arms_need_and_are_compared_with():
     seeds = {c.key: c.seeds for c in parse_arms(["fused", "mim@paper:1"], "default", 3)}
     assert seeds["lower@paper"] == 1 and seeds["lower@default"] == 3
     with pytest.raises(ConfigError, match="unknown arm"):
-        parse_arms(["student"], "default", 3)
+        parse_arms(["teacher"], "default", 3)
+    keys = [c.key for c in parse_arms(["student_uniform"], "default", 2)]
+    assert keys == ["lower@default", "mim@default", "contrastive_uniform@default", "fused_uniform@default",
+                    "student_uniform@default"]
     with pytest.raises(ConfigError, match="unknown recipe"):
         parse_arms(["mim@fast"], "default", 3)
     with pytest.raises(ConfigError, match="seeds after ':' must be 1..3"):
@@ -168,7 +171,7 @@ def test_rerun_skips_finished_units_and_refuses_changed_settings(smoke_study, st
 
 
 def test_a_registered_arm_plugs_in_without_touching_the_loop(smoke_study, study_sites, monkeypatch):
-    """A new arm (as a distilled student will be) joins through the registry: here one that
+    """A new arm joins through the registry: here one that
     predicts exactly what the lower bound predicts, so its paired difference must be 0."""
     out, _, _ = smoke_study
     monkeypatch.setitem(ARMS, "echo", ArmKind(
@@ -221,3 +224,72 @@ def test_cli_study_estimate_and_bad_input(study_sites, tmp_path, capsys):
     assert main(["study", "--source", str(source), "--target", str(target), "--out", str(tmp_path / "z"),
                  "--steps", "mim=lots"]) == 2
     assert "KIND=N" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The student arm: distilled from the same seed's fused teacher, compared with that teacher
+
+
+@pytest.fixture(scope="module")
+def student_study(study_sites, tmp_path_factory):
+    out = tmp_path_factory.mktemp("student_study") / "s"
+    arms = ("lower", "mim", "contrastive_uniform", "fused_uniform", "student_uniform")
+    return out, run_study(_options(study_sites, out, arms=arms), say=lambda m: None)
+
+
+def _patient_matrix(out: Path, key: str, seeds, patients) -> np.ndarray:
+    rows = {s: [r for r in _per_image(out, key, s) if r["site"] == "target-test"] for s in seeds}
+    return np.array([[np.mean([float(r["dice"]) for r in rows[s] if r["patient"] == p]) for p in patients]
+                     for s in seeds])
+
+
+def test_student_arm_is_paired_with_its_own_seeds_teacher(student_study):
+    from pocus_edge.data.layout import sha256_file
+    from pocus_edge.models.weights import read_checkpoint
+
+    out, result = student_study
+    report = json.loads((out / "study.json").read_text())
+    assert set(report["arms"]) == {f"{a}@default" for a in ("lower", "mim", "contrastive_uniform", "fused_uniform",
+                                                             "student_uniform")}
+    student = report["comparisons"]["student_uniform@default"]
+    assert student["baseline"] == "fused_uniform@default" and student["seeds"] == [0, 1]
+    assert report["comparisons"]["fused_uniform@default"]["baseline"] == "lower@default"
+    # The paired difference IS student - teacher, seed by seed and patient by patient.
+    diff = (_patient_matrix(out, "student_uniform@default", [0, 1], report["patients"])
+            - _patient_matrix(out, "fused_uniform@default", [0, 1], report["patients"]))
+    assert student["dice"]["mean"] == pytest.approx(diff.mean(), abs=1e-9)
+    assert student["dice"]["per_seed"] == pytest.approx(diff.mean(axis=1).tolist(), abs=1e-9)
+    # Its own Holm family: the lower-bound family keeps its size (3 arms against the lower bound).
+    assert student["family"] == "teacher" and student["family_size"] == 1 and student["holm_alpha"] == 0.05
+    assert {c["family_size"] for k, c in report["comparisons"].items() if k != "student_uniform@default"} == {3}
+    assert not student["convergence_flag"] and not any("student" in g for g in report["goals"])
+    assert "| student_uniform | fused_uniform | 2 |" in (out / "study.md").read_text()
+    # Each seed's student was distilled from THAT seed's two branches, for the budget's steps.
+    for seed in (0, 1):
+        card = read_checkpoint(out / "runs" / "student_uniform@default" / f"seed{seed}" / "train" / "model.safetensors")[1]
+        assert card["kind"] == "student" and card["stage"] == "distill" and card["student"] == "mobilenetv3"
+        for role, arm in (("generative", "mim"), ("contrastive", "contrastive_uniform")):
+            teacher = out / "runs" / f"{arm}@default" / f"seed{seed}" / "train" / "model.safetensors"
+            assert card["teachers"][role]["sha256"] == sha256_file(teacher)
+        assert card["hyperparameters"]["train.seed"] == seed
+        assert card["hyperparameters"]["train.max_steps"] == study_mod.BUDGETS["smoke"].distill[0]
+
+
+def test_a_study_recorded_before_distillation_budgets_still_resumes(smoke_study, study_sites, tmp_path):
+    """A study folder whose recorded budget predates the ``distill`` entry is not refused (its
+    units cannot depend on it); any other change still is."""
+    import yaml
+
+    out, _, _ = smoke_study
+    copy = tmp_path / "old"
+    copy.mkdir()
+    record = yaml.safe_load((out / "study_config.yaml").read_text())
+    del record["protocol"]["budget"]["distill"]
+    (copy / "study_config.yaml").write_text(yaml.safe_dump(record))
+    study = study_mod.Study(_options(study_sites, copy))
+    study_mod.check_protocol(study)
+    assert "distill" in yaml.safe_load((copy / "study_config.yaml").read_text())["protocol"]["budget"]
+    record["protocol"]["budget"]["finetune"] = [7, 8]
+    (copy / "study_config.yaml").write_text(yaml.safe_dump(record))
+    with pytest.raises(ConfigError, match="other settings.*budget"):
+        study_mod.check_protocol(study)

@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "split": "data",
     "pretrain": "train",
     "finetune": "train",
+    "distill": "train",
     "evaluate": "train",
     "convert": "convert",
     "export": "export",

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="Training/evaluation device: auto (CUDA if present), cpu, cuda."),
         fresh: bool = typer.Option(False, "--fresh", help="Delete the demo's earlier outputs in --out and start over (default: a rerun reuses the data and the finished training stages)."),
     ) -> None:
-        """End to end on the bundled simulator: simulate, pretrain, finetune, evaluate, export, stream, report.
+        """End to end on the bundled simulator: simulate, pretrain, finetune, evaluate, export, stream, distil a phone-size student, report.
 
         Rerunnable: a second run with the same settings reuses the data and the finished training
         stages in --out and redoes the quick steps (evaluation, export, streaming, report)."""
@@ -33,3 +33,6 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"  {name:<28} Dice {acc['dice']:.4f}  IoU {acc['iou']:.4f}")
         s = result.stream_report
         typer.echo(f"  stream: {s['fps']:.1f} FPS, latency p50 {s['latency_ms']['p50']} ms, {s['gflops_per_frame']} GFLOPs/frame ({s['backend']}, {s['precision']}, {s['device']})")
+        st = result.student_stream_report
+        if st is not None:
+            typer.echo(f"  student stream: {st['fps']:.1f} FPS, latency p50 {st['latency_ms']['p50']} ms, {st['gflops_per_frame']} GFLOPs/frame")

@@ -18,14 +18,15 @@ def register(app: typer.Typer) -> None:
         arms: Optional[str] = typer.Option(
             None, "--arms",
             help="Comma-separated arms, each NAME, NAME@RECIPE, NAME:SEEDS or NAME@RECIPE:SEEDS; names: lower, mim, contrastive, simclr, fused, adabn, intensity, "
-            "upper (default: lower,mim,contrastive,fused,adabn,intensity,upper,lower@paper:2,mim@paper:2). "
+            "upper, student (a mobilenetv3 distilled from fused, compared with it), contrastive_uniform, fused_uniform, "
+            "student_uniform (default: lower,mim,contrastive,fused,adabn,intensity,upper,lower@paper:2,mim@paper:2). "
             "Arms an arm needs or is compared with are added.",
         ),
         seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Paired fine-tuning seeds per arm (default 5)."),
         budget: Optional[str] = typer.Option(None, "--budget", help="Fixed step counts: cpu (default), gpu, smoke (pipeline check)."),
         recipe: Optional[str] = typer.Option(None, "--recipe", help="Fine-tuning recipe of the arms that name none: default | paper."),
         preset: Optional[str] = typer.Option(None, "--preset", help="Model preset: small (default), tiny, paper."),
-        steps: Optional[List[str]] = typer.Option(None, "--steps", metavar="KIND=N", help="Override the budget's steps: mim=N, contrastive=N, finetune=N (repeatable)."),
+        steps: Optional[List[str]] = typer.Option(None, "--steps", metavar="KIND=N", help="Override the budget's steps: mim=N, contrastive=N, finetune=N, distill=N (repeatable)."),
         device: str = typer.Option("auto", help="auto | cpu | cuda."),
         config: Optional[Path] = typer.Option(None, "--config", help="YAML with any of these options (source, target, out, arms, seeds, ...); command-line options win."),
         estimate: bool = typer.Option(False, "--estimate", help="Print the plan and the time estimate, then stop."),

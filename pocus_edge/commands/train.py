@@ -1,4 +1,4 @@
-"""`pretrain mim`, `pretrain contrastive`, `finetune`, `evaluate`.
+"""`pretrain mim`, `pretrain contrastive`, `finetune`, `distill`, `evaluate`.
 
 Every training command runs on one process (CPU or one GPU) or under torchrun for several GPUs:
 ``torchrun --nproc_per_node 8 -m pocus_edge pretrain contrastive --data T --out RUN --preset paper``
@@ -176,6 +176,46 @@ def register(app: typer.Typer) -> None:
         best = f"; best val DiceBCE {res.best_val:.4f} (epoch {res.best_epoch}) -> {res.model_path}" if res.best_val is not None else ""
         _echo_run("finetune" if init else "baseline", res, best)
 
+
+    @app.command("distill")
+    def distill(
+        generative: Path = typer.Option(..., "--generative", metavar="MODEL", help="The fine-tuned generative (MIM) branch: RUN/model.safetensors of `pocus-edge finetune --init MIM_ENCODER`."),
+        contrastive: Path = typer.Option(..., "--contrastive", metavar="MODEL", help="The fine-tuned contrastive branch (same preset)."),
+        target: Path = typer.Option(..., "--target", metavar="SITE", help="ONE target site: the teacher labels its 'train' frames; images only, its masks are never opened."),
+        source: Path = typer.Option(..., "--source", metavar="SITE", help="ONE labeled source site: DiceBCE on its train frames, checkpoint selection on its val frames."),
+        out: Path = typer.Option(..., "--out", help="Run folder: model.safetensors (a student checkpoint, lowest source-validation DiceBCE), checkpoint, log.csv."),
+        student: Optional[str] = typer.Option(None, "--student", help="Student network (default: mobilenetv3); `pocus-edge flops` lists them: mobilenetv3, efficientvit, fastvit."),
+        soft_weight: Optional[float] = typer.Option(None, "--soft-weight", help="Weight of the soft-label BCE against the teacher on target frames (default: 1)."),
+        source_weight: Optional[float] = typer.Option(None, "--source-weight", help="Weight of DiceBCE on labeled source frames (default: 1; 0 = the teacher only)."),
+        confidence_weighting: Optional[bool] = typer.Option(None, "--confidence-weighting/--no-confidence-weighting", help="Weight each target pixel by the teacher's fusion confidence (default: off)."),
+        max_val_frames: Optional[int] = typer.Option(None, "--max-val-frames", min=1, help="Score an evenly spaced subset of the source validation frames each epoch (default: all)."),
+        preset: Optional[str] = typer.Option(None, help=PRESET_HELP + " Default here: the teachers' preset."),
+        config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
+        epochs: Optional[int] = typer.Option(None, help="Passes over the target frames (default: paper 200, small 5, tiny 2)."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="GLOBAL target frames per step (default: paper 512, small 16, tiny 8); the source batch is the same (--set source_batch_size=N)."),
+        lr: Optional[float] = typer.Option(None, help="AdamW learning rate, encoder and decoder alike (default: 1e-3); 5% warm-up, then cosine."),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (the LR schedule spans them)."),
+        device: str = typer.Option("auto", help="auto | cpu | cuda (bf16 autocast on CUDA)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped (a folder without a checkpoint: a fresh run)."),
+        seed: Optional[int] = typer.Option(None, help="Random seed (default: 0) (also fixes the student's random init)."),
+        num_workers: Optional[int] = typer.Option(None, "--num-workers", help="DataLoader worker processes per loader (default: 0)."),
+        preload: bool = typer.Option(False, "--preload/--no-preload", help="Decode and resize every frame and mask into memory first."),
+        checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps (0 = at each epoch end)."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any setting: key=value (source_batch_size, teacher_cache, augment, weight_decay, encoder_lr_scale, schedule, grad_clip, ...)."),
+    ) -> None:
+        """Distil a compact student from the fused teacher: soft-label BCE against the two fine-tuned branches' entropy fusion on unlabeled TARGET frames, plus DiceBCE on labeled SOURCE frames (two loaders, never pooled). The student card records both teachers' cards and SHA-256. Export and stream it like any checkpoint (docs/students.md)."""
+        from ..train import distill as run_distill
+
+        _run_folder(out)
+        res = run_distill(
+            generative, contrastive, target, source, out, student=student, soft_weight=soft_weight,
+            source_weight=source_weight, confidence_weighting=confidence_weighting, max_val_frames=max_val_frames,
+            preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, max_steps=max_steps, device=device,
+            resume=resume, seed=seed, num_workers=num_workers, preload=preload, checkpoint_every=checkpoint_every,
+            overrides=_overrides(set_), config_file=config,
+        )
+        best = f"; best source val DiceBCE {res.best_val:.4f} (epoch {res.best_epoch}) -> {res.model_path}" if res.best_val is not None else ""
+        _echo_run("distill", res, best)
 
     @app.command("evaluate")
     def evaluate(

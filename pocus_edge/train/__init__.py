@@ -7,6 +7,7 @@ Python API (each reads exactly ONE site folder)::
     pretrain_contrastive(target_site, "runs/con", min_frame_gap=15)  -> PretrainResult
     finetune(source_site, "runs/mim_ft", init="runs/mim/encoder.safetensors") -> FinetuneResult (.model_path)
     finetune(source_site, "runs/lower", recipe="paper")              -> lower-bound baseline, released recipe
+    distill(mim_model, con_model, target_site, source_site, "runs/student") -> DistillResult (.model_path)
     evaluate(target_site, [a, b], "reports", fusion=["entropy"])     -> EvaluationResult
     run_study(StudyOptions(source, target, "study"))                 -> the Table 3 protocol with seeds (.study)
 
@@ -20,8 +21,9 @@ from __future__ import annotations
 # lazy lookup would hand out the submodule once it has been imported.
 from .common import RunOptions
 from .contrastive import pretrain_contrastive
+from .distill import distill
 from .evaluate import evaluate
 from .finetune import finetune
 from .mim import pretrain_mim
 
-__all__ = ["RunOptions", "pretrain_mim", "pretrain_contrastive", "finetune", "evaluate"]
+__all__ = ["RunOptions", "pretrain_mim", "pretrain_contrastive", "finetune", "distill", "evaluate"]

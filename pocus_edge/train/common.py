@@ -12,6 +12,7 @@ import yaml
 
 from ..config import (
     ContrastiveConfig,
+    DistillConfig,
     FinetuneConfig,
     MIMConfig,
     ModelConfig,
@@ -24,24 +25,28 @@ from ..data.layout import MANIFEST, FrameRecord, Site, check_frame_files, load_s
 from ..errors import CheckpointError, ConfigError, TrainingError
 from .recipes import get_recipe
 
-STAGE_CONFIGS = {"mim": MIMConfig, "contrastive": ContrastiveConfig, "finetune": FinetuneConfig}
+STAGE_CONFIGS = {"mim": MIMConfig, "contrastive": ContrastiveConfig, "finetune": FinetuneConfig,
+                 "distill": DistillConfig}
 DEFAULT_PRESET = "small"
 
 # The paper's batch sizes and epochs (the dataclass defaults) are for 4-8 GPUs and ~20k frames.
 # ``small`` and ``tiny`` get CPU-sized defaults; every value can still be overridden. Fine-tuning
 # learning rates belong to the recipes (pocus_edge.train.recipes).
 PRESET_STAGE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "paper": {},
+    # The paper preset's frames (224 px, ~20k target frames) would make a teacher cache of GBs.
+    "paper": {"distill": {"teacher_cache": False}},
     "small": {
         "mim": {"batch_size": 32, "epochs": 10},
         # lr 1e-5 is tuned for 400 epochs of 512 pairs; a short CPU run needs a larger step.
         "contrastive": {"batch_size": 32, "epochs": 10, "lr": 1e-4},
         "finetune": {"batch_size": 16, "epochs": 5},
+        "distill": {"batch_size": 16, "epochs": 5},
     },
     "tiny": {
         "mim": {"batch_size": 8, "epochs": 2},
         "contrastive": {"batch_size": 8, "epochs": 2, "lr": 1e-4},
         "finetune": {"batch_size": 8, "epochs": 2},
+        "distill": {"batch_size": 8, "epochs": 2},
     },
 }
 
@@ -52,8 +57,10 @@ PRESET_STAGE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 # (ln(2B - 1)) that the loss sits on until the network has learned the augmentation invariance:
 # clipping at 1.0 by ~250 steps (tiny preset, batch 32, Adam 1e-4); a cosine fitted to a few
 # hundred steps has halved the lr before the escape starts (benchmarks/notes/contrastive_plateau.md).
+# Distillation: the default fine-tuning recipe's schedule (5 % warm-up, cosine, no clipping).
 STAGE_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "contrastive": {"grad_clip": None, "schedule": "constant", "warmup_fraction": 0.05},
+    "distill": {"grad_clip": None, "schedule": "cosine", "warmup_fraction": 0.05, "warmup_epochs": 0},
 }
 
 

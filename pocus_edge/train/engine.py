@@ -16,7 +16,9 @@ TrainingError naming the file and leaves the previous file intact.
 
 Stages plug in through small pieces: :class:`OptimSettings` (optimizer, parameter groups from
 :mod:`.recipes`), a sampler factory (e.g. :class:`.sampler.VideoClusteredSampler`),
-:class:`Hooks` (validation, best/end callbacks) and the shared :class:`.common.RunOptions`.
+:class:`Hooks` (validation, best/end callbacks), an optional :class:`Companion` (a second
+dataset in its own loader, e.g. labeled source frames beside unlabeled target frames) and the
+shared :class:`.common.RunOptions`.
 ``Trainer.fit`` is a short loop over named steps: prepare, train an epoch (step, time budget,
 progress), end of epoch (validation, checkpoint), finish.
 """
@@ -430,11 +432,58 @@ class Hooks:
     on_step: Callable[[int, float], None] | None = None
 
 
+@dataclass
+class Companion:
+    """A second training dataset read beside the main one, through its own sampler and loader
+    (two sites are never pooled into one dataset). Each step's batch becomes ``(main batch,
+    companion batch)``. ``batch_size`` is its GLOBAL batch. Its batch at global step ``s`` is a
+    function of ``s`` and the seed alone (its own epochs, its own fresh order each epoch), so a
+    resumed run draws exactly what an uninterrupted one does."""
+
+    dataset: Dataset
+    batch_size: int
+    sampler: SamplerFactory | None = None
+    collate_fn: Callable | None = None
+
+
+class _CompanionStream:
+    """Batches of a :class:`Companion` by global step (restarting its loader where a resumed run
+    or a new companion epoch begins)."""
+
+    def __init__(self, companion: Companion, ctx: DistContext, cfg: TrainConfig):
+        self.dataset = companion.dataset
+        self.global_batch, self.local_batch = batch_plan(len(companion.dataset), companion.batch_size, ctx.world_size)
+        self.sampler = _EpochSampler((companion.sampler or uniform_sampler)(companion.dataset, ctx, cfg.seed))
+        self.steps_per_epoch = len(self.sampler.sampler) // self.local_batch
+        if self.steps_per_epoch < 1:
+            raise TrainingError(f"{len(companion.dataset)} companion frame(s) give no full batch of {self.global_batch}")
+        generator = torch.Generator()
+        generator.manual_seed(cfg.seed)
+        self.loader = DataLoader(
+            companion.dataset, batch_size=self.local_batch, sampler=self.sampler, drop_last=True,
+            num_workers=cfg.num_workers, pin_memory=ctx.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
+            generator=generator, collate_fn=companion.collate_fn, prefetch_factor=4 if cfg.num_workers > 0 else None,
+        )
+        self._batches: Iterator[Any] | None = None
+        self._next_step = -1
+
+    def batch(self, step: int) -> Any:
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        if self._batches is None or step != self._next_step or offset == 0:
+            self.sampler.start(epoch, offset * self.local_batch)
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
+            self._batches = iter(self.loader)
+        self._next_step = step + 1
+        return next(self._batches)
+
+
 class Trainer:
     """Runs one stage. ``loss_fn(model, batch)`` gets the (possibly DDP-wrapped) model and a batch
     already on the device and returns this process's objective (see ``distributed`` for the
     gradient bookkeeping), optionally with a dict of extra values to log. ``config_record`` (the
-    resolved configs) is written to ``RUN/config.yaml``."""
+    resolved configs) is written to ``RUN/config.yaml``. With a ``companion``, the batch is
+    ``(main batch, companion batch)``."""
 
     def __init__(
         self,
@@ -452,6 +501,7 @@ class Trainer:
         collate_fn: Callable | None = None,
         sampler: SamplerFactory | None = None,
         config_record: dict[str, Any] | None = None,
+        companion: Companion | None = None,
     ):
         from .common import RunOptions
 
@@ -470,6 +520,8 @@ class Trainer:
         self.collate_fn = collate_fn
         self.sampler_factory = sampler or uniform_sampler
         self.config_record = config_record
+        self.companion = companion
+        self._companion_stream: _CompanionStream | None = None
         self.global_step = 0
         self.global_batch, self.local_batch = batch_plan(len(train_dataset), optim.batch_size, ctx.world_size)
 
@@ -510,6 +562,8 @@ class Trainer:
             )
         self._log = _RunLog(self.out_dir, self.ctx.is_main, self.options.tensorboard, state.step)
         self._make_loader()
+        if self.companion is not None:
+            self._companion_stream = _CompanionStream(self.companion, self.ctx, self.cfg)
         self._progress = _Progress(self.options.progress and self.ctx.is_main, self.description, state.total_steps,
                                    state.step)
         state.epochs_done = state.step // state.steps_per_epoch
@@ -628,6 +682,8 @@ class Trainer:
 
     def _step(self, state: RunState, batch: Any) -> None:
         device = self.ctx.device
+        if self._companion_stream is not None:
+            batch = (batch, self._companion_stream.batch(state.step))
         batch = _to_device(batch, device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self._use_amp()):
             loss, extras = _split_loss(self.loss_fn(self.ddp_model, batch))
@@ -779,6 +835,7 @@ def read_log(out_dir: str | Path) -> list[dict[str, str]]:
 __all__: Sequence[str] = [
     "CHECKPOINT",
     "CONFIG_FILE",
+    "Companion",
     "LOG_CSV",
     "Hooks",
     "RunState",

@@ -16,8 +16,10 @@ What it does (each step reads ONE site; only weights move between steps):
    (seeds, then patients); each arm's paired difference to its comparison arm with a Holm-level
    CI and a verdict (helps / hurts / inconclusive); a figure of the per-seed differences.
 
-Arms come from a registry (:data:`ARMS`): a new arm (e.g. a distilled student) plugs in with
-:func:`register_arm` without touching the loop. ``NAME@RECIPE`` runs an arm with another recipe
+Arms come from a registry (:data:`ARMS`): a new arm plugs in with :func:`register_arm` without
+touching the loop. The ``student`` arms distil a compact student from the same seed's fused
+teacher (:mod:`.distill`) and are compared with that teacher, so their paired difference is
+student minus teacher. ``NAME@RECIPE`` runs an arm with another recipe
 (compared with ``lower@RECIPE``), ``NAME:K`` on the first K seeds only.
 
 Everything is resumable: a finished unit (pretraining, training or evaluation of one arm and
@@ -41,6 +43,7 @@ from ..io import write_json_atomic, write_text_atomic
 
 DONE = "done.json"
 CONFIG = "study_config.yaml"
+STAGE_KINDS = ("mim", "contrastive", "finetune", "distill")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,12 +52,15 @@ CONFIG = "study_config.yaml"
 
 @dataclass(frozen=True)
 class Budget:
-    """Planned (steps, global batch) per stage kind and the evaluation settings of a study."""
+    """Planned (steps, global batch) per stage kind and the evaluation settings of a study.
+    ``distill``: the student arms' distillation (global batch of target frames; the source batch
+    is the same)."""
 
     name: str
     mim: tuple[int, int]
     contrastive: tuple[int, int]
     finetune: tuple[int, int]
+    distill: tuple[int, int]
     frames_per_video: int = 4  # contrastive batches: k frames of each sampled video
     val_frames: int | None = 256  # source-validation frames scored per epoch (evenly spaced)
     adabn_frames: int | None = 1024
@@ -68,16 +74,19 @@ class Budget:
 
 BUDGETS: dict[str, Budget] = {
     # Checks the pipeline end to end in a minute (tiny preset); numbers meaningless.
-    "smoke": Budget("smoke", mim=(4, 8), contrastive=(4, 8), finetune=(6, 8), frames_per_video=2, val_frames=16,
+    "smoke": Budget("smoke", mim=(4, 8), contrastive=(4, 8), finetune=(6, 8), distill=(6, 8), frames_per_video=2,
+                    val_frames=16,
                     adabn_frames=64, log_every=2),
     # 2-core CPU, small preset, about 4 CPU-hours for the default arms: pretraining long enough
     # that MIM trains and the contrastive loss leaves chance (it escapes after ~200-300 steps,
     # benchmarks/notes/contrastive_plateau.md); fine-tuning as long as the pilot that measured a
     # seed-to-seed spread of ~0.06 Dice in the paired difference, with checkpoint selection.
-    "cpu": Budget("cpu", mim=(1200, 32), contrastive=(1600, 32), finetune=(600, 16)),
+    # Distillation: as many steps as fine-tuning.
+    "cpu": Budget("cpu", mim=(1200, 32), contrastive=(1600, 32), finetune=(600, 16), distill=(600, 16)),
     # One H100/H200, small preset: the 2x2 factorial of benchmarks/gpu_run.sh (random vs MIM init
     # x two recipes x 3 seeds) in about 5 minutes.
-    "gpu": Budget("gpu", mim=(2000, 128), contrastive=(2000, 128), finetune=(1000, 32), frames_per_video=8,
+    "gpu": Budget("gpu", mim=(2000, 128), contrastive=(2000, 128), finetune=(1000, 32), distill=(1000, 32),
+                  frames_per_video=8,
                   val_frames=None, adabn_frames=None, workers=8, log_every=100),
 }
 
@@ -119,8 +128,8 @@ class StudyOptions:
         budget = BUDGETS[self.budget]
         changes = {}
         for kind, steps in (self.steps or {}).items():
-            if kind not in ("mim", "contrastive", "finetune"):
-                raise ConfigError(f"--steps {kind}={steps}: kind must be mim, contrastive or finetune")
+            if kind not in STAGE_KINDS:
+                raise ConfigError(f"--steps {kind}={steps}: kind must be one of {', '.join(STAGE_KINDS)}")
             if int(steps) < 1:
                 raise ConfigError(f"--steps {kind}={steps}: must be >= 1")
             changes[kind] = (int(steps), budget.steps(kind)[1])
@@ -285,6 +294,27 @@ def _fused_predictor(generative: str, contrastive: str):
     return predictor
 
 
+def _student_arm(generative: str, contrastive: str):
+    """Distil the default student from the fused teacher of the same recipe and seed (the
+    ``generative`` and ``contrastive`` arms' models)."""
+
+    def train(study: "Study", run: ArmRun) -> dict[str, Any]:
+        from .distill import distill
+
+        teacher = [study.model_file(study.arm_run(arm, run.recipe, run.seed)) for arm in (generative, contrastive)]
+        res = distill(*teacher, study.target, study.source, run.folder / "train",
+                      study.run_options("distill", run.folder / "train"), seed=run.seed,
+                      max_val_frames=study.budget.val_frames)
+        if res.model_path is None:
+            raise TrainingError(f"{run.folder}: distillation wrote no model")
+        return {"steps": res.global_step, "best_val_dicebce": res.best_val, "best_epoch": res.best_epoch,
+                "last_loss": res.last_loss, "seconds": round(res.seconds, 1), "model": str(res.model_path),
+                "student": res.card["student"] if res.card else None,
+                "teachers": [str(p) for p in teacher]}
+
+    return train
+
+
 def _register_builtin_arms() -> None:
     seg = _segmenter_predictor
     register_arm(ArmKind("lower", "source only, random init (the lower bound)", seg, _finetune_arm(site="source"),
@@ -303,6 +333,13 @@ def _register_builtin_arms() -> None:
     register_arm(ArmKind("fused_uniform", "entropy fusion of the MIM and contrastive_uniform arms (same seed)",
                          _fused_predictor("mim", "contrastive_uniform"), needs=("mim", "contrastive_uniform"),
                          convergence_check=False, claim="fusion"))
+    # Students: compared with their own teacher (the paired difference is student - teacher).
+    register_arm(ArmKind("student", "mobilenetv3 student distilled from the fused arm (same seed and recipe)", seg,
+                         _student_arm("mim", "contrastive"), needs=("mim", "contrastive"), compare_to="fused",
+                         convergence_check=False, cost="distill"))
+    register_arm(ArmKind("student_uniform", "mobilenetv3 student distilled from the fused_uniform arm (same seed and recipe)",
+                         seg, _student_arm("mim", "contrastive_uniform"), needs=("mim", "contrastive_uniform"),
+                         compare_to="fused_uniform", convergence_check=False, cost="distill"))
     register_arm(ArmKind("adabn", "lower bound with decoder BatchNorm statistics re-estimated on target frames", seg,
                          _adabn_train, needs=("lower",), convergence_check=False, cost=None))
     register_arm(ArmKind("intensity", "source only, random init, probe-agnostic intensity augmentation", seg,
@@ -556,8 +593,8 @@ class Pace:
 
     def stage_seconds(self, kind: str, budget: Budget) -> float:
         steps, _ = budget.steps(kind)
-        seconds = steps * self.step_s[kind]
-        if kind == "finetune" and budget.val_frames:
+        seconds = steps * self.step_s.get(kind, 0.0)
+        if kind in ("finetune", "distill") and budget.val_frames:
             seconds += 8 * budget.val_frames * self.forward_s_per_frame  # ~8 validations per run
         return seconds
 
@@ -604,6 +641,9 @@ def measure_pace(study: Study, repeats: int = 3) -> Pace:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         step_s[kind] = float(min(times[1:]))
+    # A distillation step (the student on target + source frames, the teacher cached) is priced
+    # like a fine-tuning step.
+    step_s["distill"] = step_s["finetune"]
     net = TransUNet(cfg).to(dev).eval()
     x = torch.rand(32, 3, size, size, device=dev)
     with torch.no_grad():
@@ -723,12 +763,26 @@ def check_protocol(study: Study) -> None:
             recorded = (yaml.safe_load(path.read_text()) or {}).get("protocol")
         except yaml.YAMLError:
             recorded = None
-        if recorded is not None and json.loads(json.dumps(recorded)) != json.loads(json.dumps(current)):
-            changed = sorted(k for k in current if recorded.get(k) != json.loads(json.dumps(current[k])))
+        comparable = _as_recorded(json.loads(json.dumps(current)), recorded)
+        if recorded is not None and json.loads(json.dumps(recorded)) != comparable:
+            changed = sorted(k for k in comparable if recorded.get(k) != comparable[k])
             raise ConfigError(f"{path}: this study folder was run with other settings ({', '.join(changed)}); "
                               "use another --out or the recorded settings")
     record = {"options": options_record(study.options), "protocol": current}
     write_text_atomic(path, yaml.safe_dump(json.loads(json.dumps(record)), sort_keys=False))
+
+
+def _as_recorded(current: dict[str, Any], recorded: dict[str, Any] | None) -> dict[str, Any]:
+    """``current`` without the budget entries a study folder's record predates (a stage kind
+    added to the budgets later, e.g. ``distill``): units made before it cannot depend on it."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("budget"), dict):
+        return current
+    budget = {k: v for k, v in current.get("budget", {}).items() if k in recorded["budget"] or k not in NEW_BUDGET_KINDS}
+    return {**current, "budget": budget}
+
+
+# Budget entries added after studies were first recorded (absent from older study_config.yaml).
+NEW_BUDGET_KINDS = ("distill",)
 
 
 def run_study(options: StudyOptions, *, say: Callable[[str], None] | None = None, estimate_only: bool = False,
@@ -744,8 +798,9 @@ def run_study(options: StudyOptions, *, say: Callable[[str], None] | None = None
     say(f"study {study.out}: arms {', '.join(c.key + (f':{c.seeds}' if c.seeds != options.seeds else '') for c in study.choices)}; "
         f"seeds {study.seeds}; preset {options.preset}; budget {study.budget.name} "
         f"(mim {study.budget.mim[0]}x{study.budget.mim[1]}, contrastive {study.budget.contrastive[0]}x"
-        f"{study.budget.contrastive[1]}, finetune {study.budget.finetune[0]}x{study.budget.finetune[1]}); device {study.device}")
-    pace = measure_pace(study) if not report_only else Pace({"mim": 0, "contrastive": 0, "finetune": 0}, 0, 0)
+        f"{study.budget.contrastive[1]}, finetune {study.budget.finetune[0]}x{study.budget.finetune[1]}, distill "
+        f"{study.budget.distill[0]}x{study.budget.distill[1]}); device {study.device}")
+    pace = measure_pace(study) if not report_only else Pace(dict.fromkeys(STAGE_KINDS, 0.0), 0, 0)
     units = plan_units(study, pace)
     if not report_only:
         say(format_estimate(units, pace))

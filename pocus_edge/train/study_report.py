@@ -11,7 +11,8 @@ Statistics (no frame-level p-values):
   replacement, then patients with replacement);
 * paired difference to the comparison arm on the seeds both have: the same bootstrap on the
   (seed, patient) differences; a two-sided bootstrap p-value; Holm's correction across every
-  comparison of the report; the interval at the Holm level of the arm's rank;
+  comparison against a lower bound (students against their teachers form a second family); the
+  interval at the Holm level of the arm's rank;
 * verdict: *helps* if the Holm-level interval's lower end is > 0, the Holm-adjusted p <= 0.05 and
   the gain >= 0.02 Dice; *hurts* symmetrically; else *inconclusive*;
 * convergence check: source-validation Dice of each source-trained arm against its comparison
@@ -214,8 +215,15 @@ def analyse(study: "Study", scores: dict[str, Any]) -> dict[str, Any]:
         entry["convergence_flag"] = bool(ARMS[choice.arm].convergence_check and ARMS[base[0]].convergence_check
                                          and abs(sv) > CONVERGENCE_GAP)
         comparisons[choice.key] = entry
-    holm = holm_adjust({k: v["p_bootstrap"] for k, v in comparisons.items()}, ALPHA)
+    # Two questions, two Holm families: "does this arm beat the lower bound?" and "does this
+    # student keep its teacher's accuracy?"; adding students leaves the first family's verdicts as they were.
+    families: dict[str, dict[str, float]] = {}
     for key, entry in comparisons.items():
+        entry["family"] = holm_family(entry["baseline"])
+        families.setdefault(entry["family"], {})[key] = entry["p_bootstrap"]
+    holm = {k: v for family in families.values() for k, v in holm_adjust(family, ALPHA).items()}
+    for key, entry in comparisons.items():
+        entry["family_size"] = len(families[entry["family"]])
         level = holm[key]["alpha"]
         entry["p_holm"] = holm[key]["p_holm"]
         entry["holm_alpha"] = level
@@ -223,6 +231,12 @@ def analyse(study: "Study", scores: dict[str, Any]) -> dict[str, Any]:
         entry["verdict"] = verdict(entry["dice"]["mean"], entry["dice"]["ci_holm"], entry["p_holm"], alpha=ALPHA,
                                    min_effect=MIN_EFFECT)
     return {"patients": patients, "arms": arms, "comparisons": comparisons, "goals": _goals(study, arms, comparisons)}
+
+
+def holm_family(baseline_key: str) -> str:
+    """The multiple-comparison family of a comparison: against a lower bound (the method's
+    question) or against another arm (a student against its teacher)."""
+    return "lower bound" if baseline_key.partition("@")[0] == "lower" else "teacher"
 
 
 def _goals(study: "Study", arms: dict[str, Any], comparisons: dict[str, Any]) -> dict[str, Any]:
@@ -303,11 +317,17 @@ def render_markdown(study: "Study", analysis: dict[str, Any], facts: dict[str, A
         "## Paired differences and verdicts",
         "",
         f"Difference = arm - comparison arm on the same seeds and patients. Holm-level CI: the interval at the "
-        f"Holm step of the arm's p-value rank (family of {len(comps)} comparisons). Verdict *helps* only if that "
+        f"Holm step of the arm's p-value rank ({_families(comps)}). Verdict *helps* only if that "
         f"interval's lower end is > 0, the Holm-adjusted p <= {ALPHA} and the gain >= {MIN_EFFECT}; *hurts* "
         "symmetrically; else *inconclusive*. Source-val gap = source-validation Dice difference (flagged when > "
         f"{CONVERGENCE_GAP} for two source-trained arms: they did not fit the source equally).",
         "",
+    ]
+    if any(not c["baseline"].startswith("lower@") for c in comps.values()):
+        lines += ["A row whose comparison arm is not a lower bound (a student against its fused teacher of the same "
+                  "seed) is that arm minus its comparison arm: for a student, *hurts* means it lost accuracy to its "
+                  "teacher, *inconclusive* that no loss or gain could be shown.", ""]
+    lines += [
         "| arm | vs | seeds | Dice diff | 95 % CI | Holm-level CI | p (Holm) | verdict | HD95 diff px [95 % CI] | source-val gap |",
         "|---|---|---:|---:|---|---|---:|---|---|---:|",
     ]
@@ -328,6 +348,15 @@ def render_markdown(study: "Study", analysis: dict[str, Any], facts: dict[str, A
     for key, a in arms.items():
         lines.append(f"- `{_label(key, r)}`: {a['describe']}" + (f" (recipe {a['recipe']})" if a["recipe"] != r else ""))
     return "\n".join(lines) + "\n"
+
+
+def _families(comps: dict[str, Any]) -> str:
+    sizes: dict[str, int] = {}
+    for c in comps.values():
+        sizes[c["family"]] = sizes.get(c["family"], 0) + 1
+    if len(sizes) <= 1:
+        return f"family of {len(comps)} comparisons"
+    return "families: " + ", ".join(f"{n} comparison(s) with a {name}" for name, n in sizes.items())
 
 
 def plot_differences(study: "Study", analysis: dict[str, Any], path: Path) -> Path | None:
@@ -413,4 +442,4 @@ def write_report(study: "Study", *, say: Callable[[str], None] = print):
     return md, js, fig, analysis
 
 
-__all__ = ["analyse", "collect", "plot_differences", "render_markdown", "score_arm", "write_report"]
+__all__ = ["analyse", "collect", "holm_family", "plot_differences", "render_markdown", "score_arm", "write_report"]
