@@ -225,10 +225,7 @@ class OrtBackend(Backend):
         if from_card is not None:
             return from_card
         if self._counted_gflops is None:
-            try:
-                self._counted_gflops = count_onnx_flops(self.path) / 1e9
-            except ModuleNotFoundError:  # the core install has onnxruntime but not onnx: no count
-                return None
+            self._counted_gflops = _graph_gflops(self.path)
         return self._counted_gflops
 
 
@@ -243,6 +240,15 @@ def _named_outputs(named: dict[str, Any], has_weight_map: bool) -> dict[str, np.
         c_c = named.get("c_contrastive", values[4] if len(values) == 5 else None)
         result["weight"] = _weight_map(np.asarray(c_g, np.float32), np.asarray(c_c, np.float32))
     return result
+
+
+def _graph_gflops(path: str | Path) -> float | None:
+    """GFLOPs per frame counted on the ONNX graph; None on the core install, which has
+    onnxruntime but not onnx (a card without GFLOPs then reports none rather than failing)."""
+    try:
+        return count_onnx_flops(path) / 1e9
+    except ModuleNotFoundError:
+        return None
 
 
 def count_onnx_flops(path: str | Path, batch: int = 1) -> int:
@@ -473,10 +479,7 @@ class OpenVINOBackend(Backend):
         if from_card is not None or self.path.suffix != ".onnx":
             return from_card
         if self._counted_gflops is None:
-            try:
-                self._counted_gflops = count_onnx_flops(self.path) / 1e9
-            except ModuleNotFoundError:  # the core install has onnxruntime but not onnx: no count
-                return None
+            self._counted_gflops = _graph_gflops(self.path)
         return self._counted_gflops
 
 
