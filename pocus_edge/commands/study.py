@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
             None, "--arms",
             help="Comma-separated arms, each NAME, NAME@RECIPE, NAME:SEEDS or NAME@RECIPE:SEEDS; names: lower, mim, contrastive, simclr, fused, adabn, intensity, "
             "upper, student (a mobilenetv3 distilled from fused, compared with it), contrastive_uniform, fused_uniform, "
-            "student_uniform (default: lower,mim,contrastive,fused,adabn,intensity,upper,lower@paper:2,mim@paper:2). "
+            "student_uniform (default: lower,mim,contrastive_uniform,fused_uniform,adabn,intensity,upper,lower@paper:2,mim@paper:2). "
             "Arms an arm needs or is compared with are added.",
         ),
         seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Paired fine-tuning seeds per arm (default 5)."),

@@ -103,7 +103,9 @@ class StudyOptions:
     source: str | Path
     target: str | Path
     out: str | Path
-    arms: Sequence[str] = ("lower", "mim", "contrastive", "fused", "adabn", "intensity", "upper",
+    # The uniform-batch contrastive branch by default: on the bundled simulator the video-clustered
+    # one (arms `contrastive`, `fused`) collapsed to a constant embedding (benchmarks/notes/study_protocol.md).
+    arms: Sequence[str] = ("lower", "mim", "contrastive_uniform", "fused_uniform", "adabn", "intensity", "upper",
                            "lower@paper:2", "mim@paper:2")
     seeds: int = 5
     first_seed: int = 0
