@@ -34,6 +34,15 @@ class TrainingError(PocusError):
     """Training cannot go on (NaN loss, empty split, no labels, site isolation violated)."""
 
 
+class NonFiniteLoss(TrainingError):
+    """The loss became NaN or infinite at ``step``; the weights were not updated with it, and the
+    run's checkpoints from before that step stand."""
+
+    def __init__(self, message: str, *, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
 class ExportError(PocusError):
     """An export failed or did not meet its parity bar."""
 

@@ -71,7 +71,7 @@ def test_help_cites_only_files_that_exist(monkeypatch):
         flat = " ".join(text.replace("│", " ").split())
         for path in re.findall(r"(?:docs|benchmarks|pocus_edge)/[\w./-]+\.(?:md|yaml|py|sh)|\b[A-Z]+\.md\b", flat):
             cited.setdefault(path, command)
-    assert "docs/method.md" not in cited and "README.md" not in cited, cited
+    assert "METHOD.md" not in cited and "README.md" not in cited, cited
     missing = [f"{command}: {path}" for path, command in cited.items()
                if not (ROOT / path).exists() and path not in LINKED_DOCS_OF_OTHER_FEATURES]
     assert not missing, missing

@@ -293,3 +293,39 @@ def test_a_study_recorded_before_distillation_budgets_still_resumes(smoke_study,
     (copy / "study_config.yaml").write_text(yaml.safe_dump(record))
     with pytest.raises(ConfigError, match="other settings.*budget"):
         study_mod.check_protocol(study)
+
+
+def test_a_run_that_diverges_is_scored_on_the_checkpoint_selected_before_it(study_sites, tmp_path, monkeypatch):
+    """A fine-tuning whose loss turns NaN after its first validation stops there; the study keeps
+    the model the selection rule had kept, records the step in the unit's facts and lists the run
+    in the report. Without any validation before the NaN, the unit fails with one line."""
+    import pocus_edge.losses as losses
+    from pocus_edge.errors import NonFiniteLoss, TrainingError
+    from pocus_edge.models.weights import read_checkpoint
+
+    out = tmp_path / "s"
+    model = out / "runs" / "lower@default" / "seed0" / "train" / "model.safetensors"
+    real = losses.dice_bce
+
+    def poisoned(prob, target, smooth=1.0):
+        value = real(prob, target, smooth)
+        return value * float("nan") if model.is_file() and torch.is_grad_enabled() else value
+
+    monkeypatch.setattr(losses, "dice_bce", poisoned)
+    res = run_study(_options(study_sites, out, arms=("lower",), seeds=1, steps={"finetune": 40}), say=lambda m: None)
+    info = study_mod.read_done(out / "runs" / "lower@default" / "seed0")
+    kept = read_checkpoint(model)[1]["hyperparameters"]
+    assert info["diverged_at_step"] == kept["best_step"] + 1 < 40 and info["best_step"] == kept["best_step"]
+    text = res.report_md.read_text()
+    assert "## Runs that diverged" in text and f"| lower | 0 | {info['diverged_at_step']} | {kept['best_step']} |" in text
+    assert res.summary["arms"]["lower@default"]  # the seed is scored, not dropped
+
+    # A NaN before any validation: nothing to keep, one line naming the run and the step.
+    def always_nan(prob, target, smooth=1.0):
+        value = real(prob, target, smooth)
+        return value * float("nan") if torch.is_grad_enabled() else value
+
+    monkeypatch.setattr(losses, "dice_bce", always_nan)
+    with pytest.raises(TrainingError, match=r"fine-tuning diverged at step 1 before its first validation") as info2:
+        run_study(_options(study_sites, tmp_path / "t", arms=("lower",), seeds=1), say=lambda m: None)
+    assert not isinstance(info2.value, NonFiniteLoss) and "\n" not in str(info2.value)

@@ -40,7 +40,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..config import TrainConfig
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, NonFiniteLoss, TrainingError
 from ..io import atomic_path, write_text_atomic
 from .recipes import ParamGroup, single_group
 from .distributed import (
@@ -715,9 +715,10 @@ class Trainer:
     def _stop_non_finite(self, state: RunState, loss: torch.Tensor) -> None:
         ckpt_path = self.out_dir / CHECKPOINT
         kept = f"last good checkpoint kept: {ckpt_path}" if ckpt_path.exists() else "no checkpoint had been written yet"
-        raise TrainingError(
+        raise NonFiniteLoss(
             f"{self.description}: loss became {loss.item()} at step {state.step + 1} (epoch {state.epoch + 1}); "
-            f"stopped before updating the weights; {kept} (try a lower learning rate)"
+            f"stopped before updating the weights; {kept} (try a lower learning rate)",
+            step=state.step + 1,
         )
 
     def _report_step(self, state: RunState, lr_now: float, extras: dict[str, float]) -> None:

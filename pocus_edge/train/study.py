@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, NonFiniteLoss, TrainingError
 from ..io import write_json_atomic, write_text_atomic
 
 DONE = "done.json"
@@ -254,17 +254,43 @@ def _finetune_arm(*, site: str, augment: str = "none"):
 
         kind = ARMS[run.arm]
         init = study.encoder(kind.pretraining) if kind.pretraining else None
-        res = finetune(
-            study.target if site == "target" else study.source, run.folder / "train",
-            study.run_options("finetune", run.folder / "train"),
-            init=init, recipe=run.recipe, seed=run.seed, augment=augment, max_val_frames=study.budget.val_frames,
-        )
-        if res.model_path is None:
-            raise TrainingError(f"{run.folder}: fine-tuning wrote no model")
-        return {"steps": res.global_step, "best_val_dicebce": res.best_val, "best_epoch": res.best_epoch,
-                "last_loss": res.last_loss, "seconds": round(res.seconds, 1), "model": str(res.model_path)}
+        def run_it():
+            return finetune(
+                study.target if site == "target" else study.source, run.folder / "train",
+                study.run_options("finetune", run.folder / "train"),
+                init=init, recipe=run.recipe, seed=run.seed, augment=augment, max_val_frames=study.budget.val_frames,
+            )
+
+        return _train_or_keep_best(run, "fine-tuning", run_it)
 
     return train
+
+
+def _train_or_keep_best(run: ArmRun, what: str, run_it: Callable[[], Any]) -> dict[str, Any]:
+    """Run one arm's training. A run whose loss turns non-finite stops there (the engine never
+    updates the weights with it); its model is then the checkpoint the selection rule had kept
+    from the validations before that step (lowest source-validation DiceBCE), and the facts
+    record where it diverged, for the report. Without such a checkpoint the unit fails."""
+    from ..models.weights import read_checkpoint
+    from .finetune import MODEL_FILE
+
+    try:
+        res = run_it()
+    except NonFiniteLoss as exc:
+        model = run.folder / "train" / MODEL_FILE
+        if not model.is_file():
+            raise TrainingError(f"{run.folder}: {what} diverged at step {exc.step} before its first validation: {exc}") from None
+        kept = read_checkpoint(model)[1].get("hyperparameters", {})
+        return {"steps": exc.step - 1, "diverged_at_step": exc.step, "diverged": str(exc), "model": str(model),
+                "best_epoch": kept.get("best_epoch"), "best_step": kept.get("best_step"),
+                "best_val_dicebce": kept.get("best_val_dicebce")}
+    if res.model_path is None:
+        raise TrainingError(f"{run.folder}: {what} wrote no model")
+    info = {"steps": res.global_step, "best_val_dicebce": res.best_val, "best_epoch": res.best_epoch,
+            "last_loss": res.last_loss, "seconds": round(res.seconds, 1), "model": str(res.model_path)}
+    if getattr(res, "card", None) and "student" in res.card:
+        info["student"] = res.card["student"]
+    return info
 
 
 def _segmenter_predictor(study: "Study", run: ArmRun) -> Callable:
@@ -304,15 +330,13 @@ def _student_arm(generative: str, contrastive: str):
         from .distill import distill
 
         teacher = [study.model_file(study.arm_run(arm, run.recipe, run.seed)) for arm in (generative, contrastive)]
-        res = distill(*teacher, study.target, study.source, run.folder / "train",
-                      study.run_options("distill", run.folder / "train"), seed=run.seed,
-                      max_val_frames=study.budget.val_frames)
-        if res.model_path is None:
-            raise TrainingError(f"{run.folder}: distillation wrote no model")
-        return {"steps": res.global_step, "best_val_dicebce": res.best_val, "best_epoch": res.best_epoch,
-                "last_loss": res.last_loss, "seconds": round(res.seconds, 1), "model": str(res.model_path),
-                "student": res.card["student"] if res.card else None,
-                "teachers": [str(p) for p in teacher]}
+        def run_it():
+            return distill(*teacher, study.target, study.source, run.folder / "train",
+                           study.run_options("distill", run.folder / "train"), seed=run.seed,
+                           max_val_frames=study.budget.val_frames)
+
+        info = _train_or_keep_best(run, "distillation", run_it)
+        return {**info, "teachers": [str(p) for p in teacher]}
 
     return train
 

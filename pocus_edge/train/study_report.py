@@ -339,7 +339,14 @@ def render_markdown(study: "Study", analysis: dict[str, Any], facts: dict[str, A
             f"{_v(c['hd95']['mean'], '+.2f')} {_ci(c['hd95']['ci95'], 2)} | {c['source_val_dice_gap']:+.4f}{flag} |")
     if analysis["goals"]:
         lines += ["", "Goals: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in analysis["goals"].items())]
-    lines += ["", "Per-seed paired differences: `study.png`.", "", "## Pretraining", ""]
+    lines += ["", "Per-seed paired differences: `study.png`."]
+    if facts.get("diverged"):
+        lines += ["", "## Runs that diverged", "",
+                  "Their loss turned non-finite; the engine stopped before updating the weights with it, and the "
+                  "model scored is the checkpoint the selection rule had kept from the validations before that step.",
+                  "", "| arm | seed | non-finite loss at step | model kept from step |", "|---|---:|---:|---:|"]
+        lines += [f"| {_label(d['arm'], r)} | {d['seed']} | {d['step']} | {d['kept_step']} |" for d in facts["diverged"]]
+    lines += ["", "## Pretraining", ""]
     for name, info in facts["pretraining"].items():
         extras = ", ".join(f"{k} {v:.3f}" for k, v in (info.get("extras") or {}).items())
         lines.append(f"- {name}: {info['steps']} steps, last loss {info['last_loss']:.4f}"
@@ -420,7 +427,15 @@ def write_report(study: "Study", *, say: Callable[[str], None] = print):
         info = read_done(study.out / "pretrain" / name)
         if info is not None:
             pretraining[name] = {k: info.get(k) for k in ("steps", "last_loss", "extras", "seconds", "loss_curve")}
+    diverged = []
+    for choice in study.choices:
+        for seed in study.seeds_of(choice):
+            info = read_done(study.arm_run(choice.arm, choice.recipe, seed).folder)
+            if info and info.get("diverged_at_step"):
+                diverged.append({"arm": choice.key, "seed": seed, "step": info["diverged_at_step"],
+                                 "kept_step": info.get("best_step"), "message": info.get("diverged")})
     facts = {
+        "diverged": diverged,
         "code_version": code_version(),
         "test_frames": len(study.target_site.select("test", labeled=True)),
         "pretraining": pretraining,
