@@ -47,11 +47,14 @@ from .errors import ConfigError, DataError
 # its steps: its loss sits at chance (ln 63 for 32 pairs) for its first ~200-300 steps
 # (benchmarks/notes/contrastive_plateau.md).
 SCHEDULES: dict[str, dict[str, int]] = {
-    "full": {"mim": 100, "contrastive": 400, "finetune": 180, "baseline": 180, "distill": 200},
+    # Sized to keep the whole demo under 10 minutes on 2 CPU cores (about 9 measured; RESULTS.md section 9).
+    "full": {"mim": 100, "contrastive": 340, "finetune": 160, "baseline": 160, "distill": 150},
     "quick": {"mim": 10, "contrastive": 10, "finetune": 20, "baseline": 20, "distill": 20},
 }
-# The student the demo distils (pocus_edge.models.students).
+# The student the demo distils (pocus_edge.models.students), and its batch: 8 unlabeled target +
+# 8 labeled source frames per step (half the small preset's, for the demo's time budget).
 DEMO_STUDENT = "mobilenetv3"
+DEMO_DISTILL_BATCH = 8
 # Every fine-tuning of the demo (both branches and the lower bound) uses the same recipe.
 DEMO_RECIPE = "default"
 # Contrastive pretraining: uniform batches at lr 3e-4 (after the stage's 5 % warm-up). On the demo
@@ -270,7 +273,8 @@ def run_demo(
         def run(generative, out_dir, **kw):
             return distill(generative, ft_con.model_path, target, source, out_dir, **kw)
 
-        return train(run, ft_mim.model_path, runs / "distill_student", student=DEMO_STUDENT, max_steps=steps("distill"))
+        return train(run, ft_mim.model_path, runs / "distill_student", student=DEMO_STUDENT, max_steps=steps("distill"),
+                     batch_size=DEMO_DISTILL_BATCH)
 
     student = stages.run(f"distil a phone-size student ({DEMO_STUDENT}) from both branches on unlabeled TARGET frames",
                          do_distill)
