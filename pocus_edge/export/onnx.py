@@ -10,7 +10,6 @@ to ~4e-6 (legacy: ~7e-5, and it exports batch_norm with training=True).
 from __future__ import annotations
 
 import json
-import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -87,17 +86,13 @@ def save_onnx_atomic(model_proto, path: str | os.PathLike) -> Path:
             onnx.save_model(model_proto, str(tmp))
         return final
     data_name = final.name + ".data"
-    scratch = contextlib.ExitStack()
-    staging = scratch.enter_context(staging_dir(final))
-    try:
+    with staging_dir(final) as staging:
         onnx.save_model(
             model_proto, str(staging / final.name), save_as_external_data=True,
             all_tensors_to_one_file=True, location=data_name, size_threshold=1024,
         )
         os.replace(staging / data_name, final.parent / data_name)
         os.replace(staging / final.name, final)
-    finally:
-        scratch.close()
     return final
 
 
@@ -140,32 +135,29 @@ def export_onnx(
     if batch is None:
         dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=int(max_batch))},)
     final = Path(path)
-    scratch = contextlib.ExitStack()
-    staging = scratch.enter_context(staging_dir(final))
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                model,
-                (example,),
-                dynamo=True,
-                input_names=[INPUT_NAME],
-                output_names=model.output_names(),
-                dynamic_shapes=dynamic_shapes,
-                opset_version=int(opset),
-                optimize=True,
-                verbose=False,
-            )
-        raw_path = staging / "raw.onnx"
-        program.save(str(raw_path))
-        proto = onnx.load_model(str(raw_path))
-    except ExportError:
-        raise
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ExportError(f"{final}: torch.onnx.export failed: {first[:300]}") from None
-    finally:
-        scratch.close()
+    with staging_dir(final) as staging:
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(
+                    model,
+                    (example,),
+                    dynamo=True,
+                    input_names=[INPUT_NAME],
+                    output_names=model.output_names(),
+                    dynamic_shapes=dynamic_shapes,
+                    opset_version=int(opset),
+                    optimize=True,
+                    verbose=False,
+                )
+            raw_path = staging / "raw.onnx"
+            program.save(str(raw_path))
+            proto = onnx.load_model(str(raw_path))
+        except ExportError:
+            raise
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ExportError(f"{final}: torch.onnx.export failed: {first[:300]}") from None
     # The exporter's own metadata (torch.export graph signature) is noise for a deployed model.
     del proto.metadata_props[:]
     if simplify:

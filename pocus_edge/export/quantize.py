@@ -18,7 +18,6 @@ so a student with sigmoid-gated blocks is quantized and converted like any other
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -396,49 +395,46 @@ def quantize_int8(
         raise ExportError(f"unknown calibration method {calibrate_method!r}; choose one of {', '.join(methods)}")
     card = read_onnx_card(src)
     dst = Path(dst)
-    scratch = contextlib.ExitStack()
-    staging = scratch.enter_context(staging_dir(dst))
-    # onnxruntime's pre-processing and calibration write scratch files (a uuid-named external
-    # data file, sym_shape_infer_temp.onnx) into the *current* directory: run them from the
-    # staging folder so nothing leaks into the user's folder.
-    src = Path(src).resolve()
-    try:
-        with chdir(staging):
-            prepared = staging / "prepared.onnx"
-            # Shape inference + graph cleanup recommended by onnxruntime before quantization. Its
-            # symbolic shape inference gives up on some exporter patterns (dynamic-batch Reshape
-            # chains); onnx's own shape inference is then enough for QDQ placement.
-            try:
-                quant_pre_process(str(src), str(prepared), skip_symbolic_shape=False)
-            except Exception:
-                quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-            proto = onnx.load_model(str(prepared))
-            excluded = set(_fusion_tail_nodes(proto)) | set(exclude_nodes or [])
-            if keep_head_fp32:
-                excluded |= set(_precision_sensitive_convs(proto))
-            excluded = sorted(excluded)
-            quantized = staging / "quantized.onnx"
-            quantize_static(
-                str(prepared),
-                str(quantized),
-                calibration_data_reader=reader,
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(op_types),
-                per_channel=per_channel,
-                activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=excluded,
-                calibrate_method=methods[calibrate_method],
-                extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
-            )
-            out = onnx.load_model(str(quantized))
-    except (ExportError, DataError):
-        raise
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ExportError(f"{src}: int8 quantization failed: {first[:300]}") from None
-    finally:
-        scratch.close()
+    with staging_dir(dst) as staging:
+        # onnxruntime's pre-processing and calibration write scratch files (a uuid-named external
+        # data file, sym_shape_infer_temp.onnx) into the *current* directory: run them from the
+        # staging folder so nothing leaks into the user's folder.
+        src = Path(src).resolve()
+        try:
+            with chdir(staging):
+                prepared = staging / "prepared.onnx"
+                # Shape inference + graph cleanup recommended by onnxruntime before quantization. Its
+                # symbolic shape inference gives up on some exporter patterns (dynamic-batch Reshape
+                # chains); onnx's own shape inference is then enough for QDQ placement.
+                try:
+                    quant_pre_process(str(src), str(prepared), skip_symbolic_shape=False)
+                except Exception:
+                    quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+                proto = onnx.load_model(str(prepared))
+                excluded = set(_fusion_tail_nodes(proto)) | set(exclude_nodes or [])
+                if keep_head_fp32:
+                    excluded |= set(_precision_sensitive_convs(proto))
+                excluded = sorted(excluded)
+                quantized = staging / "quantized.onnx"
+                quantize_static(
+                    str(prepared),
+                    str(quantized),
+                    calibration_data_reader=reader,
+                    quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(op_types),
+                    per_channel=per_channel,
+                    activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=excluded,
+                    calibrate_method=methods[calibrate_method],
+                    extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
+                )
+                out = onnx.load_model(str(quantized))
+        except (ExportError, DataError):
+            raise
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ExportError(f"{src}: int8 quantization failed: {first[:300]}") from None
     calib = reader.describe() if hasattr(reader, "describe") else {}
     card = dict(card, precision="int8", int8={
         "format": "QDQ", "per_channel": per_channel, "weights": "int8 symmetric",
