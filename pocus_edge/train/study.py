@@ -561,8 +561,14 @@ def plan_units(study: Study, pace: "Pace") -> list[Unit]:
                 units.append(Unit("train", f"train {choice.key} seed {seed}", run.folder,
                                   _train_work(study, run), cost))
             units.append(Unit("eval", f"evaluate {choice.key} seed {seed}", study.out / "eval" / choice.key / f"seed{seed}",
-                              _eval_work(study, run), pace.eval_s * (2 if choice.arm == "fused" else 1)))
+                              _eval_work(study, run), pace.eval_s * _networks_scored(kind)))
     return units
+
+
+def _networks_scored(kind: ArmKind) -> int:
+    """How many networks an arm's evaluation runs: an arm with nothing to train predicts with the
+    arms it needs (a fusion runs both branches), every other arm with its own model."""
+    return max(1, len(kind.needs)) if kind.train is None else 1
 
 
 def _pretrain_work(study: Study, name: str, folder: Path) -> Callable[[], dict[str, Any]]:
