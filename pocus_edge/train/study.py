@@ -30,6 +30,7 @@ duration, not the result.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -37,6 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 from ..errors import ConfigError, NonFiniteLoss, TrainingError
 from ..io import write_json_atomic, write_text_atomic
@@ -535,9 +540,13 @@ class Unit:
     folder: Path
     work: Callable[[], dict[str, Any]]
     cost_s: float = 0.0
+    after: tuple[Path, ...] = ()  # folders of the units that must be done before this one
 
     def done(self) -> bool:
         return read_done(self.folder) is not None
+
+    def ready(self) -> bool:
+        return all(read_done(folder) is not None for folder in self.after)
 
 
 def plan_units(study: Study, pace: "Pace") -> list[Unit]:
@@ -556,12 +565,16 @@ def plan_units(study: Study, pace: "Pace") -> list[Unit]:
                 continue
             run = study.arm_run(choice.arm, choice.recipe, seed)
             kind = ARMS[choice.arm]
+            built_from = tuple(study.arm_run(dep, choice.recipe, seed).folder for dep in kind.needs
+                               if ARMS[dep].train is not None)
             if kind.train is not None:
                 cost = pace.stage_seconds(kind.cost, study.budget) if kind.cost else pace.eval_s
+                pretrained = (study.out / "pretrain" / kind.pretraining,) if kind.pretraining else ()
                 units.append(Unit("train", f"train {choice.key} seed {seed}", run.folder,
-                                  _train_work(study, run), cost))
+                                  _train_work(study, run), cost, after=pretrained + built_from))
             units.append(Unit("eval", f"evaluate {choice.key} seed {seed}", study.out / "eval" / choice.key / f"seed{seed}",
-                              _eval_work(study, run), pace.eval_s * _networks_scored(kind)))
+                              _eval_work(study, run), pace.eval_s * _networks_scored(kind),
+                              after=(run.folder,) if kind.train is not None else built_from))
     return units
 
 
@@ -845,23 +858,78 @@ def run_study(options: StudyOptions, *, say: Callable[[str], None] | None = None
     return StudyResult(study.out, md, js, fig, summary, ran, len(units))
 
 
-def _run_units(units: list[Unit], say: Callable[[str], None]) -> int:
+def _run_units(units: list[Unit], say: Callable[[str], None], poll_s: float = 15.0) -> int:
+    """Run every unit not yet done, in plan order, each as soon as the units it is built from
+    are done. Several processes may work on one study folder at once (e.g. one per core, each
+    with one thread): a unit is claimed with an exclusive lock on its folder, so each runs
+    exactly once, and a process whose next units wait on another's work polls until they can
+    start. A lock dies with its process, so a killed unit is picked up again by the next run."""
     t_start = time.perf_counter()
-    remaining = sum(u.cost_s for u in units if not u.done())
     ran = 0
-    for i, unit in enumerate(units, 1):
-        if unit.done():
+    waiting_on: str | None = None
+    while True:
+        pending = [(i, u) for i, u in enumerate(units, 1) if not u.done()]
+        if not pending:
+            return ran
+        started = False
+        for i, unit in pending:
+            if not unit.ready():
+                continue
+            with _claim(unit.folder) as mine:
+                if not mine or unit.done():
+                    continue
+                left = sum(u.cost_s for _, u in pending)
+                eta = f", ~{left / 60:.0f} min of planned work left" if left else ""
+                say(f"[{i}/{len(units)}] {unit.label}{eta}")
+                t0 = time.perf_counter()
+                info = unit.work()
+                mark_done(unit.folder, info)
+                ran += 1
+                say(f"[{i}/{len(units)}] {unit.label}: done in {time.perf_counter() - t0:.0f} s "
+                    f"({(time.perf_counter() - t_start) / 60:.0f} min so far)")
+            started, waiting_on = True, None
+            break
+        if started:
             continue
-        eta = f", ~{remaining / 60:.0f} min of planned work left" if remaining else ""
-        say(f"[{i}/{len(units)}] {unit.label}{eta}")
-        t0 = time.perf_counter()
-        info = unit.work()
-        mark_done(unit.folder, info)
-        remaining = max(0.0, remaining - unit.cost_s)
-        ran += 1
-        say(f"[{i}/{len(units)}] {unit.label}: done in {time.perf_counter() - t0:.0f} s "
-            f"({(time.perf_counter() - t_start) / 60:.0f} min so far)")
-    return ran
+        busy = [u.label for _, u in pending if _claimed_elsewhere(u.folder)]
+        if not busy:
+            blocked = pending[0][1]
+            raise TrainingError(f"{blocked.folder}: {blocked.label} waits for "
+                                f"{', '.join(str(f) for f in blocked.after if read_done(f) is None)}, which no process is making")
+        if waiting_on != busy[0]:
+            say(f"waiting for another process: {'; '.join(busy)}")
+            waiting_on = busy[0]
+        time.sleep(poll_s)
+
+
+LOCK = ".claim"
+
+
+@contextlib.contextmanager
+def _claim(folder: Path):
+    """Yield True while this process holds the unit's exclusive lock, False if another holds it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # no advisory locks here: one process per study folder
+        yield True
+        return
+    with open(folder / LOCK, "a+b") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _claimed_elsewhere(folder: Path) -> bool:
+    if fcntl is None or not (Path(folder) / LOCK).is_file():
+        return False
+    with _claim(folder) as mine:
+        return not mine
 
 
 __all__ = [
