@@ -36,7 +36,8 @@ def register(app: typer.Typer) -> None:
         """Pretrain once per SSL arm on the TARGET's unlabeled frames, fine-tune every arm on the SOURCE with
         paired seeds, score every arm per target test patient (Dice, IoU, HD95, ASD), and report each arm's
         difference to the lower bound with a hierarchical-bootstrap CI (seeds, then patients), Holm-corrected,
-        and a verdict: helps / hurts / inconclusive. Resumable; prints a time estimate first. See docs/study.md."""
+        and a verdict: helps / hurts / inconclusive. Resumable; processes started on the same --out share its
+        units (e.g. one per core). Prints a time estimate first. See docs/study.md."""
         from ..train.study import run_study, study_options
 
         options = study_options(

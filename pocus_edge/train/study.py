@@ -24,8 +24,9 @@ student minus teacher. ``NAME@RECIPE`` runs an arm with another recipe
 
 Everything is resumable: a finished unit (pretraining, training or evaluation of one arm and
 seed) leaves ``done.json`` and is skipped on a rerun; a killed training resumes from its
-checkpoint. Steps are FIXED counts, never wall-clock budgets, so a busy machine changes the
-duration, not the result.
+checkpoint. Processes started on the same folder share its units (each is claimed with a lock
+on its folder and starts once its inputs are done). Steps are FIXED counts, never wall-clock
+budgets, so a busy machine changes the duration, not the result.
 """
 
 from __future__ import annotations
