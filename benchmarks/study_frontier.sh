@@ -18,7 +18,7 @@ DEST=${3:-benchmarks/notes}
 SEED=${SEED:-0}
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 THREADS=${THREADS:-2}
-FORMATS=${FORMATS:-eager,onnx-fp32,onnx-int8,openvino-fp32,openvino-int8}
+FORMATS=${FORMATS:-fused-fp32,torch-fp32,onnx-fp32,onnx-int8,openvino-fp32,openvino-int8}
 mkdir -p "$DEST"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/pocus-study-frontier.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT

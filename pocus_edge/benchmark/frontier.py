@@ -162,11 +162,14 @@ def plot_frontier(reports: Sequence[dict[str, Any]], labels: Sequence[str], accu
             mine = [p for p in pts if p["model"] == model]
             ax.scatter([p["fps"] for p in mine], [p["dice"] for p in mine], marker=markers[model], color=color, zorder=3,
                        label=f"{model}" + (f" ({s['label']}, {s['device']})" if len(data["series"]) > 1 else ""))
+        # One model's formats share its Dice, so their labels sit on one line: stagger them by FPS.
+        tier = {id(p): k % 3 for model in markers for k, p in
+                enumerate(sorted((q for q in pts if q["model"] == model), key=lambda q: q["fps"]))}
         for p in pts:
             if p["ci"]:
                 ax.plot([p["fps"], p["fps"]], list(p["ci"]), color=color, lw=1, alpha=0.6, zorder=2)
-            ax.annotate(p["label"], (p["fps"], p["dice"]), xytext=(4, 3), textcoords="offset points", fontsize=7,
-                        fontweight="bold" if p["frontier"] else "normal")
+            ax.annotate(p["label"], (p["fps"], p["dice"]), xytext=(4, 3 + 9 * tier[id(p)]), textcoords="offset points",
+                        fontsize=7, fontweight="bold" if p["frontier"] else "normal")
         front = [pts[i] for i in s["frontier"]]
         # Step line: from each frontier point, accuracy holds until the next (faster, less accurate) one.
         xs, ys = [], []
@@ -183,7 +186,7 @@ def plot_frontier(reports: Sequence[dict[str, Any]], labels: Sequence[str], accu
     ax.set_xlabel(f"frames per second at batch {batch} (log scale)")
     ax.set_ylabel("target Dice (study mean and 95 % CI where given)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="best")
     device = ", ".join(dict.fromkeys(s["device"] for s in data["series"]))
     ax.set_title(f"Accuracy against speed: every model and format ({device})")
     if data["left_out"]:
