@@ -240,26 +240,41 @@ def holm_family(baseline_key: str) -> str:
 
 
 def _goals(study: "Study", arms: dict[str, Any], comparisons: dict[str, Any]) -> dict[str, Any]:
-    """The method's claims on this data, for every fused arm and SSL branch in the study: fused >=
-    lower + 0.03 with its Holm-level CI above 0; each SSL branch >= the lower bound; fused <= the
-    upper bound."""
+    """The method's claims on this data, for every fused arm, SSL branch and student in the study:
+    fused >= lower + 0.03 with its Holm-level CI above 0; each SSL branch >= the lower bound; fused
+    <= the upper bound; a student >= its teacher - 0.01. A claim is True or False, or None ("not
+    assessed") while an arm it reads has fewer seeds than the study planned for it."""
     from .study import ARMS
 
     r = study.options.recipe
+    planned = {c.key: len(study.seeds_of(c)) for c in study.choices}
     upper = arms.get(f"upper@{r}")
+
+    def judged(value: bool, *keys: str) -> bool | None:
+        complete = all(len(arms[k]["seeds"]) >= planned.get(k, 0) for k in keys)
+        return bool(value) if complete else None
+
     goals: dict[str, Any] = {}
     for key, c in comparisons.items():
         arm, _, recipe = key.partition("@")
-        if recipe != r or c["baseline"] != f"lower@{r}":
+        if recipe != r:
             continue
         kind = ARMS[arm]
-        if kind.claim == "fusion":
-            goals[f"{arm} >= lower + 0.03, CI excluding 0"] = bool(c["dice"]["mean"] >= 0.03 and c["dice"]["ci_holm"][0] > 0)
+        baseline = c["baseline"].partition("@")[0]
+        if c["baseline"] == f"lower@{r}" and kind.claim == "fusion":
+            goals[f"{arm} >= lower + 0.03, CI excluding 0"] = judged(
+                c["dice"]["mean"] >= 0.03 and c["dice"]["ci_holm"][0] > 0, key, c["baseline"])
             if upper is not None:
-                goals[f"{arm} <= upper"] = bool(arms[key]["dice"]["mean"] <= upper["dice"]["mean"])
-        elif kind.claim == "branch":
-            goals[f"{arm} >= lower"] = bool(c["dice"]["mean"] >= 0)
+                goals[f"{arm} <= upper"] = judged(arms[key]["dice"]["mean"] <= upper["dice"]["mean"], key, f"upper@{r}")
+        elif c["baseline"] == f"lower@{r}" and kind.claim == "branch":
+            goals[f"{arm} >= lower"] = judged(c["dice"]["mean"] >= 0, key, c["baseline"])
+        elif ARMS[baseline].claim == "fusion":  # a student against its teacher
+            goals[f"{arm} >= {baseline} - 0.01"] = judged(c["dice"]["mean"] >= -0.01, key, c["baseline"])
     return goals
+
+
+def _goal_text(value: bool | None) -> str:
+    return "not assessed (fewer seeds than planned)" if value is None else ("yes" if value else "NO")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,7 +353,7 @@ def render_markdown(study: "Study", analysis: dict[str, Any], facts: dict[str, A
             f"{_ci(c['dice']['ci95'])} | {_ci(c['dice']['ci_holm'])} | {c['p_holm']:.3g} | **{c['verdict']}** | "
             f"{_v(c['hd95']['mean'], '+.2f')} {_ci(c['hd95']['ci95'], 2)} | {c['source_val_dice_gap']:+.4f}{flag} |")
     if analysis["goals"]:
-        lines += ["", "Goals: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in analysis["goals"].items())]
+        lines += ["", "Goals: " + "; ".join(f"{k}: {_goal_text(v)}" for k, v in analysis["goals"].items())]
     lines += ["", "Per-seed paired differences: `study.png`."]
     if facts.get("diverged"):
         lines += ["", "## Runs that diverged", "",
