@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mt_nxent", "mt_nxent_mask", "mt_nxent_mask_stats", "dice_bce", "masked_l1"]
+__all__ = ["mt_nxent", "mt_nxent_mask", "mt_nxent_mask_stats", "dice_bce", "bce_per_pixel", "masked_l1"]
 
 # The released code's fill value for masked similarities: exp(-9e15 - max) is exactly 0.
 _MASKED_LOGIT = -9e15
@@ -92,17 +92,27 @@ def dice_bce(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> t
     """DiceBCE on probabilities: ``1 - (2 sum(p y) + s) / (sum p + sum y + s) + BCE(p, y)``.
 
     Dice over all pixels of the batch, BCE averaged over pixels (the released code's DiceBCELoss).
-    Computed in float32 by hand, because ``F.binary_cross_entropy`` refuses to run under autocast;
-    log terms are clamped at -100 exactly as PyTorch's BCE does.
+    Computed in float32; the BCE is :func:`bce_per_pixel`'s, so a saturated probability (exactly
+    0 or 1) keeps a finite gradient.
     """
     p = prob.float().reshape(-1)
     y = target.float().reshape(-1)
     intersection = (p * y).sum()
     dice = 1.0 - (2.0 * intersection + smooth) / (p.sum() + y.sum() + smooth)
-    log_p = torch.log(p).clamp_min(-100.0)
-    log_not_p = torch.log(1.0 - p).clamp_min(-100.0)
-    bce = -(y * log_p + (1.0 - y) * log_not_p).mean()
-    return dice + bce
+    return dice + bce_per_pixel(p, y).mean()
+
+
+def bce_per_pixel(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-pixel binary cross-entropy of probabilities against (soft) targets, in float32, with
+    PyTorch's kernel: log terms clamped at -100 in the value, and a gradient that stays finite
+    where a probability is exactly 0 or 1 (its backward divides by ``max(p (1 - p), 1e-12)``).
+
+    A hand-written ``log(p).clamp_min(-100)`` has the same value but multiplies the clamp's zero
+    gradient by ``1/p = inf`` there: NaN, which ends a fine-tuning as soon as a sigmoid saturates.
+    Autocast is off around the call, because ``F.binary_cross_entropy`` refuses to run under it.
+    """
+    with torch.autocast(device_type=prob.device.type, enabled=False):
+        return F.binary_cross_entropy(prob.float(), target.float(), reduction="none")
 
 
 def masked_l1(reconstruction: torch.Tensor, original: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -120,12 +130,6 @@ def masked_l1(reconstruction: torch.Tensor, original: torch.Tensor, mask: torch.
 # target frames, and the labels on source frames.
 
 
-def _log_probs(prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p, log(1 - p)) in float32, clamped at -100 as PyTorch's BCE (and ``dice_bce``) do."""
-    p = prob.float()
-    return torch.log(p).clamp_min(-100.0), torch.log(1.0 - p).clamp_min(-100.0)
-
-
 def soft_bce(prob: torch.Tensor, teacher_prob: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Binary cross-entropy of probabilities against soft targets (the teacher's probabilities):
     ``sum_i w_i * -(t_i log p_i + (1 - t_i) log(1 - p_i)) / sum_i w_i`` (plain mean without ``weight``).
@@ -138,9 +142,7 @@ def soft_bce(prob: torch.Tensor, teacher_prob: torch.Tensor, weight: torch.Tenso
     """
     if prob.shape != teacher_prob.shape:
         raise ValueError(f"student {tuple(prob.shape)} and teacher {tuple(teacher_prob.shape)} probabilities differ in shape")
-    target = teacher_prob.detach().float()
-    log_p, log_not_p = _log_probs(prob)
-    per_pixel = -(target * log_p + (1.0 - target) * log_not_p)
+    per_pixel = bce_per_pixel(prob, teacher_prob.detach())
     if weight is None:
         return per_pixel.mean()
     try:

@@ -131,6 +131,33 @@ def test_dice_bce_matches_hand_computation():
     assert extreme.item() == pytest.approx((1 - 1 / 3) + 100.0, rel=1e-6)
 
 
+def test_dice_bce_gradient_is_the_formula_and_stays_finite_where_a_sigmoid_saturates():
+    """d BCE / d p = (p - y) / (p (1 - p)) / N away from 0 and 1; at p exactly 0 or 1 (a saturated
+    fp32 sigmoid, which ended fine-tunings with a NaN) the gradient must stay finite, for the
+    hard-label loss and for the distillation's soft-label one, with and without autocast."""
+    from pocus_edge.losses import soft_bce
+
+    p = torch.tensor([0.3, 0.8, 0.55, 0.1])
+    y = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    leaf = p.clone().requires_grad_(True)
+    (dice_bce(leaf, y) - dice_bce(leaf.detach(), y)).backward()  # the BCE term's gradient plus Dice's
+    s = p.sum() + y.sum() + 1
+    dice_grad = -(2 * y * s - (2 * (p * y).sum() + 1)) / s**2
+    bce_grad = (p - y) / (p * (1 - p)) / p.numel()
+    assert torch.allclose(leaf.grad, dice_grad + bce_grad, rtol=1e-5, atol=1e-7)
+
+    logits = torch.tensor([-120.0, -3.0, 0.5, 40.0, 120.0])  # sigmoid is exactly 0 or 1 at both ends
+    assert torch.sigmoid(logits)[0] == 0.0 and torch.sigmoid(logits)[-1] == 1.0
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0])
+    for loss_fn in (lambda q: dice_bce(q, labels), lambda q: soft_bce(q, torch.full_like(q, 0.3))):
+        for autocast in (False, True):
+            z = logits.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = loss_fn(torch.sigmoid(z))
+            loss.backward()
+            assert torch.isfinite(loss) and torch.isfinite(z.grad).all(), (autocast, z.grad)
+
+
 def test_masked_l1_matches_hand_computation():
     g = torch.Generator().manual_seed(1)
     original = torch.rand(2, 3, 4, 4, generator=g)
