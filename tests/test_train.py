@@ -318,7 +318,7 @@ def test_card_hash_follows_the_manifest(sites, tmp_path):
 
 def test_contrastive_stage_does_not_clip_gradients_and_the_others_do(sites, tmp_path, monkeypatch):
     """docs/method.md gives the contrastive stage no clipping, and clipping at 1.0 keeps MT-NXent at
-    chance for hundreds of steps (RESULTS.md section 3): the engine must not clip there, must
+    chance for hundreds of steps (benchmarks/notes/contrastive_plateau.md): the engine must not clip there, must
     clip the other stages at 1.0, and an explicit --set train.grad_clip must still win."""
     source, target = sites
     calls: list[float] = []
