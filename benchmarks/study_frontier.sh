@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Target Dice against FPS for the models a study scored, measured on this machine: the fused
 # teacher (the `mim` and `contrastive_uniform` branches of one seed + the fusion head) and the
-# student distilled from it (`student_uniform`, same seed), each in the formats a user deploys.
+# student distilled from it (`student_uniform`, same seed), each in the formats a user deploys,
+# and each single network (`lower`, `mim`, `contrastive_uniform`) exported alone to ONNX fp32.
 # Dice per model is the study's (mean over seeds x patients, 95 % CI); FPS is `pocus-edge
 # benchmark` at the study's input size, batch 1.
 #
 #   bash benchmarks/study_frontier.sh STUDY TARGET_SITE [OUT]      # e.g. on an otherwise idle machine
 #
 # STUDY: a study folder with fused_uniform and student_uniform evaluated (SEED: which seed's
-# models are timed, default 0). Output in OUT (default benchmarks/notes): benchmark_study.json/.log
-# and frontier_study.png.
+# models are timed, default 0). Output in OUT (default benchmarks/notes): benchmark_study.json/.log,
+# benchmark_study_<arm>.json (one per single network) and frontier_study.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STUDY=$1
@@ -36,7 +37,24 @@ echo "== $(date -u +%FT%TZ) load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev
     --data "$TARGET" --max-frames "${MAX_FRAMES:-64}" --batch 1 --threads "$THREADS" --runs "${RUNS:-200}" \
     --warmup 10 --time-per-batch "${TIME_PER_BATCH:-20}" --format-timeout 900 --workdir "$WORK/bench" \
     --json "$DEST/benchmark_study.json" 2>&1 | tee "$DEST/benchmark_study.log"
-"$PY" -m pocus_edge benchmark frontier "$DEST/benchmark_study.json" --dice "$STUDY/study.json" \
+SINGLE=()
+for arm in lower mim contrastive_uniform; do
+    "$PY" -m pocus_edge export --checkpoint "$(model_of $arm)" --target onnx --out "$WORK/$arm.onnx" >/dev/null
+    "$PY" -m pocus_edge benchmark --model "$WORK/$arm.onnx" --model-name "$arm" --data "$TARGET" \
+        --max-frames "${MAX_FRAMES:-64}" --batch 1 --threads "$THREADS" --runs "${RUNS:-200}" --warmup 10 \
+        --time-per-batch "${TIME_PER_BATCH:-20}" --json "$DEST/benchmark_study_$arm.json" 2>&1 | tee -a "$DEST/benchmark_study.log"
+    SINGLE+=("$DEST/benchmark_study_$arm.json")
+done
+# One machine, one frontier: the single networks' rows join the teacher's and student's report.
+"$PY" - "$DEST/benchmark_study.json" "${SINGLE[@]}" <<'PYTHON'
+import json, sys
+main = json.load(open(sys.argv[1]))
+for extra in sys.argv[2:]:
+    main["rows"] += [r for r in json.load(open(extra))["rows"] if r["status"] == "ok"]
+json.dump(main, open(sys.argv[1].replace(".json", "_all.json"), "w"), indent=1)
+PYTHON
+"$PY" -m pocus_edge benchmark frontier "$DEST/benchmark_study_all.json" --dice "$STUDY/study.json" \
     --as fused_uniform@default=fused --as "student_uniform@default=${STUDENT_NAME:-mobilenetv3}" \
+    --as lower@default=lower --as mim@default=mim --as contrastive_uniform@default=contrastive_uniform \
     --out "$DEST/frontier_study.png" --batch 1 --fps-goal "${FPS_GOAL:-30}"
 echo "== $(date -u +%FT%TZ) load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
