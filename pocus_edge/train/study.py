@@ -872,7 +872,6 @@ def _run_units(units: list[Unit], say: Callable[[str], None], poll_s: float = 15
         pending = [(i, u) for i, u in enumerate(units, 1) if not u.done()]
         if not pending:
             return ran
-        started = False
         for i, unit in pending:
             if not unit.ready():
                 continue
@@ -888,19 +887,18 @@ def _run_units(units: list[Unit], say: Callable[[str], None], poll_s: float = 15
                 ran += 1
                 say(f"[{i}/{len(units)}] {unit.label}: done in {time.perf_counter() - t0:.0f} s "
                     f"({(time.perf_counter() - t_start) / 60:.0f} min so far)")
-            started, waiting_on = True, None
+            waiting_on = None
             break
-        if started:
-            continue
-        busy = [u.label for _, u in pending if _claimed_elsewhere(u.folder)]
-        if not busy:
-            blocked = pending[0][1]
-            raise TrainingError(f"{blocked.folder}: {blocked.label} waits for "
-                                f"{', '.join(str(f) for f in blocked.after if read_done(f) is None)}, which no process is making")
-        if waiting_on != busy[0]:
-            say(f"waiting for another process: {'; '.join(busy)}")
-            waiting_on = busy[0]
-        time.sleep(poll_s)
+        else:  # nothing could start: every remaining unit is held, or waits on one held, by another process
+            busy = [u.label for _, u in pending if _claimed_elsewhere(u.folder)]
+            if not busy:
+                blocked = pending[0][1]
+                raise TrainingError(f"{blocked.folder}: {blocked.label} waits for "
+                                    f"{', '.join(str(f) for f in blocked.after if read_done(f) is None)}, which no process is making")
+            if waiting_on != busy[0]:
+                say(f"waiting for another process: {'; '.join(busy)}")
+                waiting_on = busy[0]
+            time.sleep(poll_s)
 
 
 LOCK = ".claim"
