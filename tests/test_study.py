@@ -299,7 +299,7 @@ def test_a_study_recorded_before_distillation_budgets_still_resumes(smoke_study,
 def test_a_run_that_diverges_is_scored_on_the_checkpoint_selected_before_it(study_sites, tmp_path, monkeypatch):
     """A fine-tuning whose loss turns NaN after its first validation stops there; the study keeps
     the model the selection rule had kept, records the step in the unit's facts and lists the run
-    in the report. Without any validation before the NaN, the unit fails with one line."""
+    in the report. Without any validation before the NaN, the run is recorded as failed."""
     import pocus_edge.losses as losses
     from pocus_edge.errors import NonFiniteLoss, TrainingError
     from pocus_edge.models.weights import read_checkpoint
@@ -321,15 +321,72 @@ def test_a_run_that_diverges_is_scored_on_the_checkpoint_selected_before_it(stud
     assert "## Runs that diverged" in text and f"| lower | 0 | {info['diverged_at_step']} | {kept['best_step']} |" in text
     assert res.summary["arms"]["lower@default"]  # the seed is scored, not dropped
 
-    # A NaN before any validation: nothing to keep, one line naming the run and the step.
-    def always_nan(prob, target, smooth=1.0):
-        value = real(prob, target, smooth)
-        return value * float("nan") if torch.is_grad_enabled() else value
+    # A NaN before any validation: nothing to keep. The run is recorded as failed (and its
+    # evaluation with it), the next seed still runs, the report lists the failure, and a rerun
+    # does not try it again.
+    calls = {"poisoned": 0}
 
-    monkeypatch.setattr(losses, "dice_bce", always_nan)
-    with pytest.raises(TrainingError, match=r"fine-tuning diverged at step 1 before its first validation") as info2:
-        run_study(_options(study_sites, tmp_path / "t", arms=("lower",), seeds=1), say=lambda m: None)
-    assert not isinstance(info2.value, NonFiniteLoss) and "\n" not in str(info2.value)
+    def nan_once(prob, target, smooth=1.0):
+        value = real(prob, target, smooth)
+        if torch.is_grad_enabled() and calls["poisoned"] == 0:
+            calls["poisoned"] += 1
+            return value * float("nan")
+        return value
+
+    monkeypatch.setattr(losses, "dice_bce", nan_once)
+    out2, said = tmp_path / "t", []
+    res2 = run_study(_options(study_sites, out2, arms=("lower",), seeds=2), say=said.append)
+    failed = study_mod.read_failed(out2 / "runs" / "lower@default" / "seed0")
+    assert failed["diverged_at_step"] == 1 and "before its first validation" in failed["reason"]
+    assert "\n" not in failed["reason"]
+    assert study_mod.read_done(out2 / "runs" / "lower@default" / "seed0") is None
+    evaluation = study_mod.read_failed(out2 / "eval" / "lower@default" / "seed0")
+    assert evaluation["inputs_failed"] == [str(out2 / "runs" / "lower@default" / "seed0")]
+    assert res2.summary["arms"]["lower@default"]["seeds"] == [1]  # seed 1 trained and was scored
+    text = res2.report_md.read_text()
+    assert "## Runs that failed" in text and "| lower | 0 | train | 1 |" in text
+    assert any("FAILED" in m for m in said)
+    rerun = run_study(_options(study_sites, out2, arms=("lower",), seeds=2), say=lambda m: None)
+    assert rerun.units_run == 0 and calls["poisoned"] == 1
+
+
+def test_a_failed_unit_is_recorded_and_only_what_is_built_from_it_is_skipped(tmp_path):
+    """`UnitFailed` ends one unit, not the run: the units built from it are recorded as failed
+    without running, the others run, and any other error still stops everything."""
+    from pocus_edge.errors import DataError
+    from pocus_edge.train.study import Unit, UnitFailed, _run_units, read_done, read_failed
+
+    ran: list[str] = []
+
+    def work(label, error=None):
+        def run():
+            ran.append(label)
+            if error is not None:
+                raise error
+            return {"label": label}
+        return run
+
+    a, b, c, d = (tmp_path / n for n in "abcd")
+    units = [Unit("train", "a", a, work("a", UnitFailed("a diverged", diverged_at_step=3))),
+             Unit("train", "b", b, work("b")),
+             Unit("eval", "c", c, work("c"), after=(a,)),
+             Unit("eval", "d", d, work("d"), after=(b,))]
+    assert _run_units(units, say=lambda _: None, poll_s=0.01) == 2
+    assert ran == ["a", "b", "d"]
+    assert read_failed(a) == {"reason": "a diverged", "diverged_at_step": 3, "seconds": read_failed(a)["seconds"]}
+    assert read_failed(c)["inputs_failed"] == [str(a)] and read_done(c) is None
+    assert read_done(b) == {"label": "b"} and read_done(d) == {"label": "d"}
+    assert _run_units(units, say=lambda _: None, poll_s=0.01) == 0 and ran == ["a", "b", "d"]
+    # Deleting the record retries the unit.
+    (a / study_mod.FAILED).unlink()
+    (c / study_mod.FAILED).unlink()
+    units[0] = Unit("train", "a", a, work("a"))
+    assert _run_units(units, say=lambda _: None, poll_s=0.01) == 2 and read_done(c) == {"label": "c"}
+    # A fault of the data or setup is not a method outcome: it stops the run.
+    broken = Unit("train", "e", tmp_path / "e", work("e", DataError("frame 3 is truncated")))
+    with pytest.raises(DataError):
+        _run_units([broken, Unit("train", "f", tmp_path / "f", work("f"))], say=lambda _: None, poll_s=0.01)
+    assert read_failed(tmp_path / "e") is None and "f" not in ran
 
 
 def test_processes_sharing_a_study_folder_run_each_unit_once_and_in_dependency_order(tmp_path):

@@ -48,6 +48,17 @@ from ..errors import ConfigError, NonFiniteLoss, TrainingError
 from ..io import write_json_atomic, write_text_atomic
 
 DONE = "done.json"
+FAILED = "failed.json"
+
+
+class UnitFailed(TrainingError):
+    """A unit ended without a result to score, as a possible outcome of the method (a training
+    that diverged before its first validation), not as a fault of the data or the setup. The study
+    records it and goes on; the comparisons that need it use the seeds that have one."""
+
+    def __init__(self, message: str, **facts: Any):
+        super().__init__(message)
+        self.facts = facts
 CONFIG = "study_config.yaml"
 STAGE_KINDS = ("mim", "contrastive", "finetune", "distill")
 
@@ -285,7 +296,8 @@ def _train_or_keep_best(run: ArmRun, what: str, run_it: Callable[[], Any]) -> di
     except NonFiniteLoss as exc:
         model = run.folder / "train" / MODEL_FILE
         if not model.is_file():
-            raise TrainingError(f"{run.folder}: {what} diverged at step {exc.step} before its first validation: {exc}") from None
+            raise UnitFailed(f"{run.folder}: {what} diverged at step {exc.step} before its first validation: {exc}",
+                             diverged_at_step=exc.step) from None
         kept = read_checkpoint(model)[1].get("hyperparameters", {})
         return {"steps": exc.step - 1, "diverged_at_step": exc.step, "diverged": str(exc), "model": str(model),
                 "best_epoch": kept.get("best_epoch"), "best_step": kept.get("best_step"),
@@ -528,6 +540,22 @@ def mark_done(folder: Path, info: dict[str, Any]) -> None:
     write_json_atomic(Path(folder) / DONE, info)
 
 
+def read_failed(folder: Path) -> dict[str, Any] | None:
+    """The record of a unit that failed (:class:`UnitFailed`, or an input that failed); a rerun
+    skips it. Deleting ``failed.json`` makes the next run try the unit again."""
+    path = Path(folder) / FAILED
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # a damaged record: the unit is tried again
+
+
+def mark_failed(folder: Path, info: dict[str, Any]) -> None:
+    write_json_atomic(Path(folder) / FAILED, info)
+
+
 # ---------------------------------------------------------------------------------------------
 # Units
 
@@ -546,8 +574,18 @@ class Unit:
     def done(self) -> bool:
         return read_done(self.folder) is not None
 
+    def failed(self) -> bool:
+        return read_failed(self.folder) is not None
+
+    def finished(self) -> bool:
+        """Done, or failed for good: nothing left to run."""
+        return self.done() or self.failed()
+
     def ready(self) -> bool:
         return all(read_done(folder) is not None for folder in self.after)
+
+    def failed_inputs(self) -> list[Path]:
+        return [folder for folder in self.after if read_failed(folder) is not None]
 
 
 def plan_units(study: Study, pace: "Pace") -> list[Unit]:
@@ -705,7 +743,7 @@ def measure_pace(study: Study, repeats: int = 3) -> Pace:
 
 
 def format_estimate(units: list[Unit], pace: Pace) -> str:
-    todo = [u for u in units if not u.done()]
+    todo = [u for u in units if not u.finished()]
     by_kind: dict[str, list[Unit]] = {}
     for u in todo:
         by_kind.setdefault(u.kind, []).append(u)
@@ -864,25 +902,42 @@ def _run_units(units: list[Unit], say: Callable[[str], None], poll_s: float = 15
     are done. Several processes may work on one study folder at once (e.g. one per core, each
     with one thread): a unit is claimed with an exclusive lock on its folder, so each runs
     exactly once, and a process whose next units wait on another's work polls until they can
-    start. A lock dies with its process, so a killed unit is picked up again by the next run."""
+    start. A lock dies with its process, so a killed unit is picked up again by the next run.
+
+    A unit that raises :class:`UnitFailed` is recorded as failed (``failed.json``), and so is
+    every unit built from it; the others go on, and reruns skip them. Any other error stops the
+    run (bad data or settings would fail every unit alike)."""
     t_start = time.perf_counter()
     ran = 0
     waiting_on: str | None = None
     while True:
-        pending = [(i, u) for i, u in enumerate(units, 1) if not u.done()]
+        pending = [(i, u) for i, u in enumerate(units, 1) if not u.finished()]
         if not pending:
             return ran
         for i, unit in pending:
-            if not unit.ready():
+            lost = unit.failed_inputs()
+            if not lost and not unit.ready():
                 continue
             with _claim(unit.folder) as mine:
-                if not mine or unit.done():
+                if not mine or unit.finished():
                     continue
+                if lost:
+                    reason = f"not run: it needs {', '.join(str(f) for f in lost)}, which failed"
+                    mark_failed(unit.folder, {"reason": reason, "inputs_failed": [str(f) for f in lost]})
+                    say(f"[{i}/{len(units)}] {unit.label}: {reason}")
+                    break
                 left = sum(u.cost_s for _, u in pending)
                 eta = f", ~{left / 60:.0f} min of planned work left" if left else ""
                 say(f"[{i}/{len(units)}] {unit.label}{eta}")
                 t0 = time.perf_counter()
-                info = unit.work()
+                try:
+                    info = unit.work()
+                except UnitFailed as exc:
+                    mark_failed(unit.folder, {"reason": str(exc), **exc.facts,
+                                              "seconds": round(time.perf_counter() - t0, 1)})
+                    say(f"[{i}/{len(units)}] {unit.label}: FAILED, recorded in {unit.folder / FAILED} "
+                        f"(the comparisons that need it use the other seeds): {exc}")
+                    break
                 mark_done(unit.folder, info)
                 ran += 1
                 say(f"[{i}/{len(units)}] {unit.label}: done in {time.perf_counter() - t0:.0f} s "
@@ -942,6 +997,7 @@ __all__ = [
     "Study",
     "StudyOptions",
     "StudyResult",
+    "UnitFailed",
     "parse_arms",
     "register_arm",
     "run_study",

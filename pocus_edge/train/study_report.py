@@ -361,6 +361,15 @@ def render_markdown(study: "Study", analysis: dict[str, Any], facts: dict[str, A
                   "model scored is the checkpoint the selection rule had kept from the validations before that step.",
                   "", "| arm | seed | non-finite loss at step | model kept from step |", "|---|---:|---:|---:|"]
         lines += [f"| {_label(d['arm'], r)} | {d['seed']} | {d['step']} | {d['kept_step']} |" for d in facts["diverged"]]
+    if facts.get("failed"):
+        lines += ["", "## Runs that failed", "",
+                  "They left no model to score (a training that diverged before its first validation, or a unit "
+                  "built from one). The seed is missing from its arm: every comparison uses the seeds both of its "
+                  "arms have, and a goal that needs the planned seeds reads \"not assessed\". A rerun skips them; "
+                  "delete a run's `failed.json` to try it again.",
+                  "", "| arm | seed | failed unit | non-finite loss at step | reason |", "|---|---:|---|---:|---|"]
+        lines += [f"| {_label(d['arm'], r)} | {d['seed']} | {d['unit']} | {d['step'] if d['step'] else ''} | "
+                  f"{d['reason'].replace('|', '/')} |" for d in facts["failed"]]
     lines += ["", "## Pretraining", ""]
     for name, info in facts["pretraining"].items():
         extras = ", ".join(f"{k} {v:.3f}" for k, v in (info.get("extras") or {}).items())
@@ -428,7 +437,7 @@ def write_report(study: "Study", *, say: Callable[[str], None] = print):
     import torch
 
     from ..card import code_version
-    from .study import read_done
+    from .study import read_done, read_failed
 
     scores = collect(study)
     if not scores:
@@ -449,8 +458,19 @@ def write_report(study: "Study", *, say: Callable[[str], None] = print):
             if info and info.get("diverged_at_step"):
                 diverged.append({"arm": choice.key, "seed": seed, "step": info["diverged_at_step"],
                                  "kept_step": info.get("best_step"), "message": info.get("diverged")})
+    failed = []
+    for choice in study.choices:
+        for seed in study.seeds_of(choice):
+            run = study.arm_run(choice.arm, choice.recipe, seed)
+            for unit, folder in (("train", run.folder), ("evaluate", study.out / "eval" / choice.key / f"seed{seed}")):
+                info = read_failed(folder)
+                if info is not None:
+                    failed.append({"arm": choice.key, "seed": seed, "unit": unit, "reason": info.get("reason", "?"),
+                                   "step": info.get("diverged_at_step")})
+                    break  # an evaluation fails because its training did: one line per run
     facts = {
         "diverged": diverged,
+        "failed": failed,
         "code_version": code_version(),
         "test_frames": len(study.target_site.select("test", labeled=True)),
         "pretraining": pretraining,
