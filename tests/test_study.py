@@ -102,6 +102,11 @@ def test_study_prints_an_estimate_first_and_reports_every_arm(smoke_study):
     assert report["pretraining"]["contrastive"]["extras"]["masked_negatives"] > 0  # video-clustered batches
     for c in report["comparisons"].values():
         assert c["verdict"] in ("helps", "hurts", "inconclusive")
+    # A comparison on one training seed is marked: its interval covers patients, not seeds.
+    rows = {line.split(" | ")[0].strip("| "): line for line in (out / "study.md").read_text().splitlines()
+            if line.startswith("| ") and "**" in line}
+    assert "(1 seed)" in rows["mim@paper"] and "(1 seed)" in rows["lower@paper"]
+    assert "(1 seed)" not in rows["mim"] and "(1 seed)" not in rows["adabn"]
 
 
 def test_report_statistics_match_the_per_image_scores(smoke_study):

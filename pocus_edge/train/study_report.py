@@ -350,8 +350,13 @@ def render_markdown(study: "Study", analysis: dict[str, Any], facts: dict[str, A
         flag = " (flag)" if c["convergence_flag"] else ""
         lines.append(
             f"| {_label(key, r)} | {_label(c['baseline'], r)} | {len(c['seeds'])} | {c['dice']['mean']:+.4f} | "
-            f"{_ci(c['dice']['ci95'])} | {_ci(c['dice']['ci_holm'])} | {c['p_holm']:.3g} | **{c['verdict']}** | "
+            f"{_ci(c['dice']['ci95'])} | {_ci(c['dice']['ci_holm'])} | {c['p_holm']:.3g} | **{c['verdict']}**"
+            f"{' (1 seed)' if len(c['seeds']) < 2 else ''} | "
             f"{_v(c['hd95']['mean'], '+.2f')} {_ci(c['hd95']['ci95'], 2)} | {c['source_val_dice_gap']:+.4f}{flag} |")
+    if any(len(c["seeds"]) < 2 for c in comps.values()):
+        lines += ["", "A row marked *(1 seed)* compares a single training seed: its interval and p-value cover the "
+                  "test patients only, not the seed-to-seed spread of training, so it cannot tell an effect of "
+                  "the arm from the luck of that seed."]
     if analysis["goals"]:
         lines += ["", "Goals: " + "; ".join(f"{k}: {_goal_text(v)}" for k, v in analysis["goals"].items())]
     lines += ["", "Per-seed paired differences: `study.png`."]
