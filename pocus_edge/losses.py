@@ -120,8 +120,9 @@ def masked_l1(reconstruction: torch.Tensor, original: torch.Tensor, mask: torch.
 
     ``mask`` (N, 1, H, W) or (N, C, H, W) of {0, 1} broadcasts over the channels.
     """
+    reconstruction = reconstruction.float()  # bf16 under autocast: sum in float32
     mask = mask.to(reconstruction.dtype).expand_as(reconstruction)
-    error = (reconstruction - original).abs() * mask
+    error = (reconstruction - original.float()).abs() * mask
     return error.sum() / mask.sum().clamp_min(1.0)
 
 
