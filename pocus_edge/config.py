@@ -226,10 +226,7 @@ class TrainConfig:
     # Warm-up as a share of the run's planned steps (the longer of this and warmup_epochs wins).
     warmup_fraction: float = 0.0
     grad_clip: float | None = 1.0
-    amp: bool = True  # bf16 autocast on CUDA
-    # bf16 autocast on the CPU too, where it runs bf16 natively (AVX-512 BF16, AMX, Arm BF16; off
-    # elsewhere, where emulated bf16 is slower than fp32). Faster, not bit-identical to fp32.
-    cpu_amp: bool = False
+    amp: bool = True  # bf16 autocast on CUDA only
     grad_checkpointing: bool = False
     num_workers: int = 0
     log_every: int = 10

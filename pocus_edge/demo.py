@@ -63,9 +63,6 @@ DEMO_RECIPE = "default"
 # data the loss stays at chance for 360+ steps at the preset's 1e-4 and leaves it at ~220 steps at
 # 3e-4 (3.52 against a chance level of 4.13 at step 360; benchmarks/notes/study_protocol.md).
 DEMO_CONTRASTIVE_LR = 3e-4
-# Every training stage runs under bf16 autocast where the CPU has native bf16 (AVX-512 BF16, AMX,
-# Arm BF16): 1.7x faster steps on such a CPU (RESULTS.md section 9), fp32 elsewhere.
-DEMO_OVERRIDES = {"train.cpu_amp": True}
 
 # evaluate() names files after the model names, so they stay path-safe; the report shows these.
 DISPLAY_NAMES = {
@@ -205,7 +202,7 @@ def run_demo(
     t_start, c_start = time.perf_counter(), _cpu_seconds()
     # preload: the demo sites are small, so decoding every PNG once saves a few seconds per epoch.
     common = dict(preset=preset, seed=seed, progress=progress, tensorboard=False, device=device, preload=True,
-                  epochs=1_000_000, overrides=dict(DEMO_OVERRIDES))
+                  epochs=1_000_000)
 
     def steps(stage: str) -> int:
         return min(schedule[stage], max_steps) if max_steps else schedule[stage]

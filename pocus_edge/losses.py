@@ -120,9 +120,8 @@ def masked_l1(reconstruction: torch.Tensor, original: torch.Tensor, mask: torch.
 
     ``mask`` (N, 1, H, W) or (N, C, H, W) of {0, 1} broadcasts over the channels.
     """
-    reconstruction = reconstruction.float()  # bf16 under autocast: sum in float32
     mask = mask.to(reconstruction.dtype).expand_as(reconstruction)
-    error = (reconstruction - original.float()).abs() * mask
+    error = (reconstruction - original).abs() * mask
     return error.sum() / mask.sum().clamp_min(1.0)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import errno
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -598,28 +597,3 @@ def test_mim_mask_grid_is_seven_by_seven_at_any_size():
         # 30 of 49 cells masked: the masked share of pixels is near 30/49 (partial last cells aside).
         assert abs(float(mask.mean()) - 30 / 49) < 0.1
     assert resolve_mask_cell(128, MIMConfig(mask_cell=32)).mask_cell == 32
-
-
-@pytest.mark.parametrize("cpu_amp,native,autocast", [(True, True, True), (True, False, False), (False, True, False)])
-def test_cpu_bf16_autocast_only_when_asked_and_native(sites, tmp_path, monkeypatch, cpu_amp, native, autocast):
-    """`train.cpu_amp` runs the forward pass under bf16 autocast on the CPU only where the CPU has
-    native bf16 (emulated bf16 is slower than fp32); the loss stays float32 and finite either way."""
-    import pocus_edge.benchmark.machine as machine
-    import pocus_edge.losses as losses
-
-    _, target = sites
-    seen: list[tuple[bool, torch.dtype]] = []
-    real = losses.masked_l1
-
-    def spy(reconstruction, original, mask):
-        value = real(reconstruction.to(torch.bfloat16) if torch.is_autocast_enabled("cpu") else reconstruction,
-                     original, mask)
-        active = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        seen.append((active, value.dtype))
-        return value
-
-    monkeypatch.setattr(machine, "native_bf16_cpu", lambda flags=None: native)
-    monkeypatch.setattr(losses, "masked_l1", spy)
-    res = pretrain_mim(target, tmp_path / "mim", max_steps=2, overrides={"train.cpu_amp": cpu_amp}, **FAST)
-    assert len(seen) == 2 and all(a == autocast and v == torch.float32 for a, v in seen)
-    assert math.isfinite(res.last_loss)

@@ -4,7 +4,7 @@ baselines).
 What it does for every stage: seeded determinism, DistributedSampler batches (also in a single
 process, so one process with global batch B draws exactly the samples that W processes with B/W
 each draw), AdamW/Adam/SGD, cosine or constant LR per step with optional warm-up, gradient
-clipping, bf16 autocast (CUDA; opt-in on CPUs with native bf16), optional gradient checkpointing, DDP (torchrun; gloo on
+clipping, bf16 autocast on CUDA only, optional gradient checkpointing, DDP (torchrun; gloo on
 CPU, NCCL on CUDA), a rich progress bar, TensorBoard scalars and a CSV log, and atomic resumable
 checkpoints (``RUN/checkpoint.safetensors``: weights, optimizer and scheduler state, RNG state,
 position in the epoch) so ``resume=True`` continues bit for bit where a killed run stopped.
@@ -478,18 +478,6 @@ class _CompanionStream:
         return next(self._batches)
 
 
-def use_bf16_autocast(cfg: TrainConfig, device: torch.device) -> bool:
-    """bf16 autocast: on CUDA with ``cfg.amp``; on the CPU with ``cfg.cpu_amp`` and only where the
-    CPU runs bf16 natively (elsewhere torch emulates it and it is slower than fp32)."""
-    if device.type == "cuda":
-        return bool(cfg.amp)
-    if device.type == "cpu" and cfg.cpu_amp:
-        from ..benchmark.machine import native_bf16_cpu
-
-        return native_bf16_cpu()
-    return False
-
-
 class Trainer:
     """Runs one stage. ``loss_fn(model, batch)`` gets the (possibly DDP-wrapped) model and a batch
     already on the device and returns this process's objective (see ``distributed`` for the
@@ -563,9 +551,6 @@ class Trainer:
         self.optimizer = build_optimizer(self.optim.param_groups(self.model), self.optim)
         if self.global_batch != self.optim.batch_size:
             self._say(f"note: batch size {self.optim.batch_size} > {len(self.dataset)} training frames; using {self.global_batch}")
-        if self.ctx.device.type == "cpu" and self.cfg.cpu_amp:
-            self._say("note: bf16 autocast on this CPU (it runs bf16 natively)" if self._use_amp() else
-                      "note: cpu_amp asked, but this CPU has no native bf16 (emulated bf16 is slower): training in fp32")
         state = self._plan()
         self._restore_or_seed(state)
         self._write_config()
@@ -725,7 +710,7 @@ class Trainer:
             self.hooks.on_step(state.step, state.last_loss)
 
     def _use_amp(self) -> bool:
-        return use_bf16_autocast(self.cfg, self.ctx.device)
+        return bool(self.cfg.amp) and self.ctx.device.type == "cuda"
 
     def _stop_non_finite(self, state: RunState, loss: torch.Tensor) -> None:
         ckpt_path = self.out_dir / CHECKPOINT
