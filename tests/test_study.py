@@ -128,6 +128,12 @@ def test_report_statistics_match_the_per_image_scores(smoke_study):
     diff = matrix("mim@default", [0, 1]) - matrix("lower@default", [0, 1])
     assert mim["dice"]["mean"] == pytest.approx(diff.mean(), abs=1e-9)
     assert mim["dice"]["per_seed"] == pytest.approx(diff.mean(axis=1).tolist(), abs=1e-9)
+    # The source-validation gap is paired too: `lower@paper` has seed 0 only, `lower` seeds 0 and 1.
+    paper = report["comparisons"]["lower@paper"]
+    assert paper["seeds"] == [0]
+    sv = {k: np.mean([float(r["dice"]) for r in _per_image(out, k, 0) if r["site"] == "source-val"])
+          for k in ("lower@paper", "lower@default")}
+    assert paper["source_val_dice_gap"] == pytest.approx(sv["lower@paper"] - sv["lower@default"], abs=1e-9)
 
 
 def test_fused_and_adabn_arms_are_what_they_say(smoke_study, study_sites):

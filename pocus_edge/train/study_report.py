@@ -210,7 +210,9 @@ def analyse(study: "Study", scores: dict[str, Any]) -> dict[str, Any]:
             if metric == "dice":
                 draws_of[choice.key] = draws
                 entry["p_bootstrap"] = bootstrap_p_value(draws)
-        sv = arms[choice.key]["source_val_dice"] - arms[base_key]["source_val_dice"]
+        # On the seeds both arms have, like the differences (arm means may cover other seeds).
+        sv = float(np.mean([scores[choice.key][s]["source_val_dice"] - scores[base_key][s]["source_val_dice"]
+                            for s in seeds]))
         entry["source_val_dice_gap"] = sv
         entry["convergence_flag"] = bool(ARMS[choice.arm].convergence_check and ARMS[base[0]].convergence_check
                                          and abs(sv) > CONVERGENCE_GAP)
