@@ -41,7 +41,7 @@ import numpy as np
 from .errors import ConfigError, DataError
 
 # Optimizer steps per stage (fixed counts, so a busy machine changes the duration, not the
-# result). The defaults fit the 10-minute budget of a 2-core CPU on the `demo` data with the
+# result). The defaults aim at about 10 minutes on a 2-core CPU on the `demo` data with the
 # `small` model; `quick` is a smoke run. Batch sizes and pretraining learning rates come from the
 # training presets (pocus_edge.train.common.PRESET_STAGE_DEFAULTS). The contrastive stage needs
 # its steps: its loss sits at chance (ln 63 for 32 pairs) for its first ~200-300 steps
@@ -49,7 +49,7 @@ from .errors import ConfigError, DataError
 SCHEDULES: dict[str, dict[str, int]] = {
     # Contrastive: 400 steps of 32 pairs, the fewest that left chance on the demo data (340 did not
     # in one run, and 16 pairs stayed at chance for 400 steps); the other stages are sized around it
-    # for about 10 minutes on 2 CPU cores (RESULTS.md section 9).
+    # for 10-12 minutes on 2 CPU cores (RESULTS.md section 9).
     "full": {"mim": 80, "contrastive": 400, "finetune": 140, "baseline": 140, "distill": 120},
     "quick": {"mim": 10, "contrastive": 10, "finetune": 20, "baseline": 20, "distill": 20},
 }

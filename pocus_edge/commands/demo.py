@@ -11,7 +11,7 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for data, runs, exported model, stream outputs and report.md."),
-        data_preset: str = typer.Option("demo", help="Simulator size: demo (the 10-minute CPU demo) or tiny (a smoke run)."),
+        data_preset: str = typer.Option("demo", help="Simulator size: demo (the 10-12 minute CPU demo) or tiny (a smoke run)."),
         preset: str = typer.Option("small", help="Model size: small (CPU-trainable TransUNet) or tiny (tests)."),
         quick: bool = typer.Option(False, "--quick", help="A few steps per training stage (a smoke run; accuracy is meaningless)."),
         seed: int = typer.Option(0, help="Seed of the simulator and of every training stage."),
