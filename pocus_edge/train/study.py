@@ -526,14 +526,19 @@ class Study:
         return self.seeds[: choice.seeds]
 
 
-def read_done(folder: Path) -> dict[str, Any] | None:
-    path = Path(folder) / DONE
+def _read_marker(folder: Path, name: str) -> dict[str, Any] | None:
+    """A unit's JSON marker, or None if it is missing or damaged (then the unit runs again)."""
+    path = Path(folder) / name
     if not path.is_file():
         return None
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
-        return None  # a damaged marker: the unit is redone
+        return None
+
+
+def read_done(folder: Path) -> dict[str, Any] | None:
+    return _read_marker(folder, DONE)
 
 
 def mark_done(folder: Path, info: dict[str, Any]) -> None:
@@ -543,13 +548,7 @@ def mark_done(folder: Path, info: dict[str, Any]) -> None:
 def read_failed(folder: Path) -> dict[str, Any] | None:
     """The record of a unit that failed (:class:`UnitFailed`, or an input that failed); a rerun
     skips it. Deleting ``failed.json`` makes the next run try the unit again."""
-    path = Path(folder) / FAILED
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # a damaged record: the unit is tried again
+    return _read_marker(folder, FAILED)
 
 
 def mark_failed(folder: Path, info: dict[str, Any]) -> None:
