@@ -49,6 +49,8 @@ from ..io import write_json_atomic, write_text_atomic
 
 DONE = "done.json"
 FAILED = "failed.json"
+CONFIG = "study_config.yaml"
+STAGE_KINDS = ("mim", "contrastive", "finetune", "distill")
 
 
 class UnitFailed(TrainingError):
@@ -59,8 +61,6 @@ class UnitFailed(TrainingError):
     def __init__(self, message: str, **facts: Any):
         super().__init__(message)
         self.facts = facts
-CONFIG = "study_config.yaml"
-STAGE_KINDS = ("mim", "contrastive", "finetune", "distill")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,6 +497,9 @@ class Study:
     def arm_run(self, arm: str, recipe: str, seed: int) -> ArmRun:
         return ArmRun(arm, recipe, seed, self.out / "runs" / f"{arm}@{recipe}" / f"seed{seed}")
 
+    def eval_folder(self, run: ArmRun) -> Path:
+        return self.out / "eval" / run.key / f"seed{run.seed}"
+
     def model_file(self, run: ArmRun) -> Path:
         info = read_done(run.folder)
         if info is None or not info.get("model"):
@@ -610,7 +613,7 @@ def plan_units(study: Study, pace: "Pace") -> list[Unit]:
                 pretrained = (study.out / "pretrain" / kind.pretraining,) if kind.pretraining else ()
                 units.append(Unit("train", f"train {choice.key} seed {seed}", run.folder,
                                   _train_work(study, run), cost, after=pretrained + built_from))
-            units.append(Unit("eval", f"evaluate {choice.key} seed {seed}", study.out / "eval" / choice.key / f"seed{seed}",
+            units.append(Unit("eval", f"evaluate {choice.key} seed {seed}", study.eval_folder(run),
                               _eval_work(study, run), pace.eval_s * _networks_scored(kind),
                               after=(run.folder,) if kind.train is not None else built_from))
     return units
@@ -654,8 +657,7 @@ def _eval_work(study: Study, run: ArmRun) -> Callable[[], dict[str, Any]]:
         from .study_report import score_arm
 
         t0 = time.perf_counter()
-        folder = study.out / "eval" / run.key / f"seed{run.seed}"
-        n = score_arm(study, run, folder / "per_image.csv")
+        n = score_arm(study, run, study.eval_folder(run) / "per_image.csv")
         return {"arm": run.arm, "recipe": run.recipe, "seed": run.seed, "images": n,
                 "seconds": round(time.perf_counter() - t0, 1)}
 

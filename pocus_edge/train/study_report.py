@@ -133,7 +133,7 @@ def collect(study: "Study") -> dict[str, Any]:
     scores: dict[str, dict[int, dict[str, Any]]] = {}
     for choice in study.choices:
         for seed in study.seeds_of(choice):
-            folder = study.out / "eval" / choice.key / f"seed{seed}"
+            folder = study.eval_folder(study.arm_run(choice.arm, choice.recipe, seed))
             if read_done(folder) is None:
                 continue
             rows = _read_scores(folder / "per_image.csv")
@@ -458,18 +458,15 @@ def write_report(study: "Study", *, say: Callable[[str], None] = print):
         info = read_done(study.out / "pretrain" / name)
         if info is not None:
             pretraining[name] = {k: info.get(k) for k in ("steps", "last_loss", "extras", "seconds", "loss_curve")}
-    diverged = []
-    for choice in study.choices:
-        for seed in study.seeds_of(choice):
-            info = read_done(study.arm_run(choice.arm, choice.recipe, seed).folder)
-            if info and info.get("diverged_at_step"):
-                diverged.append({"arm": choice.key, "seed": seed, "step": info["diverged_at_step"],
-                                 "kept_step": info.get("best_step"), "message": info.get("diverged")})
-    failed = []
+    diverged, failed = [], []
     for choice in study.choices:
         for seed in study.seeds_of(choice):
             run = study.arm_run(choice.arm, choice.recipe, seed)
-            for unit, folder in (("train", run.folder), ("evaluate", study.out / "eval" / choice.key / f"seed{seed}")):
+            info = read_done(run.folder)
+            if info and info.get("diverged_at_step"):
+                diverged.append({"arm": choice.key, "seed": seed, "step": info["diverged_at_step"],
+                                 "kept_step": info.get("best_step"), "message": info.get("diverged")})
+            for unit, folder in (("train", run.folder), ("evaluate", study.eval_folder(run))):
                 info = read_failed(folder)
                 if info is not None:
                     failed.append({"arm": choice.key, "seed": seed, "unit": unit, "reason": info.get("reason", "?"),
