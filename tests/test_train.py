@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -448,10 +450,10 @@ def test_default_recipe_moves_the_encoder_and_paper_recipe_shrinks_it(sites, tmp
 
 def test_parameter_groups_follow_the_recipe():
     from pocus_edge.models.transunet import TransUNet
-    from pocus_edge.train.recipes import finetune_groups, is_no_decay
+    from pocus_edge.train.recipes import parameter_groups, is_no_decay
 
     model = TransUNet(model_preset("tiny"))
-    groups = finetune_groups(model, weight_decay=0.05, encoder_lr_scale=0.1, decay_all_parameters=False,
+    groups = parameter_groups(model, weight_decay=0.05, encoder_lr_scale=0.1, decay_all_parameters=False,
                              decoder_only_steps=7)
     named = dict(model.named_parameters())
     by_id = {id(p): n for n, p in named.items()}
@@ -466,9 +468,10 @@ def test_parameter_groups_follow_the_recipe():
         assert g.hold_steps == (7 if g.name.startswith("encoder") else 0)
     assert seen == set(named)  # every parameter in exactly one group
     assert "encoder.pos_embed" in {by_id[id(p)] for g in groups if g.name == "encoder-no-decay" for p in g.params}
-    paper = finetune_groups(model, weight_decay=0.05, encoder_lr_scale=1.0, decay_all_parameters=True,
+    paper = parameter_groups(model, weight_decay=0.05, encoder_lr_scale=1.0, decay_all_parameters=True,
                             decoder_only_steps=0)
-    assert len(paper) == 1 and len(paper[0].params) == len(named)
+    assert sum(len(g.params) for g in paper) == len(named)
+    assert all(g.weight_decay == 0.05 and g.lr_scale == 1.0 and g.hold_steps == 0 for g in paper)
 
 
 def test_decoder_only_steps_hold_the_encoder_then_release_it(sites, tmp_path):
@@ -584,16 +587,23 @@ def test_config_coercion_reads_types_without_evaluating_text():
         apply_overrides(TrainConfig(), {"max_steps": 2.5})
 
 
-def test_mim_mask_grid_is_seven_by_seven_at_any_size():
+def test_mim_mask_cells_are_whole_tokens_at_every_size():
     from pocus_edge.config import MIMConfig
+    from pocus_edge.errors import ConfigError
     from pocus_edge.models.heads import MaskGenerator
     from pocus_edge.train.mim import resolve_mask_cell
 
-    for size, cell in ((224, 32), (128, 19), (64, 10)):
+    # The paper's 7x7 grid of 32-px cells at 224; elsewhere ceil(size / 7) rounded to whole 16-px
+    # tokens (19 -> 16 at 128, 10 -> 16 at 64), so no cell straddles a token.
+    for size, cell, side in ((224, 32, 7), (128, 16, 8), (64, 16, 4)):
         cfg = resolve_mask_cell(size, MIMConfig())
         gen = MaskGenerator(size, cfg)
-        assert (cfg.mask_cell, gen.cells_per_side, gen.num_masked) == (cell, 7, 30)
+        assert (cfg.mask_cell, gen.cells_per_side) == (cell, side)
+        assert gen.num_masked == math.ceil(side * side * 0.6 - 1e-9)
         mask, _ = gen(2, generator=torch.Generator().manual_seed(0))
-        # 30 of 49 cells masked: the masked share of pixels is near 30/49 (partial last cells aside).
-        assert abs(float(mask.mean()) - 30 / 49) < 0.1
+        tokens = mask[:, 0].unfold(1, 16, 16).unfold(2, 16, 16)  # (N, g, g, 16, 16)
+        assert torch.all(tokens.amin(dim=(-1, -2)) == tokens.amax(dim=(-1, -2)))  # every token all-or-nothing
+        assert abs(float(mask.mean()) - gen.num_masked / gen.num_cells) < 1e-6
+    with pytest.raises(ConfigError, match="multiple of the 16-px token"):
+        resolve_mask_cell(128, MIMConfig(mask_cell=19))
     assert resolve_mask_cell(128, MIMConfig(mask_cell=32)).mask_cell == 32
