@@ -607,3 +607,27 @@ def test_mim_mask_cells_are_whole_tokens_at_every_size():
     with pytest.raises(ConfigError, match="multiple of the 16-px token"):
         resolve_mask_cell(128, MIMConfig(mask_cell=19))
     assert resolve_mask_cell(128, MIMConfig(mask_cell=32)).mask_cell == 32
+
+
+def test_did_not_train_flag_rests_on_the_first_validation_and_survives_resume(sites, tmp_path):
+    from pocus_edge.models.weights import read_checkpoint
+
+    source, _ = sites
+    res = finetune(source, tmp_path / "run", max_steps=4, batch_size=8, epochs=2, **FAST)
+    rows = [r for r in csv.DictReader(open(res.out_dir / engine.LOG_CSV)) if r["phase"] == "val"]
+    first = float(rows[0]["val_dice"])
+    assert res.first_val_dice == pytest.approx(first)
+    assert res.did_not_train == (first < engine.DID_NOT_TRAIN_DICE)
+    card = read_checkpoint(res.model_path)[1]["hyperparameters"]
+    assert card["first_val_dice"] == pytest.approx(first) and card["did_not_train"] == res.did_not_train
+
+    # The rule itself, on a stage whose validation reports a chosen Dice: a later, better
+    # validation does not clear the flag, and a resumed run keeps the first figure.
+    for dice, flagged in ((0.05, True), (0.5, False)):
+        state = engine.RunState(8, 8, 1, 1, 1)
+        state.first_val_dice = dice
+        assert state.did_not_train is flagged and state.train_check() == {"first_val_dice": dice,
+                                                                          "did_not_train": flagged}
+    assert engine.RunState(8, 8, 1, 1, 1).did_not_train is None
+    more = finetune(source, tmp_path / "run", max_steps=8, batch_size=8, epochs=4, resume=True, **FAST)
+    assert more.first_val_dice == pytest.approx(first)
