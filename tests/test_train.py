@@ -382,6 +382,17 @@ def test_evaluate_reports_match_independent_computation(sites, encoders, tmp_pat
     assert summary["models"]["g"]["dice_mean"] == pytest.approx(float(res.dice["g"].mean()))
     assert summary["manifest_sha256"] == site.manifest_sha256()
     assert len(list((tmp_path / "ev" / "overlays").glob("*.png"))) == 2 * 4
+    # A checkpoint whose card flags "did not train" is marked in the table and the summary.
+    from pocus_edge.models.weights import read_checkpoint, save_checkpoint
+
+    state, card = read_checkpoint(b.model_path)
+    card["hyperparameters"]["did_not_train"] = True
+    save_checkpoint(tmp_path / "flat" / "model.safetensors", state, card)
+    flagged = evaluate(target, [a.model_path, tmp_path / "flat" / "model.safetensors"], tmp_path / "ev2",
+                       device="cpu", overlays=0)
+    assert flagged.did_not_train == {"g": a.did_not_train, "flat": True}
+    assert "flat **(did not train)**" in flagged.table() and "g **(did not train)**" not in flagged.table()
+    assert json.loads((tmp_path / "ev2" / "summary.json").read_text())["models"]["flat"]["did_not_train"] is True
     with pytest.raises(TrainingError, match="exactly two models"):
         evaluate(target, [a.model_path], fusion=["entropy"], device="cpu")
 
