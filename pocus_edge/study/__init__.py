@@ -5,16 +5,19 @@ Table 3 protocol as a library function, with paired seeds and confidence interva
 
 What it does (each step reads ONE site; only weights move between steps):
 
-1. **Pretrains once per SSL pretraining** the selected arms need (MIM, contrastive MT-NXent with
-   video-clustered batches, optionally SimCLR) on the target's unlabeled ``train`` frames.
+1. **Pretrains** each SSL method the selected arms need (MIM, contrastive MT-NXent, optionally
+   SimCLR) on the target's unlabeled ``train`` frames, ``pretrain_seeds`` times; fine-tuning seed
+   s starts from pretraining run s mod ``pretrain_seeds``.
 2. **Fine-tunes every arm with K paired seeds**: seed s gives every arm the same decoder init
    and the same data order, so arm differences are paired within a seed.
 3. **Evaluates every (arm, seed) per target test patient**: Dice, IoU, HD95 and average surface
    distance per image, averaged per patient; plus Dice on the source validation frames (a
    convergence check).
-4. **Reports** (:mod:`.report`): per arm the mean with a 95 % hierarchical-bootstrap CI
-   (seeds, then patients); each arm's paired difference to its comparison arm with a Holm-level
-   CI and a verdict (helps / hurts / inconclusive); a figure of the per-seed differences.
+4. **Reports** (:mod:`.stats`, :mod:`.report`) at the level of training seeds: one primary
+   comparison (fused vs lower by default) by an exact sign-flip test with a t-interval and its
+   minimal detectable effect; secondary comparisons (each SSL branch, the fusion against the
+   ensemble of two lower-bound models, students against teachers) Holm-corrected when they have
+   10 seeds or more, else labelled underpowered; a figure of the per-seed differences.
 
 Arms come from a registry (:data:`ARMS`): a new arm plugs in with :func:`register_arm` without
 touching the loop. The ``student`` arms distil a compact student from the same seed's fused
@@ -32,7 +35,7 @@ One module per job: :mod:`.budgets` (step budgets, options, the recorded protoco
 :mod:`.arms` (pretraining and arm registries, arm selection), :mod:`.folder` (the study folder),
 :mod:`.markers` (done and failed units), :mod:`.plan` (units), :mod:`.pace` (the time estimate),
 :mod:`.scheduler` (running units, shared by processes), :mod:`.scoring` (per-image scores),
-:mod:`.report` (statistics and the report), :mod:`.run` (:func:`run_study`). The study sits on
+:mod:`.stats` (seed-level statistics), :mod:`.report` (the report), :mod:`.run` (:func:`run_study`). The study sits on
 top of :mod:`pocus_edge.train`; nothing below it imports it.
 """
 
@@ -42,7 +45,8 @@ from .arms import ARMS, PRETRAININGS, ArmKind, ArmRun, Pretraining, parse_arms, 
 from .budgets import BUDGETS, Budget, StudyOptions, study_options
 from .folder import Study
 from .markers import UnitFailed
-from .report import analyse, write_report
+from .report import write_report
+from .stats import analyse
 from .run import StudyResult, run_study
 
 __all__ = [

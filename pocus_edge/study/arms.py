@@ -27,35 +27,35 @@ class Pretraining:
 
     name: str
     describe: str
-    run: Callable[["Study", Path], Any]
+    run: Callable[["Study", Path, int], Any]  # (study, out_dir, pretraining seed) -> stage result
 
 
-def _pretrain_mim(study: "Study", out: Path):
+def _pretrain_mim(study: "Study", out: Path, seed: int):
     from ..train.mim import pretrain_mim
 
-    return pretrain_mim(study.target, out, study.run_options("mim", out))
+    return pretrain_mim(study.target, out, study.run_options("mim", out, seed=seed))
 
 
 def _pretrain_contrastive(gap: int | None, clustered: bool, lr: float | None = None):
     """A contrastive pretraining: ``gap`` None = the study's frame gap; ``clustered``: video-
     clustered batches; ``lr`` None = the preset's."""
 
-    def run(study: "Study", out: Path):
+    def run(study: "Study", out: Path, seed: int):
         from ..train.contrastive import pretrain_contrastive
 
-        options = study.run_options("contrastive", out)
+        options = study.run_options("contrastive", out, seed=seed)
         if lr is not None:
             options = dataclasses.replace(options, lr=lr)
         return pretrain_contrastive(
             study.target, out, options, min_frame_gap=study.options.min_frame_gap if gap is None else gap,
-            frames_per_video=study.budget.frames_per_video if clustered else 0,
+            frames_per_video=study.budget.frames_per_video if clustered else 0, temperature=study.options.temperature,
         )
 
     return run
 
 
 PRETRAININGS: dict[str, Pretraining] = {
-    "mim": Pretraining("mim", "masked image modeling (7x7 grid, ratio 0.6, 20 % speckle)", _pretrain_mim),
+    "mim": Pretraining("mim", "masked image modeling (token-aligned cells, ratio 0.6, 20 % speckle)", _pretrain_mim),
     "contrastive": Pretraining("contrastive", "MT-NXent (frame gap 15, tau 0.5), video-clustered batches",
                                _pretrain_contrastive(None, clustered=True)),
     "simclr": Pretraining("simclr", "NT-Xent (no temporal mask), uniform batches", _pretrain_contrastive(0, False)),
@@ -80,7 +80,10 @@ class ArmKind:
     so its source-validation Dice should match its comparison arm's; ``cost``: the stage kind
     whose measured step time prices its training for the estimate (None: about one evaluation);
     ``claim``: which of the method's claims the report checks for it (``branch``: an SSL branch
-    >= the lower bound; ``fusion``: >= lower + 0.03 and <= the upper bound).
+    >= the lower bound; ``fusion``: >= lower + 0.03 and <= the upper bound); ``controls``: arms it
+    is also compared with (secondary comparisons: a fusion against the two-model ensemble of the
+    lower bound, which separates ensembling from pretraining); ``seed_offset``: trains with seed +
+    offset (a second model of the same arm and seed, e.g. the ensemble's other member).
     """
 
     name: str
@@ -93,6 +96,8 @@ class ArmKind:
     convergence_check: bool = True
     cost: str | None = "finetune"
     claim: str | None = None
+    controls: tuple[str, ...] = ()
+    seed_offset: int = 0
 
 
 ARMS: dict[str, ArmKind] = {}
@@ -126,17 +131,21 @@ class ArmRun:
 # -- arm implementations ----------------------------------------------------------------------
 
 
-def _finetune_arm(*, site: str, augment: str = "none"):
+def _finetune_arm(*, site: str, augment: str | None = None):
+    """Fine-tune on ``site``; ``augment`` None = the recipe's augmentation (the same for every arm)."""
+
     def train(study: "Study", run: ArmRun) -> dict[str, Any]:
         from ..train.finetune import finetune
 
         kind = ARMS[run.arm]
-        init = study.encoder(kind.pretraining) if kind.pretraining else None
+        init = study.encoder(kind.pretraining, run.seed) if kind.pretraining else None
+
         def run_it():
             return finetune(
                 study.target if site == "target" else study.source, run.folder / "train",
                 study.run_options("finetune", run.folder / "train"),
-                init=init, recipe=run.recipe, seed=run.seed, augment=augment, max_val_frames=study.budget.val_frames,
+                init=init, recipe=run.recipe, seed=run.seed + kind.seed_offset, augment=augment,
+                max_val_frames=study.budget.val_frames,
             )
 
         return _train_or_keep_best(run, "fine-tuning", run_it)
@@ -162,11 +171,13 @@ def _train_or_keep_best(run: ArmRun, what: str, run_it: Callable[[], Any]) -> di
         kept = read_checkpoint(model)[1].get("hyperparameters", {})
         return {"steps": exc.step - 1, "diverged_at_step": exc.step, "diverged": str(exc), "model": str(model),
                 "best_epoch": kept.get("best_epoch"), "best_step": kept.get("best_step"),
-                "best_val_dicebce": kept.get("best_val_dicebce")}
+                "best_val_dicebce": kept.get("best_val_dicebce"), "first_val_dice": kept.get("first_val_dice"),
+                "did_not_train": kept.get("did_not_train")}
     if res.model_path is None:
         raise TrainingError(f"{run.folder}: {what} wrote no model")
     info = {"steps": res.global_step, "best_val_dicebce": res.best_val, "best_epoch": res.best_epoch,
-            "last_loss": res.last_loss, "seconds": round(res.seconds, 1), "model": str(res.model_path)}
+            "last_loss": res.last_loss, "seconds": round(res.seconds, 1), "model": str(res.model_path),
+            "first_val_dice": res.first_val_dice, "did_not_train": res.did_not_train}
     if getattr(res, "card", None) and "student" in res.card:
         info["student"] = res.card["student"]
     return info
@@ -190,6 +201,8 @@ def _adabn_train(study: "Study", run: ArmRun) -> dict[str, Any]:
 
 
 def _fused_predictor(generative: str, contrastive: str):
+    """Entropy fusion of two arms of the same recipe and seed (the ensemble control fuses two
+    lower-bound models the same way)."""
     def predictor(study: "Study", run: ArmRun) -> Callable:
         from ..models.fusion import fuse
 
@@ -230,14 +243,21 @@ def _register_builtin_arms() -> None:
                          seg, _finetune_arm(site="source"), pretraining="contrastive", claim="branch"))
     register_arm(ArmKind("simclr", "SimCLR-pretrained encoder, source fine-tuning", seg, _finetune_arm(site="source"),
                          pretraining="simclr", claim="branch"))
+    # The control for every fusion: the same fusion head over two lower-bound models (seeds s and
+    # s + 1000), so "fused beats lower" can be told apart from "any two models beat one".
+    register_arm(ArmKind("lower_b", "source only, random init, seed + 1000 (the ensemble's second member)", seg,
+                         _finetune_arm(site="source"), compare_to=None, seed_offset=1000))
+    register_arm(ArmKind("ensemble", "entropy fusion of two lower-bound models (seeds s and s + 1000): the control "
+                         "for the fused arms", _fused_predictor("lower", "lower_b"), needs=("lower", "lower_b"),
+                         convergence_check=False, claim="control"))
     register_arm(ArmKind("fused", "entropy fusion of the MIM and contrastive arms (same seed)",
                          _fused_predictor("mim", "contrastive"), needs=("mim", "contrastive"), convergence_check=False,
-                         claim="fusion"))
+                         claim="fusion", controls=("ensemble",)))
     register_arm(ArmKind("contrastive_uniform", "MT-NXent-pretrained encoder (uniform batches), source fine-tuning",
                          seg, _finetune_arm(site="source"), pretraining="contrastive_uniform", claim="branch"))
     register_arm(ArmKind("fused_uniform", "entropy fusion of the MIM and contrastive_uniform arms (same seed)",
                          _fused_predictor("mim", "contrastive_uniform"), needs=("mim", "contrastive_uniform"),
-                         convergence_check=False, claim="fusion"))
+                         convergence_check=False, claim="fusion", controls=("ensemble",)))
     # Students: compared with their own teacher (the paired difference is student - teacher).
     register_arm(ArmKind("student", "mobilenetv3 student distilled from the fused arm (same seed and recipe)", seg,
                          _student_arm("mim", "contrastive"), needs=("mim", "contrastive"), compare_to="fused",
@@ -247,8 +267,8 @@ def _register_builtin_arms() -> None:
                          compare_to="fused_uniform", convergence_check=False, cost="distill"))
     register_arm(ArmKind("adabn", "lower bound with decoder BatchNorm statistics re-estimated on target frames", seg,
                          _adabn_train, needs=("lower",), convergence_check=False, cost=None))
-    register_arm(ArmKind("intensity", "source only, random init, probe-agnostic intensity augmentation", seg,
-                         _finetune_arm(site="source", augment="intensity")))
+    register_arm(ArmKind("intensity", "source only, random init, probe-agnostic intensity augmentation instead of the "
+                         "recipe's", seg, _finetune_arm(site="source", augment="intensity")))
     register_arm(ArmKind("upper", "target labels (ub_split), random init (the upper bound)", seg,
                          _finetune_arm(site="target"), convergence_check=False))
 
@@ -273,7 +293,7 @@ class ArmChoice:
 
 def parse_arms(items: Sequence[str], default_recipe: str, seeds: int) -> list[ArmChoice]:
     """``NAME[@RECIPE][:SEEDS]`` items -> choices, with the arms they need and the arms they are
-    compared with added (in dependency order)."""
+    compared with (comparison arm and controls) added (in dependency order)."""
     from ..train.recipes import get_recipe
 
     chosen: dict[str, ArmChoice] = {}
@@ -307,14 +327,19 @@ def parse_arms(items: Sequence[str], default_recipe: str, seeds: int) -> list[Ar
         kind = ARMS[name]
         for dep in kind.needs:
             add(dep, recipe, n)
-        base = comparison_of(name, recipe, default_recipe)
-        if base is not None:
-            add(base[0], base[1], n)
+        for other, other_recipe in comparisons_of(name, recipe, default_recipe):
+            add(other, other_recipe, n)
         order.append(ArmChoice(name, recipe, n))
 
     for c in chosen.values():
         add(c.arm, c.recipe, c.seeds)
     return order
+
+
+def comparisons_of(arm: str, recipe: str, default_recipe: str) -> list[tuple[str, str]]:
+    """Every (arm, recipe) an arm is compared with: its comparison arm, then its controls."""
+    base = comparison_of(arm, recipe, default_recipe)
+    return ([base] if base else []) + [(control, recipe) for control in ARMS[arm].controls]
 
 
 def comparison_of(arm: str, recipe: str, default_recipe: str) -> tuple[str, str] | None:

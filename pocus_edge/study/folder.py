@@ -13,7 +13,7 @@ from .markers import read_done
 
 
 class Study:
-    """A study folder and the sites it reads. Units: ``pretrain/NAME``, ``runs/ARM@RECIPE/seedS``
+    """A study folder and the sites it reads. Units: ``pretrain/NAME/seedP``, ``runs/ARM@RECIPE/seedS``
     (training) and ``eval/ARM@RECIPE/seedS`` (scores)."""
 
     def __init__(self, options: StudyOptions):
@@ -47,15 +47,25 @@ class Study:
             raise TrainingError(f"{run.folder}: arm {run.key} seed {run.seed} has not been trained")
         return Path(info["model"])
 
-    def encoder(self, pretraining: str) -> Path:
-        info = read_done(self.out / "pretrain" / pretraining)
+    def pretrain_seed(self, seed: int) -> int:
+        """The pretraining run fine-tuning seed ``seed`` starts from: (seed - first seed) mod
+        ``pretrain_seeds``, so consecutive seeds alternate between pretraining runs."""
+        return (seed - self.options.first_seed) % self.options.pretrain_seeds
+
+    def pretrain_folder(self, pretraining: str, pretrain_seed: int) -> Path:
+        return self.out / "pretrain" / pretraining / f"seed{pretrain_seed}"
+
+    def encoder(self, pretraining: str, seed: int) -> Path:
+        """The encoder fine-tuning seed ``seed`` starts from."""
+        folder = self.pretrain_folder(pretraining, self.pretrain_seed(seed))
+        info = read_done(folder)
         if info is None:
-            raise TrainingError(f"{self.out / 'pretrain' / pretraining}: pretraining {pretraining} has not run")
+            raise TrainingError(f"{folder}: pretraining {pretraining} has not run")
         return Path(info["encoder"])
 
-    def run_options(self, kind: str, run_dir: Path):
+    def run_options(self, kind: str, run_dir: Path, seed: int | None = None):
         """Options of one training: the budget's fixed steps; a killed run resumes from its
-        checkpoint."""
+        checkpoint. ``seed`` None leaves the seed to the caller (fine-tuning passes its own)."""
         from ..train.common import RunOptions
         from ..train.engine import CHECKPOINT
 
@@ -63,7 +73,7 @@ class Study:
         return RunOptions(
             preset=self.options.preset, max_steps=steps, batch_size=batch, epochs=1_000_000, device=str(self.device),
             resume=(Path(run_dir) / CHECKPOINT).is_file(), num_workers=self.budget.workers, preload=self.budget.preload, progress=self.options.progress,
-            tensorboard=False, overrides={"log_every": self.budget.log_every},
+            tensorboard=False, overrides={"log_every": self.budget.log_every}, seed=seed,
         )
 
     def seeds_of(self, choice: ArmChoice) -> list[int]:

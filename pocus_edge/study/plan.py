@@ -51,11 +51,13 @@ def plan_units(study: Study, pace: "Pace") -> list[Unit]:
     interrupted study already holds complete seeds)."""
     units: list[Unit] = []
     needed = [c for c in study.choices if ARMS[c.arm].pretraining]
+    used = sorted({study.pretrain_seed(s) for s in study.seeds})
     for name in dict.fromkeys(ARMS[c.arm].pretraining for c in needed):
         kind = "mim" if name == "mim" else "contrastive"
-        folder = study.out / "pretrain" / name
-        units.append(Unit("pretrain", f"pretrain {name}", folder, _pretrain_work(study, name, folder),
-                          pace.stage_seconds(kind, study.budget)))
+        for pseed in used:
+            folder = study.pretrain_folder(name, pseed)
+            units.append(Unit("pretrain", f"pretrain {name} seed {pseed}", folder,
+                              _pretrain_work(study, name, folder, pseed), pace.stage_seconds(kind, study.budget)))
     for seed in study.seeds:
         for choice in study.choices:
             if seed not in study.seeds_of(choice):
@@ -66,7 +68,8 @@ def plan_units(study: Study, pace: "Pace") -> list[Unit]:
                                if ARMS[dep].train is not None)
             if kind.train is not None:
                 cost = pace.stage_seconds(kind.cost, study.budget) if kind.cost else pace.eval_s
-                pretrained = (study.out / "pretrain" / kind.pretraining,) if kind.pretraining else ()
+                pretrained = ((study.pretrain_folder(kind.pretraining, study.pretrain_seed(seed)),)
+                              if kind.pretraining else ())
                 units.append(Unit("train", f"train {choice.key} seed {seed}", run.folder,
                                   _train_work(study, run), cost, after=pretrained + built_from))
             units.append(Unit("eval", f"evaluate {choice.key} seed {seed}", study.eval_folder(run),
@@ -81,13 +84,13 @@ def _networks_scored(kind: ArmKind) -> int:
     return max(1, len(kind.needs)) if kind.train is None else 1
 
 
-def _pretrain_work(study: Study, name: str, folder: Path) -> Callable[[], dict[str, Any]]:
+def _pretrain_work(study: Study, name: str, folder: Path, seed: int) -> Callable[[], dict[str, Any]]:
     def work() -> dict[str, Any]:
         t0 = time.perf_counter()
-        res = PRETRAININGS[name].run(study, folder / "train")
+        res = PRETRAININGS[name].run(study, folder / "train", seed)
         if res.encoder_path is None:
             raise TrainingError(f"{folder}: pretraining {name} wrote no encoder")
-        return {"encoder": str(res.encoder_path), "steps": res.global_step, "last_loss": res.last_loss,
+        return {"encoder": str(res.encoder_path), "seed": seed, "steps": res.global_step, "last_loss": res.last_loss,
                 "loss_curve": _loss_curve(res.history), "extras": res.extras,
                 "seconds": round(time.perf_counter() - t0, 1)}
 

@@ -1,19 +1,5 @@
-"""The report of a study (:mod:`pocus_edge.study`): statistics, the method's goals,
-``study.md``, ``study.json`` and ``study.png``.
-
-Statistics (no frame-level p-values):
-
-* arm mean: grand mean over seeds x patients, 95 % CI from a hierarchical bootstrap (seeds with
-  replacement, then patients with replacement);
-* paired difference to the comparison arm on the seeds both have: the same bootstrap on the
-  (seed, patient) differences; a two-sided bootstrap p-value; Holm's correction across every
-  comparison against a lower bound (students against their teachers form a second family); the
-  interval at the Holm level of the arm's rank;
-* verdict: *helps* if the Holm-level interval's lower end is > 0, the Holm-adjusted p <= 0.05 and
-  the gain >= 0.02 Dice; *hurts* symmetrically; else *inconclusive*;
-* convergence check: source-validation Dice of each source-trained arm against its comparison
-  arm, flagged when more than 0.01 apart (the arms did not reach the same source fit).
-"""
+"""The report of a study (:mod:`pocus_edge.study`): ``study.md``, ``study.json`` and
+``study.png`` from the seed-level statistics of :mod:`.stats`."""
 
 from __future__ import annotations
 
@@ -25,134 +11,21 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ..io import write_bytes_atomic, write_json_atomic, write_text_atomic
-from .arms import ARMS, PRETRAININGS, comparison_of
+from .arms import PRETRAININGS
 from .markers import read_done, read_failed
-from .scoring import collect, nanmean
+from .scoring import collect
+from .stats import ALPHA, CONVERGENCE_GAP, MIN_EFFECT, MIN_SEEDS, analyse
 
 if TYPE_CHECKING:
     from .folder import Study
 
-MIN_EFFECT = 0.02
-CONVERGENCE_GAP = 0.01
-ALPHA = 0.05
 
-
-def _matrix(per_seed: dict[int, dict[str, Any]], seeds: list[int], patients: list[str], metric: str) -> np.ndarray:
-    return np.array([[per_seed[s]["patients"].get(p, {}).get(metric, np.nan) for p in patients] for s in seeds])
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics
-
-
-def analyse(study: "Study", scores: dict[str, Any]) -> dict[str, Any]:
-    from ..metrics import bootstrap_p_value, hierarchical_bootstrap, holm_adjust, percentile_interval, verdict
-
-    n_boot = study.options.bootstrap
-    patients = sorted({p for per_seed in scores.values() for s in per_seed.values() for p in s["patients"]})
-    arms: dict[str, Any] = {}
-    for choice in study.choices:
-        per_seed = scores.get(choice.key, {})
-        seeds = sorted(per_seed)
-        if not seeds:
-            continue
-        entry: dict[str, Any] = {"arm": choice.arm, "recipe": choice.recipe, "seeds": seeds,
-                                 "describe": ARMS[choice.arm].describe}
-        for metric in ("dice", "iou", "hd95", "asd"):
-            m = _matrix(per_seed, seeds, patients, metric)
-            draws = hierarchical_bootstrap(m, n_boot, seed=1)
-            entry[metric] = {"mean": nanmean(m), "ci95": percentile_interval(draws, ALPHA)}
-        entry["per_seed_dice"] = [nanmean(_matrix(per_seed, [s], patients, "dice")) for s in seeds]
-        entry["source_val_dice"] = float(np.mean([per_seed[s]["source_val_dice"] for s in seeds]))
-        entry["frames_without_boundary"] = int(sum(v["empty_boundary"] for s in seeds for v in per_seed[s]["patients"].values()))
-        entry["frames_scored"] = int(sum(v["frames"] for s in seeds for v in per_seed[s]["patients"].values()))
-        arms[choice.key] = entry
-
-    comparisons: dict[str, Any] = {}
-    draws_of: dict[str, np.ndarray] = {}
-    for choice in study.choices:
-        base = comparison_of(choice.arm, choice.recipe, study.options.recipe)
-        if base is None or choice.key not in arms or f"{base[0]}@{base[1]}" not in arms:
-            continue
-        base_key = f"{base[0]}@{base[1]}"
-        seeds = sorted(set(scores[choice.key]) & set(scores[base_key]))
-        if not seeds:
-            continue
-        entry = {"arm": choice.key, "baseline": base_key, "seeds": seeds}
-        for metric in ("dice", "hd95"):
-            diff = (_matrix(scores[choice.key], seeds, patients, metric)
-                    - _matrix(scores[base_key], seeds, patients, metric))
-            draws = hierarchical_bootstrap(diff, n_boot, seed=2)
-            entry[metric] = {"mean": nanmean(diff), "ci95": percentile_interval(draws, ALPHA),
-                             "per_seed": [nanmean(row) for row in diff]}
-            if metric == "dice":
-                draws_of[choice.key] = draws
-                entry["p_bootstrap"] = bootstrap_p_value(draws)
-        # On the seeds both arms have, like the differences (arm means may cover other seeds).
-        sv = float(np.mean([scores[choice.key][s]["source_val_dice"] - scores[base_key][s]["source_val_dice"]
-                            for s in seeds]))
-        entry["source_val_dice_gap"] = sv
-        entry["convergence_flag"] = bool(ARMS[choice.arm].convergence_check and ARMS[base[0]].convergence_check
-                                         and abs(sv) > CONVERGENCE_GAP)
-        comparisons[choice.key] = entry
-    # Two questions, two Holm families: "does this arm beat the lower bound?" and "does this
-    # student keep its teacher's accuracy?"; adding students leaves the first family's verdicts as they were.
-    families: dict[str, dict[str, float]] = {}
-    for key, entry in comparisons.items():
-        entry["family"] = holm_family(entry["baseline"])
-        families.setdefault(entry["family"], {})[key] = entry["p_bootstrap"]
-    holm = {k: v for family in families.values() for k, v in holm_adjust(family, ALPHA).items()}
-    for key, entry in comparisons.items():
-        entry["family_size"] = len(families[entry["family"]])
-        level = holm[key]["alpha"]
-        entry["p_holm"] = holm[key]["p_holm"]
-        entry["holm_alpha"] = level
-        entry["dice"]["ci_holm"] = percentile_interval(draws_of[key], level)
-        entry["verdict"] = verdict(entry["dice"]["mean"], entry["dice"]["ci_holm"], entry["p_holm"], alpha=ALPHA,
-                                   min_effect=MIN_EFFECT)
-    return {"patients": patients, "arms": arms, "comparisons": comparisons, "goals": _goals(study, arms, comparisons)}
-
-
-def holm_family(baseline_key: str) -> str:
-    """The multiple-comparison family of a comparison: against a lower bound (the method's
-    question) or against another arm (a student against its teacher)."""
-    return "lower bound" if baseline_key.partition("@")[0] == "lower" else "teacher"
-
-
-def _goals(study: "Study", arms: dict[str, Any], comparisons: dict[str, Any]) -> dict[str, Any]:
-    """The method's claims on this data, for every fused arm, SSL branch and student in the study:
-    fused >= lower + 0.03 with its Holm-level CI above 0; each SSL branch >= the lower bound; fused
-    <= the upper bound; a student >= its teacher - 0.01. A claim is True or False, or None ("not
-    assessed") while an arm it reads has fewer seeds than the study planned for it."""
-    r = study.options.recipe
-    planned = {c.key: len(study.seeds_of(c)) for c in study.choices}
-    upper = arms.get(f"upper@{r}")
-
-    def judged(value: bool, *keys: str) -> bool | None:
-        complete = all(len(arms[k]["seeds"]) >= planned.get(k, 0) for k in keys)
-        return bool(value) if complete else None
-
-    goals: dict[str, Any] = {}
-    for key, c in comparisons.items():
-        arm, _, recipe = key.partition("@")
-        if recipe != r:
-            continue
-        kind = ARMS[arm]
-        baseline = c["baseline"].partition("@")[0]
-        if c["baseline"] == f"lower@{r}" and kind.claim == "fusion":
-            goals[f"{arm} >= lower + 0.03, CI excluding 0"] = judged(
-                c["dice"]["mean"] >= 0.03 and c["dice"]["ci_holm"][0] > 0, key, c["baseline"])
-            if upper is not None:
-                goals[f"{arm} <= upper"] = judged(arms[key]["dice"]["mean"] <= upper["dice"]["mean"], key, f"upper@{r}")
-        elif c["baseline"] == f"lower@{r}" and kind.claim == "branch":
-            goals[f"{arm} >= lower"] = judged(c["dice"]["mean"] >= 0, key, c["baseline"])
-        elif ARMS[baseline].claim == "fusion":  # a student against its teacher
-            goals[f"{arm} >= {baseline} - 0.01"] = judged(c["dice"]["mean"] >= -0.01, key, c["baseline"])
-    return goals
-
-
-def _goal_text(value: bool | None) -> str:
-    return "not assessed (fewer seeds than planned)" if value is None else ("yes" if value else "NO")
+def _goal_text(value: Any) -> str:
+    if value is True:
+        return "met"
+    if value is False or value == "NO":
+        return "NOT met"
+    return str(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,57 +60,100 @@ def render_markdown(study: "Study", analysis: dict[str, Any], facts: dict[str, A
         f"Preset `{study.options.preset}`, recipe `{r}`, budget `{study.budget.name}` (steps x global batch: MIM "
         f"{study.budget.mim[0]}x{study.budget.mim[1]}, contrastive {study.budget.contrastive[0]}x"
         f"{study.budget.contrastive[1]}, fine-tuning {study.budget.finetune[0]}x{study.budget.finetune[1]}), "
-        f"{len(analysis['patients'])} target test patients ({facts['test_frames']} labeled frames), "
-        f"{study.options.bootstrap} bootstrap draws. Code {facts['code_version']}.",
+        f"{study.options.pretrain_seeds} pretraining run(s) per SSL method (seed s uses run s mod "
+        f"{study.options.pretrain_seeds}), {len(analysis['patients'])} target test patients "
+        f"({facts['test_frames']} labeled frames). Code {facts['code_version']}.",
         "",
+        "The unit of replication is the training seed. Primary comparison, decided before the run: "
+        f"**{_label(analysis['primary'], r)} vs its comparison arm**, exact sign-flip test over seeds at alpha "
+        f"{ALPHA}, outside any family.",
+        "",
+    ]
+    lines += _primary_lines(analysis, r)
+    lines += [
         "## Target test, per arm",
         "",
-        "Means over seeds x test patients (each patient weighted equally); 95 % CI from a hierarchical bootstrap "
-        "(seeds, then patients). HD95 / ASD in pixels at the model's input size, over frames where both masks are "
-        "non-empty.",
+        "Per seed: the mean over test patients; then mean and 95 % t-interval over seeds. *Patients only*: the "
+        "interval when only the test patients are resampled (seeds fixed), which says how much the test set "
+        "alone moves the figure and nothing about training runs. HD95 / ASD in pixels at the model's input size; an "
+        "empty prediction of a frame with bone counts as the image diagonal. *FP outside B-mode*: the share of false-"
+        "positive pixels in the static screen (margins, depth ticks, text), where no bone can be.",
         "",
-        "| arm | seeds | Dice [95 % CI] | IoU | HD95 px [95 % CI] | ASD px | source-val Dice | frames w/o boundary |",
-        "|---|---:|---|---:|---|---:|---:|---:|",
+        "| arm | seeds | Dice [95 % t-CI over seeds] | patients only | SD over seeds | HD95 px | source-val Dice | "
+        "empty predictions | FP outside B-mode | did not train |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for key, a in arms.items():
+        d = a["dice"]
         lines.append(
-            f"| {_label(key, r)} | {len(a['seeds'])} | {a['dice']['mean']:.4f} {_plain_ci(a['dice']['ci95'])} | "
-            f"{a['iou']['mean']:.4f} | {_v(a['hd95']['mean'], '.2f')} {_plain_ci(a['hd95']['ci95'], 2)} | "
-            f"{_v(a['asd']['mean'], '.2f')} | "
-            f"{a['source_val_dice']:.4f} | {a['frames_without_boundary']}/{a['frames_scored']} |")
+            f"| {_label(key, r)} | {len(a['seeds'])} | {d['mean']:.4f} {_plain_ci(d['t_ci95'])} | "
+            f"{_plain_ci(d['patient_ci95'])} | {_v(d['sd'], '.3f')} | {_v(a['hd95']['mean'], '.1f')} | "
+            f"{a['source_val_dice']:.4f} | {a['empty_predictions']}/{a['frames_scored']} | "
+            f"{_v(100 * a['fp_static_share'], '.1f')} % | "
+            f"{', '.join(f'seed {s}' for s in a['did_not_train']) or 'none'} |")
     lines += [
         "",
         "## Paired differences and verdicts",
         "",
-        f"Difference = arm - comparison arm on the same seeds and patients. Holm-level CI: the interval at the "
-        f"Holm step of the arm's p-value rank ({_families(comps)}). Verdict *helps* only if that "
-        f"interval's lower end is > 0, the Holm-adjusted p <= {ALPHA} and the gain >= {MIN_EFFECT}; *hurts* "
-        "symmetrically; else *inconclusive*. Source-val gap = source-validation Dice difference (flagged when > "
-        f"{CONVERGENCE_GAP} for two source-trained arms: they did not fit the source equally).",
+        f"Difference = arm - comparison arm on the same seeds (per-seed means over patients). p: two-sided exact "
+        f"sign-flip test over seeds; the primary comparison at alpha {ALPHA}; secondary comparisons with at least "
+        f"{MIN_SEEDS} seeds Holm-corrected as one family (p and interval at the Holm level); secondary comparisons "
+        f"with fewer seeds are *underpowered*: descriptive only, no verdict. Verdict *helps* only if p <= {ALPHA}, "
+        f"the interval's lower end is > 0 and the gain >= {MIN_EFFECT}; *hurts* symmetrically; else *inconclusive*. "
+        "MDE: the smallest true difference these seeds detect with 80 % power at alpha 0.05, from the "
+        "comparison's own per-seed SD (infinite below 6 seeds, where no sign-flip test reaches 0.05). Source-val "
+        f"gap flagged when > {CONVERGENCE_GAP} for two source-trained arms.",
         "",
-    ]
-    if any(not c["baseline"].startswith("lower@") for c in comps.values()):
-        lines += ["A row whose comparison arm is not a lower bound (a student against its fused teacher of the same "
-                  "seed) is that arm minus its comparison arm: for a student, *hurts* means it lost accuracy to its "
-                  "teacher, *inconclusive* that no loss or gain could be shown.", ""]
-    lines += [
-        "| arm | vs | seeds | Dice diff | 95 % CI | Holm-level CI | p (Holm) | verdict | HD95 diff px [95 % CI] | source-val gap |",
-        "|---|---|---:|---:|---|---|---:|---|---|---:|",
+        "| arm | vs | role | seeds | Dice diff | interval | p | verdict | MDE | SD over seeds | patients only | "
+        "HD95 diff px | source-val gap |",
+        "|---|---|---|---:|---:|---|---:|---|---:|---:|---|---:|---:|",
     ]
     for key, c in comps.items():
         flag = " (flag)" if c["convergence_flag"] else ""
         lines.append(
-            f"| {_label(key, r)} | {_label(c['baseline'], r)} | {len(c['seeds'])} | {c['dice']['mean']:+.4f} | "
-            f"{_ci(c['dice']['ci95'])} | {_ci(c['dice']['ci_holm'])} | {c['p_holm']:.3g} | **{c['verdict']}**"
-            f"{' (1 seed)' if len(c['seeds']) < 2 else ''} | "
-            f"{_v(c['hd95']['mean'], '+.2f')} {_ci(c['hd95']['ci95'], 2)} | {c['source_val_dice_gap']:+.4f}{flag} |")
-    if any(len(c["seeds"]) < 2 for c in comps.values()):
-        lines += ["", "A row marked *(1 seed)* compares a single training seed: its interval and p-value cover the "
-                  "test patients only, not the seed-to-seed spread of training, so it cannot tell an effect of "
-                  "the arm from the luck of that seed."]
+            f"| {_label(c['arm'], r)} | {_label(c['baseline'], r)} | {c['role']}"
+            f"{' (underpowered)' if c['underpowered'] else ''} | {len(c['seeds'])} | {c['dice']['mean']:+.4f} | "
+            f"{_ci(c['dice']['ci'])} | {c['p']:.3g} | **{c['verdict']}** | {_v(c['mde'], '.3f')} | "
+            f"{_v(c['dice']['sd'], '.3f')} | {_ci(c['dice']['patient_ci95'])} | {_v(c['hd95']['mean'], '+.1f')} | "
+            f"{c['source_val_dice_gap']:+.4f}{flag} |")
     if analysis["goals"]:
-        lines += ["", "Goals: " + "; ".join(f"{k}: {_goal_text(v)}" for k, v in analysis["goals"].items())]
+        lines += ["", "Goals (each read off the verdict rule): "
+                  + "; ".join(f"{k}: {_goal_text(v)}" for k, v in analysis["goals"].items())]
     lines += ["", "Per-seed paired differences: `study.png`."]
+    lines += _run_lines(facts, r)
+    lines += ["", "## Pretraining", ""]
+    for name, info in facts["pretraining"].items():
+        extras = ", ".join(f"{k} {v:.3f}" for k, v in (info.get("extras") or {}).items())
+        lines.append(f"- {name}: {info['steps']} steps, last loss {info['last_loss']:.4f}"
+                     + (f" ({extras}, means over the run)" if extras else ""))
+    lines += ["", "## Arms", ""]
+    for key, a in arms.items():
+        lines.append(f"- `{_label(key, r)}`: {a['describe']}" + (f" (recipe {a['recipe']})" if a["recipe"] != r else ""))
+    return "\n".join(lines) + "\n"
+
+
+def _primary_lines(analysis: dict[str, Any], r: str) -> list[str]:
+    primary = next((c for c in analysis["comparisons"].values() if c["role"] == "primary"), None)
+    if primary is None:
+        return ["The primary comparison has no seeds scored yet.", ""]
+    return [
+        f"**Primary: {_label(primary['arm'], r)} - {_label(primary['baseline'], r)} = {primary['dice']['mean']:+.4f} "
+        f"Dice, 95 % t-interval {_ci(primary['dice']['ci'])}, sign-flip p = {primary['p']:.3g} over "
+        f"{len(primary['seeds'])} seeds; minimal detectable effect {_v(primary['mde'], '.3f')}; verdict "
+        f"{primary['verdict']}**" + (" (fewer than 10 seeds: underpowered)" if primary["underpowered"] else "") + ".",
+        "",
+    ]
+
+
+def _run_lines(facts: dict[str, Any], r: str) -> list[str]:
+    lines: list[str] = []
+    if facts.get("did_not_train"):
+        lines += ["", "## Runs that did not train", "",
+                  "Their source-validation Dice was below 0.1 at the first validation (the pre-declared flag): the "
+                  "network predicted (almost) empty masks. They stay in every mean and comparison, as they would "
+                  "in use.", "", "| arm | seed | first source-val Dice |", "|---|---:|---:|"]
+        lines += [f"| {_label(d['arm'], r)} | {d['seed']} | {_v(d['first_val_dice'] or float('nan'), '.4f')} |"
+                  for d in facts["did_not_train"]]
     if facts.get("diverged"):
         lines += ["", "## Runs that diverged", "",
                   "Their loss turned non-finite; the engine stopped before updating the weights with it, and the "
@@ -253,29 +169,12 @@ def render_markdown(study: "Study", analysis: dict[str, Any], facts: dict[str, A
                   "", "| arm | seed | failed unit | non-finite loss at step | reason |", "|---|---:|---|---:|---|"]
         lines += [f"| {_label(d['arm'], r)} | {d['seed']} | {d['unit']} | {d['step'] if d['step'] else ''} | "
                   f"{d['reason'].replace('|', '/')} |" for d in facts["failed"]]
-    lines += ["", "## Pretraining", ""]
-    for name, info in facts["pretraining"].items():
-        extras = ", ".join(f"{k} {v:.3f}" for k, v in (info.get("extras") or {}).items())
-        lines.append(f"- {name}: {info['steps']} steps, last loss {info['last_loss']:.4f}"
-                     + (f" ({extras}, means over the run)" if extras else ""))
-    lines += ["", "## Arms", ""]
-    for key, a in arms.items():
-        lines.append(f"- `{_label(key, r)}`: {a['describe']}" + (f" (recipe {a['recipe']})" if a["recipe"] != r else ""))
-    return "\n".join(lines) + "\n"
-
-
-def _families(comps: dict[str, Any]) -> str:
-    sizes: dict[str, int] = {}
-    for c in comps.values():
-        sizes[c["family"]] = sizes.get(c["family"], 0) + 1
-    if len(sizes) <= 1:
-        return f"family of {len(comps)} comparisons"
-    return "families: " + ", ".join(f"{n} comparison(s) with a {name}" for name, n in sizes.items())
+    return lines
 
 
 def plot_differences(study: "Study", analysis: dict[str, Any], path: Path) -> Path | None:
-    """One figure: per-seed paired Dice (left) and HD95 (right) differences of every arm to its
-    comparison arm, with the bootstrap mean and Holm-level (Dice) / 95 % (HD95) intervals."""
+    """One figure: per-seed paired Dice (left) and HD95 (right) differences of every comparison,
+    with the mean and the verdict's t-interval (Dice) / the 95 % t-interval (HD95)."""
     comps = analysis["comparisons"]
     if not comps:
         return None
@@ -287,12 +186,14 @@ def plot_differences(study: "Study", analysis: dict[str, Any], path: Path) -> Pa
     r = study.options.recipe
     keys = list(comps)
     fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.3 * len(keys) * 2), 4.2))
-    for ax, metric, ci_key, unit in ((axes[0], "dice", "ci_holm", "Dice"), (axes[1], "hd95", "ci95", "HD95 (px)")):
+    for ax, metric, ci_key, unit in ((axes[0], "dice", "ci", "Dice"), (axes[1], "hd95", "t_ci95", "HD95 (px)")):
         for i, key in enumerate(keys):
             c = comps[key][metric]
             ax.scatter(np.full(len(c["per_seed"]), i) + np.linspace(-0.12, 0.12, len(c["per_seed"])), c["per_seed"],
                        s=16, color="#888888", zorder=3, label="per seed" if i == 0 else None)
             low, high = c[ci_key]
+            if not (math.isfinite(low) and math.isfinite(high)):
+                low = high = c["mean"]
             ax.errorbar(i, c["mean"], yerr=[[c["mean"] - low], [high - c["mean"]]], fmt="o", color="#c0392b",
                         capsize=4, zorder=4, label="mean, interval" if i == 0 else None)
         ax.axhline(0.0, color="black", lw=0.8)
@@ -300,11 +201,12 @@ def plot_differences(study: "Study", analysis: dict[str, Any], path: Path) -> Pa
             for y in (MIN_EFFECT, -MIN_EFFECT):
                 ax.axhline(y, color="black", lw=0.6, ls=":")
         ax.set_xticks(range(len(keys)))
-        ax.set_xticklabels([f"{_label(k, r)}\nvs {_label(comps[k]['baseline'], r)}" for k in keys], fontsize=7)
+        ax.set_xticklabels([f"{_label(comps[k]['arm'], r)}\nvs {_label(comps[k]['baseline'], r)}" for k in keys],
+                           fontsize=7)
         ax.set_ylabel(f"paired difference, {unit}")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_title("target test Dice (Holm-level interval; dotted: +-0.02)", fontsize=9)
-    axes[1].set_title("target test HD95, lower is better (95 % interval)", fontsize=9)
+    axes[0].set_title("target test Dice, one dot per seed (verdict's t-interval; dotted: +-0.02)", fontsize=9)
+    axes[1].set_title("target test HD95, lower is better (95 % t-interval)", fontsize=9)
     axes[0].legend(fontsize=7, loc="best")
     fig.tight_layout()
     buf = io.BytesIO()
@@ -328,14 +230,18 @@ def write_report(study: "Study", *, say: Callable[[str], None] = print):
     analysis = analyse(study, scores)
     pretraining = {}
     for name in PRETRAININGS:
-        info = read_done(study.out / "pretrain" / name)
-        if info is not None:
-            pretraining[name] = {k: info.get(k) for k in ("steps", "last_loss", "extras", "seconds", "loss_curve")}
-    diverged, failed = [], []
+        for pseed in range(study.options.pretrain_seeds):
+            info = read_done(study.pretrain_folder(name, pseed))
+            if info is not None:
+                pretraining[f"{name} seed {pseed}"] = {k: info.get(k) for k in ("steps", "last_loss", "extras", "seconds",
+                                                                                  "loss_curve")}
+    diverged, failed, untrained = [], [], []
     for choice in study.choices:
         for seed in study.seeds_of(choice):
             run = study.arm_run(choice.arm, choice.recipe, seed)
             info = read_done(run.folder)
+            if info and info.get("did_not_train"):
+                untrained.append({"arm": choice.key, "seed": seed, "first_val_dice": info.get("first_val_dice")})
             if info and info.get("diverged_at_step"):
                 diverged.append({"arm": choice.key, "seed": seed, "step": info["diverged_at_step"],
                                  "kept_step": info.get("best_step"), "message": info.get("diverged")})
@@ -346,6 +252,7 @@ def write_report(study: "Study", *, say: Callable[[str], None] = print):
                                    "step": info.get("diverged_at_step")})
                     break  # an evaluation fails because its training did: one line per run
     facts = {
+        "did_not_train": untrained,
         "diverged": diverged,
         "failed": failed,
         "code_version": code_version(),

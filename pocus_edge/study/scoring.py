@@ -1,9 +1,13 @@
 """Scoring for a study (:mod:`pocus_edge.study`).
 
 Scores: per image Dice, IoU (smoothing 1, threshold 0.5), HD95 and average surface distance
-(pixels at the model's input size; NaN where the prediction or the truth is empty) on the
-target's labeled test frames, and Dice on the source validation frames. The unit of inference
-is the test PATIENT: each (arm, seed) is reduced to per-patient means first.
+(pixels at the model's input size; an image whose prediction is empty while its truth is not, or
+the reverse, gets the image diagonal, and 0 when both are empty) on the target's labeled test
+frames, and Dice on the source validation frames. Where false positives fall: each test image's
+false-positive pixels, and how many of them lie outside the B-mode region (in the pixels that
+never change across the target's test sweeps: screen margins, depth ticks, UI text), where no
+bone can be. The unit of inference is the training SEED (:mod:`.report`); within a seed the
+test frames are reduced to per-patient means first.
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ if TYPE_CHECKING:
     from .arms import ArmRun
     from .folder import Study
 
-COLUMNS = ("site", "patient", "videoname", "framenum", "filename", "dice", "iou", "hd95", "asd")
+COLUMNS = ("site", "patient", "videoname", "framenum", "filename", "dice", "iou", "hd95", "asd", "pred_empty",
+           "fp_pixels", "fp_static")
+# A pixel whose gray level varies by less than this (sd over the target's test frames) belongs to
+# the static screen (margins, depth ticks, text), not to the B-mode image.
+STATIC_SD = 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,6 +65,13 @@ def _frames(study: "Study", which: str):
     return study._frames[which]
 
 
+def static_region(gray: np.ndarray) -> np.ndarray:
+    """Pixels (S, S) that hardly change across the frames ``gray`` (N, S, S): the screen around the
+    B-mode image (margins, depth ticks, labels). Measured, not read from a probe profile, so it
+    works on any site."""
+    return gray.astype(np.float32).std(axis=0) < STATIC_SD
+
+
 def _predict(predictor: Callable, gray: np.ndarray, device, batch: int = 64) -> np.ndarray:
     import torch
 
@@ -72,7 +87,7 @@ def _predict(predictor: Callable, gray: np.ndarray, device, batch: int = 64) -> 
 def score_arm(study: "Study", run: "ArmRun", csv_path: Path) -> int:
     """Per-image scores of one arm and seed on the target test and the source validation frames,
     written to ``csv_path``; returns the number of images scored."""
-    from ..metrics import dice_iou_per_image, surface_distances_per_image
+    from ..metrics import THRESHOLD, dice_iou_per_image, surface_distances_per_image
 
     predictor = ARMS[run.arm].predictor(study, run)
     buf = io.StringIO()
@@ -83,13 +98,20 @@ def score_arm(study: "Study", run: "ArmRun", csv_path: Path) -> int:
         site, records, gray, masks = _frames(study, which)
         prob = _predict(predictor, gray, study.device)
         dice, iou = dice_iou_per_image(prob, masks)
+        pred = prob > THRESHOLD
+        false_pos = pred & ~masks
         if which == "test":
-            hd95, asd = surface_distances_per_image(prob, masks)
+            hd95, asd = surface_distances_per_image(prob, masks, empty="diagonal")
+            static = static_region(gray)
+            fp_static = (false_pos & static[None]).sum(axis=(1, 2))
         else:
-            hd95 = asd = np.full(len(records), np.nan)
-        for r, d, j, h, a in zip(records, dice, iou, hd95, asd):
+            hd95 = asd = fp_static = np.full(len(records), np.nan)
+        empty = ~pred.any(axis=(1, 2))
+        fp = false_pos.sum(axis=(1, 2))
+        for r, d, j, h, a, e, f, fs in zip(records, dice, iou, hd95, asd, empty, fp, fp_static):
             writer.writerow([f"{'target-test' if which == 'test' else 'source-val'}", r.patient, r.videoname,
-                             r.framenum, r.filename, f"{d:.6f}", f"{j:.6f}", _num(h), _num(a)])
+                             r.framenum, r.filename, f"{d:.6f}", f"{j:.6f}", _num(h), _num(a), int(e), int(f),
+                             _num(fs)])
         n += len(records)
     write_text_atomic(csv_path, buf.getvalue())
     return n
@@ -127,9 +149,13 @@ def collect(study: "Study") -> dict[str, Any]:
             for patient in sorted({r["patient"] for r in test}):
                 mine = [r for r in test if r["patient"] == patient]
                 per_patient[patient] = {m: nanmean([_float(r[m]) for r in mine]) for m in ("dice", "iou", "hd95", "asd")}
-                per_patient[patient]["empty_boundary"] = sum(not math.isfinite(_float(r["hd95"])) for r in mine)
+                per_patient[patient]["empty_prediction"] = sum(int(_float(r.get("pred_empty", "0")) == 1) for r in mine)
+                per_patient[patient]["fp_pixels"] = sum(_float(r.get("fp_pixels", "nan")) for r in mine)
+                per_patient[patient]["fp_static"] = sum(_float(r.get("fp_static", "nan")) for r in mine)
                 per_patient[patient]["frames"] = len(mine)
+            trained = read_done(study.arm_run(choice.arm, choice.recipe, seed).folder) or {}
             scores.setdefault(choice.key, {})[seed] = {
+                "did_not_train": trained.get("did_not_train"),
                 "patients": per_patient,
                 "frame_dice": float(np.mean([_float(r["dice"]) for r in test])) if test else float("nan"),
                 "source_val_dice": float(np.mean([_float(r["dice"]) for r in val])) if val else float("nan"),
