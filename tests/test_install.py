@@ -91,7 +91,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("pocus_edge.comma
 )
 def test_a_command_that_needs_a_missing_extra_says_which_in_one_line(argv, extra, module):
     proc = run_blocked("from pocus_edge.cli import main\nsys.exit(main(sys.argv[2:]))\n", *argv)
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.returncode == 3, (proc.stdout, proc.stderr)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"`pocus-edge {argv[0]}` needs the '{extra}' extra ({module} is not installed)" in lines[0]
@@ -119,7 +119,7 @@ print(json.dumps([code, out.getvalue(), run, err.getvalue()]))
     code, listing, run, err = json.loads(proc.stdout.strip().splitlines()[-1])
     assert code == 0 and re.search(r"needs-torch +\(not installed here: needs the 'train' extra\)", listing), listing
     assert "stream" in listing  # the other commands are still there
-    assert run == 2 and "needs the 'train' extra (torch is not installed)" in err
+    assert run == 3 and "needs the 'train' extra (torch is not installed)" in err
 
 
 def test_extras_map_matches_pyproject():
