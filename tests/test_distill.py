@@ -207,7 +207,7 @@ def test_student_exports_to_onnx_and_streams(distilled, teachers, tmp_path, caps
     capsys.readouterr()
     report_path = tmp_path / "stream.json"
     assert main(["stream", str(recording), "--model", str(onnx_path), "--report", str(report_path), "--no-drop",
-                 "-q"]) == 0
+                 "--no-progress"]) == 0
     report = json.loads(report_path.read_text())
     assert report["frames_processed"] == len(frames) and report["backend"] == "ort"
     assert report["gflops_per_frame"] == pytest.approx(distilled.card["gflops_per_frame"], rel=1e-3)
