@@ -85,7 +85,7 @@ EOF
 fi
 
 # 3) The study's 2x2 factorial: does MIM init help under either recipe? Runs and data stay outside
-#    $DEST (only a few files come back from a lent machine); the report is copied there.
+#    $DEST, which holds only the small report files (what to copy off a remote GPU machine).
 if [[ " $PARTS " == *" study "* ]]; then
     SDATA=${STUDY_DATA:-/tmp/pocus_study_data}
     SRUNS=${STUDY_RUNS:-/tmp/pocus_study_gpu}
