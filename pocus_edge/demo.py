@@ -224,9 +224,9 @@ def run_demo(
     """Run the whole demo into ``out``; returns where the report is and its headline numbers.
     A rerun with the same settings reuses the data and the finished training stages in ``out``;
     ``fresh`` starts over. ``max_steps`` caps every training stage (smoke tests)."""
+    from .data.layout import MANIFEST, load_site
     from .data.phantom import PRESETS as SIM_PRESETS
     from .data.phantom import simulate
-    from .data.layout import MANIFEST, load_site
     from .train import distill, evaluate, finetune, pretrain_contrastive, pretrain_mim
     from .train.engine import CHECKPOINT
 
@@ -401,7 +401,7 @@ def _write_sweep_recording(site, path: Path, min_frames: int = STREAM_MIN_FRAMES
 def _stream(recording: Path, onnx_path: Path, out: Path, *, threads: int | None, progress: bool):
     from .runtime.backends import open_backend
     from .runtime.overlay import render_overlay, save_overlay_png
-    from .runtime.pipeline import CallbackSink, OverlayVideoSink, MaskFileSink, StreamOptions, run_stream
+    from .runtime.pipeline import CallbackSink, MaskFileSink, OverlayVideoSink, StreamOptions, run_stream
     from .runtime.sources import TvdH5Source
     from .runtime.stats import RunStats
 

@@ -449,7 +449,6 @@ def test_full_disk_mask_sink_is_one_line_and_leaves_nothing(tmp_path):
 
 def test_stream_command_on_a_full_disk_exits_2_with_one_line(tiny_onnx, tmp_path, capsys):
     import cv2
-
     from _fs import small_tmpfs
 
     from pocus_edge.cli import main

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import datetime as _dt
+import importlib.util
 import math
 import signal
 import sys
@@ -38,10 +38,18 @@ import numpy as np
 
 from ..errors import ConfigError, DataError, PocusError
 from ..metrics import THRESHOLD
-from .formats import AGREEMENT_BARS, BASELINE, STUDENT_BASELINE, STUDENT_FORMATS, BenchContext, FormatSpec, Prepared, resolve_formats
+from .formats import (
+    AGREEMENT_BARS,
+    BASELINE,
+    STUDENT_BASELINE,
+    STUDENT_FORMATS,
+    BenchContext,
+    FormatSpec,
+    Prepared,
+    resolve_formats,
+)
 from .machine import describe_machine, device_label, load_average, probe_matmul
 from .schema import SCHEMA_VERSION, row_label, validate_report
-
 
 
 @dataclass

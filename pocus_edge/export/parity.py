@@ -17,7 +17,6 @@ from ..io import write_json_atomic, write_text_atomic
 from ..metrics import THRESHOLD, binarize
 
 
-
 @dataclass
 class ParityBars:
     """Pass bars. fp32 is judged on the probabilities, reduced precisions on the masks (their
