@@ -11,7 +11,16 @@ from typing import Optional
 import typer
 
 from ..errors import CheckFailed, ConfigError
-from .options import DEVICE_HELP, CompileMode, FusionFormula, FusionMethod, FusionNorm, Preset, complete_device, resolve_device
+from .options import (
+    DEVICE_HELP,
+    CompileMode,
+    FusionFormula,
+    FusionMethod,
+    FusionNorm,
+    Preset,
+    complete_device,
+    resolve_device,
+)
 
 
 def _int_list(text: str, option: str) -> tuple[int, ...]:
@@ -70,14 +79,23 @@ def register(app: typer.Typer) -> None:
         fusion_formula: FusionFormula = typer.Option("weighted", "--fusion-formula", help="Fusion formula: weighted (released code) | paper."),
         compile_mode: Optional[CompileMode] = typer.Option(None, "--compile-mode", help="torch.compile mode (default: reduce-overhead on CUDA = CUDA graphs, default on CPU)."),
         device_name: Optional[str] = typer.Option(None, "--device-name", help="Name recorded for this device (matches devices.yaml in `compare`), e.g. 'Jetson Orin Nano Super'."),
-        providers: Optional[str] = typer.Option(None, "--providers", help="onnxruntime execution providers for the ONNX rows, in priority order: cpu, cuda, tensorrt, openvino, coreml (those installed; CPU is always the fallback)."),
+        providers: Optional[str] = typer.Option(None, "--providers", help=(
+            "onnxruntime execution providers for the ONNX rows, in priority order: cpu, cuda, tensorrt, openvino, "
+            "coreml (those installed; CPU is always the fallback)."
+        )),
         hostname: bool = typer.Option(False, "--hostname", help="Record this machine's hostname in the report (left out by default)."),
         report_path: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here (updated after every format, atomically)."),
         workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keep exported artifacts here (default: a temporary folder)."),
         list_formats: bool = typer.Option(False, "--list-formats", help="List the formats and exit."),
-        student: Optional[str] = typer.Option(None, "--student", "-s", help="Compact student(s) to add, random weights: comma-separated names (mobilenetv3, efficientvit, fastvit) or 'all'. Their rows carry their name."),
+        student: Optional[str] = typer.Option(None, "--student", "-s", help=(
+            "Compact student(s) to add, random weights: comma-separated names (mobilenetv3, efficientvit, fastvit) "
+            "or 'all'. Their rows carry their name."
+        )),
         student_checkpoint: Optional[list[Path]] = typer.Option(None, "--student-checkpoint", help="A trained student checkpoint (.safetensors with a 'kind: student' card); repeatable."),
-        student_preset: Optional[Preset] = typer.Option(None, "--student-preset", help="Preset of the random-weight students (default: --preset, else the teacher checkpoints' preset, else paper = 224 px)."),
+        student_preset: Optional[Preset] = typer.Option(None, "--student-preset", help=(
+            "Preset of the random-weight students (default: --preset, else the teacher checkpoints' preset, else "
+            "paper = 224 px)."
+        )),
         teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="Measure the fused teacher (default) or only the students."),
         model_name: Optional[str] = typer.Option(None, "--model-name", help="With --model: the name its rows carry (e.g. generative for an exported branch; default from its card)."),
     ) -> None:
@@ -189,7 +207,10 @@ def register(app: typer.Typer) -> None:
     @bench_app.command("frontier")
     def frontier(
         reports: list[Path] = typer.Argument(..., help="Benchmark JSON reports (from `pocus-edge benchmark --report`): FPS per model and format."),
-        dice: Optional[list[Path]] = typer.Option(None, "--dice", help="Target Dice per model (JSON: {\"models\": {NAME: DICE or {dice, ci}}}, or a study report with per-arm Dice and CI); repeatable."),
+        dice: Optional[list[Path]] = typer.Option(None, "--dice", help=(
+            "Target Dice per model (JSON: {\"models\": {NAME: DICE or {dice, ci}}}, or a study report with per-arm "
+            "Dice and CI); repeatable."
+        )),
         as_: Optional[list[str]] = typer.Option(None, "--as", help="ARM=MODEL: a study arm's name -> the benchmark's model name (the teacher is 'fused', a student its name)."),
         out: Path = typer.Option(Path("frontier.png"), "--out", "-o", help="Figure path (.png, .svg or .pdf)."),
         batch: int = typer.Option(1, "--batch", "-b", min=1, help="Batch size whose FPS is drawn."),

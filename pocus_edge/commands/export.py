@@ -28,9 +28,19 @@ def register(app: typer.Typer) -> None:
     def export(
         generative: Optional[Path] = typer.Option(None, "--generative", "-g", help="Fine-tuned generative (MIM) branch checkpoint (RUN/model.safetensors)."),
         contrastive: Optional[Path] = typer.Option(None, "--contrastive", "-c", help="Fine-tuned contrastive branch checkpoint (RUN/model.safetensors)."),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-k", help="Instead of -g/-c: ONE network, exported without fusion (output 'prob'): a compact student checkpoint (card 'kind: student'; exported in its reparameterized inference form, its config in the card) or one fine-tuned branch."),
-        target: ExportTarget = typer.Option("onnx", "--target", "-t", "--format", help="The deployment target: onnx | tensorrt | openvino | coreml (--format is the same option). Here --target is a format, not the target site."),
-        out: Path = typer.Option(..., "--out", "-o", help="Output: *.onnx (onnx), *.engine (tensorrt; its precision-explicit ONNX and its .json card go next to it), *.xml (openvino, + .bin), *.mlpackage (coreml)."),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-k", help=(
+            "Instead of -g/-c: ONE network, exported without fusion (output 'prob'): a compact student checkpoint "
+            "(card 'kind: student'; exported in its reparameterized inference form, its config in the card) or one "
+            "fine-tuned branch."
+        )),
+        target: ExportTarget = typer.Option("onnx", "--target", "-t", "--format", help=(
+            "The deployment target: onnx | tensorrt | openvino | coreml (--format is the same option). Here "
+            "--target is a format, not the target site."
+        )),
+        out: Path = typer.Option(..., "--out", "-o", help=(
+            "Output: *.onnx (onnx), *.engine (tensorrt; its precision-explicit ONNX and its .json card go next to "
+            "it), *.xml (openvino, + .bin), *.mlpackage (coreml)."
+        )),
         precision: Precision = typer.Option("fp32", "--precision", "-p", help="fp32 | fp16 | int8 (onnx, tensorrt); fp32 | bf16 | int8 (openvino); fp16 (coreml). int8 needs --calib."),
         calib: Optional[Path] = typer.Option(None, "--calib", help="TARGET site folder: its unlabeled frames calibrate int8 (masks are never read); its test split also serves the parity check."),
         calib_frames: int = typer.Option(64, "--calib-frames", help="Number of calibration frames drawn from the site's train split."),

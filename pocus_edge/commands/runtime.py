@@ -23,7 +23,11 @@ def register(app: typer.Typer) -> None:
                 "(docs/openigtlink.md)."
             ),
         ),
-        model: Optional[str] = typer.Option(None, "--model", "-m", help="Exported model: .onnx (ort), OpenVINO .xml, a TensorRT .engine/.plan (with its .json card), a Core ML .mlpackage (macOS), or one checkpoint (a compact student, or one branch; torch). The fused pair as checkpoints: -g/-c instead."),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help=(
+            "Exported model: .onnx (ort), OpenVINO .xml, a TensorRT .engine/.plan (with its .json card), a Core ML "
+            ".mlpackage (macOS), or one checkpoint (a compact student, or one branch; torch). The fused pair as "
+            "checkpoints: -g/-c instead."
+        )),
         generative: Optional[Path] = typer.Option(None, "--generative", "-g", metavar="MODEL", help="With --contrastive: run the fused pair of fine-tuned checkpoints in PyTorch (no export)."),
         contrastive: Optional[Path] = typer.Option(None, "--contrastive", "-c", metavar="MODEL", help="The fine-tuned contrastive branch of the pair."),
         backend: Backend = typer.Option("auto", "--backend", help="auto (by the model's suffix) | ort | openvino | tensorrt | coreml | torch."),
@@ -43,12 +47,21 @@ def register(app: typer.Typer) -> None:
         masks: Path = typer.Option(None, "--masks", help="Per-frame masks: a folder of PNGs, or one .npz file."),
         bind: str = typer.Option("127.0.0.1", help="Address for tcp:PORT sources. Loopback by default; pass e.g. 0.0.0.0 explicitly to accept senders from other machines."),
         fps: float = typer.Option(30.0, help="Frame rate assumed for image folders (and DICOM without timing)."),
-        frame_timeout: float = typer.Option(2.0, help="Raw streams: a frame must arrive whole within this many seconds of its first byte, else it is dropped (counted invalid) and the bytes after it are parsed."),
+        frame_timeout: float = typer.Option(2.0, help=(
+            "Raw streams: a frame must arrive whole within this many seconds of its first byte, else it is dropped "
+            "(counted invalid) and the bytes after it are parsed."
+        )),
         idle_timeout: float = typer.Option(10.0, help="Raw streams: end the stream after this many seconds without a valid frame (silence, garbage or a slow-drip sender)."),
-        max_time_jump: float = typer.Option(10.0, help="With --realtime: a timestamp jump (forwards or backwards) of more than this many seconds re-bases the playback clock instead of being waited for (counted as timestamps_rebased)."),
+        max_time_jump: float = typer.Option(10.0, help=(
+            "With --realtime: a timestamp jump (forwards or backwards) of more than this many seconds re-bases the "
+            "playback clock instead of being waited for (counted as timestamps_rebased)."
+        )),
         accept_timeout: float = typer.Option(60.0, help="tcp sources: seconds to wait for the sender to connect."),
         progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="The live progress line (default: when stderr is a terminal)."),
-        send: str = typer.Option(None, "--send", metavar="igtl://HOST:PORT", help="Also serve each mask as an OpenIGTLink IMAGE message (labels 0/1, the frame's timestamp, device name + '_mask') to clients such as a 3D Slicer connector; listens on loopback unless HOST is given."),
+        send: str = typer.Option(None, "--send", metavar="igtl://HOST:PORT", help=(
+            "Also serve each mask as an OpenIGTLink IMAGE message (labels 0/1, the frame's timestamp, device name + "
+            "'_mask') to clients such as a 3D Slicer connector; listens on loopback unless HOST is given."
+        )),
     ) -> None:
         """Stream frames through a model: masks, overlay video, and latency/FPS/GFLOPs in a JSON report."""
         import json

@@ -13,7 +13,18 @@ from typing import List, Optional
 
 import typer
 
-from .options import DEVICE_HELP, Augment, FusionFormula, FusionMethodChoice, FusionNorm, Preset, Recipe, SplitColumn, Student, complete_device
+from .options import (
+    DEVICE_HELP,
+    Augment,
+    FusionFormula,
+    FusionMethodChoice,
+    FusionNorm,
+    Preset,
+    Recipe,
+    SplitColumn,
+    Student,
+    complete_device,
+)
 
 PRESET_HELP = (
     "Model preset: paper (TransUNet R50-ViT-B/16 @224, the published network), small (CPU-trainable @128, the "
@@ -103,9 +114,15 @@ def register(app: typer.Typer) -> None:
         preload: bool = typer.Option(False, "--preload/--no-preload", help="Decode and resize every frame into memory first (fast GPUs)."),
         checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps (0 = at each epoch end)."),
         progress: bool = _opt_progress(),
-        set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any setting: key=value (mask_ratio, grad_clip, schedule, warmup_epochs, grad_checkpointing, model.dropout, ...)."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=(
+            "Override any setting: key=value (mask_ratio, grad_clip, schedule, warmup_epochs, grad_checkpointing, "
+            "model.dropout, ...)."
+        )),
     ) -> None:
-        """Masked image modeling (SimMIM-style): a 7x7 grid of cells (32 px at 224), ratio 0.6, 20% speckle; masked L1. Defaults follow the paper (docs/method.md) for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
+        """Masked image modeling (SimMIM-style): a 7x7 grid of cells (32 px at 224), ratio 0.6, 20%
+        speckle; masked L1. Defaults follow the paper (docs/method.md) for --preset paper (sized
+        for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each
+        option)."""
         from ..train import pretrain_mim
 
         _run_folder(out)
@@ -125,7 +142,11 @@ def register(app: typer.Typer) -> None:
         config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
         min_frame_gap: Optional[int] = typer.Option(None, "--min-frame-gap", help="delta_t: same-video frames closer than this are not negatives (default: 15); 0 = plain NT-Xent (SimCLR)."),
         temperature: Optional[float] = typer.Option(None, help="Softmax temperature tau (default: 0.5)."),
-        frames_per_video: Optional[int] = typer.Option(None, "--frames-per-video", min=0, help="Video-clustered batches: k frames of each of batch/k sampled videos, so the temporal mask has neighbours to remove (default 0: uniform batches, the released code's). The log reports the share of negatives masked."),
+        frames_per_video: Optional[int] = typer.Option(None, "--frames-per-video", min=0, help=(
+            "Video-clustered batches: k frames of each of batch/k sampled videos, so the temporal mask has "
+            "neighbours to remove (default 0: uniform batches, the released code's). The log reports the share of "
+            "negatives masked."
+        )),
         epochs: Optional[int] = typer.Option(None, help="Epochs (default: paper 400, small 10, tiny 2)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="GLOBAL pairs per batch over all processes (default: paper 512, small 32, tiny 8); the loss always sees all of them."),
         lr: Optional[float] = typer.Option(None, help="Adam learning rate (default: paper 1e-5; small/tiny 1e-4); weight decay 0.05."),
@@ -137,9 +158,16 @@ def register(app: typer.Typer) -> None:
         preload: bool = typer.Option(False, "--preload/--no-preload", help="Decode and resize every frame into memory first."),
         checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps (0 = at each epoch end)."),
         progress: bool = _opt_progress(),
-        set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any setting: key=value (crop_scale, jitter, flip_p, grad_clip (default: none for this stage), schedule (default: constant after a 5% warm-up), model.dropout, ...)."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=(
+            "Override any setting: key=value (crop_scale, jitter, flip_p, grad_clip (default: none for this stage), "
+            "schedule (default: constant after a 5% warm-up), model.dropout, ...)."
+        )),
     ) -> None:
-        """Contrastive pretraining with MT-NXent (two augmented views per frame; temporal neighbours masked). No gradient clipping and a constant lr after a short warm-up, so the loss leaves its plateau at chance. Defaults follow the paper (docs/method.md) for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
+        """Contrastive pretraining with MT-NXent (two augmented views per frame; temporal
+        neighbours masked). No gradient clipping and a constant lr after a short warm-up, so the
+        loss leaves its plateau at chance. Defaults follow the paper (docs/method.md) for
+        --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of
+        epochs (see each option)."""
         from ..train import pretrain_contrastive
 
         _run_folder(out)
@@ -157,12 +185,23 @@ def register(app: typer.Typer) -> None:
     def finetune(
         data: List[Path] = _opt_data(),
         out: Path = typer.Option(..., "--out", "-o", help="Run folder: model.safetensors (lowest validation DiceBCE), checkpoint, log.csv."),
-        init: Optional[Path] = typer.Option(None, "--init", help="Pretrained RUN/encoder.safetensors (same preset). Without it: a baseline from random init (lower bound on the source, upper bound on the target's labeled ub_split)."),
+        init: Optional[Path] = typer.Option(None, "--init", help=(
+            "Pretrained RUN/encoder.safetensors (same preset). Without it: a baseline from random init (lower bound "
+            "on the source, upper bound on the target's labeled ub_split)."
+        )),
         preset: Optional[Preset] = typer.Option(None, "--preset", help=PRESET_HELP),
         config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
-        recipe: Optional[Recipe] = typer.Option(None, "--recipe", help="default: AdamW, decoupled decay off norms/biases/embeddings, encoder lr 0.1x, 5% warm-up + cosine, no clipping (the same for every arm); paper: the released code's SGD (momentum 0.99, wd 0.05/0.1 on all parameters, clip 1.0), which at short budgets decays the encoder instead of fine-tuning it. See docs/method.md."),
+        recipe: Optional[Recipe] = typer.Option(None, "--recipe", help=(
+            "default: AdamW, decoupled decay off norms/biases/embeddings, encoder lr 0.1x, 5% warm-up + cosine, no "
+            "clipping (the same for every arm); paper: the released code's SGD (momentum 0.99, wd 0.05/0.1 on all "
+            "parameters, clip 1.0), which at short budgets decays the encoder instead of fine-tuning it. See "
+            "docs/method.md."
+        )),
         augment: Optional[Augment] = typer.Option(None, "--augment", help="none (default) | intensity: probe-agnostic gain, gamma, blur, noise and black-level augmentation of the labeled frames."),
-        split_column: SplitColumn = typer.Option("auto", "--split-column", help="auto | split | ub_split: which manifest column gives train/val (auto: split if it has labeled train+val, else ub_split)."),
+        split_column: SplitColumn = typer.Option("auto", "--split-column", help=(
+            "auto | split | ub_split: which manifest column gives train/val (auto: split if it has labeled "
+            "train+val, else ub_split)."
+        )),
         epochs: Optional[int] = typer.Option(None, help="Epochs (default: paper 200, small 5, tiny 2)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="GLOBAL batch over all processes (default: paper 512, small 16, tiny 8)."),
         lr: Optional[float] = typer.Option(None, help="Decoder/head learning rate (default recipe: paper preset 1e-4, small/tiny 1e-3, encoder 0.1x; paper recipe: 2e-4, small/tiny 2e-3)."),
@@ -175,9 +214,15 @@ def register(app: typer.Typer) -> None:
         preload: bool = typer.Option(False, "--preload/--no-preload", help="Decode and resize every frame and mask into memory first."),
         checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps (0 = at each epoch end)."),
         progress: bool = _opt_progress(),
-        set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any setting: key=value (encoder_lr_scale, decoder_only_steps (LP-FT), momentum, optimizer, schedule, grad_clip, model.dropout, ...)."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=(
+            "Override any setting: key=value (encoder_lr_scale, decoder_only_steps (LP-FT), momentum, optimizer, "
+            "schedule, grad_clip, model.dropout, ...)."
+        )),
     ) -> None:
-        """Supervised fine-tuning on ONE labeled site with DiceBCE and a named recipe; keeps the best validation checkpoint. Defaults follow the paper (docs/method.md) for --preset paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs (see each option)."""
+        """Supervised fine-tuning on ONE labeled site with DiceBCE and a named recipe; keeps the
+        best validation checkpoint. Defaults follow the paper (docs/method.md) for --preset
+        paper (sized for 4-8 GPUs); small/tiny use CPU-sized batches and a handful of epochs
+        (see each option)."""
         from ..train import finetune as run_finetune
 
         _run_folder(out)
@@ -201,12 +246,17 @@ def register(app: typer.Typer) -> None:
         student: Optional[Student] = typer.Option(None, "--student", "-s", help="Student network (default: mobilenetv3); `pocus-edge flops` lists their sizes."),
         soft_weight: Optional[float] = typer.Option(None, "--soft-weight", help="Weight of the soft-label BCE against the teacher on target frames (default: 1)."),
         source_weight: Optional[float] = typer.Option(None, "--source-weight", help="Weight of DiceBCE on labeled source frames (default: 1; 0 = the teacher only)."),
-        confidence_weighting: Optional[bool] = typer.Option(None, "--confidence-weighting/--no-confidence-weighting", help="Weight each target pixel by the teacher's fusion confidence (default: off)."),
+        confidence_weighting: Optional[bool] = typer.Option(None, "--confidence-weighting/--no-confidence-weighting", help=(
+            "Weight each target pixel by the teacher's fusion confidence (default: off)."
+        )),
         max_val_frames: Optional[int] = typer.Option(None, "--max-val-frames", min=1, help="Score an evenly spaced subset of the source validation frames each epoch (default: all)."),
         preset: Optional[Preset] = typer.Option(None, "--preset", help=PRESET_HELP + " Default here: the teachers' preset."),
         config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP),
         epochs: Optional[int] = typer.Option(None, help="Passes over the target frames (default: paper 200, small 5, tiny 2)."),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="GLOBAL target frames per step (default: paper 512, small 16, tiny 8); the source batch is the same (--set source_batch_size=N)."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help=(
+            "GLOBAL target frames per step (default: paper 512, small 16, tiny 8); the source batch is the same "
+            "(--set source_batch_size=N)."
+        )),
         lr: Optional[float] = typer.Option(None, help="AdamW learning rate, encoder and decoder alike (default: 1e-3); 5% warm-up, then cosine."),
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (the LR schedule spans them)."),
         device: str = _opt_device(),
@@ -216,9 +266,15 @@ def register(app: typer.Typer) -> None:
         preload: bool = typer.Option(False, "--preload/--no-preload", help="Decode and resize every frame and mask into memory first."),
         checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also checkpoint every N steps (0 = at each epoch end)."),
         progress: bool = _opt_progress(),
-        set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any setting: key=value (source_batch_size, teacher_cache, augment, weight_decay, encoder_lr_scale, schedule, grad_clip, ...)."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help=(
+            "Override any setting: key=value (source_batch_size, teacher_cache, augment, weight_decay, "
+            "encoder_lr_scale, schedule, grad_clip, ...)."
+        )),
     ) -> None:
-        """Distil a compact student from the fused teacher: soft-label BCE against the two fine-tuned branches' entropy fusion on unlabeled TARGET frames, plus DiceBCE on labeled SOURCE frames (two loaders, never pooled). The student card records both teachers' cards and SHA-256. Export and stream it like any checkpoint (docs/students.md)."""
+        """Distil a compact student from the fused teacher: soft-label BCE against the two
+        fine-tuned branches' entropy fusion on unlabeled TARGET frames, plus DiceBCE on labeled
+        SOURCE frames (two loaders, never pooled). The student card records both teachers' cards
+        and SHA-256. Export and stream it like any checkpoint (docs/students.md)."""
         from ..train import distill as run_distill
 
         _run_folder(out)
@@ -237,7 +293,10 @@ def register(app: typer.Typer) -> None:
         data: List[Path] = _opt_data(),
         generative: Optional[Path] = typer.Option(None, "--generative", "-g", metavar="MODEL", help="The fine-tuned generative (MIM) branch; with --contrastive, the pair --fusion fuses."),
         contrastive: Optional[Path] = typer.Option(None, "--contrastive", "-c", metavar="MODEL", help="The fine-tuned contrastive branch."),
-        model: Optional[List[Path]] = typer.Option(None, "--model", "-m", metavar="MODEL", help="Any other model.safetensors to score (a baseline, a student); repeatable. All models are compared pairwise (Wilcoxon)."),
+        model: Optional[List[Path]] = typer.Option(None, "--model", "-m", metavar="MODEL", help=(
+            "Any other model.safetensors to score (a baseline, a student); repeatable. All models are compared "
+            "pairwise (Wilcoxon)."
+        )),
         split: str = typer.Option("test", "--split", help="Manifest split whose labeled frames are scored."),
         fusion: Optional[List[FusionMethodChoice]] = typer.Option(None, "--fusion", metavar="METHOD", help="Fuse the pair -g/-c with this confidence: entropy | margin | average; repeatable."),
         fusion_norm: FusionNorm = typer.Option("image", "--fusion-norm", help="Confidence min-max normalization: image (per frame, deployment) | batch (released code)."),
