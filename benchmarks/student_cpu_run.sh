@@ -76,7 +76,7 @@ stream_all() {
         $PY -m pocus_edge export --checkpoint "$WORK/student.safetensors" --target "$target" --precision "$precision" \
             --calib "$WORK/sim/target" --out "$artifact" || { rc=1; continue; }
         echo "== stream $target-$precision, load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
-        $PY -m pocus_edge stream "$WORK/sweep.tvd.h5" --model "$artifact" --threads "$THREADS" --no-drop -q \
+        $PY -m pocus_edge stream "$WORK/sweep.tvd.h5" --model "$artifact" --threads "$THREADS" --no-drop --no-progress \
             --report "$DEST/stream_student_${STREAM_STUDENT}_$target-$precision.json" || rc=1
     done
     return $rc
