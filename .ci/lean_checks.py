@@ -101,7 +101,7 @@ def every_help_works():
 def a_training_command_names_its_extra():
     proc = run(LEAN, "flops", "--preset", "tiny")
     err = proc.stderr.decode().strip()
-    assert proc.returncode == 2, (proc.returncode, err)
+    assert proc.returncode == 3, (proc.returncode, err)  # cannot run on this install (docs/cli.md)
     assert len(err.splitlines()) == 1 and "needs the 'train' extra" in err and "pip install 'pocus-edge[train]'" in err, err
 
 
