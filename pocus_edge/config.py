@@ -4,6 +4,10 @@ A *preset* fixes the model shape (``paper`` = TransUNet R50-ViT-B/16 at 224x224,
 published network; ``small`` = CPU-trainable; ``tiny`` = unit tests) and the image size the
 data pipeline resizes to. Stage hyperparameters default to docs/method.md (the paper / released
 code) and every field can be overridden from the CLI (``--set key=value``) or a YAML file.
+
+Values are validated and typed by pydantic against each field's annotation (one error contract:
+:class:`ConfigError`, one line naming the field); fields with a fixed set of values are
+``Literal`` types.
 """
 
 import dataclasses
@@ -12,11 +16,18 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import pydantic
 import yaml
 
 from .errors import ConfigError
+
+# Fixed choices of config fields (the engine's OPTIMIZERS and SCHEDULES, the transforms'
+# AUGMENTATIONS; tests/test_train.py checks that they agree).
+Optimizer = Literal["adamw", "adam", "sgd"]
+Schedule = Literal["cosine", "constant"]
+Augmentation = Literal["none", "intensity", "standard"]
 
 
 @dataclass
@@ -127,9 +138,9 @@ class MIMConfig:
     # decoder is then thrown away); ``linear`` = SimMIM's light head, a 1x1 convolution from the
     # encoder's tokens to the 16x16 pixels of each token (pixel shuffle), so the pretext task
     # is solved by the encoder that fine-tuning keeps.
-    head: str = "decoder"
+    head: Literal["decoder", "linear"] = "decoder"
     recipe: str = "default"  # the pretraining recipe (train/recipes.py): default | paper
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     lr: float = 5e-4
     weight_decay: float = 0.05
     # False: no decay on norms, biases, position embeddings and tokens (the one optimizer rule);
@@ -164,7 +175,7 @@ class ContrastiveConfig:
     flip_p: float = 0.5
     jitter: float = 0.4
     jitter_p: float = 0.8
-    # Probe-nuisance augmentation of each view (pocus_edge.data.transforms.ProbeNuisance: PSF-like
+    # Probe-nuisance augmentation of each view (pocus_edge.data.datasets.ProbeNuisance: PSF-like
     # blur, multiplicative speckle, gain, gamma), each step with this probability; 0 = the
     # released code's views (crop, flip, jitter only). What differs between two probes is what
     # the encoder should learn to ignore.
@@ -173,7 +184,7 @@ class ContrastiveConfig:
     # code's Linear-ReLU-Linear.
     projection_bn: bool = True
     recipe: str = "default"  # the pretraining recipe (train/recipes.py): default | paper
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     lr: float = 1e-5
     weight_decay: float = 0.05
     decay_all_parameters: bool = False  # True: the released code's L2 on every parameter
@@ -194,7 +205,7 @@ class FinetuneConfig:
     """
 
     recipe: str = "default"
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     lr: float = 1e-4  # decoder and head; the encoder gets lr * encoder_lr_scale
     momentum: float = 0.9  # SGD only
     weight_decay: float = 0.05
@@ -209,7 +220,7 @@ class FinetuneConfig:
     # Training-time augmentation of the labeled frames: none | standard (nnU-Net's scale and
     # intensity ranges, the default recipe's, the same for every arm) | intensity (probe-agnostic gain,
     # gamma, blur, noise and black level; pocus_edge.data.transforms.IntensityAugment).
-    augment: str = "none"
+    augment: Augmentation = "none"
     batch_size: int = 512
     epochs: int = 200
 
@@ -228,7 +239,7 @@ class DistillConfig:
     """
 
     student: str = "mobilenetv3"  # a name of pocus_edge.models.students.STUDENTS
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     lr: float = 1e-3
     momentum: float = 0.9  # SGD only
     weight_decay: float = 0.05
@@ -244,7 +255,7 @@ class DistillConfig:
     # are not augmented, so they do not change); False runs the teacher on every batch.
     teacher_cache: bool = True
     # Augmentation of the labeled source frames: none | intensity (as fine-tuning's).
-    augment: str = "none"
+    augment: Augmentation = "none"
     batch_size: int = 512
     epochs: int = 200
 
@@ -254,7 +265,7 @@ class TrainConfig:
     """Engine settings shared by every stage."""
 
     seed: int = 0
-    schedule: str = "cosine"  # cosine | constant
+    schedule: Schedule = "cosine"
     warmup_epochs: int = 0
     # Warm-up as a share of the run's planned steps (the longer of this and warmup_epochs wins).
     warmup_fraction: float = 0.0
@@ -282,53 +293,63 @@ def _is_union(origin: Any) -> bool:
     return origin is typing.Union or origin is types.UnionType
 
 
-def _coerce(value: Any, annotation: Any, name: str) -> Any:
-    """Convert a YAML/CLI value to the field's annotated type."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if value is None:
-        if type(None) in args:
-            return None
-        raise ConfigError(f"{name}: None is not allowed")
+@functools.lru_cache(maxsize=None)
+def _adapter(cls: type, name: str) -> pydantic.TypeAdapter:
+    """The pydantic validator of field ``name`` of dataclass ``cls``."""
+    return pydantic.TypeAdapter(_field_types(cls)[name])
+
+
+def _type_name(annotation: Any) -> str:
+    """A field's type in words: ``float``, ``int or none``, ``one of cosine, constant``, ``tuple of int``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
     if _is_union(origin):
-        non_none = [a for a in args if a is not type(None)]
-        if isinstance(value, str) and value.strip().lower() in {"none", "null"} and type(None) in args:
-            return None
-        return _coerce(value, non_none[0], name)
+        return " or ".join("none" if a is type(None) else _type_name(a) for a in args)
     if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
-        elem = args[0] if args else Any
-        return tuple(_coerce(v, elem, name) for v in value)
-    try:
-        if annotation is bool:
-            if isinstance(value, str):
-                if value.lower() in {"1", "true", "yes", "on"}:
-                    return True
-                if value.lower() in {"0", "false", "no", "off"}:
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if annotation in (int, float, str):
-            if annotation is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return annotation(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: cannot read {value!r} as {annotation.__name__}") from None
+        return "tuple of " + (_type_name(args[0]) if args else "values")
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _prepare(value: Any, annotation: Any, name: str) -> Any:
+    """What pydantic cannot read on its own from a ``--set`` string or a YAML value: ``none`` /
+    ``null`` for an optional field, ``32,16,8`` or ``(0.5, 1.0)`` for a tuple; and a YAML boolean
+    given to a number field, which pydantic would take as 0 or 1, is refused."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    inner = [a for a in args if a is not type(None)] if _is_union(origin) else [annotation]
+    if isinstance(value, str):
+        if type(None) in args and value.strip().lower() in {"none", "null"}:
+            return None
+        if any(typing.get_origin(a) is tuple for a in inner):
+            return [v.strip() for v in value.strip("()[] ").split(",") if v.strip()]
+    if isinstance(value, bool) and bool not in inner and any(a in (int, float) for a in inner):
+        raise ConfigError(f"{name}: cannot read {value!r} as {_type_name(annotation)} (a boolean is not a number)")
     return value
+
+
+def _coerce(value: Any, cls: type, name: str) -> Any:
+    """Validate and type one value of field ``name`` of ``cls`` with pydantic; ConfigError (one
+    line naming the field) when it does not fit the field's annotation."""
+    annotation = _field_types(cls)[name]
+    prepared = _prepare(value, annotation, name)
+    try:
+        return _adapter(cls, name).validate_python(prepared)
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        where = "".join(f"[{i}]" for i in error["loc"] if isinstance(i, int))
+        raise ConfigError(f"{name}{where}: cannot read {value!r} as {_type_name(annotation)} ({error['msg']})") from None
 
 
 def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
     """Return a copy of dataclass ``cfg`` with ``overrides`` (field -> value) applied and typed."""
     known = {f.name for f in fields(cfg)}
-    types_of = _field_types(type(cfg))
     changes = {}
     for key, value in overrides.items():
         if key not in known:
             raise ConfigError(
                 f"unknown field {key!r} for {type(cfg).__name__}; known: {', '.join(sorted(known))}"
             )
-        changes[key] = _coerce(value, types_of[key], key)
+        changes[key] = _coerce(value, type(cfg), key)
     return dataclasses.replace(cfg, **changes)
 
 
@@ -378,4 +399,7 @@ def load_yaml(path: str | Path) -> Any:
     if not isinstance(data, dict) or data.get("kind") not in CONFIG_CLASSES:
         raise ConfigError(f"{p}: expected a mapping with 'kind' in {sorted(CONFIG_CLASSES)}")
     kind = data.pop("kind")
-    return from_dict(CONFIG_CLASSES[kind], data)
+    try:
+        return from_dict(CONFIG_CLASSES[kind], data)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None

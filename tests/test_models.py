@@ -132,7 +132,7 @@ def test_flops_command_prints_the_report(capsys):
     table = capsys.readouterr().out
     assert f"{reference_size(model_preset('tiny'))[0]:,}" in table
     assert main(["flops", "--preset", "huge"]) == 2
-    assert "unknown preset" in capsys.readouterr().err
+    assert "'huge' is not one of 'paper', 'small', 'tiny'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -287,7 +287,7 @@ def test_same_seed_gives_identical_files_through_the_cli(tiny_sites, tmp_path):
 
     out = tmp_path / "again"
     montage = tmp_path / "montage.png"
-    assert main(["simulate", str(out), "--preset", "tiny", "--seed", "0", "--no-progress", "--montage", str(montage)]) == 0
+    assert main(["simulate", str(out), "--data-preset", "tiny", "--seed", "0", "--no-progress", "--montage", str(montage)]) == 0
     for original in tiny_sites:
         again = out / original.name
         files = sorted(p.relative_to(original) for p in original.rglob("*") if p.is_file())
@@ -297,7 +297,7 @@ def test_same_seed_gives_identical_files_through_the_cli(tiny_sites, tmp_path):
     img = read_gray_png(montage)
     assert img.shape[0] > 100 and img.shape[1] > 200
     # Refuses to clobber an existing site without --overwrite (exit code 2, nothing written).
-    assert main(["simulate", str(out), "--preset", "tiny", "--no-progress"]) == 2
+    assert main(["simulate", str(out), "--data-preset", "tiny", "--no-progress"]) == 2
 
 
 def test_patient_subset_renders_identical_pixels_and_other_seed_differs(tiny_sites):

@@ -186,7 +186,7 @@ def test_student_streams_through_the_runtime(exported, tmp_path, capsys, which):
     report_path, masks_path = tmp_path / "report.json", tmp_path / "masks.npz"
     capsys.readouterr()  # whatever the fixture printed
     assert main(["stream", str(recording), "--model", str(model), "--report", str(report_path),
-                 "--masks", str(masks_path), "--no-drop", "-q"]) == 0
+                 "--masks", str(masks_path), "--no-drop", "--no-progress"]) == 0
     printed = json.loads(capsys.readouterr().out)
     report = json.loads(report_path.read_text())
     assert printed["frames_processed"] == report["frames_processed"] == len(frames)

@@ -332,7 +332,6 @@ def test_a_run_that_diverges_is_scored_on_the_checkpoint_selected_before_it(stud
     the model the selection rule had kept, records the step in the unit's facts and lists the run
     in the report. Without any validation before the NaN, the run is recorded as failed."""
     import pocus_edge.losses as losses
-    from pocus_edge.errors import NonFiniteLoss, TrainingError
     from pocus_edge.models.weights import read_checkpoint
 
     out = tmp_path / "s"

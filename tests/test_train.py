@@ -353,10 +353,10 @@ def test_lr_schedule_formula():
 
 
 def test_evaluate_reports_match_independent_computation(sites, encoders, tmp_path):
+    from pocus_edge.data.transforms import preprocess_frame, preprocess_mask
     from pocus_edge.metrics import dice_iou_per_image, wilcoxon_p
     from pocus_edge.models.fusion import fuse
     from pocus_edge.models.weights import build_segmenter
-    from pocus_edge.data.transforms import preprocess_frame, preprocess_mask
 
     source, target = sites
     mim, con = encoders

@@ -8,13 +8,15 @@ from typing import List, Optional
 
 import typer
 
+from .options import DEVICE_HELP, Budget, Preset, Recipe, complete_device
+
 
 def register(app: typer.Typer) -> None:
     @app.command("study")
     def study(
         source: Optional[Path] = typer.Option(None, "--source", metavar="SITE", help="The labeled SOURCE site (e.g. OUT/source)."),
         target: Optional[Path] = typer.Option(None, "--target", metavar="SITE", help="The TARGET site: unlabeled train frames for pretraining, labeled test frames for scoring."),
-        out: Optional[Path] = typer.Option(None, "--out", help="Study folder: pretrain/, runs/, eval/, study.md, study.json, study.png. A rerun resumes."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Study folder: pretrain/, runs/, eval/, study.md, study.json, study.png. A rerun resumes."),
         arms: Optional[str] = typer.Option(
             None, "--arms",
             help="Comma-separated arms, each NAME, NAME@RECIPE, NAME:SEEDS or NAME@RECIPE:SEEDS; names: lower, mim, contrastive, simclr, fused, adabn, intensity, "
@@ -23,11 +25,11 @@ def register(app: typer.Typer) -> None:
             "Arms an arm needs or is compared with are added.",
         ),
         seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Paired fine-tuning seeds per arm (default 5)."),
-        budget: Optional[str] = typer.Option(None, "--budget", help="Fixed step counts: cpu (default), gpu, smoke (pipeline check)."),
-        recipe: Optional[str] = typer.Option(None, "--recipe", help="Fine-tuning recipe of the arms that name none: default | paper."),
-        preset: Optional[str] = typer.Option(None, "--preset", help="Model preset: small (default), tiny, paper."),
+        budget: Optional[Budget] = typer.Option(None, "--budget", help="Fixed step counts: cpu (default), gpu, smoke (pipeline check)."),
+        recipe: Optional[Recipe] = typer.Option(None, "--recipe", help="Fine-tuning recipe of the arms that name none: default | paper."),
+        preset: Optional[Preset] = typer.Option(None, "--preset", help="Model preset: small (default), tiny, paper."),
         steps: Optional[List[str]] = typer.Option(None, "--steps", metavar="KIND=N", help="Override the budget's steps: mim=N, contrastive=N, finetune=N, distill=N (repeatable)."),
-        device: str = typer.Option("auto", help="auto | cpu | cuda."),
+        device: str = typer.Option("auto", "--device", help=DEVICE_HELP, autocompletion=complete_device),
         config: Optional[Path] = typer.Option(None, "--config", help="YAML with any of these options (source, target, out, arms, seeds, ...); command-line options win."),
         estimate: bool = typer.Option(False, "--estimate", help="Print the plan and the time estimate, then stop."),
         report_only: bool = typer.Option(False, "--report-only", help="Write the report from the finished units, train nothing."),

@@ -26,7 +26,6 @@ from ..errors import DataError
 from .layout import FrameRecord, Site, read_gray_png
 from .transforms import preprocess_frame, preprocess_gray, preprocess_mask
 
-
 # preload=True keeps decoded, resized frames for the life of the process, keyed by file and size,
 # so several stages in one process (a benchmark running the whole protocol) decode each file once.
 _PRELOAD_CACHE: dict[tuple[str, int, str], np.ndarray] = {}

@@ -49,7 +49,16 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from .layout import IMAGES, MANIFEST, MASKS, FrameRecord, Site, SiteWriter, load_site
-from .phantom_anatomy import SOURCE_VIEWS, TARGET_VIEWS, Patient, SweepPlan, bone_band, paint, plan_sweep, sample_patient
+from .phantom_anatomy import (
+    SOURCE_VIEWS,
+    TARGET_VIEWS,
+    Patient,
+    SweepPlan,
+    bone_band,
+    paint,
+    plan_sweep,
+    sample_patient,
+)
 from .phantom_physics import (
     Scatterers,
     Texture,

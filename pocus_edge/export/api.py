@@ -80,7 +80,8 @@ class ExportResult:
             p = self.parity
             lines.append(
                 f"parity ({p['precision']}, {p['backend']}, {p['frames']['count']} frames from {p['frames']['source']}): "
-                f"max |diff| {p['max_abs_diff']:.3g} ({p['max_abs_diff_well_conditioned']:.3g} where the fusion is well conditioned), mean {p['mean_abs_diff']:.3g}, mask Dice {p['mask_dice_mean']:.4f} "
+                f"max |diff| {p['max_abs_diff']:.3g} ({p['max_abs_diff_well_conditioned']:.3g} where the fusion is well "
+                f"conditioned), mean {p['mean_abs_diff']:.3g}, mask Dice {p['mask_dice_mean']:.4f} "
                 f"-> {'PASS' if p['passed'] else 'FAIL'} ({self.parity_paths[1] if self.parity_paths else ''})"
             )
         if self.tensorrt_ops is not None:
@@ -363,8 +364,8 @@ def _tensorrt_engine(job: _Job) -> None:
 
 
 def _openvino_ir(job: _Job) -> None:
-    from .openvino import export_openvino
     from .onnx import read_onnx_card
+    from .openvino import export_openvino
 
     calibration = info = None
     if job.spec.precision == "int8":

@@ -238,7 +238,7 @@ def write_golden(
     ``extra_sizes``: output sizes besides the model's input size (preprocessing only).
     """
     if n < 1:
-        raise DataError(f"--n must be at least 1, got {n}")
+        raise DataError(f"--frames must be at least 1, got {n}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder")

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from ..card import CARD_KEY, EXPORT_INPUT_NAME as INPUT_NAME, export_card, parse_card
+from ..card import CARD_KEY, export_card, parse_card
+from ..card import EXPORT_INPUT_NAME as INPUT_NAME
 from ..errors import ExportError
 from ..io import atomic_path
 from .staging import staging_dir

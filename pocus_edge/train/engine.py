@@ -42,7 +42,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from ..config import TrainConfig
 from ..errors import ConfigError, NonFiniteLoss, TrainingError
 from ..io import atomic_path, write_text_atomic
-from .recipes import ParamGroup, parameter_groups
 from .distributed import (
     DistContext,
     all_ranks_true,
@@ -50,6 +49,7 @@ from .distributed import (
     barrier,
     convert_batchnorm,
 )
+from .recipes import ParamGroup, parameter_groups
 
 CHECKPOINT = "checkpoint.safetensors"
 CONFIG_FILE = "config.yaml"

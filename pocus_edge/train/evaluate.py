@@ -28,6 +28,14 @@ from ..metrics import THRESHOLD, Summary, dice_iou_per_image, summarize, wilcoxo
 from .common import open_one_site
 from .distributed import resolve_device
 
+# Printed under the p-values (docs/study.md, "No frame-level p-values"): they test frames of one
+# training run per model, which are neither independent (a few patients) nor a sample of seeds.
+WILCOXON_CAVEAT = (
+    "p-values over the frames of one training run per model: frames of a few patients are not independent, "
+    "and one run is not evidence across training seeds; `pocus-edge study` compares methods over seeds "
+    "(docs/study.md)."
+)
+
 
 @dataclass
 class EvaluationResult:
@@ -57,8 +65,9 @@ class EvaluationResult:
                       "validation (its model card says so): it predicts (almost) empty masks, and its scores say "
                       "nothing about the method."]
         if self.wilcoxon:
-            lines += ["", "| pair (Wilcoxon on per-image Dice) | p |", "|---|---|"]
+            lines += ["", "| pair (Wilcoxon on per-image Dice, frames of one run each) | p |", "|---|---|"]
             lines += [f"| {k} | {v:.3g} |" for k, v in self.wilcoxon.items()]
+            lines += ["", WILCOXON_CAVEAT]
         return "\n".join(lines) + "\n"
 
 
