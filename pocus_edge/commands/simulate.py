@@ -39,6 +39,11 @@ def register(app: typer.Typer) -> None:
             None, "--target-test-patients", min=1,
             help="Target test patients (default: the preset's; 12.5 % of patients, 12 for the study preset).",
         ),
+        shift_severity: Optional[float] = typer.Option(
+            None, "--shift-severity", min=0.0, max=1.0,
+            help="Render the target with the probe this far from the source profile to the target profile (every "
+            "knob interpolated: 0 = the source probe, 1 = the target probe; default: the target profile).",
+        ),
         label_target_test: Optional[TargetTestLabels] = typer.Option(
             None, "--label-target-test",
             help="all: label every frame of the target test patients (a powered test set); sparse: the paper's "
@@ -66,6 +71,7 @@ def register(app: typer.Typer) -> None:
             workers=workers,
             target_test_patients=target_test_patients,
             label_all_target_test=None if label_target_test is None else label_target_test == "all",
+            shift_severity=shift_severity,
         )
         for site in (source, target):
             labeled = sum(r.labeled for r in site.records)
