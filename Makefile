@@ -6,8 +6,10 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo_out
 # The core-only runtime venv of `make lean-test` (no torch).
 LEAN_VENV ?= .venv-lean
+# numpy + the onnxruntime the Android app pins (android_demo/onnxruntime.version).
+APP_ORT_VENV ?= .venv-app-ort
 
-.PHONY: setup demo test lean-test android-test constraints clean
+.PHONY: setup demo test lean-test android-test app-runtime-test constraints clean
 
 setup: $(STAMP)
 
@@ -37,10 +39,14 @@ lean-test: $(STAMP)
 android-test: $(STAMP)
 	VENV=$(VENV) bash android_demo/ci_core_tests.sh
 
+# Every artifact the Android app may load, run in the onnxruntime version the app pins.
+app-runtime-test: $(STAMP)
+	VENV=$(VENV) APP_ORT_VENV=$(APP_ORT_VENV) bash .ci/app_runtime.sh
+
 # Rewrite constraints.txt from the versions installed in $(VENV).
 constraints: $(STAMP)
 	{ sed -n '1,/^[^#]/{/^#/p}' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^#'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
 clean:
-	rm -rf $(VENV) $(LEAN_VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(LEAN_VENV) $(APP_ORT_VENV) $(DEMO_OUT) .pytest_cache

@@ -3,6 +3,8 @@ plugins {
     id("org.jetbrains.kotlin.android")
 }
 
+val onnxruntimeVersion: String = rootProject.file("onnxruntime.version").readText().trim()
+
 android {
     namespace = "org.pocusedge.demo"
     compileSdk = 34
@@ -38,6 +40,8 @@ android {
 
 dependencies {
     implementation(project(":core"))
-    // ONNX Runtime Mobile/Android (CPU; NNAPI/XNNPACK execution providers available).
-    implementation("com.microsoft.onnxruntime:onnxruntime-android:1.19.2")
+    // ONNX Runtime Mobile/Android (CPU; NNAPI/XNNPACK execution providers available). Its version
+    // lives in one file, which CI also reads to load every exported artifact in that same
+    // onnxruntime (make app-runtime-test).
+    implementation("com.microsoft.onnxruntime:onnxruntime-android:$onnxruntimeVersion")
 }
