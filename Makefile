@@ -8,8 +8,10 @@ DEMO_OUT ?= demo_out
 LEAN_VENV ?= .venv-lean
 # numpy + the onnxruntime the Android app pins (android_demo/onnxruntime.version).
 APP_ORT_VENV ?= .venv-app-ort
+# The serve page's JavaScript (onnxruntime-web), installed from npm by `make web`.
+WEB_DIR := pocus_edge/runtime/web
 
-.PHONY: setup demo test lean-test android-test app-runtime-test constraints clean
+.PHONY: setup demo test lean-test android-test app-runtime-test web browser-test constraints clean
 
 setup: $(STAMP)
 
@@ -27,8 +29,21 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/pocus-edge demo --out $(DEMO_OUT)
 
+# Browser tests run in `make browser-test` (they need Chromium).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not browser"
+
+# onnxruntime-web for the serve page, at the versions of package-lock.json (Debian's nodejs + npm
+# are installed if missing); the page serves its files from node_modules, nothing at run time.
+web: $(WEB_DIR)/node_modules/.package-lock.json
+$(WEB_DIR)/node_modules/.package-lock.json: $(WEB_DIR)/package.json $(WEB_DIR)/package-lock.json
+	command -v npm >/dev/null 2>&1 || bash .ci/apt_install.sh nodejs npm
+	cd $(WEB_DIR) && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+
+# The serve page in headless Chromium (Debian's, installed if missing), driven by Playwright.
+browser-test: $(STAMP) web
+	command -v chromium >/dev/null 2>&1 || bash .ci/apt_install.sh chromium
+	$(PY) -m pytest -q -m browser
 
 # The lean install: a second venv with only the core dependencies streams and benchmarks an ONNX
 # model exported by the full venv, and proves torch is not needed (or importable) there.

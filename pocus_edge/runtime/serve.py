@@ -250,8 +250,14 @@ def serve(
             finally:
                 src.close()
             hub.publish(json.dumps({"type": "end", "report": result}, default=str))
-            return result
         finally:
             server.stop(linger)
     finally:
         be.close()
+    # The pages' last deliveries and losses are known only now that they are closed.
+    result["serve"] = dict(hub.counters)
+    if report is not None:
+        from ..io import write_json_atomic
+
+        write_json_atomic(report, result)
+    return result

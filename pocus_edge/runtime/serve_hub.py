@@ -93,10 +93,13 @@ class FrameHub:
     def _offer(self, data: bytes | str) -> None:
         for client in list(self.clients):
             if client.queue.full():
-                client.queue.get_nowait()
-                client.dropped += 1
-                self.counters["messages_dropped"] += 1
+                self._dropped(client, client.queue.get_nowait())
             client.queue.put_nowait(data)
+
+    def _dropped(self, client: _Client, data: bytes | str) -> None:
+        if isinstance(data, bytes):  # frame messages are counted; text ones are few and small
+            client.dropped += 1
+            self.counters["messages_dropped"] += 1
 
     async def handle(self, ws) -> None:
         """One browser: a writer task drains its queue while this coroutine reads its messages."""
@@ -112,25 +115,32 @@ class FrameHub:
         finally:
             writer.cancel()
             self.clients.discard(client)
+            while not client.queue.empty():
+                self._dropped(client, client.queue.get_nowait())
             if not self.finished:  # left before the stream ended (closed tab, lost connection)
                 self.counters["disconnects"] += 1
 
     async def _write(self, client: _Client) -> None:
         last_delivery = 0.0
-        try:
-            while True:
-                data = await client.queue.get()
+        while True:
+            data = await client.queue.get()
+            delivered = False
+            try:
                 if isinstance(data, bytes):
                     await client.ws.send_bytes(data)
                     client.sent += 1
                     self.counters["messages_sent"] += 1
                 else:
                     await client.ws.send_str(data)
+                delivered = True
                 if time.monotonic() - last_delivery > 0.5 or not isinstance(data, bytes):
                     last_delivery = time.monotonic()
                     await client.ws.send_str(json.dumps({"type": "delivery", "sent": client.sent, "dropped": client.dropped}))
-        except (ConnectionError, RuntimeError, asyncio.CancelledError):
-            pass  # the browser went away (counted by the reader) or the server is stopping
+            except (ConnectionError, RuntimeError, asyncio.CancelledError):
+                # The browser went away or the server is stopping: what was in hand is lost.
+                if not delivered:
+                    self._dropped(client, data)
+                return
 
     async def _read(self, client: _Client) -> None:
         from aiohttp import WSMsgType
@@ -163,6 +173,8 @@ class FrameHub:
         while any(not c.queue.empty() for c in self.clients) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for client in list(self.clients):
+            while not client.queue.empty():  # never delivered: lost like a dropped frame
+                self._dropped(client, client.queue.get_nowait())
             await client.ws.close()
 
 
