@@ -4,7 +4,8 @@
 
 Random-weight ``tiny`` models (output layers spread so masks are about half bone; no training
 needed to test a runtime): the fused teacher with its branch outputs, the default student in fp32
-and in int8, all with the uint8 input the app feeds (docs/students.md, android_demo/README.md).
+and in int8, as ONNX and as ORT format (for minimal builds), all with the uint8 input the app feeds
+(docs/students.md, android_demo/README.md).
 Each artifact's golden folder holds the probabilities the current onnxruntime computes, for
 .ci/app_runtime_checks.py to compare in the app's onnxruntime.
 """
@@ -41,7 +42,8 @@ def models():
     student_net = build_student(STUDENT, "tiny").eval().reparameterize()
     spread_head_logits(student_net, frames, std=3.0)
     student = SingleSegmenter(student_net, uint8_input=True, name="student").eval()
-    return [("fused.onnx", fused, "fp32"), ("student.onnx", student, "fp32"), ("student-int8.onnx", student, "int8")]
+    return [("fused.onnx", fused, "fp32"), ("student.onnx", student, "fp32"), ("student-int8.onnx", student, "int8"),
+            ("student-mobile.ort", student, "fp32"), ("student-mobile-int8.ort", student, "int8")]
 
 
 def main(out: Path) -> None:
@@ -49,7 +51,8 @@ def main(out: Path) -> None:
     calibration = parity_mod.parity_frames(None, 64, n=16, uint8_input=True, seed=2)[0]
     written = []
     for name, model, precision in models():
-        options = ExportOptions(batch=1, precision=precision, calibration_frames=calibration if precision == "int8" else None)
+        options = ExportOptions(target=Path(name).suffix[1:], batch=1, precision=precision,
+                                calibration_frames=calibration if precision == "int8" else None)
         result = export_model(model, out / name, options)
         golden = out / (Path(name).stem + ".golden")
         write_golden(golden, model=result.artifact, n=4, seed=3, extra_sizes=())
