@@ -34,7 +34,7 @@ android {
 
     androidResources {
         // The model is memory-read from the APK: keep it uncompressed.
-        noCompress += "onnx"
+        noCompress += listOf("onnx", "ort")
     }
 }
 
