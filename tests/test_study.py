@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from pocus_edge.errors import ConfigError
-from pocus_edge.train import study as study_mod
-from pocus_edge.train.study import ARMS, ArmKind, StudyOptions, parse_arms, run_study
+from pocus_edge.study import ARMS, BUDGETS, ArmKind, Study, StudyOptions, parse_arms, run_study
+from pocus_edge.study.arms import _segmenter_predictor
+from pocus_edge.study.budgets import check_protocol
+from pocus_edge.study.markers import read_done, read_failed
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +188,7 @@ def test_a_registered_arm_plugs_in_without_touching_the_loop(smoke_study, study_
     predicts exactly what the lower bound predicts, so its paired difference must be 0."""
     out, _, _ = smoke_study
     monkeypatch.setitem(ARMS, "echo", ArmKind(
-        "echo", "the lower bound's predictions", lambda study, run: study_mod._segmenter_predictor(
+        "echo", "the lower bound's predictions", lambda study, run: _segmenter_predictor(
             study, study.arm_run("lower", run.recipe, run.seed)), needs=("lower",), convergence_check=False))
     res = run_study(_options(study_sites, out, arms=("lower", "mim", "contrastive", "fused", "adabn", "mim@paper:1",
                                                     "echo")), say=lambda m: None)
@@ -284,7 +286,7 @@ def test_student_arm_is_paired_with_its_own_seeds_teacher(student_study):
             teacher = out / "runs" / f"{arm}@default" / f"seed{seed}" / "train" / "model.safetensors"
             assert card["teachers"][role]["sha256"] == sha256_file(teacher)
         assert card["hyperparameters"]["train.seed"] == seed
-        assert card["hyperparameters"]["train.max_steps"] == study_mod.BUDGETS["smoke"].distill[0]
+        assert card["hyperparameters"]["train.max_steps"] == BUDGETS["smoke"].distill[0]
 
 
 def test_a_study_recorded_before_distillation_budgets_still_resumes(smoke_study, study_sites, tmp_path):
@@ -298,13 +300,13 @@ def test_a_study_recorded_before_distillation_budgets_still_resumes(smoke_study,
     record = yaml.safe_load((out / "study_config.yaml").read_text())
     del record["protocol"]["budget"]["distill"]
     (copy / "study_config.yaml").write_text(yaml.safe_dump(record))
-    study = study_mod.Study(_options(study_sites, copy))
-    study_mod.check_protocol(study)
+    study = Study(_options(study_sites, copy))
+    check_protocol(study)
     assert "distill" in yaml.safe_load((copy / "study_config.yaml").read_text())["protocol"]["budget"]
     record["protocol"]["budget"]["finetune"] = [7, 8]
     (copy / "study_config.yaml").write_text(yaml.safe_dump(record))
     with pytest.raises(ConfigError, match="other settings.*budget"):
-        study_mod.check_protocol(study)
+        check_protocol(study)
 
 
 def test_a_run_that_diverges_is_scored_on_the_checkpoint_selected_before_it(study_sites, tmp_path, monkeypatch):
@@ -325,7 +327,7 @@ def test_a_run_that_diverges_is_scored_on_the_checkpoint_selected_before_it(stud
 
     monkeypatch.setattr(losses, "dice_bce", poisoned)
     res = run_study(_options(study_sites, out, arms=("lower",), seeds=1, steps={"finetune": 40}), say=lambda m: None)
-    info = study_mod.read_done(out / "runs" / "lower@default" / "seed0")
+    info = read_done(out / "runs" / "lower@default" / "seed0")
     kept = read_checkpoint(model)[1]["hyperparameters"]
     assert info["diverged_at_step"] == kept["best_step"] + 1 < 40 and info["best_step"] == kept["best_step"]
     text = res.report_md.read_text()
@@ -347,11 +349,11 @@ def test_a_run_that_diverges_is_scored_on_the_checkpoint_selected_before_it(stud
     monkeypatch.setattr(losses, "dice_bce", nan_once)
     out2, said = tmp_path / "t", []
     res2 = run_study(_options(study_sites, out2, arms=("lower",), seeds=2), say=said.append)
-    failed = study_mod.read_failed(out2 / "runs" / "lower@default" / "seed0")
+    failed = read_failed(out2 / "runs" / "lower@default" / "seed0")
     assert failed["diverged_at_step"] == 1 and "before its first validation" in failed["reason"]
     assert "\n" not in failed["reason"]
-    assert study_mod.read_done(out2 / "runs" / "lower@default" / "seed0") is None
-    evaluation = study_mod.read_failed(out2 / "eval" / "lower@default" / "seed0")
+    assert read_done(out2 / "runs" / "lower@default" / "seed0") is None
+    evaluation = read_failed(out2 / "eval" / "lower@default" / "seed0")
     assert evaluation["inputs_failed"] == [str(out2 / "runs" / "lower@default" / "seed0")]
     assert res2.summary["arms"]["lower@default"]["seeds"] == [1]  # seed 1 trained and was scored
     text = res2.report_md.read_text()
@@ -361,114 +363,12 @@ def test_a_run_that_diverges_is_scored_on_the_checkpoint_selected_before_it(stud
     assert rerun.units_run == 0 and calls["poisoned"] == 1
 
 
-def test_a_failed_unit_is_recorded_and_only_what_is_built_from_it_is_skipped(tmp_path):
-    """`UnitFailed` ends one unit, not the run: the units built from it are recorded as failed
-    without running, the others run, and any other error still stops everything."""
-    from pocus_edge.errors import DataError
-    from pocus_edge.train.study import Unit, UnitFailed, _run_units, read_done, read_failed
-
-    ran: list[str] = []
-
-    def work(label, error=None):
-        def run():
-            ran.append(label)
-            if error is not None:
-                raise error
-            return {"label": label}
-        return run
-
-    a, b, c, d = (tmp_path / n for n in "abcd")
-    units = [Unit("train", "a", a, work("a", UnitFailed("a diverged", diverged_at_step=3))),
-             Unit("train", "b", b, work("b")),
-             Unit("eval", "c", c, work("c"), after=(a,)),
-             Unit("eval", "d", d, work("d"), after=(b,))]
-    assert _run_units(units, say=lambda _: None, poll_s=0.01) == 2
-    assert ran == ["a", "b", "d"]
-    assert read_failed(a) == {"reason": "a diverged", "diverged_at_step": 3, "seconds": read_failed(a)["seconds"]}
-    assert read_failed(c)["inputs_failed"] == [str(a)] and read_done(c) is None
-    assert read_done(b) == {"label": "b"} and read_done(d) == {"label": "d"}
-    assert _run_units(units, say=lambda _: None, poll_s=0.01) == 0 and ran == ["a", "b", "d"]
-    # Deleting the record retries the unit.
-    (a / study_mod.FAILED).unlink()
-    (c / study_mod.FAILED).unlink()
-    units[0] = Unit("train", "a", a, work("a"))
-    assert _run_units(units, say=lambda _: None, poll_s=0.01) == 2 and read_done(c) == {"label": "c"}
-    # A fault of the data or setup is not a method outcome: it stops the run.
-    broken = Unit("train", "e", tmp_path / "e", work("e", DataError("frame 3 is truncated")))
-    with pytest.raises(DataError):
-        _run_units([broken, Unit("train", "f", tmp_path / "f", work("f"))], say=lambda _: None, poll_s=0.01)
-    assert read_failed(tmp_path / "e") is None and "f" not in ran
-
-
-def test_processes_sharing_a_study_folder_run_each_unit_once_and_in_dependency_order(tmp_path):
-    """Two workers on one folder (threads holding separate lock handles, as two processes would):
-    every unit runs exactly once, never before the units it is built from, and both do work."""
-    import threading
-    import time
-
-    from pocus_edge.train.study import Unit, _run_units, read_done
-
-    log: list[tuple[str, str, float, float]] = []
-    lock = threading.Lock()
-
-    def work(label):
-        def run():
-            t0 = time.perf_counter()
-            time.sleep(0.05)
-            with lock:
-                log.append((label, threading.current_thread().name, t0, time.perf_counter()))
-            return {"label": label}
-        return run
-
-    pre = {n: tmp_path / "pretrain" / n for n in ("a", "b")}
-    plan = [("pretrain a", pre["a"], ()), ("pretrain b", pre["b"], ())]
-    for seed in range(3):
-        run_a, run_b = tmp_path / "runs" / f"a{seed}", tmp_path / "runs" / f"b{seed}"
-        plan += [(f"train a {seed}", run_a, (pre["a"],)), (f"train b {seed}", run_b, (pre["b"],)),
-                 (f"fuse {seed}", tmp_path / "eval" / f"fuse{seed}", (run_a, run_b))]
-    units = [Unit("train", label, folder, work(label), 1.0, after=after) for label, folder, after in plan]
-    errors: list[BaseException] = []
-
-    def worker():
-        try:
-            _run_units(units, say=lambda _: None, poll_s=0.01)
-        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, name=f"w{k}") for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors
-    assert sorted(label for label, *_ in log) == sorted(label for label, _, _ in plan)
-    assert {who for _, who, _, _ in log} == {"w0", "w1"}
-    finished = {label: end for label, _, _, end in log}
-    started = {label: start for label, _, start, _ in log}
-    by_folder = {folder: label for label, folder, _ in plan}
-    for label, folder, after in plan:
-        assert read_done(folder) == {"label": label}
-        for dep in after:
-            assert finished[by_folder[dep]] <= started[label], f"{label} started before {by_folder[dep]} finished"
-    # A rerun finds everything done and runs nothing.
-    assert _run_units(units, say=lambda _: None, poll_s=0.01) == 0
-
-
-def test_a_unit_whose_inputs_no_process_makes_fails_instead_of_waiting(tmp_path):
-    from pocus_edge.errors import TrainingError
-    from pocus_edge.train.study import Unit, _run_units
-
-    orphan = Unit("eval", "evaluate x", tmp_path / "eval" / "x", lambda: {}, after=(tmp_path / "runs" / "missing",))
-    with pytest.raises(TrainingError, match="which no process is making"):
-        _run_units([orphan], say=lambda _: None, poll_s=0.01)
-
-
 def test_goals_are_not_assessed_while_an_arm_misses_planned_seeds():
     """A claim is judged only on complete arms: with 2 of 5 planned `mim` seeds its goal reads
     None (not assessed) whatever the numbers say; complete arms are judged by the formula."""
     from types import SimpleNamespace
 
-    from pocus_edge.train.study_report import _goal_text, _goals
+    from pocus_edge.study.report import _goal_text, _goals
 
     study = SimpleNamespace(options=SimpleNamespace(recipe="default"), choices=parse_arms(
         ["lower", "mim", "contrastive_uniform", "fused_uniform", "student_uniform", "upper:3"], "default", 5))

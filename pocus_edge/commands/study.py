@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         difference to the lower bound with a hierarchical-bootstrap CI (seeds, then patients), Holm-corrected,
         and a verdict: helps / hurts / inconclusive. Resumable; processes started on the same --out share its
         units (e.g. one per core). Prints a time estimate first. See docs/study.md."""
-        from ..train.study import run_study, study_options
+        from ..study import run_study, study_options
 
         options = study_options(
             config, source=source, target=target, out=out, arms=arms, seeds=seeds, budget=budget, recipe=recipe,

@@ -1,9 +1,5 @@
-"""Scoring and reporting for `pocus-edge study` (:mod:`.study`).
-
-Scores: per image Dice, IoU (smoothing 1, threshold 0.5), HD95 and average surface distance
-(pixels at the model's input size; NaN where the prediction or the truth is empty) on the
-target's labeled test frames, and Dice on the source validation frames. The unit of inference
-is the test PATIENT: each (arm, seed) is reduced to per-patient means first.
+"""The report of a study (:mod:`pocus_edge.study`): statistics, the method's goals,
+``study.md``, ``study.json`` and ``study.png``.
 
 Statistics (no frame-level p-values):
 
@@ -21,7 +17,6 @@ Statistics (no frame-level p-values):
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 from pathlib import Path
@@ -30,132 +25,16 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ..io import write_bytes_atomic, write_json_atomic, write_text_atomic
+from .arms import ARMS, PRETRAININGS, comparison_of
+from .markers import read_done, read_failed
+from .scoring import collect, nanmean
 
 if TYPE_CHECKING:
-    from .study import ArmRun, Study
+    from .folder import Study
 
 MIN_EFFECT = 0.02
 CONVERGENCE_GAP = 0.01
 ALPHA = 0.05
-COLUMNS = ("site", "patient", "videoname", "framenum", "filename", "dice", "iou", "hd95", "asd")
-
-
-# ---------------------------------------------------------------------------------------------
-# Scoring one arm and seed
-
-
-def _frames(study: "Study", which: str):
-    """(records, gray uint8 (N, S, S), masks bool (N, S, S)) of the target test or the source
-    validation subset, preprocessed once per study process."""
-    if which in study._frames:
-        return study._frames[which]
-    from ..config import model_preset
-    from ..data.transforms import preprocess_gray, preprocess_mask
-
-    size = model_preset(study.options.preset).img_size
-    if which == "test":
-        site, records = study.target_site, study.target_site.select("test", labeled=True)
-    else:
-        site, records = study.source_site, study.source_site.select("val", labeled=True)
-        limit = study.budget.val_frames
-        if limit and len(records) > limit:
-            records = records[:: -(-len(records) // limit)]  # the stride fine-tuning validates on
-    if not records:
-        from ..errors import DataError
-
-        raise DataError(f"{site.manifest_path}: no labeled {'test' if which == 'test' else 'val'} frames to score")
-    gray = np.stack([preprocess_gray(site.read_image(r), size) for r in records])
-    masks = np.stack([preprocess_mask(site.read_mask(r), size)[0] > 0.5 for r in records])
-    study._frames[which] = (site, records, gray, masks)
-    return study._frames[which]
-
-
-def _predict(predictor: Callable, gray: np.ndarray, device, batch: int = 64) -> np.ndarray:
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(gray), batch):
-            g = torch.from_numpy(gray[start : start + batch]).to(torch.float32) / 255.0
-            x = g[:, None].expand(-1, 3, -1, -1).contiguous().to(device)
-            out.append(predictor(x).float().cpu().numpy()[:, 0])
-    return np.concatenate(out)
-
-
-def score_arm(study: "Study", run: "ArmRun", csv_path: Path) -> int:
-    """Per-image scores of one arm and seed on the target test and the source validation frames,
-    written to ``csv_path``; returns the number of images scored."""
-    from ..metrics import dice_iou_per_image, surface_distances_per_image
-    from .study import ARMS
-
-    predictor = ARMS[run.arm].predictor(study, run)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    n = 0
-    for which in ("test", "val"):
-        site, records, gray, masks = _frames(study, which)
-        prob = _predict(predictor, gray, study.device)
-        dice, iou = dice_iou_per_image(prob, masks)
-        if which == "test":
-            hd95, asd = surface_distances_per_image(prob, masks)
-        else:
-            hd95 = asd = np.full(len(records), np.nan)
-        for r, d, j, h, a in zip(records, dice, iou, hd95, asd):
-            writer.writerow([f"{'target-test' if which == 'test' else 'source-val'}", r.patient, r.videoname,
-                             r.framenum, r.filename, f"{d:.6f}", f"{j:.6f}", _num(h), _num(a)])
-        n += len(records)
-    write_text_atomic(csv_path, buf.getvalue())
-    return n
-
-
-def _num(v: float) -> str:
-    return "" if not math.isfinite(v) else f"{v:.4f}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Collecting scores
-
-
-def _read_scores(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _float(v: str) -> float:
-    return float(v) if v not in ("", None) else float("nan")
-
-
-def collect(study: "Study") -> dict[str, Any]:
-    """Per (arm key, seed): per-patient means of the test metrics and the source-val Dice."""
-    from .study import read_done
-
-    scores: dict[str, dict[int, dict[str, Any]]] = {}
-    for choice in study.choices:
-        for seed in study.seeds_of(choice):
-            folder = study.eval_folder(study.arm_run(choice.arm, choice.recipe, seed))
-            if read_done(folder) is None:
-                continue
-            rows = _read_scores(folder / "per_image.csv")
-            test = [r for r in rows if r["site"] == "target-test"]
-            val = [r for r in rows if r["site"] == "source-val"]
-            per_patient: dict[str, dict[str, float]] = {}
-            for patient in sorted({r["patient"] for r in test}):
-                mine = [r for r in test if r["patient"] == patient]
-                per_patient[patient] = {m: _nanmean([_float(r[m]) for r in mine]) for m in ("dice", "iou", "hd95", "asd")}
-                per_patient[patient]["empty_boundary"] = sum(not math.isfinite(_float(r["hd95"])) for r in mine)
-                per_patient[patient]["frames"] = len(mine)
-            scores.setdefault(choice.key, {})[seed] = {
-                "patients": per_patient,
-                "frame_dice": float(np.mean([_float(r["dice"]) for r in test])) if test else float("nan"),
-                "source_val_dice": float(np.mean([_float(r["dice"]) for r in val])) if val else float("nan"),
-            }
-    return scores
-
-
-def _nanmean(values) -> float:
-    arr = np.asarray(values, dtype=np.float64)
-    return float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
 
 
 def _matrix(per_seed: dict[int, dict[str, Any]], seeds: list[int], patients: list[str], metric: str) -> np.ndarray:
@@ -168,7 +47,6 @@ def _matrix(per_seed: dict[int, dict[str, Any]], seeds: list[int], patients: lis
 
 def analyse(study: "Study", scores: dict[str, Any]) -> dict[str, Any]:
     from ..metrics import bootstrap_p_value, hierarchical_bootstrap, holm_adjust, percentile_interval, verdict
-    from .study import ARMS, comparison_of
 
     n_boot = study.options.bootstrap
     patients = sorted({p for per_seed in scores.values() for s in per_seed.values() for p in s["patients"]})
@@ -183,8 +61,8 @@ def analyse(study: "Study", scores: dict[str, Any]) -> dict[str, Any]:
         for metric in ("dice", "iou", "hd95", "asd"):
             m = _matrix(per_seed, seeds, patients, metric)
             draws = hierarchical_bootstrap(m, n_boot, seed=1)
-            entry[metric] = {"mean": _nanmean(m), "ci95": percentile_interval(draws, ALPHA)}
-        entry["per_seed_dice"] = [_nanmean(_matrix(per_seed, [s], patients, "dice")) for s in seeds]
+            entry[metric] = {"mean": nanmean(m), "ci95": percentile_interval(draws, ALPHA)}
+        entry["per_seed_dice"] = [nanmean(_matrix(per_seed, [s], patients, "dice")) for s in seeds]
         entry["source_val_dice"] = float(np.mean([per_seed[s]["source_val_dice"] for s in seeds]))
         entry["frames_without_boundary"] = int(sum(v["empty_boundary"] for s in seeds for v in per_seed[s]["patients"].values()))
         entry["frames_scored"] = int(sum(v["frames"] for s in seeds for v in per_seed[s]["patients"].values()))
@@ -205,8 +83,8 @@ def analyse(study: "Study", scores: dict[str, Any]) -> dict[str, Any]:
             diff = (_matrix(scores[choice.key], seeds, patients, metric)
                     - _matrix(scores[base_key], seeds, patients, metric))
             draws = hierarchical_bootstrap(diff, n_boot, seed=2)
-            entry[metric] = {"mean": _nanmean(diff), "ci95": percentile_interval(draws, ALPHA),
-                             "per_seed": [_nanmean(row) for row in diff]}
+            entry[metric] = {"mean": nanmean(diff), "ci95": percentile_interval(draws, ALPHA),
+                             "per_seed": [nanmean(row) for row in diff]}
             if metric == "dice":
                 draws_of[choice.key] = draws
                 entry["p_bootstrap"] = bootstrap_p_value(draws)
@@ -246,8 +124,6 @@ def _goals(study: "Study", arms: dict[str, Any], comparisons: dict[str, Any]) ->
     fused >= lower + 0.03 with its Holm-level CI above 0; each SSL branch >= the lower bound; fused
     <= the upper bound; a student >= its teacher - 0.01. A claim is True or False, or None ("not
     assessed") while an arm it reads has fewer seeds than the study planned for it."""
-    from .study import ARMS
-
     r = study.options.recipe
     planned = {c.key: len(study.seeds_of(c)) for c in study.choices}
     upper = arms.get(f"upper@{r}")
@@ -444,7 +320,6 @@ def write_report(study: "Study", *, say: Callable[[str], None] = print):
     import torch
 
     from ..card import code_version
-    from .study import read_done, read_failed
 
     scores = collect(study)
     if not scores:
@@ -452,8 +327,6 @@ def write_report(study: "Study", *, say: Callable[[str], None] = print):
         return None, None, None, None
     analysis = analyse(study, scores)
     pretraining = {}
-    from .study import PRETRAININGS
-
     for name in PRETRAININGS:
         info = read_done(study.out / "pretrain" / name)
         if info is not None:
@@ -494,6 +367,3 @@ def write_report(study: "Study", *, say: Callable[[str], None] = print):
     say(md.read_text())
     say(f"report: {md}, {js}" + (f", {fig}" if fig else ""))
     return md, js, fig, analysis
-
-
-__all__ = ["analyse", "collect", "holm_family", "plot_differences", "render_markdown", "score_arm", "write_report"]
