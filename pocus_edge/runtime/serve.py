@@ -226,6 +226,8 @@ def serve(
     from .sources import open_source
     from .stats import RunStats
 
+    import aiohttp  # noqa: F401  - the 'serve' extra; missing, the CLI names it in one line
+
     check_address(host, token, allow_remote)
     check_stream_outputs(source, model, report=report)
     opts = options or StreamOptions()
