@@ -11,8 +11,12 @@ PYTHON_VERSION := 3.11
 # Optional: PyTorch's CPU wheel index (README, "Download size") for torch and torchvision without
 # the CUDA libraries, e.g. `make setup TORCH_INDEX_URL=...`.
 TORCH_INDEX_URL ?=
+# numpy + the onnxruntime the Android app pins (android_demo/onnxruntime.version).
+APP_ORT_VENV ?= .venv-app-ort
+# The serve page's JavaScript (onnxruntime-web), installed from npm by `make web`.
+WEB_DIR := pocus_edge/runtime/web
 
-.PHONY: setup check-python demo test lint lean-test android-test constraints clean
+.PHONY: setup check-python demo test lint lean-test android-test app-runtime-test web browser-test constraints clean
 
 setup: $(STAMP)
 
@@ -39,8 +43,21 @@ $(STAMP): pyproject.toml constraints.txt | check-python
 demo: $(STAMP)
 	$(VENV)/bin/pocus-edge demo --out $(DEMO_OUT)
 
+# Browser tests run in `make browser-test` (they need Chromium).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not browser"
+
+# onnxruntime-web for the serve page, at the versions of package-lock.json (Debian's nodejs + npm
+# are installed if missing); the page serves its files from node_modules, nothing at run time.
+web: $(WEB_DIR)/node_modules/.package-lock.json
+$(WEB_DIR)/node_modules/.package-lock.json: $(WEB_DIR)/package.json $(WEB_DIR)/package-lock.json
+	command -v npm >/dev/null 2>&1 || bash .ci/apt_install.sh nodejs npm
+	cd $(WEB_DIR) && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+
+# The serve page in headless Chromium (Debian's, installed if missing), driven by Playwright.
+browser-test: $(STAMP) web
+	command -v chromium >/dev/null 2>&1 || bash .ci/apt_install.sh chromium
+	$(PY) -m pytest -q -m browser
 
 # ruff with the rules in pyproject.toml ([tool.ruff]).
 lint: $(STAMP)
@@ -55,10 +72,14 @@ lean-test: $(STAMP)
 android-test: $(STAMP)
 	VENV=$(VENV) bash android_demo/ci_core_tests.sh
 
+# Every artifact the Android app may load, run in the onnxruntime version the app pins.
+app-runtime-test: $(STAMP)
+	VENV=$(VENV) APP_ORT_VENV=$(APP_ORT_VENV) bash .ci/app_runtime.sh
+
 # Rewrite constraints.txt from the versions installed in $(VENV).
 constraints: $(STAMP)
 	{ sed -n '1,/^[^#]/{/^#/p}' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^#'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
 clean:
-	rm -rf $(VENV) $(LEAN_VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(LEAN_VENV) $(APP_ORT_VENV) $(DEMO_OUT) .pytest_cache

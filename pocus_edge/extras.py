@@ -35,6 +35,7 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "nncf": "openvino",
     "coremltools": "coreml",
     "pyigtl": "igtl",
+    "aiohttp": "serve",
 }
 
 

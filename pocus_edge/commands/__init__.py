@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "export": "export",
     "golden": "golden",
     "stream": "runtime",
+    "serve": "serve",
     "benchmark": "bench",
     "study": "study",
     "flops": "flops",

@@ -34,14 +34,16 @@ def register(app: typer.Typer) -> None:
             "fine-tuned branch."
         )),
         target: ExportTarget = typer.Option("onnx", "--target", "-t", "--format", help=(
-            "The deployment target: onnx | tensorrt | openvino | coreml (--format is the same option). Here "
+            "The deployment target: onnx | tensorrt | openvino | coreml | ort (ORT format for onnxruntime minimal "
+            "builds; --format is the same option). Here "
             "--target is a format, not the target site."
         )),
         out: Path = typer.Option(..., "--out", "-o", help=(
             "Output: *.onnx (onnx), *.engine (tensorrt; its precision-explicit ONNX and its .json card go next to "
-            "it), *.xml (openvino, + .bin), *.mlpackage (coreml)."
+            "it), *.xml (openvino, + .bin), *.mlpackage (coreml), *.ort (ort; its .onnx and "
+            "NAME.required_operators.config go next to it)."
         )),
-        precision: Precision = typer.Option("fp32", "--precision", "-p", help="fp32 | fp16 | int8 (onnx, tensorrt); fp32 | bf16 | int8 (openvino); fp16 (coreml). int8 needs --calib."),
+        precision: Precision = typer.Option("fp32", "--precision", "-p", help="fp32 | fp16 | int8 (onnx, tensorrt, ort); fp32 | bf16 | int8 (openvino); fp16 (coreml). int8 needs --calib."),
         calib: Optional[Path] = typer.Option(None, "--calib", help="TARGET site folder: its unlabeled frames calibrate int8 (masks are never read); its test split also serves the parity check."),
         calib_frames: int = typer.Option(64, "--calib-frames", help="Number of calibration frames drawn from the site's train split."),
         batch: int = typer.Option(1, "--batch", "-b", help="Fixed batch size of the graph (ignored with --dynamic-batch)."),

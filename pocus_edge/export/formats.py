@@ -16,7 +16,7 @@ from ..errors import ExportError
 
 @dataclass(frozen=True)
 class ArtifactFormat:
-    target: str  # onnx | tensorrt | openvino | coreml
+    target: str  # onnx | tensorrt | openvino | coreml | ort
     precision: str  # fp32 | fp16 | bf16 | int8
     backend: str  # the runtime backend that runs the artifact (pocus_edge.runtime.backends)
     suffix: str  # of the artifact's file name
@@ -47,6 +47,9 @@ ARTIFACTS: dict[tuple[str, str], ArtifactFormat] = {
         ArtifactFormat("openvino", "bf16", "openvino", ".xml", "fp32", "OpenVINO IR, bf16 inference precision (CPUs with native bf16)", ("openvino",)),
         ArtifactFormat("openvino", "int8", "openvino", ".xml", "fp32", "OpenVINO IR, NNCF int8 calibrated on target frames; fusion fp32", ("openvino", "nncf")),
         ArtifactFormat("coreml", "fp16", "coreml", ".mlpackage", None, "Core ML ML Program, fp16 compute, grayscale image input", ("coremltools",)),
+        ArtifactFormat("ort", "fp32", "ort", ".ort", "fp32", "ORT format (onnxruntime minimal builds) from the fp32 ONNX, + required-operators config"),
+        ArtifactFormat("ort", "fp16", "ort", ".ort", "fp16", "ORT format from the mixed fp16 ONNX, + required-operators config"),
+        ArtifactFormat("ort", "int8", "ort", ".ort", "int8-cpu", "ORT format from the int8 Q/DQ ONNX, + required-operators config"),
     )
 }
 TARGETS = tuple(dict.fromkeys(t for t, _ in ARTIFACTS))

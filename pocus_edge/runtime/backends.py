@@ -31,7 +31,7 @@ from ..errors import CheckpointError, ExportError, PocusError, ToolchainUnavaila
 
 BACKENDS = ("auto", "ort", "tensorrt", "openvino", "coreml", "torch")
 # File suffix -> backend, for backend="auto".
-SUFFIX_BACKENDS = {".onnx": "ort", ".engine": "tensorrt", ".plan": "tensorrt", ".trt": "tensorrt",
+SUFFIX_BACKENDS = {".onnx": "ort", ".ort": "ort", ".engine": "tensorrt", ".plan": "tensorrt", ".trt": "tensorrt",
                    ".xml": "openvino", ".mlpackage": "coreml", ".safetensors": "torch"}
 # Short names users pass to --providers -> onnxruntime execution providers.
 ORT_PROVIDERS = {
