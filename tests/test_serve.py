@@ -81,7 +81,7 @@ def test_cli_refuses_a_remote_address_and_a_port_in_use_in_one_line(tmp_path, ca
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        assert main(["serve", str(folder), "-m", str(model), "--port", str(port), "-q"]) == 2
+        assert main(["serve", str(folder), "-m", str(model), "--port", str(port), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"127.0.0.1:{port}: port already in use" in err
 

@@ -123,3 +123,16 @@ def rewrite_deprecated(argv: list[str]) -> tuple[list[str], list[str]]:
         notes.append(f"note: `{command} {name}` is deprecated; use {new}")
         out.append(f"{new}{sep}{value}" if sep else new)
     return out, notes
+
+
+def engine_of(backend: str, model: str) -> str:
+    """Which engine runs ``model`` (for ``--device auto``): the backend, or the one its suffix picks."""
+    if backend != "auto":
+        return backend
+    from ..errors import PocusError
+    from ..runtime.backends import backend_for
+
+    try:
+        return backend_for(model)
+    except PocusError:  # an unknown suffix: the library says so when it opens the model
+        return "ort"

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .options import DEVICE_HELP, Backend, complete_device, resolve_device
+from .options import DEVICE_HELP, Backend, complete_device, engine_of, resolve_device
 
 
 def register(app: typer.Typer) -> None:
@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
             source,
             model_arg,
             backend=backend,
-            device=resolve_device(device, _engine(backend, model_arg)),
+            device=resolve_device(device, engine_of(backend, model_arg)),
             threads=threads or None,
             realtime=realtime,
             no_drop=no_drop,
@@ -117,16 +117,3 @@ def _model_argument(model: Optional[str], generative: Optional[Path], contrastiv
     if "," in model:
         typer.echo("note: --model GEN,CON is deprecated; use -g GEN -c CON", err=True)
     return model
-
-
-def _engine(backend: str, model: str) -> str:
-    """Which engine runs ``model`` (for ``--device auto``): the backend, or the one its suffix picks."""
-    if backend != "auto":
-        return backend
-    from ..errors import PocusError
-    from ..runtime.backends import backend_for
-
-    try:
-        return backend_for(model)
-    except PocusError:  # an unknown suffix: the library says so when it opens the model
-        return "ort"

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
+
+from .options import DEVICE_HELP, Backend, complete_device, engine_of, resolve_device
 
 
 def register(app: typer.Typer) -> None:
@@ -19,8 +22,8 @@ def register(app: typer.Typer) -> None:
         wait_for_browser: float = typer.Option(0.0, "--wait-for-browser", help="Hold the stream up to this many seconds until a page connects (0: start at once)."),
         linger: float = typer.Option(2.0, "--linger", help="After the stream: seconds left for the pages to receive what is queued and the final report."),
         client_queue: int = typer.Option(2, "--client-queue", help="Frames queued per browser; a browser that reads slower loses the oldest (counted), the stream never waits."),
-        backend: str = typer.Option("auto", help="auto (by the model's suffix) | ort | openvino | tensorrt | coreml | torch."),
-        device: str = typer.Option("cpu", help="cpu, cuda or cuda:N (OpenVINO: cpu, gpu, npu)."),
+        backend: Backend = typer.Option("auto", "--backend", help="auto (by the model's suffix) | ort | openvino | tensorrt | coreml | torch."),
+        device: str = typer.Option("auto", "--device", help=DEVICE_HELP, autocompletion=complete_device),
         threads: int = typer.Option(0, help="CPU threads for onnxruntime (0 = its default)."),
         realtime: bool = typer.Option(False, "--realtime", help="Release recorded frames at their own timestamps; when inference falls behind, drop the OLDEST queued frame (counted)."),
         no_drop: bool = typer.Option(False, "--no-drop", help="Never drop a frame (with --realtime the run falls behind instead)."),
@@ -30,7 +33,7 @@ def register(app: typer.Typer) -> None:
         threshold: float = typer.Option(-1.0, help="Mask threshold on the fused probability (-1 = the model card's, 0.5)."),
         report: Path = typer.Option(None, "--report", help="Write the JSON stream report here (atomically), with what the pages were sent and lost under 'serve'."),
         fps: float = typer.Option(30.0, help="Frame rate assumed for image folders (and DICOM without timing)."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No live progress line."),
+        progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="The live progress line (default: when stderr is a terminal)."),
     ) -> None:
         """Stream frames through a model and show them in a browser: the frame with the bone mask,
         the fusion weight map, FPS, latency and frame counters, pushed over a WebSocket; the page
@@ -46,10 +49,10 @@ def register(app: typer.Typer) -> None:
                         "the stream is unencrypted, use it on a network you trust", fg=typer.colors.YELLOW, err=True)
         options = StreamOptions(realtime=realtime, drop=False if no_drop else None, queue_size=queue_size,
                                 max_frames=max_frames or None, threshold=None if threshold < 0 else threshold, speed=speed,
-                                progress=False if quiet else None, report_every_s=10.0 if report is not None else None)
+                                progress=progress, report_every_s=10.0 if report is not None else None)
         result = run(
             source, model, host=host, port=port, token=token, allow_remote=allow_remote, wait_for_browser=wait_for_browser,
-            linger=linger, client_queue=client_queue, backend=backend, device=device, threads=threads or None,
+            linger=linger, client_queue=client_queue, backend=backend, device=resolve_device(device, engine_of(backend, model)), threads=threads or None,
             options=options, report=report, fps=fps,
             on_listen=lambda url: typer.echo(f"serving on {url}", err=True),
             on_waiting=lambda s: typer.echo(f"no page connected within {s:g} s; streaming anyway", err=True),
