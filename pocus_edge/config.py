@@ -53,6 +53,12 @@ class ModelConfig:
     # Decoder "cup": conv to decoder_head_channels, then upsample blocks with these outputs.
     decoder_head_channels: int = 512
     decoder_channels: tuple[int, ...] = (256, 128, 64, 16)
+    # ReLU after the last decoder block, right before the 3x3 head (the released decoder). False:
+    # the head reads the last block's BatchNorm output directly, so a gradient always reaches it.
+    # With few channels there, a ReLU lets a random init encode bone as "every channel off", where
+    # no gradient passes and the background pixels push the head's bias until the mask is empty
+    # (docs/method.md, "Why the CPU presets have no ReLU before the head").
+    decoder_final_relu: bool = True
     # Contrastive projection head: hidden_size -> proj_hidden -> proj_dim.
     proj_hidden: int = 768
     proj_dim: int = 128
@@ -78,12 +84,12 @@ def _small() -> ModelConfig:
         num_layers=4,
         num_heads=3,
         mlp_dim=384,
-        # Thin decoder (on CPU the full-resolution convs cost per pixel, not per FLOP), but its last
-        # block keeps the paper's 16 channels: with 4 BN-ReLU channels before the head, some random
-        # inits encode bone as "all four ReLUs off", where no gradient reaches the head and the
-        # background pixels drive its bias down until the mask is empty (docs/method.md).
+        # Thin decoder: on CPU the full-resolution convs cost per pixel, not per FLOP (16 channels in
+        # the last block make a fine-tuning step 1.5x slower). No ReLU before the head: with 4
+        # BN-ReLU channels some random inits encode bone as "all four off" and train to empty masks.
         decoder_head_channels=64,
-        decoder_channels=(32, 16, 16, 16),
+        decoder_channels=(32, 16, 8, 4),
+        decoder_final_relu=False,
         proj_hidden=192,
         proj_dim=64,
     )
@@ -101,7 +107,8 @@ def _tiny() -> ModelConfig:
         num_heads=2,
         mlp_dim=64,
         decoder_head_channels=32,
-        decoder_channels=(16, 8, 8, 8),  # no 4-channel bottleneck before the head (see `small`)
+        decoder_channels=(16, 8, 8, 4),
+        decoder_final_relu=False,  # see `small`
         proj_hidden=32,
         proj_dim=16,
     )

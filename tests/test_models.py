@@ -323,3 +323,21 @@ def test_contrastive_model_projection_and_shared_encoder_names(tiny_cfg):
         paper = ContrastiveModel(model_preset("paper"))
     shapes = [tuple(m.weight.shape) for m in paper.projector if isinstance(m, torch.nn.Linear)]
     assert shapes == [(768, 768), (128, 768)]  # docs/method.md: 768-768-128
+
+
+@pytest.mark.parametrize("final_relu", [True, False])
+def test_a_gradient_reaches_the_head_even_when_every_last_channel_is_negative(final_relu):
+    # The all-background trap: when every channel before the head is negative, a ReLU there
+    # passes no gradient to the head's kernel; the CPU presets read the BatchNorm output directly.
+    cfg = model_preset("tiny", decoder_final_relu=final_relu)
+    assert model_preset("tiny").decoder_final_relu is False and model_preset("paper").decoder_final_relu is True
+    torch.manual_seed(0)
+    net = TransUNet(cfg).eval()
+    last_bn = net.decoder.blocks[-1].conv2[1]
+    with torch.no_grad():
+        last_bn.bias.fill_(-50.0)  # every channel of the last block far below zero
+    net.decoder.head.weight.grad = None
+    net(torch.rand(2, 3, 64, 64)).sum().backward()
+    reaches = float(net.decoder.head.weight.grad.abs().sum()) > 0
+    assert reaches is (not final_relu)
+    assert net.decoder.head.bias.grad is not None  # the bias always learns: that is what drives the trap
