@@ -172,7 +172,10 @@ def test_finetune_end_to_end_and_recipes_in_the_card(sites, encoders, tmp_path):
     d = finetune(source, tmp_path / "con_paper", init=con.encoder_path, recipe="paper", max_steps=2, **FAST)
     assert c.card["hyperparameters"]["weight_decay"] == 0.05 and d.card["hyperparameters"]["weight_decay"] == 0.1
     assert c.card["hyperparameters"]["momentum"] == 0.99 and c.card["hyperparameters"]["optimizer"] == "sgd"
-    assert [g["group"] for g in c.card["hyperparameters"]["param_groups"]] == ["all"]
+    # Decay on every parameter at one learning rate: the encoder and decoder groups differ in name only.
+    paper_groups = c.card["hyperparameters"]["param_groups"]
+    assert [g["group"] for g in paper_groups] == ["encoder", "decoder"]
+    assert {(g["lr"], g["weight_decay"]) for g in paper_groups} == {(paper_groups[0]["lr"], 0.05)}
     assert c.card["hyperparameters"]["train.grad_clip"] == 1.0
     seen = sites_seen(a.card)
     assert [e["role"] for e in seen] == ["ssl-images-only", "supervised"]
