@@ -67,9 +67,12 @@ def _small() -> ModelConfig:
         num_layers=4,
         num_heads=3,
         mlp_dim=384,
-        # Thin decoder: on CPU the full-resolution convs cost per pixel, not per FLOP.
+        # Thin decoder (on CPU the full-resolution convs cost per pixel, not per FLOP), but its last
+        # block keeps the paper's 16 channels: with 4 BN-ReLU channels before the head, some random
+        # inits encode bone as "all four ReLUs off", where no gradient reaches the head and the
+        # background pixels drive its bias down until the mask is empty (docs/method.md).
         decoder_head_channels=64,
-        decoder_channels=(32, 16, 8, 4),
+        decoder_channels=(32, 16, 16, 16),
         proj_hidden=192,
         proj_dim=64,
     )
@@ -87,7 +90,7 @@ def _tiny() -> ModelConfig:
         num_heads=2,
         mlp_dim=64,
         decoder_head_channels=32,
-        decoder_channels=(16, 8, 8, 4),
+        decoder_channels=(16, 8, 8, 8),  # no 4-channel bottleneck before the head (see `small`)
         proj_hidden=32,
         proj_dim=16,
     )
@@ -104,31 +107,50 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
     return apply_overrides(cfg, overrides) if overrides else cfg
 
 
+TOKEN_PIXELS = 16  # the encoder's total stride: one ViT token covers 16 x 16 input pixels
+
+
 @dataclass
 class MIMConfig:
     """SimMIM-style pretraining (docs/method.md, generative branch)."""
 
-    # The paper masks a 7x7 grid of 32-px cells at 224 px. The grid, not the cell size, is what
-    # carries over to other input sizes: cells are ceil(img_size / mask_grid) pixels (19 px at
-    # 128, 10 px at 64); ``mask_cell`` set to a number fixes the cell size instead.
+    # The paper masks a 7x7 grid of 32-px cells at 224 px, and the released code asserts that a
+    # cell is a whole number of 16-px tokens. Cells are ceil(img_size / mask_grid) pixels rounded
+    # to the nearest multiple of the token size (32 px at 224, 16 px at 128 and 64), so a masked
+    # cell always covers whole tokens; ``mask_cell`` set to a number fixes the cell size instead
+    # (it must be a multiple of 16 too).
     mask_grid: int = 7
     mask_cell: int | None = None
     mask_ratio: float = 0.6
     speckle_fraction: float = 0.2  # share of masked cells that get x + x*N(0,1) instead of 0
+    # What reconstructs the image: ``decoder`` = the whole TransUNet (the released code, the
+    # decoder is then thrown away); ``linear`` = SimMIM's light head, a 1x1 convolution from the
+    # encoder's tokens to the 16x16 pixels of each token (pixel shuffle), so the pretext task
+    # is solved by the encoder that fine-tuning keeps.
+    head: str = "decoder"
+    recipe: str = "default"  # the pretraining recipe (train/recipes.py): default | paper
     optimizer: str = "adamw"
     lr: float = 5e-4
     weight_decay: float = 0.05
+    # False: no decay on norms, biases, position embeddings and tokens (the one optimizer rule);
+    # True: decay on every parameter (the released code).
+    decay_all_parameters: bool = False
     batch_size: int = 128
     epochs: int = 1200
 
     def cell_pixels(self, img_size: int) -> int:
         """Mask cell side in pixels at ``img_size``: ``mask_cell`` when set, else
-        ceil(img_size / mask_grid) (7x7 cells of 32 px at 224, of 19 px at 128)."""
+        ceil(img_size / mask_grid) rounded to the nearest multiple of the 16-px token (at least
+        one token): 32 px at 224, 16 px at 128 and at 64."""
         if self.mask_cell is not None:
-            return int(self.mask_cell)
+            cell = int(self.mask_cell)
+            if cell < TOKEN_PIXELS or cell % TOKEN_PIXELS:
+                raise ConfigError(f"mask_cell={cell} must be a multiple of the {TOKEN_PIXELS}-px token")
+            return cell
         if not 1 <= self.mask_grid <= img_size:
             raise ConfigError(f"mask_grid={self.mask_grid} must be in 1..img_size={img_size}")
-        return -(-int(img_size) // int(self.mask_grid))
+        natural = -(-int(img_size) // int(self.mask_grid))
+        return max(TOKEN_PIXELS, TOKEN_PIXELS * int(natural / TOKEN_PIXELS + 0.5))
 
 
 @dataclass
@@ -142,9 +164,19 @@ class ContrastiveConfig:
     flip_p: float = 0.5
     jitter: float = 0.4
     jitter_p: float = 0.8
-    optimizer: str = "adam"
+    # Probe-nuisance augmentation of each view (pocus_edge.data.transforms.ProbeNuisance: PSF-like
+    # blur, multiplicative speckle, gain, gamma), each step with this probability; 0 = the
+    # released code's views (crop, flip, jitter only). What differs between two probes is what
+    # the encoder should learn to ignore.
+    nuisance_p: float = 0.5
+    # BatchNorm in the projection head (Linear-BN-ReLU-Linear, as SimCLR's); False = the released
+    # code's Linear-ReLU-Linear.
+    projection_bn: bool = True
+    recipe: str = "default"  # the pretraining recipe (train/recipes.py): default | paper
+    optimizer: str = "adamw"
     lr: float = 1e-5
     weight_decay: float = 0.05
+    decay_all_parameters: bool = False  # True: the released code's L2 on every parameter
     batch_size: int = 512  # pairs per global batch (1024 views)
     epochs: int = 400
     # 0: batches drawn uniformly from the whole split (the released code). k > 0: each batch
@@ -174,7 +206,8 @@ class FinetuneConfig:
     decay_all_parameters: bool = False
     # Linear-probe-then-fine-tune: the encoder's lr is held at 0 for this many first steps.
     decoder_only_steps: int = 0
-    # Training-time augmentation of the labeled frames: none | intensity (probe-agnostic gain,
+    # Training-time augmentation of the labeled frames: none | standard (nnU-Net's scale and
+    # intensity ranges, the default recipe's, the same for every arm) | intensity (probe-agnostic gain,
     # gamma, blur, noise and black level; pocus_edge.data.transforms.IntensityAugment).
     augment: str = "none"
     batch_size: int = 512

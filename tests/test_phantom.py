@@ -393,3 +393,26 @@ def test_parallel_workers_write_identical_files(tmp_path):
     assert len(files) == 1 + 2 * 3 * len(SOURCE_VIEWS)
     assert files == sorted(p.relative_to(two.root) for p in two.root.rglob("*") if p.is_file())
     assert all((one.root / f).read_bytes() == (two.root / f).read_bytes() for f in files)
+
+
+def test_shift_severity_interpolates_every_knob_between_the_two_probes():
+    from pocus_edge.data.phantom_profiles import SECTIONS, interpolate_profiles, load_profile
+    from pocus_edge.errors import ConfigError
+
+    lumify, telemed = load_profile("lumify"), load_profile("telemed")
+    assert interpolate_profiles(lumify, telemed, 0.0).to_dict() | {"name": "", "description": ""} == \
+        lumify.to_dict() | {"name": "", "description": ""}
+    assert interpolate_profiles(lumify, telemed, 1.0).to_dict() | {"name": "", "description": ""} == \
+        telemed.to_dict() | {"name": "", "description": ""}
+    half = interpolate_profiles(lumify, telemed, 0.5)
+    assert half.psf.lateral_fwhm_mm == pytest.approx((0.42 + 0.85) / 2)
+    assert half.display.black_level == round((0 + 18) / 2) and isinstance(half.display.black_level, int)
+    assert half.geometry.depth_ticks is True and interpolate_profiles(lumify, telemed, 0.4).geometry.depth_ticks is False
+    # Every numeric knob lies between the two probes' values.
+    for key in SECTIONS:
+        for name, value in vars(getattr(interpolate_profiles(lumify, telemed, 0.3), key)).items():
+            a, b = getattr(getattr(lumify, key), name), getattr(getattr(telemed, key), name)
+            if not isinstance(a, bool):
+                assert min(a, b) - 0.5 <= value <= max(a, b) + 0.5, (key, name)
+    with pytest.raises(ConfigError, match="shift severity"):
+        interpolate_profiles(lumify, telemed, 1.5)

@@ -23,13 +23,14 @@ from ..config import (
 )
 from ..data.layout import MANIFEST, FrameRecord, Site, check_frame_files, load_site
 from ..errors import CheckpointError, ConfigError, TrainingError
-from .recipes import get_recipe
+from .recipes import get_recipe, pretrain_recipe_values
 
 if TYPE_CHECKING:
     import torch
 
     from ..data.datasets import SegmentationDataset
 
+PRETRAIN_STAGES = ("mim", "contrastive")
 STAGE_CONFIGS = {"mim": MIMConfig, "contrastive": ContrastiveConfig, "finetune": FinetuneConfig,
                  "distill": DistillConfig}
 DEFAULT_PRESET = "small"
@@ -129,11 +130,14 @@ class ResolvedConfig:
 
 
 def stage_defaults(stage: str, preset: str, recipe: str | None = None) -> Any:
-    """The stage config for a preset (and, for fine-tuning, a recipe) before user overrides."""
+    """The stage config for a preset and a recipe (fine-tuning: :data:`.recipes.RECIPES`;
+    pretraining: :data:`.recipes.PRETRAIN_RECIPES`) before user overrides."""
     cfg = STAGE_CONFIGS[stage]()
     extra = dict(PRESET_STAGE_DEFAULTS.get(preset, {}).get(stage, {}))
     if stage == "finetune":
         extra.update(get_recipe(recipe or cfg.recipe).finetune_values(preset))
+    elif stage in PRETRAIN_STAGES:
+        extra.update(pretrain_recipe_values(stage, recipe or cfg.recipe))
     return apply_overrides(cfg, extra) if extra else cfg
 
 
@@ -188,10 +192,10 @@ def _bucket_overrides(stage: str, overrides: dict[str, Any] | None) -> dict[str,
     return buckets
 
 
-def _choose_recipe(given: str | None, file: dict[str, Any], config_file: Any) -> str | None:
+def _choose_recipe(given: str | None, file: dict[str, Any], config_file: Any, stage: str = "finetune") -> str | None:
     """The recipe named on the command line, else the config file's; the two must agree (a
     config file holds the recipe's resolved values, which would silently beat another recipe)."""
-    in_file = file.get("recipe") or (file.get("finetune") or {}).get("recipe")
+    in_file = file.get("recipe") or (file.get(stage) or {}).get("recipe")
     if given and in_file and given != in_file:
         raise ConfigError(f"{config_file}: written for recipe {in_file!r}, but recipe {given!r} was asked for")
     return given or in_file
@@ -229,10 +233,10 @@ def resolve_configs(
     file = read_config_file(config_file, stage) if config_file is not None else {}
     buckets = _bucket_overrides(stage, overrides)
     preset = preset or file.get("preset") or DEFAULT_PRESET
-    if stage == "finetune":
-        recipe = _choose_recipe(recipe or buckets[stage].get("recipe"), file, config_file)
+    if stage == "finetune" or stage in PRETRAIN_STAGES:
+        recipe = _choose_recipe(recipe or buckets[stage].get("recipe"), file, config_file, stage)
     elif recipe is not None:
-        raise ConfigError(f"--recipe applies to fine-tuning, not to stage {stage}")
+        raise ConfigError(f"--recipe applies to pretraining and fine-tuning, not to stage {stage}")
     for key, value in explicit.items():
         if value is None:
             continue

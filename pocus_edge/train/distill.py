@@ -53,7 +53,7 @@ from .distributed import gather_no_grad, gather_with_grad, setup
 from .engine import Companion, Hooks, OptimSettings, Trainer, TrainResult, batch_plan, write_or_fail
 from .finetune import MODEL_FILE
 from .mim import pretrain_records
-from .recipes import finetune_groups
+from .recipes import parameter_groups
 
 # The teacher's fusion: the deployed one (a frame's output never depends on its batch mates).
 TEACHER_FUSION = {"method": "entropy", "norm": "image", "formula": "weighted"}
@@ -223,7 +223,7 @@ def _optim(dcfg) -> OptimSettings:
     encoder learning-rate scale."""
     from functools import partial
 
-    groups = partial(finetune_groups, weight_decay=dcfg.weight_decay, encoder_lr_scale=dcfg.encoder_lr_scale,
+    groups = partial(parameter_groups, weight_decay=dcfg.weight_decay, encoder_lr_scale=dcfg.encoder_lr_scale,
                      decay_all_parameters=dcfg.decay_all_parameters, decoder_only_steps=0)
     return OptimSettings(dcfg.optimizer, dcfg.lr, dcfg.weight_decay, dcfg.batch_size, dcfg.epochs,
                          momentum=dcfg.momentum, groups=groups)
@@ -286,6 +286,7 @@ def _saver(out_dir: Path, data: _Data, dcfg, train_cfg, optim: OptimSettings, te
             param_groups=[g.describe(dcfg.lr) for g in optim.param_groups(net)], best_epoch=state.epoch + 1,
             best_step=state.step, best_val_dicebce=val["val_loss"], best_val_dice=val["val_dice"],
             global_batch=state.global_batch, source_global_batch=source_batch, target_frames=len(data.target_images),
+            **state.train_check(),
         )
         path = out_dir / MODEL_FILE
         write_or_fail(path, "model", lambda: save_student(path, net, stage="distill", hyperparameters=facts,

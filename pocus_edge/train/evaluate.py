@@ -41,13 +41,21 @@ class EvaluationResult:
     wilcoxon: dict[str, float]
     out_dir: Path | None = None
     overlays: list[Path] = field(default_factory=list)
+    # Per model: its card's "did not train" flag (source-validation Dice < 0.1 at the first
+    # validation), None where the card has none (a fusion, an older checkpoint).
+    did_not_train: dict[str, bool | None] = field(default_factory=dict)
 
     def table(self) -> str:
         """Markdown mean table (+ p-values)."""
         lines = ["| model | n | Dice (mean ± sd) | IoU (mean ± sd) |", "|---|---|---|---|"]
         for n in self.names:
             s = self.summaries[n]
-            lines.append(f"| {n} | {s.n} | {s.dice_mean:.4f} ± {s.dice_std:.4f} | {s.iou_mean:.4f} ± {s.iou_std:.4f} |")
+            flag = " **(did not train)**" if self.did_not_train.get(n) else ""
+            lines.append(f"| {n}{flag} | {s.n} | {s.dice_mean:.4f} ± {s.dice_std:.4f} | {s.iou_mean:.4f} ± {s.iou_std:.4f} |")
+        if any(self.did_not_train.values()):
+            lines += ["", "A model marked *did not train* had a source-validation Dice below 0.1 at its first "
+                      "validation (its model card says so): it predicts (almost) empty masks, and its scores say "
+                      "nothing about the method."]
         if self.wilcoxon:
             lines += ["", "| pair (Wilcoxon on per-image Dice) | p |", "|---|---|"]
             lines += [f"| {k} | {v:.3g} |" for k, v in self.wilcoxon.items()]
@@ -170,7 +178,9 @@ def evaluate(
     iou_arr = {n: np.concatenate(v) for n, v in iou.items()}
     summaries = {n: summarize(dice_arr[n], iou_arr[n]) for n in all_names}
     pvalues = {f"{a} vs {b}": wilcoxon_p(dice_arr[a], dice_arr[b]) for a, b in itertools.combinations(all_names, 2)}
-    result = EvaluationResult(site.name, split, all_names, records, dice_arr, iou_arr, summaries, pvalues)
+    flags = {name: (card.get("hyperparameters") or {}).get("did_not_train") for name, _, card in loaded}
+    result = EvaluationResult(site.name, split, all_names, records, dice_arr, iou_arr, summaries, pvalues,
+                              did_not_train=flags)
     if out_dir is None:
         return result
 
@@ -195,7 +205,8 @@ def evaluate(
             "fusion": {"methods": list(fusion), "norm": fusion_norm, "formula": fusion_formula} if fusion else None,
             "models": {
                 n: {**asdict(summaries[n]),
-                    **({"path": str(models[i]), "stage": loaded[i][2].get("stage")} if i < len(loaded) else {})}
+                    **({"path": str(models[i]), "stage": loaded[i][2].get("stage"),
+                        "did_not_train": flags.get(n)} if i < len(loaded) else {})}
                 for i, n in enumerate(all_names)
             },
             "wilcoxon_dice": pvalues,

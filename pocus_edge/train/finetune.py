@@ -29,7 +29,7 @@ from .common import (
 )
 from .distributed import gather_no_grad, gather_with_grad, setup
 from .engine import Hooks, OptimSettings, Trainer, TrainResult, write_or_fail
-from .recipes import finetune_groups, get_recipe
+from .recipes import get_recipe, parameter_groups
 
 MODEL_FILE = "model.safetensors"
 
@@ -63,7 +63,7 @@ def _init_defaults(recipe_name: str, init_card: dict[str, Any] | None) -> dict[s
 def _finetune_optim(ft_cfg) -> OptimSettings:
     """Optimizer settings with the recipe's parameter groups (encoder lr scale, no decay on
     norms/biases/embeddings, LP-FT hold)."""
-    groups = partial(finetune_groups, weight_decay=ft_cfg.weight_decay, encoder_lr_scale=ft_cfg.encoder_lr_scale,
+    groups = partial(parameter_groups, weight_decay=ft_cfg.weight_decay, encoder_lr_scale=ft_cfg.encoder_lr_scale,
                      decay_all_parameters=ft_cfg.decay_all_parameters, decoder_only_steps=ft_cfg.decoder_only_steps)
     return OptimSettings(ft_cfg.optimizer, ft_cfg.lr, ft_cfg.weight_decay, ft_cfg.batch_size, ft_cfg.epochs,
                          momentum=ft_cfg.momentum, groups=groups)
@@ -130,7 +130,7 @@ def finetune(
                 ft_cfg, train_cfg, split_column=column, val_frames=len(val_ds),
                 param_groups=[g.describe(ft_cfg.lr) for g in optim.param_groups(net)], best_epoch=state.epoch + 1,
                 best_step=state.step, best_val_dicebce=val["val_loss"], best_val_dice=val["val_dice"],
-                global_batch=state.global_batch,
+                global_batch=state.global_batch, **state.train_check(),
             ),
             data=[site_entry(site, role="supervised", splits=[f"{column}=train", f"{column}=val"])],
         )
