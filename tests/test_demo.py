@@ -136,8 +136,9 @@ def test_demo_distils_a_student_and_reports_it_next_to_the_fused_model(demo_run)
     difference to the fused teacher are the evaluator's and the stream's own figures."""
     import csv
 
-    from pocus_edge.data.layout import load_site, sha256_file
+    from pocus_edge.data.layout import load_site
     from pocus_edge.export.onnx import read_onnx_card
+    from pocus_edge.io import sha256_file
     from pocus_edge.models.weights import read_checkpoint
 
     out, result, _ = demo_run

@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from pocus_edge.cli import main
-from pocus_edge.data.layout import load_site, sha256_file
+from pocus_edge.data.layout import load_site
 from pocus_edge.errors import CheckpointError, TrainingError
+from pocus_edge.io import sha256_file
 from pocus_edge.models.weights import build_segmenter, read_checkpoint
 from pocus_edge.train import distill, finetune, pretrain_contrastive, pretrain_mim
 

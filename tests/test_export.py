@@ -409,7 +409,7 @@ def test_cli_tensorrt_without_toolchain_writes_onnx_and_exits_3(checkpoints, tin
 
 
 def layout_sha(path: Path) -> str:
-    from pocus_edge.data.layout import sha256_file
+    from pocus_edge.io import sha256_file
 
     return sha256_file(path)
 

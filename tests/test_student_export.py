@@ -49,7 +49,7 @@ def _target_frames(site_dir, size: int, n: int) -> np.ndarray:
 
 
 def test_student_checkpoint_round_trips_in_both_forms(tmp_path):
-    from pocus_edge.data.layout import sha256_file
+    from pocus_edge.io import sha256_file
 
     torch.manual_seed(0)
     student = build_student("fastvit", "tiny")  # reparameterizable: the two forms differ

@@ -276,7 +276,7 @@ def _patient_matrix(out: Path, key: str, seeds, patients) -> np.ndarray:
 
 
 def test_student_arm_is_paired_with_its_own_seeds_teacher(student_study):
-    from pocus_edge.data.layout import sha256_file
+    from pocus_edge.io import sha256_file
     from pocus_edge.models.weights import read_checkpoint
 
     out, result = student_study
