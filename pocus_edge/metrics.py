@@ -255,7 +255,7 @@ def minimal_detectable_effect(sd: float, n: int, *, alpha: float = 0.05, power: 
     (2 / 2^n > alpha: fewer than 6 seeds at 0.05) or with fewer than 2 seeds."""
     from scipy import stats
 
-    if n < 2 or 2.0 / 2**n > alpha or not np.isfinite(sd):
+    if n < 2 or 2.0 ** (1 - n) > alpha or not np.isfinite(sd):
         return float("inf")
     return float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / np.sqrt(n))
 

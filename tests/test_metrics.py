@@ -231,3 +231,11 @@ def test_empty_prediction_gets_the_image_diagonal():
     hd, asd = surface_distances_per_image(pred, truth, threshold=None, empty="diagonal")
     assert hd[0] == pytest.approx(np.hypot(16, 20)) == asd[0]
     assert hd[1] == 0 and hd[2] == 0 and asd[2] == 0
+
+
+def test_seeds_needed_for_a_large_spread_is_large_not_an_error():
+    from pocus_edge.metrics import minimal_detectable_effect, seeds_needed
+
+    n = seeds_needed(0.03, 0.32)  # the withdrawn CPU study's SD of fused - lower
+    assert n > 500 and minimal_detectable_effect(0.32, n) <= 0.03 < minimal_detectable_effect(0.32, n - 1)
+    assert minimal_detectable_effect(0.32, 5000) > 0
