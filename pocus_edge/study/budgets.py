@@ -51,12 +51,13 @@ BUDGETS: dict[str, Budget] = {
     "smoke": Budget("smoke", mim=(4, 8), contrastive=(4, 8), finetune=(6, 8), distill=(6, 8), frames_per_video=2,
                     val_frames=16,
                     adabn_frames=64, log_every=2),
-    # 2-core CPU, small preset, about 4 CPU-hours for the default arms: pretraining long enough
-    # that MIM trains and the contrastive loss leaves chance (it escapes after ~200-300 steps,
-    # benchmarks/notes/contrastive_plateau.md); fine-tuning as long as the pilot that measured a
-    # seed-to-seed spread of ~0.06 Dice in the paired difference, with checkpoint selection.
+    # 2-core CPU, small preset, about 5-6 CPU-hours for the default arms at 10 seeds: two
+    # pretraining runs per method (benchmarks/notes/study_protocol_v2.md) at the cost of the
+    # earlier single runs (1,200 + 1,600 steps), long enough that MIM passes its trivial
+    # inpainting baseline and the contrastive loss leaves chance; fine-tuning 600 x 16 (3.5
+    # passes over the study preset's 2,720 source frames) with checkpoint selection.
     # Distillation: as many steps as fine-tuning.
-    "cpu": Budget("cpu", mim=(1200, 32), contrastive=(1600, 32), finetune=(600, 16), distill=(600, 16)),
+    "cpu": Budget("cpu", mim=(800, 32), contrastive=(1000, 32), finetune=(600, 16), distill=(600, 16)),
     # One H100/H200, small preset: the 2x2 factorial of benchmarks/gpu_run.sh (random vs MIM init
     # x two recipes x 3 seeds) in about 5 minutes.
     "gpu": Budget("gpu", mim=(2000, 128), contrastive=(2000, 128), finetune=(1000, 32), distill=(1000, 32),
