@@ -340,7 +340,7 @@ def _write_sweep_recording(site, path: Path) -> Path:
 
 
 def _stream(recording: Path, onnx_path: Path, out: Path, *, threads: int | None, progress: bool):
-    from .runtime.backends import open_backend
+    from .inference import open_backend
     from .runtime.overlay import render_overlay, save_overlay_png
     from .runtime.pipeline import CallbackSink, OverlayVideoSink, MaskFileSink, StreamOptions, run_stream
     from .runtime.sources import TvdH5Source
