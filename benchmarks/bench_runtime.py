@@ -120,7 +120,7 @@ def bare_infer_ms(backend, frames: int, warmup: int = 0) -> list[float]:
 def measure(path: Path, frames: int, threads: int | None, batch: int = 1, rounds: int = 3) -> dict:
     """Alternate bare and runtime runs ``rounds`` times and keep the median of each, so a load
     change on a shared machine hits both sides alike."""
-    from pocus_edge.runtime.backends import open_backend
+    from pocus_edge.inference import open_backend
     from pocus_edge.runtime.pipeline import StreamOptions, run_stream
 
     backend = open_backend(path, "ort", threads=threads)

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from pocus_edge.export.golden import synthetic_frame
-from pocus_edge.runtime.backends import open_backend
+from pocus_edge.inference import open_backend
 from pocus_edge.runtime.pipeline import StreamOptions, run_stream
 from pocus_edge.runtime.serve import serve
 from pocus_edge.runtime.sources import open_source

@@ -399,7 +399,7 @@ def _write_sweep_recording(site, path: Path, min_frames: int = STREAM_MIN_FRAMES
 
 
 def _stream(recording: Path, onnx_path: Path, out: Path, *, threads: int | None, progress: bool):
-    from .runtime.backends import open_backend
+    from .inference import open_backend
     from .runtime.overlay import render_overlay, save_overlay_png
     from .runtime.pipeline import CallbackSink, MaskFileSink, OverlayVideoSink, StreamOptions, run_stream
     from .runtime.sources import TvdH5Source

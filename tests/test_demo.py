@@ -77,7 +77,7 @@ def test_demo_streams_the_target_test_sweep_honestly(demo_run):
 
 def test_torch_backend_on_the_demo_checkpoints_matches_the_exported_graph(demo_run):
     from pocus_edge.data.transforms import preprocess_frame
-    from pocus_edge.runtime.backends import open_backend
+    from pocus_edge.inference import open_backend
 
     out, result, _ = demo_run
     ckpts = f"{out / 'runs' / 'finetune_mim' / 'model.safetensors'},{out / 'runs' / 'finetune_contrastive' / 'model.safetensors'}"

@@ -364,7 +364,7 @@ def test_tensorrt_engine_export_agrees_with_onnxruntime(checkpoints, tiny_sites,
     graph), run by the runtime backend, against the ONNX they were built from in onnxruntime."""
     from pocus_edge.export.api import ExportOptions, export_checkpoints
     from pocus_edge.export.tensorrt import tensorrt_available
-    from pocus_edge.runtime.backends import open_backend
+    from pocus_edge.inference import open_backend
 
     ok, why = tensorrt_available()
     if not ok:

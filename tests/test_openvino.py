@@ -34,7 +34,7 @@ def fused():
 def test_openvino_export_runs_in_the_backend_and_meets_its_bar(fused, tiny_sites, tmp_path, precision):
     from pocus_edge.card import CARD_KEY
     from pocus_edge.export.api import ExportOptions, export_model
-    from pocus_edge.runtime.backends import OPENVINO_HINTS, open_backend
+    from pocus_edge.inference import OPENVINO_HINTS, open_backend
 
     if precision == "bf16" and not native_bf16_cpu():
         pytest.skip("this CPU has no native bf16 (OpenVINO would emulate it)")

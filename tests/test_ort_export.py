@@ -66,7 +66,7 @@ def test_ort_export_writes_the_model_its_config_and_a_passing_parity_report(stud
 
 
 def test_the_runtime_streams_an_ort_file_like_an_onnx_file(student, tmp_path):
-    from pocus_edge.runtime.backends import open_backend
+    from pocus_edge.inference import open_backend
 
     out = tmp_path / "student.ort"
     export_model(student, out, ExportOptions(target="ort", batch=1))

@@ -16,7 +16,7 @@ import torch
 
 from pocus_edge.data.transforms import preprocess_frame
 from pocus_edge.runtime import protocol
-from pocus_edge.runtime.backends import count_onnx_flops, open_backend
+from pocus_edge.inference import count_onnx_flops, open_backend
 from pocus_edge.runtime.overlay import to_frame_resolution
 from pocus_edge.runtime.pipeline import (
     CallbackSink,

@@ -225,7 +225,7 @@ def test_engine_sidecar_round_trip_and_refusals(tmp_path, fused, graphs):
 
 
 def test_runtime_refuses_an_unreadable_engine_card_before_any_gpu_work(tmp_path):
-    from pocus_edge.runtime.backends import open_backend
+    from pocus_edge.inference import open_backend
 
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"x")
@@ -289,7 +289,7 @@ def test_existing_folder_at_the_output_is_refused_before_work(fused, tmp_path):
 def test_single_network_is_a_first_class_export(tmp_path):
     from pocus_edge.card import CARD_KEY
     from pocus_edge.export.api import export_model
-    from pocus_edge.runtime.backends import open_backend
+    from pocus_edge.inference import open_backend
 
     network = _branches(seed=4)[0]
     model = SingleSegmenter(network, name="student").eval()

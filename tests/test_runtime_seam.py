@@ -96,9 +96,9 @@ def test_runtime_streams_without_torch_or_the_exporter(tmp_path):
     done = _run_blocked("""
         import json, sys
         import numpy as np
-        import pocus_edge.runtime, pocus_edge.runtime.backends, pocus_edge.runtime.pipeline, pocus_edge.card
+        import pocus_edge.runtime, pocus_edge.runtime.backends, pocus_edge.inference, pocus_edge.runtime.pipeline, pocus_edge.card
         import pocus_edge.data.transforms
-        from pocus_edge.runtime.backends import open_backend
+        from pocus_edge.inference import open_backend
         from pocus_edge.cli import main
 
         backend = open_backend(sys.argv[1])
@@ -121,7 +121,7 @@ def test_gflops_of_a_cardless_graph_counted_with_onnx_and_unknown_without(tmp_pa
     model = _mean_channel_onnx(tmp_path / "m.onnx", card={"img_size": 32, "precision": "fp32"})
     code = """
         import json, sys
-        from pocus_edge.runtime.backends import open_backend
+        from pocus_edge.inference import open_backend
         print(json.dumps(open_backend(sys.argv[1]).gflops_per_frame))
     """
     without = _run_blocked(code, str(model), blocked=RUNTIME_ONLY + ("onnx",))
@@ -163,7 +163,7 @@ def test_benchmark_an_exported_model_without_torch(tmp_path):
 ])
 def test_foreign_onnx_is_refused_with_one_line(tmp_path, capsys, case, message):
     from pocus_edge.cli import main
-    from pocus_edge.runtime.backends import open_backend
+    from pocus_edge.inference import open_backend
 
     if case == "rank3":
         path = _mean_channel_onnx(tmp_path / "foreign.onnx", out_shape="rank3")
@@ -184,7 +184,7 @@ def test_foreign_onnx_is_refused_with_one_line(tmp_path, capsys, case, message):
 
 def test_providers_are_resolved_or_refused(tmp_path):
     from pocus_edge.errors import ToolchainUnavailable
-    from pocus_edge.runtime.backends import open_backend, resolve_providers
+    from pocus_edge.inference import open_backend, resolve_providers
 
     available = ["CPUExecutionProvider", "OpenVINOExecutionProvider"]
     assert resolve_providers(["openvino"], "cpu", available, "m") == ["OpenVINOExecutionProvider", "CPUExecutionProvider"]

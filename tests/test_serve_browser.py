@@ -77,7 +77,7 @@ def _frames(folder: Path, n: int, shape: tuple[int, int]) -> list[np.ndarray]:
 
 
 def _python_mask(model: Path, frame: np.ndarray) -> np.ndarray:
-    from pocus_edge.runtime.backends import open_backend
+    from pocus_edge.inference import open_backend
     from pocus_edge.runtime.overlay import to_frame_resolution
 
     backend = open_backend(model)

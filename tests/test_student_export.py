@@ -178,7 +178,7 @@ def test_student_streams_through_the_runtime(exported, tmp_path, capsys, which):
     (torch backend); masks are the backend's own probabilities thresholded at frame resolution,
     GFLOPs come from the card."""
     from pocus_edge.metrics import binarize
-    from pocus_edge.runtime.backends import open_backend
+    from pocus_edge.inference import open_backend
     from pocus_edge.runtime.overlay import to_frame_resolution
 
     recording, frames = _recording(exported["target"], tmp_path / "sweep.tvd.h5", 5)
@@ -264,7 +264,7 @@ def test_student_openvino_int8_meets_its_bar(exported, tmp_path):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
     from pocus_edge.export.api import ExportOptions, export_checkpoints
-    from pocus_edge.runtime.backends import open_backend
+    from pocus_edge.inference import open_backend
 
     out = tmp_path / "student.xml"
     result = export_checkpoints(exported["ckpt"], None, out, ExportOptions(target="openvino", precision="int8",

@@ -5,12 +5,17 @@ and how to turn the fp32 exportable model (the :class:`~pocus_edge.models.fused.
 or a compact student's :class:`~pocus_edge.models.fused.SingleSegmenter`) into something that
 runs (``prepare`` returns a :class:`Prepared`). :data:`FORMATS` are the teacher's rows,
 :data:`STUDENT_FORMATS` a student's: the same exported formats, its own eager PyTorch rows, no
-two-model baseline. The exported formats (ONNX, TensorRT, OpenVINO)
-come from the export package's format table (:data:`pocus_edge.export.formats.ARTIFACTS`): each
-row is built by ``export_model`` with the same steps and graphs as ``pocus-edge export`` (the
-TensorRT rows by the same strongly typed builder) and opened by the runtime's backend. The
-runner owns timing, accuracy and error handling, so a spec holds no measurement code and a
-failing spec cannot take the others down. torch is imported only by the formats that use it.
+two-model baseline.
+
+The exported rows (ONNX, OpenVINO, TensorRT, Core ML) are built from the export package's
+artifact table (:data:`pocus_edge.export.formats.ARTIFACTS`, every row marked ``benchmarked``),
+not from a list of their own: each is built by ``export_model`` with the same steps and graphs as
+``pocus-edge export`` (the TensorRT rows by the same strongly typed builder) and opened by the
+inference backend the table names (:func:`pocus_edge.inference.open_backend`). Adding a format is
+one row in that table plus, for a new kind of artifact, one row in the inference registry
+(:data:`pocus_edge.inference.REGISTRY`); nothing here changes. The runner owns timing, accuracy
+and error handling, so a spec holds no measurement code and a failing spec cannot take the
+others down. torch is imported only by the formats that use it.
 """
 
 from __future__ import annotations
@@ -23,11 +28,14 @@ import platform
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from .machine import native_bf16_cpu
+
+if TYPE_CHECKING:
+    from ..export.formats import ArtifactFormat
 
 # Mask Dice agreement with the fp32 PyTorch reference that each precision must reach for its
 # row to count as ok: fp32 formats differ from the reference only by summation order; bf16/fp16
@@ -312,7 +320,7 @@ def _check_compile_bf16(ctx: BenchContext) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Exported formats: built by export_model from the shared format table, run by runtime.backends
+# Exported formats: built by export_model from the shared artifact table, run by pocus_edge.inference
 
 
 def _onnx_fp32_path(ctx: BenchContext) -> Path:
@@ -351,47 +359,42 @@ def _backend_prepared(backend, path: Path) -> Prepared:
     return Prepared(backend.infer, to_input, to_numpy, _file_bytes(path), close=getattr(backend, "close", None))
 
 
-def _exported(target: str, precision: str) -> Callable[[BenchContext], Prepared]:
-    """Build the (target, precision) artifact with export_model (no parity step: the runner
-    measures agreement itself) and open it with the runtime backend the table names."""
+def _exported(spec: ArtifactFormat) -> Callable[[BenchContext], Prepared]:
+    """Build the table's artifact with export_model (no parity step: the runner measures
+    agreement itself) and open it with the inference backend the table names."""
 
     def prepare(ctx: BenchContext) -> Prepared:
         from ..export.api import ExportOptions, export_model
-        from ..export.formats import artifact_format
-        from ..runtime.backends import open_backend
+        from ..inference import accepts, open_backend
 
-        spec = artifact_format(target, precision)
-        fp32 = _onnx_fp32_path(ctx)
+        fp32 = _onnx_fp32_path(ctx) if spec.graph is not None else None
         if spec.target == "onnx" and spec.precision == "fp32":
             path = fp32
         else:
-            options = ExportOptions(target=target, precision=precision, calibration_frames=ctx.calibration, parity_frames=0,
-                                    batch=None, max_batch=ctx.max_batch, fp32_onnx=fp32)
+            options = ExportOptions(target=spec.target, precision=spec.precision, calibration_frames=ctx.calibration,
+                                    parity_frames=0, batch=None, max_batch=ctx.max_batch, fp32_onnx=fp32)
             fused_cpu = ctx.fused if ctx.device.type == "cpu" else _cpu_copy(ctx.fused)
-            path = export_model(fused_cpu, ctx.workdir / f"{ctx.label}-{target}-{precision}{spec.suffix}", options).artifact
-        kwargs: dict[str, Any] = {"device": str(ctx.device)}
-        if spec.backend in ("ort", "openvino"):
-            kwargs["threads"] = ctx.threads
-        if spec.backend == "ort" and ctx.providers:
+            path = export_model(fused_cpu, ctx.workdir / f"{ctx.label}-{spec.target}-{spec.precision}{spec.suffix}", options).artifact
+        kwargs: dict[str, Any] = {"device": str(ctx.device), "threads": ctx.threads}
+        if ctx.providers and accepts(spec.backend, "providers"):
             kwargs["providers"] = ctx.providers
         return _backend_prepared(open_backend(path, spec.backend, **kwargs), path)
 
     return prepare
 
 
-def _check_exported(target: str, precision: str) -> Callable[[BenchContext], str | None]:
+def _check_exported(spec: ArtifactFormat) -> Callable[[BenchContext], str | None]:
     def check(ctx: BenchContext) -> str | None:
-        from ..export.formats import artifact_format
-
-        spec = artifact_format(target, precision)
+        if spec.target == "coreml" and platform.system() != "Darwin":  # answered without importing coremltools (noisy off macOS)
+            return f"Core ML prediction needs macOS (this is {platform.system()}); coremltools only converts here"
         missing = spec.missing()
         if missing:
             return f"{missing} (pip install 'pocus-edge[{spec.target}]')" if spec.target != "onnx" else missing
-        if importlib.util.find_spec("onnxruntime") is None:
+        if spec.graph is not None and importlib.util.find_spec("onnxruntime") is None:
             return "onnxruntime is not installed"
         if spec.backend == "ort":
             wanted = ctx.providers or (["cuda"] if ctx.device.type == "cuda" else ["cpu"])
-            from ..runtime.backends import ORT_PROVIDERS
+            from ..inference import ORT_PROVIDERS
 
             names = [ORT_PROVIDERS.get(p.lower(), p) for p in wanted]
             absent = [n for n in names if n not in _ort_providers()]
@@ -409,6 +412,11 @@ def _check_exported(target: str, precision: str) -> Callable[[BenchContext], str
             return "OpenVINO rows run on the CPU (--device cpu)"
         if spec.precision == "bf16" and ctx.device.type == "cpu" and not native_bf16_cpu():
             return "CPU lacks native bf16 (avx512_bf16 / amx_bf16): OpenVINO would emulate it"
+        if spec.target == "coreml":
+            from ..export.coreml import coremltools_status
+
+            importable, can_predict, message = coremltools_status()
+            return None if (importable and can_predict) else message
         return None
 
     return check
@@ -420,36 +428,20 @@ def _ort_providers() -> list[str]:
     return list(onnxruntime.get_available_providers())
 
 
-def _check_coreml(ctx: BenchContext) -> str | None:
-    if platform.system() != "Darwin":  # answered without importing coremltools (noisy off macOS)
-        return f"Core ML prediction needs macOS (this is {platform.system()}); coremltools only converts here"
-    from ..export.coreml import coremltools_status
-
-    importable, can_predict, message = coremltools_status()
-    return None if (importable and can_predict) else message
-
-
-def _coreml(ctx: BenchContext) -> Prepared:
-    """The Core ML package (fp16 ML Program, grayscale image input of batch 1) run by the
-    runtime's Core ML backend on macOS; a batch is run frame by frame, as an app would."""
-    from ..export.coreml import export_coreml
-    from ..runtime.backends import open_backend
-
-    package = export_coreml(_cpu_copy(ctx.fused), ctx.workdir / f"{ctx.label}-fp16.mlpackage")
-    return _backend_prepared(open_backend(package, "coreml"), package)
-
-
 # ---------------------------------------------------------------------------------------------
 # The registry, in the order rows are printed. The first is the paper's way: the baseline that
-# speed ratios are taken against and whose fp32 masks are the agreement reference.
+# speed ratios are taken against and whose fp32 masks are the agreement reference. The exported
+# rows follow, one per benchmarked row of the artifact table, in its order.
 
 BASELINE = "eager-2model"
 
-def _exported_spec(target: str, precision: str, engine: str) -> FormatSpec:
-    from ..export.formats import artifact_format
 
-    spec = artifact_format(target, precision)
-    return FormatSpec(spec.name, precision, engine, spec.summary, _check_exported(target, precision), _exported(target, precision))
+def _exported_specs() -> list[FormatSpec]:
+    from ..export.formats import ARTIFACTS
+    from ..inference import backend_spec
+
+    return [FormatSpec(spec.name, spec.precision, backend_spec(spec.backend).engine, spec.summary, _check_exported(spec), _exported(spec))
+            for spec in ARTIFACTS.values() if spec.benchmarked]
 
 
 FORMATS: dict[str, FormatSpec] = {
@@ -461,15 +453,7 @@ FORMATS: dict[str, FormatSpec] = {
         FormatSpec("fused-fp16", "fp16", "torch", "FusedSegmenter, fp16 weights + autocast, folded weight standardization", _check_fp16_torch, _fused_eager("float16", optimized=True)),
         FormatSpec("compile-fp32", "fp32", "torch.compile", "torch.compile of the folded FusedSegmenter (CUDA graphs on CUDA, frozen weights on CPU)", _compiler_reason, _compiled(None)),
         FormatSpec("compile-bf16", "bf16", "torch.compile", "as compile-fp32, bf16 weights + autocast", _check_compile_bf16, _compiled("bfloat16")),
-        _exported_spec("onnx", "fp32", "onnxruntime"),
-        _exported_spec("onnx", "fp16", "onnxruntime"),
-        _exported_spec("onnx", "int8", "onnxruntime"),
-        _exported_spec("openvino", "fp32", "openvino"),
-        _exported_spec("openvino", "bf16", "openvino"),
-        _exported_spec("openvino", "int8", "openvino"),
-        _exported_spec("tensorrt", "fp16", "tensorrt"),
-        _exported_spec("tensorrt", "int8", "tensorrt"),
-        FormatSpec("coreml-fp16", "fp16", "coreml", "Core ML package (Neural Engine / GPU / CPU)", _check_coreml, _coreml),
+        *_exported_specs(),
     )
 }
 

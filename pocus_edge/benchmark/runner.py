@@ -631,11 +631,11 @@ def _artifact_label(card: dict[str, Any], opts: BenchmarkOptions) -> str:
 def _artifact_setup(opts: BenchmarkOptions, device, workdir: Path) -> dict[str, Any]:
     """An exported artifact as it is: its own backend first (the agreement reference), then
     OpenVINO on the same ONNX file at fp32 and bf16 where OpenVINO is installed."""
-    from ..runtime.backends import backend_for, open_backend
+    from ..inference import backend_for, open_backend
 
     path = Path(opts.model)
     kind = backend_for(path)
-    kwargs: dict[str, Any] = {"device": str(device), "threads": opts.threads} if kind in ("ort", "openvino") else {"device": str(device)}
+    kwargs: dict[str, Any] = {"device": str(device), "threads": opts.threads}  # threads: a hint the backend may ignore
     if opts.providers:
         kwargs["providers"] = opts.providers
     first = open_backend(path, kind, **kwargs)

@@ -25,7 +25,7 @@ Precision = Literal["fp32", "fp16", "bf16", "int8"]
 FusionMethod = Literal["entropy", "margin", "average"]
 FusionNorm = Literal["image", "batch"]
 FusionFormula = Literal["weighted", "paper"]
-# Runtime backends (pocus_edge.runtime.backends.BACKENDS).
+# Runtime backends (pocus_edge.inference.BACKENDS).
 Backend = Literal["auto", "ort", "tensorrt", "openvino", "coreml", "torch"]
 # Training (pocus_edge.train.recipes.RECIPES, data.transforms.AUGMENTATIONS, train.finetune.SPLIT_COLUMNS).
 Recipe = Literal["default", "paper"]
@@ -130,7 +130,7 @@ def engine_of(backend: str, model: str) -> str:
     if backend != "auto":
         return backend
     from ..errors import PocusError
-    from ..runtime.backends import backend_for
+    from ..inference import backend_for
 
     try:
         return backend_for(model)

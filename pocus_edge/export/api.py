@@ -306,7 +306,7 @@ def _calibration_reader(job: _Job):
 
 def _check_parity(job: _Job, staged: Path, final: Path, backend: str, precision: str, runner: Callable | None = None,
                   label: str | None = None) -> None:
-    """The one parity step: the staged artifact through its runtime backend against PyTorch;
+    """The one parity step: the staged artifact through its inference backend against PyTorch;
     the report is written beside the final name, and a failure stops the export before any
     promotion."""
     if job.frames is None:
@@ -404,7 +404,7 @@ def _coreml_package(job: _Job) -> None:
         job.reference, job.weight_sum = parity_mod.torch_reference_with_weights(model, job.frames)
         _, can_predict, message = coremltools_status()
         if can_predict:
-            from ..runtime.backends import open_backend
+            from ..inference import open_backend
 
             backend = open_backend(staged, "coreml")
             runner, label = (lambda _frames: backend.run(raw)["prob"]), "coreml (macOS)"

@@ -26,7 +26,7 @@ threshold``, the threshold from the model card, 0.5), used alike by scoring, exp
 the streaming runtime. ``index.json`` states the rule and threshold so a port reads them
 instead of guessing.
 
-Probabilities come from the runtime backend of an exported model when one is given (onnxruntime
+Probabilities come from the inference backend (:mod:`pocus_edge.inference`) of an exported model when one is given (onnxruntime
 for an ONNX file: a student's ``prob`` or the fused graph's output); otherwise from a seeded
 random-weight ``tiny`` model in PyTorch: a compact student (``student=NAME``, what the Android app
 ships; the committed set is made this way) or the ``FusedSegmenter`` over two TransUNets (the
@@ -107,17 +107,17 @@ def site_frames(site_dir: str | Path, n: int) -> list[tuple[np.ndarray, str]]:
 
 
 class _ArtifactProbabilities:
-    """Bone probability from an exported model, run by the runtime backend its suffix names
+    """Bone probability from an exported model, run by the inference backend its suffix names
     (onnxruntime for .onnx; float (N,3,S,S) or uint8 (N,1,S,S) input)."""
 
     def __init__(self, model_path: Path):
-        from ..runtime.backends import open_backend
+        from ..inference import backend_spec, open_backend
 
         self.backend = open_backend(model_path, "auto")
         self.card = self.backend.card or None
         self.img_size = int(self.backend.img_size)
         self.description = {
-            "kind": {"ort": "onnxruntime"}.get(self.backend.name, self.backend.name),
+            "kind": backend_spec(self.backend.name).engine,
             "file": model_path.name,
             "input": "uint8 (1,1,S,S)" if self.backend.input_dtype == "uint8" else "float32 (1,3,S,S)",
             "card": self.card,
@@ -214,8 +214,8 @@ def mask_of(prob: np.ndarray, threshold: float) -> np.ndarray:
 
 def probability_at_frame(prob: np.ndarray, frame_shape: tuple[int, int]) -> np.ndarray:
     """(S, S) probability -> (H, W): bilinear to the padded side, then crop the padding; the
-    runtime's own display/mask computation (``pocus_edge.runtime.overlay.to_frame_resolution``)."""
-    from ..runtime.overlay import to_frame_resolution
+    runtime's own display/mask computation (``pocus_edge.inference.to_frame_resolution``)."""
+    from ..inference import to_frame_resolution
 
     return np.ascontiguousarray(to_frame_resolution(np.asarray(prob, dtype=np.float32), frame_shape))
 
@@ -232,7 +232,7 @@ def write_golden(
 ) -> dict[str, Any]:
     """Write a golden folder (see the module docstring) and return its index.
 
-    ``model``: an exported model (probabilities by its runtime backend); None: a random-weight
+    ``model``: an exported model (probabilities by its inference backend); None: a random-weight
     tiny model in PyTorch: the fused teacher, or the compact ``student`` of that name.
     ``site``: take the frames from this site folder; None: synthetic frames.
     ``extra_sizes``: output sizes besides the model's input size (preprocessing only).

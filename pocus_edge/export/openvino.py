@@ -5,7 +5,7 @@ mini PC driving a USB probe runs best (CPU, integrated GPU, NPU).
   compress them to fp16 by default).
 * bf16: the same fp32 IR; bf16 is OpenVINO's inference-precision hint, applied when the model
   is compiled on a CPU with native bf16 (AVX-512 BF16 / AMX). The card says ``bf16`` and the
-  runtime backend sets the hint from it.
+  inference backend sets the hint from it.
 * int8: NNCF post-training quantization of the IR, calibrated on unlabeled frames of the target
   site (as the ONNX int8 graph), with the branch sigmoids, everything after them (confidences,
   normalization, fusion) and each branch's last decoder block and head kept fp32.

@@ -83,9 +83,9 @@ def dice_per_image(a: np.ndarray, b: np.ndarray, smooth: float = 1.0) -> np.ndar
 
 
 def backend_runner(artifact: str | os.PathLike, backend: str = "auto", **options: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """``frames -> probability`` through the runtime backend that runs ``artifact`` (the one
-    runner of exported artifacts, :func:`pocus_edge.runtime.backends.open_backend`)."""
-    from ..runtime.backends import open_backend
+    """``frames -> probability`` through the inference backend that runs ``artifact`` (the one
+    runner of exported artifacts, :func:`pocus_edge.inference.open_backend`)."""
+    from ..inference import open_backend
 
     return open_backend(artifact, backend, **options).infer
 
@@ -151,7 +151,7 @@ def parity_report(
     reference: np.ndarray | None = None,
     weight_sum: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Compare ``artifact`` (run by ``runner``, by default the runtime backend its suffix names)
+    """Compare ``artifact`` (run by ``runner``, by default the inference backend its suffix names)
     with ``model`` on ``frames``; the returned dict says whether it passed its precision's bar."""
     bars = bars or ParityBars()
     runner = runner or backend_runner(artifact)

@@ -33,8 +33,7 @@ import numpy as np
 
 from ..errors import DataError
 from . import protocol
-from .pipeline import FrameResult, Sink
-from .sources import FrameSource
+from .base import FrameResult, FrameSource, Sink
 
 DEFAULT_PORT = 18944  # the port OpenIGTLink assigns itself
 HEADER_SIZE = 58

@@ -13,21 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..inference.base import to_frame_resolution  # noqa: F401  (the sinks' and users' name for it)
 from ..io import atomic_path
 
 MASK_BGR = (60, 200, 255)  # warm yellow-orange: visible on gray speckle
 CONTOUR_BGR = (0, 255, 255)
-
-
-def to_frame_resolution(prob: np.ndarray, frame_shape: tuple[int, int]) -> np.ndarray:
-    """Model-resolution map (S,S) -> frame resolution (H,W), undoing preprocess_frame's
-    bottom/right zero pad and square resize."""
-    import cv2
-
-    h, w = frame_shape
-    side = max(h, w)
-    up = cv2.resize(prob.astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
-    return up[:h, :w]
 
 
 def render_overlay(frame: np.ndarray, mask: np.ndarray, weight: np.ndarray | None = None, *, alpha: float = 0.35) -> np.ndarray:

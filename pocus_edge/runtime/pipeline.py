@@ -32,6 +32,8 @@ import numpy as np
 
 from ..errors import ConfigError, DataError, OutputError
 from ..metrics import binarize
+from .base import FrameResult, Sink
+from .sinks import CallbackSink, MaskFileSink, OutputSet, OverlayVideoSink  # noqa: F401  (importable from here, as before)
 from .stats import ProgressLine, RunStats
 
 _END = object()
@@ -53,16 +55,6 @@ class StreamOptions:
     @property
     def dropping(self) -> bool:
         return self.realtime if self.drop is None else bool(self.drop)
-
-
-@dataclass
-class FrameResult:
-    index: int
-    timestamp_ms: float
-    frame: np.ndarray  # uint8 HxW, as decoded
-    prob: np.ndarray  # float32 HxW fused probability at frame resolution
-    mask: np.ndarray  # bool HxW
-    weight: np.ndarray | None = None  # float32 HxW fusion weight of the generative branch
 
 
 @dataclass
@@ -118,59 +110,6 @@ class _FrameQueue:
             self._dq.clear()
             self._cond.notify_all()
             return items
-
-
-class Sink:
-    """Receives each processed frame; ``close(ok)`` finalizes (atomically) or discards.
-    ``path``: the output it writes (named in error messages), if any."""
-
-    needs_frame_resolution = True
-    path: Path | None = None
-
-    def write(self, result: FrameResult) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def close(self, ok: bool = True) -> None:
-        pass
-
-
-class OverlayVideoSink(Sink):
-    def __init__(self, path: str | Path, fps: float | None = None, *, weight_map: bool = True):
-        from .overlay import VideoSink
-
-        self.path = Path(path)
-        self.video = VideoSink(path, fps or 30.0)
-        self.weight_map = weight_map
-
-    def write(self, r: FrameResult) -> None:
-        from .overlay import render_overlay
-
-        self.video.write(render_overlay(r.frame, r.mask, r.weight if self.weight_map else None))
-
-    def close(self, ok: bool = True) -> None:
-        self.video.close(ok)
-
-
-class MaskFileSink(Sink):
-    def __init__(self, path: str | Path):
-        from .overlay import MaskSink
-
-        self.path = Path(path)
-        self.masks = MaskSink(path)
-
-    def write(self, r: FrameResult) -> None:
-        self.masks.write(r.index, r.mask)
-
-    def close(self, ok: bool = True) -> None:
-        self.masks.close(ok)
-
-
-class CallbackSink(Sink):
-    def __init__(self, fn: Callable[[FrameResult], None]):
-        self.fn = fn
-
-    def write(self, r: FrameResult) -> None:
-        self.fn(r)
 
 
 class _Pacer:
@@ -251,43 +190,6 @@ def _produce(source, backend, opts: StreamOptions, stats: RunStats, queue: _Fram
         queue.put(_END, stop)
 
 
-class _Outputs:
-    """The sinks of one run: a sink whose write fails is discarded (never renamed into place),
-    the others keep what was processed; write errors become one line naming the output."""
-
-    def __init__(self, sinks: list[Sink]):
-        self.sinks = sinks
-        self.failed: set[int] = set()
-        self.want_frame_res = any(getattr(s, "needs_frame_resolution", True) for s in sinks)
-
-    def write(self, result: FrameResult) -> None:
-        for k, sink in enumerate(self.sinks):
-            try:
-                sink.write(result)
-            except BaseException as exc:
-                self.failed.add(k)
-                raise _output_error(sink, exc) from None
-
-    def close(self) -> BaseException | None:
-        """Close every sink; return the first error (the others are closed regardless)."""
-        first = None
-        for k, sink in enumerate(self.sinks):
-            try:
-                # What was processed is complete and valid, so keep it even when the run stopped early.
-                sink.close(ok=k not in self.failed)
-            except Exception as exc:
-                first = first or _output_error(sink, exc)
-        return first
-
-
-def _output_error(sink: Sink, exc: BaseException) -> BaseException:
-    from ..io import output_error
-
-    if isinstance(exc, OSError) and not isinstance(exc, OutputError) and sink.path is not None:
-        return output_error(sink.path, exc)
-    return exc
-
-
 def run_stream(
     source,
     backend,
@@ -302,7 +204,7 @@ def run_stream(
     atomically) the JSON report. Pass a fresh ``stats`` to keep the latency samples (plots)."""
     opts = options or StreamOptions()
     _check_options(opts)
-    outputs = _Outputs(list(sinks))
+    outputs = OutputSet(list(sinks))
     stats = stats if stats is not None else RunStats()
     threshold = float(opts.threshold if opts.threshold is not None else getattr(backend, "threshold", 0.5))
     queue = _FrameQueue(opts.queue_size, drop_oldest=opts.dropping)
@@ -354,10 +256,10 @@ def run_stream(
     return report
 
 
-def _consume(queue: _FrameQueue, backend, opts: StreamOptions, stats: RunStats, outputs: _Outputs, threshold: float,
+def _consume(queue: _FrameQueue, backend, opts: StreamOptions, stats: RunStats, outputs: OutputSet, threshold: float,
              total: int | None, write_report: Callable[[bool], Any] | None) -> None:
     """The calling thread: batch, infer, threshold, feed the sinks, refresh the report."""
-    from .overlay import to_frame_resolution
+    from ..inference import to_frame_resolution
 
     last_report = time.perf_counter()
     with ProgressLine(stats, total=total, enabled=opts.progress) as progress:
@@ -463,7 +365,7 @@ def stream(
     ``pocus-edge stream`` command runs). Outputs are checked before anything is opened.
     ``send`` (``igtl://HOST:PORT``) also serves each mask to OpenIGTLink clients
     (:class:`pocus_edge.runtime.igtl.IgtlMaskSink`)."""
-    from .backends import open_backend
+    from ..inference import open_backend
     from .sources import open_source
 
     check_stream_outputs(source, model, report=report, overlay=overlay, masks=masks)

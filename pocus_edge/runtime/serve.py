@@ -221,7 +221,7 @@ def serve(
     ``options``: :class:`~.pipeline.StreamOptions`. ``wait_for_browser``: hold the stream up to
     this many seconds until a page connects. ``linger``: after the stream, seconds left for the
     pages to receive what is queued and the final report."""
-    from .backends import open_backend
+    from ..inference import open_backend
     from .pipeline import StreamOptions, check_stream_outputs, run_stream
     from .sources import open_source
     from .stats import RunStats

@@ -1,0 +1,145 @@
+"""The backend contract every artifact runner follows, and the helpers the runners share.
+
+* ``prepare(frame uint8 HxW) -> model input for one frame``: the training preprocessing
+  (``preprocess_frame``), or ``preprocess_gray`` for graphs exported with uint8 input (they
+  scale and repeat channels inside the graph).
+* ``infer(x float32 (N,3,S,S)) -> fused probability (N,1,S,S)``: the cross-team contract.
+* ``run(batch) -> {"prob": (N,1,S,S), "weight": (N,1,S,S) or absent}`` on prepared inputs;
+  ``weight`` is the generative branch's share of the fusion, c_g / (c_g + c_c), when the
+  graph exports its branch outputs.
+
+Attributes: ``name``, ``img_size``, ``precision``, ``device``, ``input_dtype``, ``card`` and
+``gflops_per_frame`` (from the model card, else counted from the graph).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ExportError
+
+class Backend:
+    """One opened artifact (see the module docstring). Subclasses implement ``_run``; the
+    registry (:mod:`.registry`) opens them."""
+
+    name = "backend"
+    img_size: int
+    precision: str = "fp32"
+    device: str = "cpu"
+    input_dtype: str = "float32"  # or "uint8": input (N,1,S,S) of preprocess_gray pixels
+    card: dict
+    threshold: float = 0.5
+    has_weight_map: bool = False
+    max_batch: int | None = None  # a graph with a fixed batch size runs in chunks of it
+
+    def prepare(self, frame: np.ndarray) -> np.ndarray:
+        from ..data.transforms import preprocess_frame, preprocess_gray
+
+        if self.input_dtype == "uint8":
+            return preprocess_gray(frame, self.img_size)[None]
+        return preprocess_frame(frame, self.img_size)
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        if self.max_batch is not None and batch.shape[0] > self.max_batch:
+            parts = [self._run(batch[i : i + self.max_batch]) for i in range(0, batch.shape[0], self.max_batch)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return self._run(batch)
+
+    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """float32 (N,3,S,S) in [0,1] -> fused probability (N,1,S,S)."""
+        x = np.asarray(x)
+        if self.input_dtype == "uint8" and x.dtype != np.uint8:
+            # The same pixels the uint8 graph would get: undo the /255 of preprocess_frame.
+            x = np.clip(np.rint(x[:, :1] * 255.0), 0, 255).astype(np.uint8)
+        elif self.input_dtype == "float16":
+            x = x.astype(np.float16)
+        return self.run(np.ascontiguousarray(x))["prob"]
+
+    @property
+    def gflops_per_frame(self) -> float | None:
+        value = (self.card or {}).get("gflops_per_frame")
+        return float(value) if value is not None else None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "precision": self.precision,
+            "device": self.device,
+            "img_size": self.img_size,
+            "input_dtype": self.input_dtype,
+            "gflops_per_frame": self.gflops_per_frame,
+        }
+
+    def close(self) -> None:
+        pass
+
+
+def weight_map(c_g: np.ndarray, c_c: np.ndarray) -> np.ndarray:
+    return (c_g / (c_g + c_c + 1e-6)).astype(np.float32)
+
+
+def check_segmenter_io(path, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]], card: dict | None) -> int:
+    """Refuse, with one line naming the file, a graph the runtime cannot drive: one input of
+    rank 4 (N, 3, S, S) float or (N, 1, S, S) uint8, square and of the card's size, and a first
+    output of rank 4 with one channel. Returns the input size S."""
+    if len(inputs) != 1:
+        raise ExportError(f"{path}: the graph has {len(inputs)} inputs; a segmenter takes one (N,C,S,S) frame batch")
+    shape, dtype = list(inputs[0]["shape"]), inputs[0]["dtype"]
+    static = [d if isinstance(d, int) and d > 0 else None for d in shape]
+    if len(shape) != 4:
+        raise ExportError(f"{path}: input {inputs[0]['name']!r} has rank {len(shape)}; expected 4 (N,C,S,S)")
+    channels = 1 if dtype == "uint8" else 3
+    if static[1] is not None and static[1] != channels:
+        raise ExportError(f"{path}: input {inputs[0]['name']!r} has {static[1]} channels; a {dtype} input needs {channels}")
+    if static[2] is not None and static[3] is not None and static[2] != static[3]:
+        raise ExportError(f"{path}: input {inputs[0]['name']!r} is {static[2]}x{static[3]}; the runtime feeds square frames")
+    size = int((card or {}).get("img_size") or static[3] or 0)
+    if not size:
+        raise ExportError(f"{path}: cannot tell the input size (no model card, dynamic spatial axes)")
+    if static[3] is not None and static[3] != size:
+        raise ExportError(f"{path}: input is {static[3]} wide but its model card says img_size {size}")
+    if not outputs:
+        raise ExportError(f"{path}: the graph has no outputs")
+    out_shape = list(outputs[0]["shape"])
+    if len(out_shape) != 4:
+        raise ExportError(f"{path}: output {outputs[0]['name']!r} has rank {len(out_shape)}; expected a probability map (N,1,S,S)")
+    if isinstance(out_shape[1], int) and out_shape[1] > 0 and out_shape[1] != 1:
+        raise ExportError(f"{path}: output {outputs[0]['name']!r} has {out_shape[1]} channels; expected 1 (bone probability)")
+    return size
+
+
+def named_outputs(named: dict[str, Any], has_weight_map: bool) -> dict[str, np.ndarray]:
+    """The backend contract from a graph's named outputs: ``prob`` = "fused" (the fused pair),
+    "prob" (a single network) or else the first output; ``weight`` from the confidences."""
+    values = list(named.values())
+    prob = named.get("fused", named.get("prob", values[0]))
+    result = {"prob": np.asarray(prob, dtype=np.float32)}
+    if has_weight_map:
+        c_g = named.get("c_generative", values[3] if len(values) == 5 else None)
+        c_c = named.get("c_contrastive", values[4] if len(values) == 5 else None)
+        result["weight"] = weight_map(np.asarray(c_g, np.float32), np.asarray(c_c, np.float32))
+    return result
+
+
+def split_paths(model_path) -> list[Path]:
+    """One path, two comma-separated checkpoints (``GEN,CON``), or a list of paths."""
+    if isinstance(model_path, (list, tuple)):
+        return [Path(p) for p in model_path]
+    return [Path(p) for p in str(model_path).split(",") if p]
+
+
+def to_frame_resolution(prob: np.ndarray, frame_shape: tuple[int, int]) -> np.ndarray:
+    """Model-resolution map (S,S) -> frame resolution (H,W), undoing preprocess_frame's
+    bottom/right zero pad and square resize."""
+    import cv2
+
+    h, w = frame_shape
+    side = max(h, w)
+    up = cv2.resize(prob.astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
+    return up[:h, :w]
