@@ -228,7 +228,7 @@ def test_choices_are_the_library_registries():
     from pocus_edge.models import fusion
     from pocus_edge.models.released import ENCODER_STAGES, SEGMENTER_STAGES
     from pocus_edge.models.students import student_names
-    from pocus_edge.train.finetune import SPLIT_COLUMNS
+    from pocus_edge.train.common import SPLIT_COLUMNS
     from pocus_edge.train.recipes import RECIPES
 
     def registry(attribute: str, *modules: str):
@@ -256,7 +256,7 @@ def test_choices_are_the_library_registries():
 def test_a_choice_outside_its_list_is_a_usage_error(capsys):
     assert main(["export", "-g", "a", "-c", "b", "-o", "x.onnx", "--format", "tflite"]) == 2
     err = capsys.readouterr().err
-    assert "'tflite' is not one of 'onnx', 'tensorrt', 'openvino', 'coreml'" in err and "Traceback" not in err
+    assert "'tflite' is not one of 'onnx', 'openvino', 'tensorrt', 'coreml', 'ort'" in err and "Traceback" not in err
 
 
 def test_device_auto_is_one_rule():

@@ -19,7 +19,7 @@ from typing import Literal, get_args
 Preset = Literal["paper", "small", "tiny"]
 DataPreset = Literal["tiny", "demo", "bench", "study"]
 # Export: the deployment target and the precision in the graph (pocus_edge.export.formats).
-ExportTarget = Literal["onnx", "tensorrt", "openvino", "coreml", "ort"]
+ExportTarget = Literal["onnx", "openvino", "tensorrt", "coreml", "ort"]
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 # The fusion of the two branches (pocus_edge.models.fusion METHODS, NORMS, FORMULAS).
 FusionMethod = Literal["entropy", "margin", "average"]
