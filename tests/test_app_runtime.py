@@ -66,9 +66,9 @@ def test_saving_a_graph_the_app_cannot_load_is_refused_in_one_line(tmp_path):
 def test_export_refuses_a_newer_opset_before_any_work_and_stamps_what_the_app_reads(tmp_path):
     import torch
 
+    from pocus_edge.export.onnx import export_onnx
     from pocus_edge.models.fused import SingleSegmenter
     from pocus_edge.models.students import build_student
-    from pocus_edge.export.onnx import export_onnx
 
     torch.manual_seed(0)
     model = SingleSegmenter(build_student("mobilenetv3", "tiny").eval().reparameterize(), name="student").eval()

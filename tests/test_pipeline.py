@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from pocus_edge.data.transforms import preprocess_frame
-from pocus_edge.runtime import protocol
 from pocus_edge.inference import count_onnx_flops, open_backend
+from pocus_edge.runtime import protocol
 from pocus_edge.runtime.overlay import to_frame_resolution
 from pocus_edge.runtime.pipeline import (
     CallbackSink,

@@ -177,8 +177,8 @@ def test_student_streams_through_the_runtime(exported, tmp_path, capsys, which):
     """`pocus-edge stream` runs the exported int8 student (onnxruntime) and the checkpoint itself
     (torch backend); masks are the backend's own probabilities thresholded at frame resolution,
     GFLOPs come from the card."""
-    from pocus_edge.metrics import binarize
     from pocus_edge.inference import open_backend
+    from pocus_edge.metrics import binarize
     from pocus_edge.runtime.overlay import to_frame_resolution
 
     recording, frames = _recording(exported["target"], tmp_path / "sweep.tvd.h5", 5)

@@ -6,12 +6,11 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import math
 import shutil
 from pathlib import Path
 
 import numpy as np
-import math
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -464,7 +463,7 @@ def test_default_recipe_moves_the_encoder_and_paper_recipe_shrinks_it(sites, tmp
 
 def test_parameter_groups_follow_the_recipe():
     from pocus_edge.models.transunet import TransUNet
-    from pocus_edge.train.recipes import parameter_groups, is_no_decay
+    from pocus_edge.train.recipes import is_no_decay, parameter_groups
 
     model = TransUNet(model_preset("tiny"))
     groups = parameter_groups(model, weight_decay=0.05, encoder_lr_scale=0.1, decay_all_parameters=False,

@@ -27,9 +27,16 @@ def register(app: typer.Typer) -> None:
         ),
         seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Paired fine-tuning seeds per arm (default 10; fewer than 6 can never reach p < 0.05)."),
         pretrain_seeds: Optional[int] = typer.Option(None, "--pretrain-seeds", min=1, help="Pretraining runs per SSL method; seed s fine-tunes from run s mod N (default 2)."),
-        primary: Optional[str] = typer.Option(None, "--primary", metavar="ARM", help="The one primary comparison, decided before the run: this arm against its comparison arm (default fused_uniform)."),
+        primary: Optional[str] = typer.Option(
+            None, "--primary", metavar="ARM",
+            help="The one primary comparison, decided before the run: this arm against its comparison arm (default fused_uniform).",
+        ),
         temperature: Optional[float] = typer.Option(None, "--temperature", min=0.01, help="MT-NXent temperature of the contrastive pretrainings (default 0.5)."),
-        sd_from: Optional[Path] = typer.Option(None, "--sd-from", metavar="STUDY_JSON", help="With --estimate: size the run from an earlier study.json (seeds needed for 0.03 and 0.05 Dice at 80 % power, this run's minimal detectable effect)."),
+        sd_from: Optional[Path] = typer.Option(
+            None, "--sd-from", metavar="STUDY_JSON",
+            help="With --estimate: size the run from an earlier study.json (seeds needed for 0.03 and 0.05 Dice at 80 % "
+            "power, this run's minimal detectable effect).",
+        ),
         budget: Optional[Budget] = typer.Option(None, "--budget", help="Fixed step counts: cpu (default), gpu, smoke (pipeline check)."),
         recipe: Optional[Recipe] = typer.Option(None, "--recipe", help="Fine-tuning recipe of the arms that name none: default | paper."),
         preset: Optional[Preset] = typer.Option(None, "--preset", help="Model preset: small (default), tiny, paper."),

@@ -221,12 +221,12 @@ def serve(
     ``options``: :class:`~.pipeline.StreamOptions`. ``wait_for_browser``: hold the stream up to
     this many seconds until a page connects. ``linger``: after the stream, seconds left for the
     pages to receive what is queued and the final report."""
+    import aiohttp  # noqa: F401  - the 'serve' extra; missing, the CLI names it in one line
+
     from ..inference import open_backend
     from .pipeline import StreamOptions, check_stream_outputs, run_stream
     from .sources import open_source
     from .stats import RunStats
-
-    import aiohttp  # noqa: F401  - the 'serve' extra; missing, the CLI names it in one line
 
     check_address(host, token, allow_remote)
     check_stream_outputs(source, model, report=report)

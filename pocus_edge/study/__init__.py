@@ -46,8 +46,8 @@ from .budgets import BUDGETS, Budget, StudyOptions, study_options
 from .folder import Study
 from .markers import UnitFailed
 from .report import write_report
-from .stats import analyse
 from .run import StudyResult, run_study
+from .stats import analyse
 
 __all__ = [
     "ARMS",
