@@ -31,10 +31,6 @@ from .transforms import preprocess_frame, preprocess_gray, preprocess_mask
 _PRELOAD_CACHE: dict[tuple[str, int, str], np.ndarray] = {}
 
 
-def clear_preload_cache() -> None:
-    _PRELOAD_CACHE.clear()
-
-
 def _cached(path, size: int, kind: str, load) -> np.ndarray:
     key = (str(path), int(size), kind)
     hit = _PRELOAD_CACHE.get(key)

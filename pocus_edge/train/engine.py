@@ -859,12 +859,6 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def read_log(out_dir: str | Path) -> list[dict[str, str]]:
-    """Rows of a run's CSV log."""
-    with open(Path(out_dir) / LOG_CSV, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 __all__: Sequence[str] = [
     "CHECKPOINT",
     "CONFIG_FILE",
@@ -882,5 +876,4 @@ __all__: Sequence[str] = [
     "LRFactor",
     "load_training_state",
     "save_training_state",
-    "read_log",
 ]
