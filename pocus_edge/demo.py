@@ -651,11 +651,18 @@ def _write_report(out: Path, *, data_preset, preset, quick, seed, schedule, runs
         "| model | n | Dice (mean ± sd) | IoU (mean ± sd) | paper DSC (real data, full training) |",
         "|---|---|---|---|---|",
     ]
+    untrained = {n for ev in (ev_branches, ev_lower, ev_student) if ev is not None
+                 for n, flag in getattr(ev, "did_not_train", {}).items() if flag}
     for n in names:
         s = summaries[n]
         paper = PAPER_TARGET_DSC.get(display[n])
-        lines.append(f"| {display[n]} | {s.n} | {s.dice_mean:.4f} ± {s.dice_std:.4f} | {s.iou_mean:.4f} ± {s.iou_std:.4f} | "
-                     f"{paper:.4f} |" if paper is not None else f"| {display[n]} | {s.n} | {s.dice_mean:.4f} ± {s.dice_std:.4f} | {s.iou_mean:.4f} ± {s.iou_std:.4f} | - |")
+        label = display[n] + (" **(did not train)**" if n in untrained else "")
+        lines.append(f"| {label} | {s.n} | {s.dice_mean:.4f} ± {s.dice_std:.4f} | {s.iou_mean:.4f} ± {s.iou_std:.4f} | "
+                     + (f"{paper:.4f} |" if paper is not None else "- |"))
+    if untrained:
+        lines += ["", "**Did not train:** " + ", ".join(display.get(n, n) for n in sorted(untrained)) + ": source-validation "
+                  "Dice below 0.1 at the first validation (the flag in its model card). Such a model predicts (almost) "
+                  "empty masks; its row says nothing about the method. Run the demo with another `--seed`."]
     differences = _differences_to_lower(ev_branches, ev_lower)
     lines += _difference_lines(differences, display, runs["contrastive pretraining"], schedule)
     student_lines, student_record = _student_lines(ev_branches, ev_student, stream_report, student_stream,
