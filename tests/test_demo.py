@@ -41,7 +41,10 @@ def test_demo_writes_a_consistent_report(demo_run):
     for name, summary in evaluated.items():
         shown = result.accuracy[DISPLAY_NAMES[name]]
         assert shown["dice"] == pytest.approx(summary["dice_mean"], abs=1e-9)
-        assert f"| {DISPLAY_NAMES[name]} | {summary['n']} | {summary['dice_mean']:.4f}" in text
+        flag = " **(did not train)**" if summary.get("did_not_train") else ""  # the model card's flag
+        assert f"| {DISPLAY_NAMES[name]}{flag} | {summary['n']} | {summary['dice_mean']:.4f}" in text
+    flagged = [n for n, summary in evaluated.items() if summary.get("did_not_train")]
+    assert ("**Did not train:**" in text) is bool(flagged)
     # Every picture the report links exists and is a readable PNG.
     links = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
     assert len(links) >= 6
