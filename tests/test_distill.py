@@ -108,10 +108,14 @@ def test_teacher_targets_are_the_entropy_fusion_of_the_two_branches(teachers):
         p_g, p_c = g.predict(x), c.predict(x)
     expected = fuse(p_g, p_c, method="entropy", norm="image")
     weight = 0.5 * (normalize_confidence(confidence(p_g), "image") + normalize_confidence(confidence(p_c), "image"))
+    # The cache ran the teacher on batches of 40 frames, the reference on 4: the convolutions'
+    # float sums differ by ~1e-7, and the per-image min-max normalization of the confidences
+    # amplifies that near its extremes (up to ~1e-4 on a few pixels, measured under load).
     for targets in (cached, direct):
         prob, w = targets(x, index)
-        torch.testing.assert_close(prob, expected, rtol=0, atol=1e-5)
-        torch.testing.assert_close(w, weight, rtol=0, atol=1e-5)
+        torch.testing.assert_close(prob, expected, rtol=0, atol=2e-4)
+        torch.testing.assert_close(w, weight, rtol=0, atol=2e-4)
+        assert float((prob - expected).abs().mean()) < 1e-6  # a few pixels, not the map
     assert 0.0 < float(expected.std())  # not a constant teacher
 
 

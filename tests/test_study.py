@@ -138,9 +138,11 @@ def test_report_statistics_match_the_per_image_scores(smoke_study):
     for key, arm in report["arms"].items():
         per_seed = matrix(key, arm["seeds"]).mean(axis=1)
         assert arm["dice"]["mean"] == pytest.approx(per_seed.mean(), abs=1e-9)
-        if len(per_seed) > 1:  # the t-interval over seeds, by scipy
+        if len(per_seed) > 1 and stats.sem(per_seed) > 0:  # the t-interval over seeds, by scipy
             low, high = stats.t.interval(0.95, len(per_seed) - 1, loc=per_seed.mean(), scale=stats.sem(per_seed))
             assert arm["dice"]["t_ci95"] == pytest.approx([low, high], abs=1e-9)
+        elif len(per_seed) > 1:  # identical seeds (e.g. all empty masks): the interval is the point
+            assert arm["dice"]["t_ci95"] == pytest.approx([per_seed.mean()] * 2, abs=1e-9)
     mim = report["comparisons"]["mim@default vs lower@default"]
     diff = matrix("mim@default", [0, 1]) - matrix("lower@default", [0, 1])
     assert mim["dice"]["mean"] == pytest.approx(diff.mean(axis=1).mean(), abs=1e-9)
