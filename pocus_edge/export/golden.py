@@ -320,6 +320,16 @@ def write_golden(
     return index
 
 
+def read_npy(path: str | Path) -> np.ndarray:
+    """Read one golden array (no pickles); what the app-runtime check loads golden files with."""
+    try:
+        return np.load(Path(path), allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: golden file not found") from None
+    except ValueError as exc:
+        raise DataError(f"{path}: not a readable .npy file ({exc})") from None
+
+
 def read_golden(golden_dir: str | Path) -> dict[str, Any]:
     """Load ``index.json`` of a golden folder (format-checked)."""
     path = Path(golden_dir) / "index.json"
