@@ -387,7 +387,7 @@ def test_goals_are_read_off_the_verdict_rule():
     planned seeds reads "not assessed", one with too few seeds "underpowered"."""
     from types import SimpleNamespace
 
-    from pocus_edge.metrics import t_interval
+    from pocus_edge.metrics import sign_flip_p_value, t_interval
     from pocus_edge.study.report import _goal_text
     from pocus_edge.study.stats import _decide, _goals
 
@@ -403,7 +403,7 @@ def test_goals_are_read_off_the_verdict_rule():
         seeds = min(n[arm], n[base])
         d = effect + rng.normal(0, 0.01, seeds)
         return {"arm": f"{arm}@default", "baseline": f"{base}@default", "role": role, "underpowered": seeds < 10,
-                "p_signflip": __import__("pocus_edge.metrics", fromlist=["x"]).sign_flip_p_value(d),
+                "p_signflip": sign_flip_p_value(d),
                 "dice": {"mean": float(d.mean()), "per_seed": d.tolist(), "t_ci95": t_interval(d)}}
 
     comps = {"f": comparison("fused_uniform", "lower", 0.05, "primary"), "m": comparison("mim", "lower", 0.05),
