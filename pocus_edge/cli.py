@@ -15,7 +15,7 @@ import sys
 import typer
 
 from .commands import LazyCommandGroup
-from .errors import PocusError
+from .errors import PocusError, Terminated
 
 app = typer.Typer(
     name="pocus-edge",
@@ -38,11 +38,6 @@ def _root() -> None:
     # Commands are registered lazily by LazyCommandGroup (pocus_edge.commands.COMMANDS); this
     # callback makes typer build a group for them.
     pass
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so every ``finally`` and temporary clean-up runs
-    (a BaseException, like KeyboardInterrupt, so ``except Exception`` handlers let it pass)."""
 
 
 def main(argv: list[str] | None = None) -> int:

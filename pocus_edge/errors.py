@@ -68,3 +68,9 @@ class ToolchainUnavailable(PocusError):
     """
 
     exit_code = 3
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so every ``finally`` and temporary clean-up runs
+    (a BaseException, like KeyboardInterrupt, so ``except Exception`` handlers let it pass).
+    The command line exits 143 on it."""

@@ -380,7 +380,7 @@ class _RecordingEvent(threading.Event):
 
 
 def test_realtime_pacing_rebases_timestamp_jumps_instead_of_sleeping_on_them():
-    from pocus_edge.runtime.pipeline import _Pacer
+    from pocus_edge.runtime.feed import Pacer as _Pacer
 
     # A /timing/time_ms jump to 1e12 used to wait ~31 years; a jump back then raced ahead.
     stamps = [0.0, 33.0, 66.0, 1e12, 1e12 + 33.0, 99.0, 132.0, -5e6, -5e6 + 33.0]
@@ -475,3 +475,4 @@ def test_stream_command_on_a_full_disk_exits_2_with_one_line(tiny_onnx, tmp_path
         assert len(lines) == 1 and "Traceback" not in err, err
         assert "disk full" in lines[0] and str(disk) in lines[0]
         assert sorted(p.name for p in disk.iterdir()) == ["filler.bin"]
+
