@@ -53,7 +53,7 @@ trap 'rm -rf "$WORK"' EXIT
 # A model from the full install: simulate, fine-tune two tiny branches briefly, export one graph.
 export OMP_NUM_THREADS=1
 full() { PYTHONPATH="$FULL_PYTHONPATH" "$VENV/bin/pocus-edge" "$@"; }
-full simulate "$WORK/data" --preset tiny --seed 0 --no-progress >/dev/null
+full simulate "$WORK/data" --data-preset tiny --seed 0 --no-progress >/dev/null
 for branch in 0 1; do
     full finetune --data "$WORK/data/source" --out "$WORK/runs/branch$branch" --preset tiny --seed "$branch" \
         --max-steps 60 --device cpu >/dev/null

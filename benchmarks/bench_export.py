@@ -75,10 +75,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from pocus_edge.config import model_preset
     from pocus_edge.export import parity as parity_mod
-    from pocus_edge.export.parity import spread_head_logits
-    from pocus_edge.models.fused import FusedSegmenter, load_fused
     from pocus_edge.export.onnx import export_onnx
+    from pocus_edge.export.parity import spread_head_logits
     from pocus_edge.export.quantize import ArrayCalibrationReader, SiteCalibrationReader, convert_fp16, quantize_int8
+    from pocus_edge.models.fused import FusedSegmenter, load_fused
     from pocus_edge.models.fusion import fuse
     from pocus_edge.models.transunet import TransUNet
 

@@ -226,7 +226,8 @@ def main(argv=None) -> int:
 
 def markdown(results: dict) -> str:
     lines = [
-        "| preset | precision | GFLOPs/frame | bare infer ms (median) | bare FPS | runtime FPS (offline) | overhead vs bare | overhead in run | live latency p50 / p95 / p99 ms (input at 80 % of capacity) | dropped |",
+        "| preset | precision | GFLOPs/frame | bare infer ms (median) | bare FPS | runtime FPS (offline) | overhead vs bare "
+        "| overhead in run | live latency p50 / p95 / p99 ms (input at 80 % of capacity) | dropped |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:

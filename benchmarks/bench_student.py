@@ -103,7 +103,7 @@ def time_interleaved(runners: dict[str, object], x: np.ndarray, runs: int, warmu
 
 def prepare_student(name: str, args, work: Path, frames: np.ndarray, reader) -> tuple[dict, dict]:
     """Build, count, export and check one student; returns (row without timings, runners)."""
-    from pocus_edge.models.flops import count_flops, count_params
+    from pocus_edge.models.flops import count_flops
 
     student, deployed = build_deployed(name, args.img_size, frames[:2])
     shape = (1, 3, args.img_size, args.img_size)

@@ -34,7 +34,7 @@ $PY -m pocus_edge benchmark \
     --format-timeout 900 \
     --max-frames 2 \
     --workdir "$WORK" \
-    --json "$JSON" 2>&1 | tee "$DEST/benchmark_cpu_$PRESET.log"
+    --report "$JSON" 2>&1 | tee "$DEST/benchmark_cpu_$PRESET.log"
 STATUS=${PIPESTATUS[0]}
 echo "== $(date -u +%FT%TZ) load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null); benchmark exit status $STATUS"
 [ -f "$JSON" ] && $PY -m pocus_edge benchmark plot "$JSON" --out "$DEST/benchmark_cpu_$PRESET.png" --batch 1

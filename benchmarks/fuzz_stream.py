@@ -70,7 +70,7 @@ def mean_model(path: Path) -> Path:
 
 def stream_command(source: str, model: Path, report: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pocus_edge", "stream", source, "--model", str(model), "--report", str(report),
-            "--threads", "1", "-q", "--frame-timeout", "2", "--idle-timeout", "5", *extra]
+            "--threads", "1", "--no-progress", "--frame-timeout", "2", "--idle-timeout", "5", *extra]
 
 
 def _env() -> dict:

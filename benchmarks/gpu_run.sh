@@ -62,7 +62,7 @@ timeout -k 10 185 $PY -m pocus_edge benchmark \
     --format-timeout 120 \
     --max-frames 32 \
     ${PROVIDERS:+--providers "$PROVIDERS"} \
-    --json "$JSON" > "$DEST/gpu_benchmark.log" 2>&1
+    --report "$JSON" > "$DEST/gpu_benchmark.log" 2>&1
 STATUS=$?
 tail -n 25 "$DEST/gpu_benchmark.log" | grep -v "^[┃│┏┡└]" || true
 echo "== benchmark exit status $STATUS after $(( $(date +%s) - START )) s"
@@ -85,11 +85,11 @@ EOF
 fi
 
 # 3) The study's 2x2 factorial: does MIM init help under either recipe? Runs and data stay outside
-#    $DEST (only a few files come back from a lent machine); the report is copied there.
+#    $DEST, which holds only the small report files (what to copy off a remote GPU machine).
 if [[ " $PARTS " == *" study "* ]]; then
     SDATA=${STUDY_DATA:-/tmp/pocus_study_data}
     SRUNS=${STUDY_RUNS:-/tmp/pocus_study_gpu}
-    [ -f "$SDATA/target/manifest.csv" ] || timeout -k 10 120 $PY -m pocus_edge simulate "$SDATA" --preset "$STUDY_SIM" \
+    [ -f "$SDATA/target/manifest.csv" ] || timeout -k 10 120 $PY -m pocus_edge simulate "$SDATA" --data-preset "$STUDY_SIM" \
         --workers "$(nproc)" --no-progress --overwrite > "$DEST/study_simulate.log" 2>&1
     timeout -k 10 480 $PY -m pocus_edge study --source "$SDATA/source" --target "$SDATA/target" --out "$SRUNS" \
         --arms lower,mim,lower@paper,mim@paper --seeds 3 --budget "$STUDY_BUDGET" --preset "$STUDY_PRESET" \

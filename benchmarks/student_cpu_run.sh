@@ -29,7 +29,7 @@ JSON="$DEST/benchmark_students_$PRESET.json"
 echo "== $(date -u +%FT%TZ) load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
 $PY -m pocus_edge benchmark --no-teacher --student "$STUDENTS" --student-preset "$PRESET" \
     --batch 1 --threads "$THREADS" --runs "${RUNS:-200}" --warmup 10 --time-per-batch 30 \
-    --format-timeout 900 --max-frames 8 --workdir "$WORK/bench" --json "$JSON" 2>&1 | tee "$DEST/benchmark_students_$PRESET.log"
+    --format-timeout 900 --max-frames 8 --workdir "$WORK/bench" --report "$JSON" 2>&1 | tee "$DEST/benchmark_students_$PRESET.log"
 STATUS=${PIPESTATUS[0]}
 [ -f "$JSON" ] && $PY -m pocus_edge benchmark plot "$JSON" --out "$DEST/benchmark_students_$PRESET.png" --batch 1
 
@@ -37,7 +37,7 @@ STATUS=${PIPESTATUS[0]}
 # to $FRAMES frames at 30 FPS, inside a larger screen with the B-mode ROI recorded as the probe's
 # software does) and one student checkpoint (random weights, head rescaled on target frames),
 # exported to each streamed format with its parity check.
-$PY -m pocus_edge simulate "$WORK/sim" --preset demo --no-progress >/dev/null
+$PY -m pocus_edge simulate "$WORK/sim" --data-preset demo --no-progress >/dev/null
 $PY - "$WORK" "$STREAM_STUDENT" "$PRESET" "${FRAMES:-600}" <<'PYTHON'
 import sys
 from pathlib import Path
@@ -76,7 +76,7 @@ stream_all() {
         $PY -m pocus_edge export --checkpoint "$WORK/student.safetensors" --target "$target" --precision "$precision" \
             --calib "$WORK/sim/target" --out "$artifact" || { rc=1; continue; }
         echo "== stream $target-$precision, load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
-        $PY -m pocus_edge stream "$WORK/sweep.tvd.h5" --model "$artifact" --threads "$THREADS" --no-drop -q \
+        $PY -m pocus_edge stream "$WORK/sweep.tvd.h5" --model "$artifact" --threads "$THREADS" --no-drop --no-progress \
             --report "$DEST/stream_student_${STREAM_STUDENT}_$target-$precision.json" || rc=1
     done
     return $rc

@@ -36,13 +36,15 @@ echo "== $(date -u +%FT%TZ) load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev
 "$PY" -m pocus_edge benchmark -g "$MIM" -c "$CON" --student-checkpoint "$STUDENT" --formats "$FORMATS" \
     --data "$TARGET" --max-frames "${MAX_FRAMES:-64}" --batch 1 --threads "$THREADS" --runs "${RUNS:-200}" \
     --warmup 10 --time-per-batch "${TIME_PER_BATCH:-20}" --format-timeout 900 --workdir "$WORK/bench" \
-    --json "$DEST/benchmark_study.json" 2>&1 | tee "$DEST/benchmark_study.log"
+    --report "$DEST/benchmark_study.json" 2>&1 | tee "$DEST/benchmark_study.log" || [ "${PIPESTATUS[0]}" -eq 1 ]
+# (exit status 1: a row failed its bar or its run; the report says which, and the script goes on)
 SINGLE=()
 for arm in lower mim contrastive_uniform; do
     "$PY" -m pocus_edge export --checkpoint "$(model_of $arm)" --target onnx --out "$WORK/$arm.onnx" >/dev/null
     "$PY" -m pocus_edge benchmark --model "$WORK/$arm.onnx" --model-name "$arm" --data "$TARGET" \
         --max-frames "${MAX_FRAMES:-64}" --batch 1 --threads "$THREADS" --runs "${RUNS:-200}" --warmup 10 \
-        --time-per-batch "${TIME_PER_BATCH:-20}" --json "$DEST/benchmark_study_$arm.json" 2>&1 | tee -a "$DEST/benchmark_study.log"
+        --time-per-batch "${TIME_PER_BATCH:-20}" --report "$DEST/benchmark_study_$arm.json" 2>&1 | tee -a "$DEST/benchmark_study.log" \
+        || [ "${PIPESTATUS[0]}" -eq 1 ]
     SINGLE+=("$DEST/benchmark_study_$arm.json")
 done
 # One machine, one frontier: the single networks' rows join the teacher's and student's report.

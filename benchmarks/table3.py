@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pocus_edge.data.phantom import simulate
     from pocus_edge.errors import PocusError
-    from pocus_edge.train.study import StudyOptions, run_study
+    from pocus_edge.study import StudyOptions, run_study
 
     try:
         if not all((args.data / site / "manifest.csv").exists() for site in ("source", "target")):

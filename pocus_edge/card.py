@@ -275,8 +275,8 @@ def read_sidecar(artifact: str | Path) -> dict[str, Any] | None:
 
 
 def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file (the one helper, ``pocus_edge.data.layout.sha256_file``)."""
-    from .data.layout import sha256_file
+    """SHA-256 of a file (the one helper, :func:`pocus_edge.io.sha256_file`)."""
+    from .io import sha256_file
 
     return sha256_file(path)
 

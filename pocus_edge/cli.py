@@ -3,9 +3,10 @@
 
 Command modules are imported only when one of their commands runs (or ``--help`` lists them),
 and heavy imports (torch, onnx, cv2) happen inside the commands, so ``--help`` is fast and
-works on the core install; a command that needs a missing extra names it in one line (exit 2).
+works on the core install; a command that needs a missing extra names it in one line (exit 3).
 User mistakes raise :class:`pocus_edge.errors.PocusError`; ``main`` turns them into one
-line on stderr and a non-zero exit code, never a traceback.
+line on stderr and the exit code of :class:`pocus_edge.errors.ExitCode`, never a traceback.
+The option names every command uses, and the exit codes, are listed in docs/cli.md.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import sys
 
 import typer
 
+from . import __version__
 from .commands import LazyCommandGroup
-from .errors import PocusError, Terminated
+from .commands.options import rewrite_deprecated
+from .errors import ExitCode, PocusError, Terminated
 
 app = typer.Typer(
     name="pocus-edge",
@@ -26,57 +29,71 @@ app = typer.Typer(
         "Start with `pocus-edge demo` (the whole pipeline on the bundled simulator)."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     cls=LazyCommandGroup,
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"pocus-edge {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
     # Commands are registered lazily by LazyCommandGroup (pocus_edge.commands.COMMANDS); this
     # callback makes typer build a group for them.
     pass
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point. The error contract: anything a user can cause ends with one
-    line on stderr and exit code 2 (PocusError, and OSError such as a full disk or a read-only
-    output, named by its file), never a traceback; temporaries are removed on every exit."""
+    """Console-script entry point. The error contract (docs/cli.md, "Exit codes"): anything a
+    user can cause ends with one line on stderr and the exit code of its kind
+    (:class:`ExitCode`: 2 bad input or usage, also OSError such as a full disk or a read-only
+    output, named by its file; 1 a measured check failed; 3 a toolchain or extra missing here;
+    130/143 interrupted), never a traceback; temporaries are removed on every exit."""
     previous = _terminate_cleanly()
+    argv, notes = rewrite_deprecated(list(sys.argv[1:] if argv is None else argv))
+    for note in notes:
+        typer.echo(note, err=True)
     try:
         code = app(args=argv, standalone_mode=False)
         if isinstance(code, int) and not isinstance(code, bool):
             # typer returns the code of typer.Exit, and 130 for Ctrl-C, instead of raising.
-            if code == 130:
+            if code == ExitCode.INTERRUPTED:
                 typer.echo("interrupted", err=True)
             return code
     except PocusError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        return exc.exit_code
+        return int(exc.exit_code)
     except Terminated:
         typer.echo("terminated", err=True)
-        return 143
+        return ExitCode.TERMINATED
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        return 130
+        return ExitCode.INTERRUPTED
     except OSError as exc:
         typer.secho(f"error: {_os_error_line(exc)}", fg=typer.colors.RED, err=True)
-        return 2
+        return ExitCode.USAGE
     except SystemExit as exc:  # typer/click exits (e.g. --help, typer.Exit)
-        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+        return int(exc.code or 0) if not isinstance(exc.code, str) else ExitCode.CHECK_FAILED
     except Exception as exc:  # usage errors ("No such option", a bad value) and aborts
         if isinstance(exc, _click_exceptions("ClickException")) and hasattr(exc, "show"):
             exc.show()  # click's own "Usage: ... / Error: ..." lines, no traceback
-            return int(getattr(exc, "exit_code", 2))
+            return ExitCode.USAGE
         if isinstance(exc, _click_exceptions("Abort")):
             typer.echo("aborted", err=True)
-            return 1
+            return ExitCode.INTERRUPTED
         raise
     finally:
         _restore_sigterm(previous)
-    return 0
+    return ExitCode.OK
 
 
 def _os_error_line(exc: OSError) -> str:

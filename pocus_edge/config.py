@@ -4,6 +4,10 @@ A *preset* fixes the model shape (``paper`` = TransUNet R50-ViT-B/16 at 224x224,
 published network; ``small`` = CPU-trainable; ``tiny`` = unit tests) and the image size the
 data pipeline resizes to. Stage hyperparameters default to docs/method.md (the paper / released
 code) and every field can be overridden from the CLI (``--set key=value``) or a YAML file.
+
+Values are validated and typed by pydantic against each field's annotation (one error contract:
+:class:`ConfigError`, one line naming the field); fields with a fixed set of values are
+``Literal`` types.
 """
 
 import dataclasses
@@ -12,11 +16,18 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import pydantic
 import yaml
 
 from .errors import ConfigError
+
+# Fixed choices of config fields (the engine's OPTIMIZERS and SCHEDULES, the transforms'
+# AUGMENTATIONS; tests/test_train.py checks that they agree).
+Optimizer = Literal["adamw", "adam", "sgd"]
+Schedule = Literal["cosine", "constant"]
+Augmentation = Literal["none", "intensity", "standard"]
 
 
 @dataclass
@@ -42,6 +53,12 @@ class ModelConfig:
     # Decoder "cup": conv to decoder_head_channels, then upsample blocks with these outputs.
     decoder_head_channels: int = 512
     decoder_channels: tuple[int, ...] = (256, 128, 64, 16)
+    # ReLU after the last decoder block, right before the 3x3 head (the released decoder). False:
+    # the head reads the last block's BatchNorm output directly, so a gradient always reaches it.
+    # With few channels there, a ReLU lets a random init encode bone as "every channel off", where
+    # no gradient passes and the background pixels push the head's bias until the mask is empty
+    # (docs/method.md, "Why the CPU presets have no ReLU before the head").
+    decoder_final_relu: bool = True
     # Contrastive projection head: hidden_size -> proj_hidden -> proj_dim.
     proj_hidden: int = 768
     proj_dim: int = 128
@@ -67,9 +84,12 @@ def _small() -> ModelConfig:
         num_layers=4,
         num_heads=3,
         mlp_dim=384,
-        # Thin decoder: on CPU the full-resolution convs cost per pixel, not per FLOP.
+        # Thin decoder: on CPU the full-resolution convs cost per pixel, not per FLOP (16 channels in
+        # the last block make a fine-tuning step 1.5x slower). No ReLU before the head: with 4
+        # BN-ReLU channels some random inits encode bone as "all four off" and train to empty masks.
         decoder_head_channels=64,
         decoder_channels=(32, 16, 8, 4),
+        decoder_final_relu=False,
         proj_hidden=192,
         proj_dim=64,
     )
@@ -88,6 +108,7 @@ def _tiny() -> ModelConfig:
         mlp_dim=64,
         decoder_head_channels=32,
         decoder_channels=(16, 8, 8, 4),
+        decoder_final_relu=False,  # see `small`
         proj_hidden=32,
         proj_dim=16,
     )
@@ -104,31 +125,50 @@ def model_preset(name: str, **overrides: Any) -> ModelConfig:
     return apply_overrides(cfg, overrides) if overrides else cfg
 
 
+TOKEN_PIXELS = 16  # the encoder's total stride: one ViT token covers 16 x 16 input pixels
+
+
 @dataclass
 class MIMConfig:
     """SimMIM-style pretraining (docs/method.md, generative branch)."""
 
-    # The paper masks a 7x7 grid of 32-px cells at 224 px. The grid, not the cell size, is what
-    # carries over to other input sizes: cells are ceil(img_size / mask_grid) pixels (19 px at
-    # 128, 10 px at 64); ``mask_cell`` set to a number fixes the cell size instead.
+    # The paper masks a 7x7 grid of 32-px cells at 224 px, and the released code asserts that a
+    # cell is a whole number of 16-px tokens. Cells are ceil(img_size / mask_grid) pixels rounded
+    # to the nearest multiple of the token size (32 px at 224, 16 px at 128 and 64), so a masked
+    # cell always covers whole tokens; ``mask_cell`` set to a number fixes the cell size instead
+    # (it must be a multiple of 16 too).
     mask_grid: int = 7
     mask_cell: int | None = None
     mask_ratio: float = 0.6
     speckle_fraction: float = 0.2  # share of masked cells that get x + x*N(0,1) instead of 0
-    optimizer: str = "adamw"
+    # What reconstructs the image: ``decoder`` = the whole TransUNet (the released code, the
+    # decoder is then thrown away); ``linear`` = SimMIM's light head, a 1x1 convolution from the
+    # encoder's tokens to the 16x16 pixels of each token (pixel shuffle), so the pretext task
+    # is solved by the encoder that fine-tuning keeps.
+    head: Literal["decoder", "linear"] = "decoder"
+    recipe: str = "default"  # the pretraining recipe (train/recipes.py): default | paper
+    optimizer: Optimizer = "adamw"
     lr: float = 5e-4
     weight_decay: float = 0.05
+    # False: no decay on norms, biases, position embeddings and tokens (the one optimizer rule);
+    # True: decay on every parameter (the released code).
+    decay_all_parameters: bool = False
     batch_size: int = 128
     epochs: int = 1200
 
     def cell_pixels(self, img_size: int) -> int:
         """Mask cell side in pixels at ``img_size``: ``mask_cell`` when set, else
-        ceil(img_size / mask_grid) (7x7 cells of 32 px at 224, of 19 px at 128)."""
+        ceil(img_size / mask_grid) rounded to the nearest multiple of the 16-px token (at least
+        one token): 32 px at 224, 16 px at 128 and at 64."""
         if self.mask_cell is not None:
-            return int(self.mask_cell)
+            cell = int(self.mask_cell)
+            if cell < TOKEN_PIXELS or cell % TOKEN_PIXELS:
+                raise ConfigError(f"mask_cell={cell} must be a multiple of the {TOKEN_PIXELS}-px token")
+            return cell
         if not 1 <= self.mask_grid <= img_size:
             raise ConfigError(f"mask_grid={self.mask_grid} must be in 1..img_size={img_size}")
-        return -(-int(img_size) // int(self.mask_grid))
+        natural = -(-int(img_size) // int(self.mask_grid))
+        return max(TOKEN_PIXELS, TOKEN_PIXELS * int(natural / TOKEN_PIXELS + 0.5))
 
 
 @dataclass
@@ -142,9 +182,19 @@ class ContrastiveConfig:
     flip_p: float = 0.5
     jitter: float = 0.4
     jitter_p: float = 0.8
-    optimizer: str = "adam"
+    # Probe-nuisance augmentation of each view (pocus_edge.data.datasets.ProbeNuisance: PSF-like
+    # blur, multiplicative speckle, gain, gamma), each step with this probability; 0 = the
+    # released code's views (crop, flip, jitter only). What differs between two probes is what
+    # the encoder should learn to ignore.
+    nuisance_p: float = 0.5
+    # BatchNorm in the projection head (Linear-BN-ReLU-Linear, as SimCLR's); False = the released
+    # code's Linear-ReLU-Linear.
+    projection_bn: bool = True
+    recipe: str = "default"  # the pretraining recipe (train/recipes.py): default | paper
+    optimizer: Optimizer = "adamw"
     lr: float = 1e-5
     weight_decay: float = 0.05
+    decay_all_parameters: bool = False  # True: the released code's L2 on every parameter
     batch_size: int = 512  # pairs per global batch (1024 views)
     epochs: int = 400
     # 0: batches drawn uniformly from the whole split (the released code). k > 0: each batch
@@ -162,7 +212,7 @@ class FinetuneConfig:
     """
 
     recipe: str = "default"
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     lr: float = 1e-4  # decoder and head; the encoder gets lr * encoder_lr_scale
     momentum: float = 0.9  # SGD only
     weight_decay: float = 0.05
@@ -174,9 +224,10 @@ class FinetuneConfig:
     decay_all_parameters: bool = False
     # Linear-probe-then-fine-tune: the encoder's lr is held at 0 for this many first steps.
     decoder_only_steps: int = 0
-    # Training-time augmentation of the labeled frames: none | intensity (probe-agnostic gain,
+    # Training-time augmentation of the labeled frames: none | standard (nnU-Net's scale and
+    # intensity ranges, the default recipe's, the same for every arm) | intensity (probe-agnostic gain,
     # gamma, blur, noise and black level; pocus_edge.data.transforms.IntensityAugment).
-    augment: str = "none"
+    augment: Augmentation = "none"
     batch_size: int = 512
     epochs: int = 200
 
@@ -195,7 +246,7 @@ class DistillConfig:
     """
 
     student: str = "mobilenetv3"  # a name of pocus_edge.models.students.STUDENTS
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     lr: float = 1e-3
     momentum: float = 0.9  # SGD only
     weight_decay: float = 0.05
@@ -211,7 +262,7 @@ class DistillConfig:
     # are not augmented, so they do not change); False runs the teacher on every batch.
     teacher_cache: bool = True
     # Augmentation of the labeled source frames: none | intensity (as fine-tuning's).
-    augment: str = "none"
+    augment: Augmentation = "none"
     batch_size: int = 512
     epochs: int = 200
 
@@ -221,7 +272,7 @@ class TrainConfig:
     """Engine settings shared by every stage."""
 
     seed: int = 0
-    schedule: str = "cosine"  # cosine | constant
+    schedule: Schedule = "cosine"
     warmup_epochs: int = 0
     # Warm-up as a share of the run's planned steps (the longer of this and warmup_epochs wins).
     warmup_fraction: float = 0.0
@@ -249,53 +300,63 @@ def _is_union(origin: Any) -> bool:
     return origin is typing.Union or origin is types.UnionType
 
 
-def _coerce(value: Any, annotation: Any, name: str) -> Any:
-    """Convert a YAML/CLI value to the field's annotated type."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if value is None:
-        if type(None) in args:
-            return None
-        raise ConfigError(f"{name}: None is not allowed")
+@functools.lru_cache(maxsize=None)
+def _adapter(cls: type, name: str) -> pydantic.TypeAdapter:
+    """The pydantic validator of field ``name`` of dataclass ``cls``."""
+    return pydantic.TypeAdapter(_field_types(cls)[name])
+
+
+def _type_name(annotation: Any) -> str:
+    """A field's type in words: ``float``, ``int or none``, ``one of cosine, constant``, ``tuple of int``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
     if _is_union(origin):
-        non_none = [a for a in args if a is not type(None)]
-        if isinstance(value, str) and value.strip().lower() in {"none", "null"} and type(None) in args:
-            return None
-        return _coerce(value, non_none[0], name)
+        return " or ".join("none" if a is type(None) else _type_name(a) for a in args)
     if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
-        elem = args[0] if args else Any
-        return tuple(_coerce(v, elem, name) for v in value)
-    try:
-        if annotation is bool:
-            if isinstance(value, str):
-                if value.lower() in {"1", "true", "yes", "on"}:
-                    return True
-                if value.lower() in {"0", "false", "no", "off"}:
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if annotation in (int, float, str):
-            if annotation is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return annotation(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: cannot read {value!r} as {annotation.__name__}") from None
+        return "tuple of " + (_type_name(args[0]) if args else "values")
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _prepare(value: Any, annotation: Any, name: str) -> Any:
+    """What pydantic cannot read on its own from a ``--set`` string or a YAML value: ``none`` /
+    ``null`` for an optional field, ``32,16,8`` or ``(0.5, 1.0)`` for a tuple; and a YAML boolean
+    given to a number field, which pydantic would take as 0 or 1, is refused."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    inner = [a for a in args if a is not type(None)] if _is_union(origin) else [annotation]
+    if isinstance(value, str):
+        if type(None) in args and value.strip().lower() in {"none", "null"}:
+            return None
+        if any(typing.get_origin(a) is tuple for a in inner):
+            return [v.strip() for v in value.strip("()[] ").split(",") if v.strip()]
+    if isinstance(value, bool) and bool not in inner and any(a in (int, float) for a in inner):
+        raise ConfigError(f"{name}: cannot read {value!r} as {_type_name(annotation)} (a boolean is not a number)")
     return value
+
+
+def _coerce(value: Any, cls: type, name: str) -> Any:
+    """Validate and type one value of field ``name`` of ``cls`` with pydantic; ConfigError (one
+    line naming the field) when it does not fit the field's annotation."""
+    annotation = _field_types(cls)[name]
+    prepared = _prepare(value, annotation, name)
+    try:
+        return _adapter(cls, name).validate_python(prepared)
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        where = "".join(f"[{i}]" for i in error["loc"] if isinstance(i, int))
+        raise ConfigError(f"{name}{where}: cannot read {value!r} as {_type_name(annotation)} ({error['msg']})") from None
 
 
 def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
     """Return a copy of dataclass ``cfg`` with ``overrides`` (field -> value) applied and typed."""
     known = {f.name for f in fields(cfg)}
-    types_of = _field_types(type(cfg))
     changes = {}
     for key, value in overrides.items():
         if key not in known:
             raise ConfigError(
                 f"unknown field {key!r} for {type(cfg).__name__}; known: {', '.join(sorted(known))}"
             )
-        changes[key] = _coerce(value, types_of[key], key)
+        changes[key] = _coerce(value, type(cfg), key)
     return dataclasses.replace(cfg, **changes)
 
 
@@ -345,4 +406,7 @@ def load_yaml(path: str | Path) -> Any:
     if not isinstance(data, dict) or data.get("kind") not in CONFIG_CLASSES:
         raise ConfigError(f"{p}: expected a mapping with 'kind' in {sorted(CONFIG_CLASSES)}")
     kind = data.pop("kind")
-    return from_dict(CONFIG_CLASSES[kind], data)
+    try:
+        return from_dict(CONFIG_CLASSES[kind], data)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None

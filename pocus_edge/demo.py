@@ -10,7 +10,9 @@ simulator, ending in ``DIR/report.md``.
 4. evaluate all on the TARGET test split, plus the entropy fusion of the two branches;
 5. export the fused two-branch graph to ONNX (fusion weights as extra outputs);
 6. stream one target test sweep through it from a TeleMED ``.tvd.h5`` recording (the B-mode
-   panel inside a larger screen frame, cropped by the recording's ROI);
+   panel inside a larger screen frame, cropped by the recording's ROI), the sweep played back to
+   back until the recording holds at least ``STREAM_MIN_FRAMES`` frames, so that its latency
+   percentiles rest on hundreds of frames;
 7. distil a phone-size student (``mobilenetv3``) from the two fine-tuned branches on the TARGET
    site's unlabeled training frames (plus the SOURCE labels), evaluate it on the TARGET test
    split, export it to ONNX and stream the same sweep through it;
@@ -20,8 +22,9 @@ Sites are never pooled: every training call reads exactly one site folder.
 
 Rerunnable: the settings are recorded in ``DIR/demo_settings.json``; a rerun with the same
 settings reuses the simulated data and every finished training stage (a stage killed midway
-continues exactly where it stopped) and redoes the quick steps after them. Other settings in
-the same folder are refused; ``fresh=True`` (``pocus-edge demo --fresh``) deletes the demo's
+continues exactly where it stopped) and redoes the quick steps after them; the report keeps the
+times the reused stages took when they ran (``DIR/stage_times.json``) and marks them reused.
+Other settings in the same folder are refused; ``fresh=True`` (``pocus-edge demo --fresh``) deletes the demo's
 own outputs first and starts over.
 """
 
@@ -29,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -75,9 +77,14 @@ DISPLAY_NAMES = {
 PAPER_TARGET_DSC = {"generative (MIM)": 0.7116, "contrastive (MT-NXent)": 0.7181, "fused (entropy)": 0.7221, "lower bound (source only)": 0.6605}
 SCREEN_BORDER = (16, 8)  # rows above, columns left of the B-mode panel in the simulated recording
 SETTINGS_FILE = "demo_settings.json"
+# Wall and CPU seconds of every finished stage, kept across reruns (a reused stage keeps its time).
+STAGE_TIMES_FILE = "stage_times.json"
 # Everything the demo writes into its folder (what --fresh deletes, and nothing else).
 DEMO_OUTPUTS = ("data", "runs", "eval", "export", "stream", "stream_student", "plots", "report.md", "report.json",
-                SETTINGS_FILE)
+                SETTINGS_FILE, STAGE_TIMES_FILE)
+# The streamed recording plays the target test sweep back to back until it holds at least this many
+# frames: p95 and p99 latency need hundreds of samples (a sweep of the demo data has a few dozen).
+STREAM_MIN_FRAMES = 300
 
 
 @dataclass
@@ -91,27 +98,66 @@ class DemoResult:
 
 
 class _Stages:
-    """Stage banners and wall/CPU time per stage."""
+    """Stage banners and wall/CPU time per stage. A stage whose every part an earlier run in this
+    folder did (``part(reused=True)``) keeps that run's times from ``record`` and is marked reused,
+    so a rerun's report does not show the near-zero time of loading a finished stage."""
 
-    def __init__(self, total: int, say: Callable[[str], None]):
+    def __init__(self, total: int, say: Callable[[str], None], record: Path | None = None):
         self.total = total
         self.say = say
         self.k = 0
         self.seconds: dict[str, float] = {}
         self.cpu_seconds: dict[str, float] = {}
+        self.reused: list[str] = []
+        self.record = record
+        self.earlier = _read_stage_times(record)
+        self._parts: list[bool] = []
+
+    def part(self, reused: bool) -> None:
+        """Inside a stage: one piece of its work was (``reused``) or was not done by an earlier run."""
+        self._parts.append(reused)
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
         self.k += 1
         self.say(f"[{self.k}/{self.total}] {name}")
+        self._parts = []
         t0, c0 = time.perf_counter(), _cpu_seconds()
         out = fn()
-        self.seconds[name] = round(time.perf_counter() - t0, 1)
-        self.cpu_seconds[name] = round(_cpu_seconds() - c0, 1)
-        self.say(f"      done in {self.seconds[name]:.0f} s")
+        wall, cpu = round(time.perf_counter() - t0, 1), round(_cpu_seconds() - c0, 1)
+        reused = bool(self._parts) and all(self._parts)
+        if reused:
+            self.reused.append(name)
+            earlier = self.earlier.get(name, {})
+            wall, cpu = earlier.get("wall_s", wall), earlier.get("cpu_s", cpu)
+        self.seconds[name], self.cpu_seconds[name] = wall, cpu
+        self._save()
+        self.say(f"      reused (ran in {wall:.0f} s)" if reused else f"      done in {wall:.0f} s")
         return out
+
+    def _save(self) -> None:
+        if self.record is None:
+            return
+        from .io import write_json_atomic
+
+        times = {**self.earlier, **{n: {"wall_s": self.seconds[n], "cpu_s": self.cpu_seconds[n]} for n in self.seconds}}
+        write_json_atomic(self.record, times)
+
+
+def _read_stage_times(path: Path | None) -> dict[str, dict[str, float]]:
+    try:
+        data = json.loads(path.read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (Windows, without ``resource``:
+    this process only)."""
+    try:
+        import resource
+    except ImportError:
+        return time.process_time()
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
@@ -178,9 +224,9 @@ def run_demo(
     """Run the whole demo into ``out``; returns where the report is and its headline numbers.
     A rerun with the same settings reuses the data and the finished training stages in ``out``;
     ``fresh`` starts over. ``max_steps`` caps every training stage (smoke tests)."""
+    from .data.layout import MANIFEST, load_site
     from .data.phantom import PRESETS as SIM_PRESETS
     from .data.phantom import simulate
-    from .data.layout import MANIFEST, load_site
     from .train import distill, evaluate, finetune, pretrain_contrastive, pretrain_mim
     from .train.engine import CHECKPOINT
 
@@ -198,7 +244,7 @@ def run_demo(
     _prepare_folder(out, settings, fresh=fresh, say=say)
     data, runs = out / "data", out / "runs"
     schedule = SCHEDULES["quick" if quick else "full"]
-    stages = _Stages(11, say)
+    stages = _Stages(11, say, record=out / STAGE_TIMES_FILE)
     t_start, c_start = time.perf_counter(), _cpu_seconds()
     # preload: the demo sites are small, so decoding every PNG once saves a few seconds per epoch.
     common = dict(preset=preset, seed=seed, progress=progress, tensorboard=False, device=device, preload=True,
@@ -212,6 +258,7 @@ def run_demo(
         if (stamp.is_file() and json.loads(stamp.read_text()) == {"preset": data_preset, "seed": seed}
                 and (data / "source" / MANIFEST).is_file() and (data / "target" / MANIFEST).is_file()):
             say(f"      reusing {data}")
+            stages.part(reused=True)
             return
         simulate(data, preset=data_preset, seed=seed, overwrite=True, progress=progress)
         from .io import write_json_atomic
@@ -226,7 +273,9 @@ def run_demo(
         resume = (run_dir / CHECKPOINT).is_file()
         if resume:
             say(f"      reusing {run_dir}")
-        return _with_last_loss(fn(site, run_dir, resume=resume, **kw, **common))
+        result = fn(site, run_dir, resume=resume, **kw, **common)
+        stages.part(reused=resume and not _finite(result.last_loss))  # a finished run makes no step
+        return _with_last_loss(result)
 
     mim = stages.run("pretrain the generative branch (MIM) on unlabeled TARGET frames",
                      lambda: train(pretrain_mim, target, runs / "pretrain_mim", max_steps=steps("mim")))
@@ -264,8 +313,10 @@ def run_demo(
     onnx_path = stages.run("export the fused two-branch graph to ONNX", do_export)
     recording = out / "stream" / "target_test_sweep.tvd.h5"
 
+    sweep: dict[str, int] = {}
+
     def do_stream():
-        _write_sweep_recording(load_site(target), recording)
+        sweep.update(_write_sweep_recording(load_site(target), recording))
         return _stream(recording, onnx_path, out / "stream", threads=threads, progress=progress)
 
     stream_report, latency, overlays = stages.run("stream a TARGET test sweep (.tvd.h5) through the ONNX graph", do_stream)
@@ -297,7 +348,8 @@ def run_demo(
                   "fine-tune contrastive": ft_con, "lower bound": lower, "distil student": student},
             evals=(ev_branches, ev_lower, ev_student), stream_report=stream_report, latency=latency, overlays=overlays,
             student_stream=student_stream, student_onnx=student_onnx,
-            onnx_path=onnx_path, recording=recording, stages=stages, total_s=total_s, total_cpu=total_cpu,
+            onnx_path=onnx_path, recording=recording, sweep=sweep, stages=stages, total_s=total_s,
+            total_cpu=total_cpu,
         )
 
     report_md, accuracy = stages.run("write the report", do_report)
@@ -309,10 +361,12 @@ def run_demo(
 # Streaming part
 
 
-def _write_sweep_recording(site, path: Path) -> Path:
+def _write_sweep_recording(site, path: Path, min_frames: int = STREAM_MIN_FRAMES) -> dict[str, int]:
     """The longest target test video (labeled and unlabeled frames, in order) as a TeleMED
     ``.tvd.h5``: each frame is placed inside a larger 'screen' with the B-mode panel at an
-    offset, and the ROI attributes point at the panel, as the probe's software records it."""
+    offset, and the ROI attributes point at the panel, as the probe's software records it. The
+    sweep is played back to back (timestamps running on) until the recording holds at least
+    ``min_frames`` frames. Returns ``{"sweep_frames", "passes", "frames"}``."""
     from .runtime.sources import write_tvd_h5
 
     test_videos = {r.videoname for r in site.records if r.split == "test"}
@@ -335,14 +389,19 @@ def _write_sweep_recording(site, path: Path) -> Path:
         screen[k, top : top + h, left : left + w] = f
     # The cine loop's frame number at ~30 frames per second gives the acquisition time.
     times = np.array([r.framenum * 1000.0 / 30.0 for r, _ in keep], dtype=np.float64)
+    passes = max(1, -(-int(min_frames) // len(keep)))
+    period = float(times[-1] - times[0]) + 1000.0 / 30.0  # the next pass starts one frame after the last
+    screen = np.concatenate([screen] * passes)
+    times = np.concatenate([times + k * period for k in range(passes)])
     roi = (left + 1, left + w, top + 1, top + h)  # 1-based, inclusive
-    return write_tvd_h5(path, screen, times, roi=roi)
+    write_tvd_h5(path, screen, times, roi=roi)
+    return {"sweep_frames": len(keep), "passes": passes, "frames": len(screen)}
 
 
 def _stream(recording: Path, onnx_path: Path, out: Path, *, threads: int | None, progress: bool):
     from .inference import open_backend
     from .runtime.overlay import render_overlay, save_overlay_png
-    from .runtime.pipeline import CallbackSink, OverlayVideoSink, MaskFileSink, StreamOptions, run_stream
+    from .runtime.pipeline import CallbackSink, MaskFileSink, OverlayVideoSink, StreamOptions, run_stream
     from .runtime.sources import TvdH5Source
     from .runtime.stats import RunStats
 
@@ -561,7 +620,7 @@ def _difference_lines(differences: dict[str, dict[str, Any]], display: dict[str,
 
 
 def _write_report(out: Path, *, data_preset, preset, quick, seed, schedule, runs, evals, stream_report, latency,
-                  overlays, onnx_path, recording, stages, total_s, total_cpu, student_stream, student_onnx):
+                  overlays, onnx_path, recording, sweep, stages, total_s, total_cpu, student_stream, student_onnx):
     import datetime as _dt
     import platform
 
@@ -579,7 +638,9 @@ def _write_report(out: Path, *, data_preset, preset, quick, seed, schedule, runs
         "",
         f"Generated {_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()} on "
         f"{platform.machine()} ({platform.processor() or 'cpu'}), data preset `{data_preset}`, model preset `{preset}`"
-        f"{' (quick schedule)' if quick else ''}, seed {seed}. Total {total_s / 60:.1f} min wall, {total_cpu / 60:.1f} min CPU.",
+        f"{' (quick schedule)' if quick else ''}, seed {seed}. This run: {total_s / 60:.1f} min wall, {total_cpu / 60:.1f} min CPU"
+        + (f" ({len(stages.reused)} stages reused from an earlier run; 'Time per stage' gives their own times)."
+           if stages.reused else "."),
         "",
         "Simulated data (bundled phantom): the SOURCE probe (Lumify-like) is fully labeled; the TARGET probe "
         "(TeleMED-like) has no training labels. Both branches were pretrained on unlabeled TARGET frames, "
@@ -590,11 +651,18 @@ def _write_report(out: Path, *, data_preset, preset, quick, seed, schedule, runs
         "| model | n | Dice (mean ± sd) | IoU (mean ± sd) | paper DSC (real data, full training) |",
         "|---|---|---|---|---|",
     ]
+    untrained = {n for ev in (ev_branches, ev_lower, ev_student) if ev is not None
+                 for n, flag in getattr(ev, "did_not_train", {}).items() if flag}
     for n in names:
         s = summaries[n]
         paper = PAPER_TARGET_DSC.get(display[n])
-        lines.append(f"| {display[n]} | {s.n} | {s.dice_mean:.4f} ± {s.dice_std:.4f} | {s.iou_mean:.4f} ± {s.iou_std:.4f} | "
-                     f"{paper:.4f} |" if paper is not None else f"| {display[n]} | {s.n} | {s.dice_mean:.4f} ± {s.dice_std:.4f} | {s.iou_mean:.4f} ± {s.iou_std:.4f} | - |")
+        label = display[n] + (" **(did not train)**" if n in untrained else "")
+        lines.append(f"| {label} | {s.n} | {s.dice_mean:.4f} ± {s.dice_std:.4f} | {s.iou_mean:.4f} ± {s.iou_std:.4f} | "
+                     + (f"{paper:.4f} |" if paper is not None else "- |"))
+    if untrained:
+        lines += ["", "**Did not train:** " + ", ".join(display.get(n, n) for n in sorted(untrained)) + ": source-validation "
+                  "Dice below 0.1 at the first validation (the flag in its model card). Such a model predicts (almost) "
+                  "empty masks; its row says nothing about the method. Run the demo with another `--seed`."]
     differences = _differences_to_lower(ev_branches, ev_lower)
     lines += _difference_lines(differences, display, runs["contrastive pretraining"], schedule)
     student_lines, student_record = _student_lines(ev_branches, ev_student, stream_report, student_stream,
@@ -610,7 +678,8 @@ def _write_report(out: Path, *, data_preset, preset, quick, seed, schedule, runs
     r = stream_report
     lat, st = r["latency_ms"], r["stages_ms"]
     lines += [
-        f"One target test sweep ({r['frames_in']} frames, `{_rel(recording, out)}`, ROI-cropped) streamed offline "
+        f"One target test sweep of {sweep.get('sweep_frames', '?')} frames, played {sweep.get('passes', '?')} times back to "
+        f"back ({r['frames_in']} frames, `{_rel(recording, out)}`, ROI-cropped), streamed offline "
         f"through `{_rel(onnx_path, out)}` with `{r['backend']}` ({r['precision']}, {r['device']}), batch 1:",
         "",
         "| frames in / processed / dropped / invalid | FPS | end-to-end latency p50 / p95 / p99 (ms) | GFLOPs per frame |",
@@ -657,7 +726,11 @@ def _write_report(out: Path, *, data_preset, preset, quick, seed, schedule, runs
         lines.append(f"| {name} | {res.global_step} | {res.epochs_done} | {res.last_loss:.4f}{chance} | {best} |")
     lines += ["", "## Time per stage", "", "| stage | wall (s) | CPU (s) |", "|---|---|---|"]
     for name, sec in stages.seconds.items():
-        lines.append(f"| {name} | {sec:.0f} | {stages.cpu_seconds.get(name, float('nan')):.0f} |")
+        mark = " (reused)" if name in stages.reused else ""
+        lines.append(f"| {name}{mark} | {sec:.0f} | {stages.cpu_seconds.get(name, float('nan')):.0f} |")
+    if stages.reused:
+        lines += ["", "*(reused)*: done by an earlier run in this folder and reused by this one; the times are those "
+                  "of the run that did the stage."]
     lines += ["", f"Reproduce: `pocus-edge demo --out {out} --data-preset {data_preset} --preset {preset}{' --quick' if quick else ''}`", ""]
     report_md = write_text_atomic(out / "report.md", "\n".join(lines))
     from .io import write_json_atomic
@@ -665,7 +738,8 @@ def _write_report(out: Path, *, data_preset, preset, quick, seed, schedule, runs
     write_json_atomic(out / "report.json", {
         "accuracy": accuracy, "differences_to_lower_bound": {display[k]: v for k, v in differences.items()},
         "recipe": DEMO_RECIPE, "stream": stream_report, "student": student_record, "stage_seconds": stages.seconds,
-        "stage_cpu_seconds": stages.cpu_seconds, "total_seconds": round(total_s, 1), "schedule": schedule,
+        "stage_cpu_seconds": stages.cpu_seconds, "stages_reused": stages.reused, "total_seconds": round(total_s, 1),
+        "stream_sweep": sweep, "schedule": schedule,
         "data_preset": data_preset, "preset": preset, "quick": quick, "seed": seed,
     })
     return report_md, accuracy

@@ -3,7 +3,7 @@
 The core install streams and benchmarks exported models; training, export, DICOM, TensorRT,
 OpenVINO, Core ML and OpenIGTLink come with extras (``pip install 'pocus-edge[train]'``). Library code
 simply imports what it needs where it needs it; when that import fails for a module an extra
-provides, the CLI turns the ``ModuleNotFoundError`` into one line naming the extra (exit 2)
+provides, the CLI turns the ``ModuleNotFoundError`` into one line naming the extra (exit 3)
 with :func:`missing_extra`.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from .errors import PocusError
+from .errors import ExitCode, PocusError
 
 # Top-level module -> the extra that installs it (pyproject.toml, [project.optional-dependencies]).
 EXTRA_OF_MODULE: dict[str, str] = {
@@ -35,11 +35,15 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "nncf": "openvino",
     "coremltools": "coreml",
     "pyigtl": "igtl",
+    "aiohttp": "serve",
 }
 
 
 class MissingExtra(PocusError):
-    """A feature needs an optional dependency that is not installed."""
+    """A feature needs an optional dependency that is not installed (exit 3, like a missing
+    toolchain: the command cannot run on this install, the input was fine)."""
+
+    exit_code = ExitCode.UNAVAILABLE
 
     def __init__(self, module: str, extra: str, what: str | None = None):
         self.module, self.extra = module, extra

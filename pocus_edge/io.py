@@ -14,7 +14,8 @@
   :func:`staging_dir` gives commands a scratch folder with the same guarantees.
 * Write errors (read-only file system, permission denied, disk full) raise
   :class:`~pocus_edge.errors.OutputError`: one line naming the output, exit code 2.
-* :func:`read_json`: the one JSON reader whose errors name the file.
+* :func:`read_json`: the one JSON reader whose errors name the file; :func:`sha256_file`: the
+  one file hash (data provenance in the model cards, checkpoint and artifact checks).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -437,3 +439,12 @@ def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> Any:
         raise DataError(f"{p}: {what} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except UnicodeDecodeError:
         raise DataError(f"{p}: {what} is not UTF-8 text") from None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mt_nxent", "mt_nxent_mask", "mt_nxent_mask_stats", "dice_bce", "bce_per_pixel", "masked_l1"]
+__all__ = ["mt_nxent", "mt_nxent_mask", "mt_nxent_mask_stats", "positive_retrieval", "dice_bce", "bce_per_pixel", "masked_l1"]
 
 # The released code's fill value for masked similarities: exp(-9e15 - max) is exactly 0.
 _MASKED_LOGIT = -9e15
@@ -86,6 +86,19 @@ def mt_nxent(
     logits = logits.masked_fill(mask, fill)
     rows = torch.arange(2 * batch, device=z.device)
     return F.cross_entropy(logits, (rows + batch) % (2 * batch))
+
+
+@torch.no_grad()
+def positive_retrieval(z1: torch.Tensor, z2: torch.Tensor, mask: torch.Tensor) -> float:
+    """Share of the 2B rows whose most similar unmasked candidate (``mask`` from
+    :func:`mt_nxent_mask`) is their positive (the other view of the same frame): 1/(2B - 1) for an
+    encoder that cannot tell frames apart, 1 for one that always finds the pair. Logged next to
+    the MT-NXent loss, it says in plain terms how far the contrastive task is solved."""
+    batch = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2], dim=0).float(), dim=1)
+    similarity = (z @ z.T).masked_fill(mask.to(z.device), float("-inf"))
+    rows = torch.arange(2 * batch, device=z.device)
+    return float((similarity.argmax(dim=1) == (rows + batch) % (2 * batch)).float().mean())
 
 
 def dice_bce(prob: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:

@@ -104,14 +104,19 @@ def summarize(dice: np.ndarray, iou: np.ndarray) -> Summary:
 
 
 def surface_distances_per_image(prediction, target, *, threshold: float | None = THRESHOLD,
-                                percentile: float = 95.0) -> tuple[np.ndarray, np.ndarray]:
+                                percentile: float = 95.0, empty: str = "nan") -> tuple[np.ndarray, np.ndarray]:
     """Per-image HD95 and average (symmetric) surface distance in pixels, by MONAI's metrics.
 
     Boundaries are the mask pixels with a background 4-neighbour (MONAI's edges by binary
     erosion); HD95 = max of the two directed 95th-percentile distances between the boundaries,
     ASD = mean of both directions' distances pooled. An image where the prediction or the truth is
-    empty has no boundary to measure: NaN (report how many).
+    empty has no boundary to measure: ``empty="nan"`` gives NaN (report how many);
+    ``empty="diagonal"`` gives the image diagonal (the worst distance the frame allows) when
+    exactly one of the two is empty and 0 when both are, so a model that misses the bone is
+    penalized instead of silently left out of the mean.
     """
+    if empty not in ("nan", "diagonal"):
+        raise ValueError(f"empty must be 'nan' or 'diagonal', got {empty!r}")
     import torch
     from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
@@ -130,6 +135,12 @@ def surface_distances_per_image(prediction, target, *, threshold: float | None =
                                                   percentile=percentile).numpy()[:, 0]
             asd[both] = compute_average_surface_distance(pred_t[both], true_t[both], include_background=True,
                                                          symmetric=True).numpy()[:, 0]
+    if empty == "diagonal":
+        one_empty = pred.any(axis=1) != true.any(axis=1)
+        none = ~pred.any(axis=1) & ~true.any(axis=1)
+        diagonal = float(np.hypot(*side))
+        hd[one_empty] = asd[one_empty] = diagonal
+        hd[none] = asd[none] = 0.0
     return hd, asd
 
 
@@ -193,6 +204,97 @@ def percentile_interval(draws: np.ndarray, alpha: float = 0.05) -> tuple[float, 
         return float("nan"), float("nan")
     low, high = np.percentile(draws, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(low), float(high)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference over training seeds (the unit of replication)
+
+
+def sign_flip_p_value(differences, *, max_exact: int = 20, draws: int = 200_000, seed: int = 0) -> float:
+    """Two-sided exact sign-flip (paired permutation) test of "the mean paired difference is 0"
+    over per-seed differences: under the null each seed's difference is as likely negative as
+    positive, so the observed |mean| is compared with the |mean| of every one of the 2^n sign
+    patterns (Monte Carlo with ``draws`` patterns beyond ``max_exact`` seeds). The smallest
+    p-value n seeds can give is 2 / 2^n (0.25 at 3 seeds, 0.0625 at 5): with fewer than 6 seeds
+    no result reaches 0.05, whatever the effect."""
+    d = np.asarray(differences, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    n = d.size
+    if n == 0:
+        return 1.0
+    observed = abs(d.mean())
+    tol = 1e-12 * max(1.0, float(np.abs(d).max()))
+    if n <= max_exact:
+        signs = 1.0 - 2.0 * ((np.arange(2**n)[:, None] >> np.arange(n)[None, :]) & 1)
+        means = np.abs(signs @ d) / n
+        return float(np.mean(means >= observed - tol))
+    rng = np.random.default_rng(seed)
+    signs = rng.choice([-1.0, 1.0], size=(draws, n))
+    means = np.abs(signs @ d) / n
+    return float((np.sum(means >= observed - tol) + 1) / (draws + 1))
+
+
+def t_interval(differences, alpha: float = 0.05) -> tuple[float, float]:
+    """The 1 - alpha Student-t interval of the mean of per-seed differences (scipy.stats.t);
+    NaN with fewer than 2 seeds."""
+    from scipy import stats
+
+    d = np.asarray(differences, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if d.size < 2:
+        return float("nan"), float("nan")
+    half = float(stats.t.ppf(1 - alpha / 2, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size))
+    return float(d.mean() - half), float(d.mean() + half)
+
+
+def minimal_detectable_effect(sd: float, n: int, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean paired difference a two-sided test at ``alpha`` over ``n`` seeds
+    detects with probability ``power``, for a per-seed SD of the paired difference ``sd``:
+    (t_{1-alpha/2, n-1} + t_{power, n-1}) x sd / sqrt(n) (the paired t-test's normal-shift
+    approximation). Infinite where the exact sign-flip test cannot reach ``alpha`` at all
+    (2 / 2^n > alpha: fewer than 6 seeds at 0.05) or with fewer than 2 seeds."""
+    from scipy import stats
+
+    if n < 2 or 2.0 ** (1 - n) > alpha or not np.isfinite(sd):
+        return float("inf")
+    return float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / np.sqrt(n))
+
+
+def seeds_needed(effect: float, sd: float, *, alpha: float = 0.05, power: float = 0.8, limit: int = 100_000) -> int | None:
+    """The fewest seeds whose :func:`minimal_detectable_effect` is <= ``effect`` (None beyond ``limit``)."""
+    if effect <= 0 or not np.isfinite(sd):
+        return None
+    floor = next(n for n in range(2, 64) if 2.0 / 2**n <= alpha)  # the exact test's own minimum
+    if sd == 0:
+        return floor
+
+    def detects(n: int) -> bool:
+        return minimal_detectable_effect(sd, n, alpha=alpha, power=power) <= effect
+
+    high = floor
+    while not detects(high):  # MDE falls with n: double, then bisect
+        if high > limit:
+            return None
+        high *= 2
+    low = max(floor, high // 2)
+    if detects(low):
+        return low
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if detects(mid) else (mid, high)
+    return high
+
+
+def seed_verdict(mean_difference: float, interval: tuple[float, float], p_value: float, *, alpha: float = 0.05,
+                 min_effect: float = 0.02) -> str:
+    """The seed-level verdict: ``helps`` only if the test's p <= alpha, the t-interval's lower end
+    is > 0 and the gain is >= ``min_effect``; ``hurts`` symmetrically; else ``inconclusive``."""
+    low, high = interval
+    if p_value <= alpha and np.isfinite(low) and low > 0 and mean_difference >= min_effect:
+        return "helps"
+    if p_value <= alpha and np.isfinite(high) and high < 0 and mean_difference <= -min_effect:
+        return "hurts"
+    return "inconclusive"
 
 
 def verdict(mean_difference: float, interval: tuple[float, float], p_holm: float, *, alpha: float = 0.05,

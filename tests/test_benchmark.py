@@ -282,7 +282,7 @@ def test_compare_cli_and_bad_input(tmp_path, capsys):
     a.write_text(json.dumps(_hand_report("Intel Xeon", [("fused-fp32", "fp32", {1: 4.0})])))
     b.write_text(json.dumps(_hand_report("NVIDIA L40S", [("fused-fp32", "fp32", {1: 30.0})], tf32=True)))
     out = tmp_path / "cmp.json"
-    assert main(["benchmark", "compare", str(a), str(b), "--json", str(out)]) == 0
+    assert main(["benchmark", "compare", str(a), str(b), "--report", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "7.50x" in printed and "NVIDIA L40S" in printed
     saved = json.loads(out.read_text())

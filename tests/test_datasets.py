@@ -96,7 +96,8 @@ def test_contrastive_pairs_seeded_and_carry_ids(site):
 
 def test_contrastive_transform_follows_config(site):
     # No crop change, no flip, no jitter: the views are the preprocessed frame itself.
-    cfg = dataclasses.replace(ContrastiveConfig(), crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0)
+    cfg = dataclasses.replace(ContrastiveConfig(), crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0,
+                              nuisance_p=0.0)
     data = ds.ContrastivePairDataset(site, site.records, SIZE, cfg)
     v1, v2, _, _ = data[2]
     ref = torch.from_numpy(preprocess_frame(site.read_image(site.records[2]), SIZE))
@@ -105,6 +106,54 @@ def test_contrastive_transform_follows_config(site):
     cfg_flip = dataclasses.replace(cfg, flip_p=1.0)
     v1f, _, _, _ = ds.ContrastivePairDataset(site, site.records, SIZE, cfg_flip)[2]
     assert torch.allclose(v1f, ref.flip(-1), atol=1e-6)
+
+
+def test_probe_nuisance_views_blur_speckle_and_rescale_the_frame(site):
+    # Every nuisance step on: the view is no longer the frame, stays in [0, 1], is reproducible
+    # from the sample's seed, and each step alone does what it says.
+    cfg = dataclasses.replace(ContrastiveConfig(), crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0,
+                              nuisance_p=1.0)
+    data = ds.ContrastivePairDataset(site, site.records, SIZE, cfg)
+    v1, v2, _, _ = data[2]
+    ref = torch.from_numpy(preprocess_frame(site.read_image(site.records[2]), SIZE))
+    assert not torch.allclose(v1, ref, atol=1e-3) and not torch.allclose(v1, v2, atol=1e-3)
+    assert float(v1.min()) >= 0.0 and float(v1.max()) <= 1.0
+    again = ds.ContrastivePairDataset(site, site.records, SIZE, cfg)[2]
+    assert torch.equal(again[0], v1) and torch.equal(again[1], v2)
+    nuisance = ds.ProbeNuisance(1.0)
+    step = torch.zeros(1, 9, 9)
+    step[:, :, 4:] = 0.8
+    ramp = torch.linspace(0.05, 0.95, 81).reshape(1, 9, 9).expand(3, -1, -1).clone()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        out = nuisance(step.expand(3, -1, -1).clone())
+        torch.manual_seed(1)
+        out_ramp = nuisance(ramp)
+    # Blur spreads the edge into the dark half; every channel gets the same (gray) result.
+    assert float(out[0, 4, 3]) > 0.0
+    assert torch.allclose(out[0], out[1], atol=1e-6) and torch.allclose(out[1], out[2], atol=1e-6)
+    assert not torch.allclose(out_ramp, ramp, atol=1e-3)
+
+
+def test_standard_augmentation_moves_the_mask_with_the_frame():
+    from pocus_edge.data.transforms import StandardAugment
+
+    aug = StandardAugment()
+    aug.P = {**aug.P, "scale": 1.0, "noise": 0.0, "blur": 0.0, "brightness": 0.0, "contrast": 0.0, "gamma": 0.0}
+    mask = np.zeros((64, 64), np.float32)
+    mask[20:28, 10:50] = 1.0
+    frame = mask * 0.9
+    changed = 0
+    for seed in range(12):
+        gray, moved = aug(frame, mask, np.random.default_rng(seed))
+        assert set(np.unique(moved)) <= {0.0, 1.0}
+        # A frame that IS its mask stays its mask after the shared geometric step (bilinear edges aside).
+        assert np.mean((gray > 0.45) == (moved > 0.5)) > 0.98
+        changed += int(moved.sum() != mask.sum())
+    assert changed >= 10  # the scale really changes the geometry
+    a = aug(frame, mask, np.random.default_rng(3))
+    b = aug(frame, mask, np.random.default_rng(3))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
 def test_intensity_augmentation_changes_intensities_only_and_is_seeded(site):

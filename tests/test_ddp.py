@@ -99,7 +99,10 @@ def test_two_process_gloo_equals_single_process(tiny_sites, tmp_path):
         # near-zero L1 residuals): allow 1e-3 of the training update, far below what a wrong
         # reduction (per-process BN statistics, per-process Dice or negatives) produces.
         assert update > 1e-3, stage
-        assert gap < 1e-3 * update, (stage, gap, update)
+        # The contrastive projection head's BatchNorm divides by the SD of 32 views per feature,
+        # which amplifies that noise: 3e-3 there. Per-process statistics instead of global ones
+        # move its loss by ~2 % (the losses above agree to 1e-5).
+        assert gap < (3e-3 if stage == "con" else 1e-3) * update, (stage, gap, update)
     # The contrastive run's temporal masking mattered: its first loss differs from plain NT-Xent's.
     from pocus_edge.train import pretrain_contrastive
 

@@ -41,7 +41,10 @@ def test_demo_writes_a_consistent_report(demo_run):
     for name, summary in evaluated.items():
         shown = result.accuracy[DISPLAY_NAMES[name]]
         assert shown["dice"] == pytest.approx(summary["dice_mean"], abs=1e-9)
-        assert f"| {DISPLAY_NAMES[name]} | {summary['n']} | {summary['dice_mean']:.4f}" in text
+        flag = " **(did not train)**" if summary.get("did_not_train") else ""  # the model card's flag
+        assert f"| {DISPLAY_NAMES[name]}{flag} | {summary['n']} | {summary['dice_mean']:.4f}" in text
+    flagged = [n for n, summary in evaluated.items() if summary.get("did_not_train")]
+    assert ("**Did not train:**" in text) is bool(flagged)
     # Every picture the report links exists and is a readable PNG.
     links = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
     assert len(links) >= 6
@@ -136,8 +139,9 @@ def test_demo_distils_a_student_and_reports_it_next_to_the_fused_model(demo_run)
     difference to the fused teacher are the evaluator's and the stream's own figures."""
     import csv
 
-    from pocus_edge.data.layout import load_site, sha256_file
+    from pocus_edge.data.layout import load_site
     from pocus_edge.export.onnx import read_onnx_card
+    from pocus_edge.io import sha256_file
     from pocus_edge.models.weights import read_checkpoint
 
     out, result, _ = demo_run
@@ -173,6 +177,56 @@ def test_demo_distils_a_student_and_reports_it_next_to_the_fused_model(demo_run)
     assert f"| fused (entropy) teacher | {row['teacher_dice']:.4f} | {row['teacher_fps']:.1f} |" in text
 
 
+def test_the_streamed_recording_loops_the_sweep_to_hundreds_of_frames(tmp_path):
+    """Quick: the recording plays the longest test sweep back to back, frames and ROI crop intact,
+    timestamps strictly increasing across passes, until it holds STREAM_MIN_FRAMES frames."""
+    from pocus_edge.data.layout import FrameRecord, SiteWriter, load_site
+    from pocus_edge.demo import STREAM_MIN_FRAMES, _write_sweep_recording
+    from pocus_edge.runtime.sources import TvdH5Source
+
+    writer = SiteWriter(tmp_path / "site")
+    rng = np.random.default_rng(0)
+    for video, n in (("P1_a", 7), ("P1_b", 4)):  # the 7-frame video is the longest test sweep
+        for f in range(n):
+            writer.add(FrameRecord(f"{video}_{f}.png", video, 2 * f, patient="P1", split="test"),
+                       rng.integers(0, 256, (12, 16), dtype=np.uint8), None)
+    site = writer.close()
+    site = load_site(site.root)
+    info = _write_sweep_recording(site, tmp_path / "sweep.tvd.h5")
+    assert STREAM_MIN_FRAMES >= 300
+    assert info == {"sweep_frames": 7, "passes": -(-STREAM_MIN_FRAMES // 7), "frames": 7 * -(-STREAM_MIN_FRAMES // 7)}
+    sweep = [site.read_image(r) for r in sorted((r for r in site.records if r.videoname == "P1_a"),
+                                                key=lambda r: r.framenum)]
+    with TvdH5Source(tmp_path / "sweep.tvd.h5") as src:
+        frames = list(src)
+    assert len(frames) == info["frames"] >= STREAM_MIN_FRAMES
+    for i, item in enumerate(frames):
+        assert np.array_equal(item[0], sweep[i % 7]), i
+    stamps = [item[1] for item in frames]
+    assert all(b > a for a, b in zip(stamps, stamps[1:])), "time runs on across passes"
+
+
+def test_a_reused_stage_keeps_the_time_it_took_when_it_ran(tmp_path):
+    """Quick: a stage whose every part an earlier run did keeps that run's times and is marked
+    reused; a stage with any new work is timed anew."""
+    from pocus_edge.demo import _Stages
+
+    record = tmp_path / "stage_times.json"
+    first = _Stages(3, lambda m: None, record=record)
+    first.run("train", lambda: first.part(reused=False))
+    first.run("export", lambda: None)
+    first.seconds["train"] = 123.0  # as if training had taken two minutes
+    first._save()
+    second = _Stages(3, lambda m: None, record=record)
+    second.run("train", lambda: (second.part(reused=True), second.part(reused=True)))
+    second.run("export", lambda: None)
+    assert second.reused == ["train"] and second.seconds["train"] == 123.0
+    third = _Stages(3, lambda m: None, record=record)
+    third.run("train", lambda: (third.part(reused=True), third.part(reused=False)))  # one run continued
+    assert third.reused == [] and third.seconds["train"] < 123.0
+    assert json.loads(record.read_text())["export"]["wall_s"] == second.seconds["export"]
+
+
 # Keep these last: they rerun the demo in the shared folder.
 
 
@@ -197,6 +251,12 @@ def test_a_rerun_reuses_every_finished_stage_and_gives_the_same_report(demo_run)
     assert second.accuracy == first.accuracy
     text = second.report_md.read_text()
     assert "| nan |" not in text and " nan " not in text  # a reused run still reports its last loss
+    # The stage table keeps the first run's times of the reused stages, and says they were reused.
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["stages_reused"]) == 6  # simulate, two pretrainings, fine-tuning, lower bound, distillation
+    for name in report["stages_reused"]:
+        assert second.stage_seconds[name] == first.stage_seconds[name], name
+        assert f"| {name} (reused) |" in text
 
 
 def test_other_settings_are_refused_with_an_option_the_demo_has(demo_run, tmp_path):

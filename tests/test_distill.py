@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from pocus_edge.cli import main
-from pocus_edge.data.layout import load_site, sha256_file
+from pocus_edge.data.layout import load_site
 from pocus_edge.errors import CheckpointError, TrainingError
+from pocus_edge.io import sha256_file
 from pocus_edge.models.weights import build_segmenter, read_checkpoint
 from pocus_edge.train import distill, finetune, pretrain_contrastive, pretrain_mim
 
@@ -89,10 +90,10 @@ def test_card_records_both_teachers_and_the_data(distilled, teachers):
 def test_teacher_targets_are_the_entropy_fusion_of_the_two_branches(teachers):
     """The cached soft masks and confidences equal an independent computation with the fusion
     function, and the uncached path gives the same."""
+    from pocus_edge.config import model_preset
     from pocus_edge.data.datasets import UnlabeledImageDataset
     from pocus_edge.models.fusion import confidence, fuse, normalize_confidence
     from pocus_edge.train.distill import TeacherTargets, load_teacher
-    from pocus_edge.config import model_preset
 
     site = load_site(teachers["target"])
     images = UnlabeledImageDataset(site, site.select("train")[:40], 64)
@@ -207,7 +208,7 @@ def test_student_exports_to_onnx_and_streams(distilled, teachers, tmp_path, caps
     capsys.readouterr()
     report_path = tmp_path / "stream.json"
     assert main(["stream", str(recording), "--model", str(onnx_path), "--report", str(report_path), "--no-drop",
-                 "-q"]) == 0
+                 "--no-progress"]) == 0
     report = json.loads(report_path.read_text())
     assert report["frames_processed"] == len(frames) and report["backend"] == "ort"
     assert report["gflops_per_frame"] == pytest.approx(distilled.card["gflops_per_frame"], rel=1e-3)

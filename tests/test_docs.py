@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Documents that other parts of the documentation link to; each is written with its feature
 # (streaming protocol, TensorRT, the method, the study). Until it is in the checkout it is
 # reported as skipped, never silently accepted.
 LINKED_DOCS_OF_OTHER_FEATURES = {"docs/streaming.md", "docs/tensorrt.md", "docs/method.md", "docs/study.md"}
 REPO_PREFIXES = ("docs/", "benchmarks/", "android_demo/", "pocus_edge/", "tests/", ".ci/")
-ROOT_FILES = ("LICENSE", "constraints.txt", "constraints-lean.txt", "pyproject.toml", "Makefile")
+ROOT_FILES = ("LICENSE", "constraints.txt", "constraints-lean.txt", "pyproject.toml", "Makefile", "CHANGELOG.md", "CITATION.cff")
 
 
 def cited_paths(doc: Path) -> set[str]:
@@ -101,3 +101,63 @@ def test_python_examples_name_real_functions_and_arguments(doc):
                     inspect.signature(func).bind(*args, **kwargs)
                 except TypeError as exc:
                     raise AssertionError(f"{doc.name}: {ast.unparse(node)}: {exc}") from None
+
+
+def extras_table() -> dict[str, str]:
+    """README's extras table: extra name ('(core)' for the core install) -> its 'adds' cell."""
+    text = (ROOT / "README.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and (re.fullmatch(r"`[a-z]+`", cells[0]) or cells[0] == "(core)"):
+            rows[cells[0].strip("`")] = cells[1]
+    return rows
+
+
+def requirement_name(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
+
+
+def test_readme_extras_table_matches_pyproject():
+    """Every extra of pyproject.toml has a row that names every package (or extra) it adds, and
+    the core row names every core dependency: the table is what `pip install` really does."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    rows = extras_table()
+    extras = project["optional-dependencies"]
+    assert set(rows) == set(extras) | {"(core)"}, sorted(set(rows) ^ (set(extras) | {"(core)"}))
+
+    def named(cell: str, word: str) -> bool:
+        return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", cell, re.I) is not None
+
+    missing = []
+    for extra, requirements in [("(core)", project["dependencies"]), *extras.items()]:
+        for requirement in requirements:
+            name = requirement_name(requirement)
+            if name == "pocus-edge":  # another extra: named as `extra`
+                wanted = [f"`{sub.strip()}`" for sub in re.search(r"\[(.*)\]", requirement)[1].split(",")]
+                missing += [f"{extra}: {w}" for w in wanted if w not in rows[extra]]
+            elif not named(rows[extra], name):
+                missing.append(f"{extra}: {name}")
+    assert not missing, missing
+
+
+def test_android_readme_names_the_sources_that_exist():
+    readme = ROOT / "android_demo" / "README.md"
+    named = set(re.findall(r"\b(\w+\.kt)\b", readme.read_text()))
+    sources = {p.name for p in (ROOT / "android_demo").glob("*/src/main/kotlin/**/*.kt")}
+    assert sources, "no Kotlin sources found"
+    assert named - sources == set(), f"named but absent: {sorted(named - sources)}"
+    assert sources - named == set(), f"not described: {sorted(sources - named)}"
+
+
+def test_citation_and_changelog_carry_the_package_version():
+    tomllib = pytest.importorskip("tomllib")
+    import yaml
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert citation["cff-version"] == "1.2.0" and citation["title"] == project["name"]
+    assert str(citation["version"]) == project["version"] and citation["license"] == project["license"]
+    assert "Zhou" in str(citation["preferred-citation"]["authors"])
+    assert f"## [{project['version']}]" in (ROOT / "CHANGELOG.md").read_text()

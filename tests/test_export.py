@@ -17,9 +17,9 @@ import torch
 from pocus_edge.config import model_preset, to_dict
 from pocus_edge.errors import ExportError
 from pocus_edge.export import parity as parity_mod
+from pocus_edge.export.onnx import CARD_KEY, INPUT_NAME, check_onnx, export_onnx, read_onnx_card
 from pocus_edge.export.parity import spread_head_logits
 from pocus_edge.models.fused import FusedSegmenter, load_fused
-from pocus_edge.export.onnx import CARD_KEY, INPUT_NAME, check_onnx, export_onnx, read_onnx_card
 from pocus_edge.models.transunet import TransUNet
 
 ort = pytest.importorskip("onnxruntime")
@@ -409,7 +409,7 @@ def test_cli_tensorrt_without_toolchain_writes_onnx_and_exits_3(checkpoints, tin
 
 
 def layout_sha(path: Path) -> str:
-    from pocus_edge.data.layout import sha256_file
+    from pocus_edge.io import sha256_file
 
     return sha256_file(path)
 

@@ -141,7 +141,7 @@ def test_benchmark_cli_puts_random_students_beside_the_teacher(tmp_path, capsys)
     out = tmp_path / "r.json"
     code = main(["benchmark", "--preset", "tiny", "--student", "mobilenetv3,efficientvit", "--formats",
                  "fused-fp32,torch-fp32,onnx-fp32", "--batch", "1", "--runs", "2", "--warmup", "1", "--max-frames", "2",
-                 "--threads", "1", "--json", str(out), "--workdir", str(tmp_path / "w")])
+                 "--threads", "1", "--report", str(out), "--workdir", str(tmp_path / "w")])
     assert code == 0, capsys.readouterr().err
     report = load_report(out)
     got = [(r["model"], r["format"], r["status"]) for r in report["rows"]]

@@ -201,7 +201,7 @@ def test_site_frames_are_taken_from_the_site_and_made_non_square(tmp_path):
 def test_cli_writes_a_golden_folder_and_reports_bad_input(tmp_path, capsys):
     model = tmp_path / "fused.onnx"
     _mean_channel_onnx(model, 32, 0.5)
-    assert main(["golden", "--out", str(tmp_path / "g"), "--model", str(model), "--n", "1"]) == 0
+    assert main(["golden", "--out", str(tmp_path / "g"), "--model", str(model), "--frames", "1"]) == 0
     assert "wrote 1 frames" in capsys.readouterr().out
     assert (tmp_path / "g" / "index.json").is_file()
     assert main(["golden", "--out", str(tmp_path / "h"), "--data", str(tmp_path / "no_site")]) == 2

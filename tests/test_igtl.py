@@ -18,8 +18,8 @@ onnx = pytest.importorskip("onnx")
 
 from pocus_edge.data.transforms import preprocess_frame  # noqa: E402
 from pocus_edge.errors import DataError  # noqa: E402
-from pocus_edge.metrics import binarize  # noqa: E402
 from pocus_edge.inference import open_backend  # noqa: E402
+from pocus_edge.metrics import binarize  # noqa: E402
 from pocus_edge.runtime.igtl import IgtlMaskSink, IgtlSource, mask_device_name, parse_igtl_address  # noqa: E402
 from pocus_edge.runtime.overlay import to_frame_resolution  # noqa: E402
 from pocus_edge.runtime.pipeline import FrameResult, stream  # noqa: E402

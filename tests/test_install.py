@@ -79,7 +79,8 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("pocus_edge.comma
 """
     proc = run_blocked(body)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["pocus_edge.commands.runtime"]
+    # The command's own module, and the option vocabulary every command shares (light: no extras).
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["pocus_edge.commands.options", "pocus_edge.commands.runtime"]
 
 
 @pytest.mark.parametrize(
@@ -91,7 +92,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith("pocus_edge.comma
 )
 def test_a_command_that_needs_a_missing_extra_says_which_in_one_line(argv, extra, module):
     proc = run_blocked("from pocus_edge.cli import main\nsys.exit(main(sys.argv[2:]))\n", *argv)
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.returncode == 3, (proc.stdout, proc.stderr)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"`pocus-edge {argv[0]}` needs the '{extra}' extra ({module} is not installed)" in lines[0]
@@ -119,7 +120,7 @@ print(json.dumps([code, out.getvalue(), run, err.getvalue()]))
     code, listing, run, err = json.loads(proc.stdout.strip().splitlines()[-1])
     assert code == 0 and re.search(r"needs-torch +\(not installed here: needs the 'train' extra\)", listing), listing
     assert "stream" in listing  # the other commands are still there
-    assert run == 2 and "needs the 'train' extra (torch is not installed)" in err
+    assert run == 3 and "needs the 'train' extra (torch is not installed)" in err
 
 
 def test_extras_map_matches_pyproject():
@@ -149,3 +150,53 @@ def test_extras_map_matches_pyproject():
             assert dist.lower() in names(extra), (module, dist, extra)
     for extra in ("train", "export", "dicom", "coreml", "igtl"):
         assert names(extra) <= names("all") | core, extra
+
+
+# Windows has no `resource`, `fcntl` or `termios`: no module may need them to import.
+UNIX_ONLY = ("resource", "fcntl", "termios")
+
+
+def test_every_module_imports_without_unix_only_modules():
+    body = """
+import importlib, pkgutil
+for name in json.loads(sys.argv[2]):
+    sys.modules[name] = None  # `import resource` now raises ImportError, as on Windows
+import pocus_edge
+failed = {}
+names = sorted(m.name for m in pkgutil.walk_packages(pocus_edge.__path__, "pocus_edge.") if m.name != "pocus_edge.__main__")
+for name in names:
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        failed[name] = [type(exc).__name__, getattr(exc, "name", None), str(exc)]
+print(json.dumps({"modules": names, "failed": failed}))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", "import json, sys\n" + body, "[]", json.dumps(UNIX_ONLY)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "pocus_edge.demo" in result["modules"] and "pocus_edge.benchmark.runner" in result["modules"]
+    # A module an absent extra provides (TensorRT, Core ML, ...) may be missing here; nothing else may fail.
+    failed = {name: why for name, why in result["failed"].items()
+              if not (why[0] == "ModuleNotFoundError" and (why[1] or "").split(".")[0] in EXTRA_OF_MODULE)}
+    assert not failed, failed
+
+
+def test_the_demo_and_the_benchmark_measure_without_resource(monkeypatch):
+    import time
+
+    from pocus_edge import demo
+    from pocus_edge.benchmark import runner
+
+    monkeypatch.setitem(sys.modules, "resource", None)
+    before = time.process_time()
+    assert before <= demo._cpu_seconds() <= time.process_time()  # this process's CPU time, children unknown
+
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError("/proc/self/statm")
+
+    monkeypatch.setattr(runner, "open", no_proc, raising=False)
+    with runner._RssSampler(interval=0.001) as sampler:
+        pass
+    assert runner._RssSampler.read() is None and sampler.delta is None  # unmeasured, not "0 bytes"

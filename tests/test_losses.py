@@ -196,3 +196,19 @@ def test_mask_stats_chance_is_the_loss_of_an_encoder_that_cannot_tell_frames_apa
     assert stats["masked_negatives"] == pytest.approx(masked / (2 * batch * (2 * batch - 2)))
     if gap == 0:
         assert stats["masked_negatives"] == 0 and stats["chance"] == pytest.approx(math.log(2 * batch - 1))
+
+
+def test_positive_retrieval_counts_rows_whose_nearest_candidate_is_the_positive():
+    from pocus_edge.losses import mt_nxent_mask, positive_retrieval
+
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(6, 8), torch.randn(6, 8)
+    videos, frames = [0, 0, 0, 1, 1, 2], [0, 3, 40, 5, 6, 0]
+    mask = mt_nxent_mask(videos, frames, min_frame_gap=15)
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    hits = 0
+    for k in range(12):  # brute force: the best unmasked candidate of each row
+        candidates = [(float(z[k] @ z[j]), j) for j in range(12) if not mask[k, j]]
+        hits += max(candidates)[1] == (k + 6) % 12
+    assert positive_retrieval(z1, z2, mask) == pytest.approx(hits / 12)
+    assert positive_retrieval(z1, z1 + 1e-4, mask) == 1.0  # identical views always find each other

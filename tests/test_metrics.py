@@ -168,3 +168,74 @@ def test_verdict_rule():
     assert verdict(0.03, (-0.01, 0.07), 0.2) == "inconclusive"
     assert verdict(-0.04, (-0.06, -0.02), 0.001) == "hurts"
     assert verdict(0.03, (0.01, 0.05), 0.08) == "inconclusive"  # not significant after Holm
+
+
+# -- seed-level inference ---------------------------------------------------------------------
+
+
+def test_sign_flip_p_value_matches_a_brute_force_enumeration():
+    import itertools
+
+    from pocus_edge.metrics import sign_flip_p_value
+
+    d = np.array([0.12, -0.03, 0.08, 0.2, 0.05, -0.01, 0.07])
+    count = 0
+    for signs in itertools.product([-1, 1], repeat=d.size):
+        count += abs(np.mean(np.array(signs) * d)) >= abs(d.mean()) - 1e-12
+    assert sign_flip_p_value(d) == pytest.approx(count / 2**d.size)
+    # Above the exact limit: a Monte Carlo estimate close to the exact value.
+    assert sign_flip_p_value(d, max_exact=3, draws=100_000) == pytest.approx(count / 2**d.size, abs=0.01)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_few_all_positive_seeds_cannot_reach_significance(n):
+    from pocus_edge.metrics import minimal_detectable_effect, sign_flip_p_value
+
+    # However large and consistent the gain, n seeds give at best p = 2 / 2^n: 3 seeds never go
+    # below 0.125 (one-sided) or 0.25 (two-sided), the degenerate bootstrap's 2/10001 is gone.
+    p = sign_flip_p_value(np.full(n, 0.5) + np.arange(n) * 0.01)
+    assert p == pytest.approx(2 / 2**n if n else 1.0)
+    assert p >= 0.0625 and (n != 3 or p >= 0.125)
+    assert minimal_detectable_effect(0.1, n) == float("inf")
+
+
+def test_t_interval_and_mde_follow_their_formulas():
+    from scipy import stats
+
+    from pocus_edge.metrics import minimal_detectable_effect, seeds_needed, t_interval
+
+    d = np.array([0.1, 0.3, -0.05, 0.2, 0.15, 0.0, 0.12, 0.08])
+    half = stats.t.ppf(0.975, 7) * d.std(ddof=1) / np.sqrt(8)
+    assert t_interval(d) == pytest.approx((d.mean() - half, d.mean() + half))
+    mde = minimal_detectable_effect(0.15, 10)
+    assert mde == pytest.approx((stats.t.ppf(0.975, 9) + stats.t.ppf(0.8, 9)) * 0.15 / np.sqrt(10))
+    # Simulated power at that effect is ~80 % for the t-test it approximates.
+    rng = np.random.default_rng(0)
+    samples = rng.normal(mde, 0.15, size=(20_000, 10))
+    t = samples.mean(1) / (samples.std(1, ddof=1) / np.sqrt(10))
+    assert np.mean(np.abs(t) > stats.t.ppf(0.975, 9)) == pytest.approx(0.8, abs=0.03)
+    n = seeds_needed(0.05, 0.15)
+    assert minimal_detectable_effect(0.15, n) <= 0.05 < minimal_detectable_effect(0.15, n - 1)
+    assert seeds_needed(0.03, 0.15) > n
+
+
+def test_empty_prediction_gets_the_image_diagonal():
+    from pocus_edge.metrics import surface_distances_per_image
+
+    truth = np.zeros((3, 16, 20), bool)
+    truth[0, 4:8, 4:10] = truth[1, 4:8, 4:10] = True
+    pred = np.zeros_like(truth)
+    pred[1, 4:8, 4:10] = True  # image 0: missed bone; image 1: perfect; image 2: both empty
+    hd_nan, _ = surface_distances_per_image(pred, truth, threshold=None)
+    assert np.isnan(hd_nan[0]) and hd_nan[1] == 0 and np.isnan(hd_nan[2])
+    hd, asd = surface_distances_per_image(pred, truth, threshold=None, empty="diagonal")
+    assert hd[0] == pytest.approx(np.hypot(16, 20)) == asd[0]
+    assert hd[1] == 0 and hd[2] == 0 and asd[2] == 0
+
+
+def test_seeds_needed_for_a_large_spread_is_large_not_an_error():
+    from pocus_edge.metrics import minimal_detectable_effect, seeds_needed
+
+    n = seeds_needed(0.03, 0.32)  # the withdrawn CPU study's SD of fused - lower
+    assert n > 500 and minimal_detectable_effect(0.32, n) <= 0.03 < minimal_detectable_effect(0.32, n - 1)
+    assert minimal_detectable_effect(0.32, 5000) > 0

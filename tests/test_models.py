@@ -132,7 +132,7 @@ def test_flops_command_prints_the_report(capsys):
     table = capsys.readouterr().out
     assert f"{reference_size(model_preset('tiny'))[0]:,}" in table
     assert main(["flops", "--preset", "huge"]) == 2
-    assert "unknown preset" in capsys.readouterr().err
+    assert "'huge' is not one of 'paper', 'small', 'tiny'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,8 +272,40 @@ def test_mim_model_loss_is_masked_l1_of_its_reconstruction(tiny_cfg):
     assert model.net.encoder.pos_embed.grad is not None
 
 
+def test_mim_linear_head_reconstructs_from_the_encoder_tokens(tiny_cfg):
+    from pocus_edge.models.heads import inpainting_baseline
+
+    model = MIMModel(tiny_cfg, MIMConfig(mask_cell=16, head="linear")).eval()
+    assert not hasattr(model, "net")  # no decoder to train and throw away
+    x = torch.rand(2, 3, 64, 64)
+    mask, speckle = model.mask_generator(2, generator=torch.Generator().manual_seed(0))
+    loss, reconstruction = model(x, mask, speckle, torch.randn(2, 1, 64, 64))
+    assert reconstruction.shape == x.shape
+    # Token (i, j) predicts exactly its own 16x16 pixels: the 1x1 conv output, pixel-shuffled.
+    with torch.no_grad():
+        tokens, _ = model.encoder(apply_mim_mask(x, mask, speckle, torch.zeros(2, 1, 64, 64)))
+        grid = tokens.transpose(1, 2).reshape(2, tiny_cfg.hidden_size, 4, 4)
+        conv = model.pixel_head[0](grid)  # (N, 16*16*3, 4, 4)
+        out = model.reconstruct(apply_mim_mask(x, mask, speckle, torch.zeros(2, 1, 64, 64)))
+    torch.testing.assert_close(out[0, 1, 16 * 2 + 5, 16 * 3 + 7], conv[0, 1 * 256 + 5 * 16 + 7, 2, 3])
+    loss.backward()
+    assert model.encoder.pos_embed.grad is not None
+    assert set(encoder_state(model)) == set(encoder_state(TransUNet(tiny_cfg)))
+    # The trivial inpainting: masked pixels = the image's mean visible pixel, visible ones unchanged.
+    filled = inpainting_baseline(x, mask)
+    keep = (1 - mask).expand_as(x).bool()
+    assert torch.equal(filled[keep], x[keep])
+    mean0 = x[0][keep[0]].mean()
+    torch.testing.assert_close(filled[0][~keep[0]], mean0.expand((~keep[0]).sum()))
+
+
 def test_contrastive_model_projection_and_shared_encoder_names(tiny_cfg):
-    model = ContrastiveModel(tiny_cfg).eval()
+    model = ContrastiveModel(tiny_cfg, projection_bn=False).eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in model.projector)  # the released head
+    with_bn = ContrastiveModel(tiny_cfg).train()
+    hidden = with_bn.projector[:2](torch.randn(8, tiny_cfg.hidden_size) * 5 + 3)
+    # SimCLR's head: the hidden layer is batch-normalized (zero mean, unit variance per unit in training).
+    torch.testing.assert_close(hidden.mean(0), torch.zeros(tiny_cfg.proj_hidden), atol=1e-5, rtol=0)
     z = model(torch.rand(4, 3, 64, 64))
     assert z.shape == (4, tiny_cfg.proj_dim)
     torch.testing.assert_close(z.norm(dim=1), torch.ones(4))
@@ -291,3 +323,21 @@ def test_contrastive_model_projection_and_shared_encoder_names(tiny_cfg):
         paper = ContrastiveModel(model_preset("paper"))
     shapes = [tuple(m.weight.shape) for m in paper.projector if isinstance(m, torch.nn.Linear)]
     assert shapes == [(768, 768), (128, 768)]  # docs/method.md: 768-768-128
+
+
+@pytest.mark.parametrize("final_relu", [True, False])
+def test_a_gradient_reaches_the_head_even_when_every_last_channel_is_negative(final_relu):
+    # The all-background trap: when every channel before the head is negative, a ReLU there
+    # passes no gradient to the head's kernel; the CPU presets read the BatchNorm output directly.
+    cfg = model_preset("tiny", decoder_final_relu=final_relu)
+    assert model_preset("tiny").decoder_final_relu is False and model_preset("paper").decoder_final_relu is True
+    torch.manual_seed(0)
+    net = TransUNet(cfg).eval()
+    last_bn = net.decoder.blocks[-1].conv2[1]
+    with torch.no_grad():
+        last_bn.bias.fill_(-50.0)  # every channel of the last block far below zero
+    net.decoder.head.weight.grad = None
+    net(torch.rand(2, 3, 64, 64)).sum().backward()
+    reaches = float(net.decoder.head.weight.grad.abs().sum()) > 0
+    assert reaches is (not final_relu)
+    assert net.decoder.head.bias.grad is not None  # the bias always learns: that is what drives the trap

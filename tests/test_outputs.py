@@ -106,7 +106,7 @@ def test_stream_report_onto_a_run_folder_exits_2_before_any_work(tmp_path, capsy
     run = _precious_folder(tmp_path / "runs" / "ft_mim")
     before = _snapshot(run)
     # The model does not even exist: the outputs are checked before anything is opened.
-    rc = main(["stream", str(tmp_path / "frames"), "--model", str(tmp_path / "no.onnx"), "--report", str(run), "-q"])
+    rc = main(["stream", str(tmp_path / "frames"), "--model", str(tmp_path / "no.onnx"), "--report", str(run), "--no-progress"])
     assert rc == 2
     line = _one_error_line(capsys)
     assert str(run) in line and "is a folder" in line
@@ -122,7 +122,7 @@ def test_stream_report_onto_a_run_folder_exits_2_before_any_work(tmp_path, capsy
         (["finetune", "--data", "{src}", "--out", "{file}", "--preset", "tiny"], "is a file"),
         (["pretrain", "mim", "--data", "{src}", "--out", "{file}/run", "--preset", "tiny"], "is a file, not a folder"),
         (["export", "-g", "{model}", "-c", "{model}", "--out", "{folder}.onnx"], "is a folder"),
-        (["simulate", "{file}", "--preset", "tiny"], "is a file"),
+        (["simulate", "{file}", "--data-preset", "tiny"], "is a file"),
     ],
 )
 def test_a_file_where_a_folder_goes_and_the_reverse_exit_2_with_one_line(tmp_path, capsys, args, fragment):
@@ -275,7 +275,7 @@ def test_read_only_output_is_refused_with_one_line(tmp_path, capsys):
             ["stream", str(tmp_path), "--model", str(tmp_path / "m.onnx"), "--report", str(ro / "report.json")],
             ["stream", str(tmp_path), "--model", str(tmp_path / "m.onnx"), "--masks", str(ro / "masks")],
             ["finetune", "--data", str(tmp_path), "--out", str(ro / "run"), "--preset", "tiny"],
-            ["simulate", str(ro / "sim"), "--preset", "tiny"],
+            ["simulate", str(ro / "sim"), "--data-preset", "tiny"],
             ["export", "-g", "g", "-c", "c", "--out", str(ro / "model.onnx")],
         ):
             assert main(args) == 2, args

@@ -287,7 +287,7 @@ def test_same_seed_gives_identical_files_through_the_cli(tiny_sites, tmp_path):
 
     out = tmp_path / "again"
     montage = tmp_path / "montage.png"
-    assert main(["simulate", str(out), "--preset", "tiny", "--seed", "0", "--no-progress", "--montage", str(montage)]) == 0
+    assert main(["simulate", str(out), "--data-preset", "tiny", "--seed", "0", "--no-progress", "--montage", str(montage)]) == 0
     for original in tiny_sites:
         again = out / original.name
         files = sorted(p.relative_to(original) for p in original.rglob("*") if p.is_file())
@@ -297,7 +297,7 @@ def test_same_seed_gives_identical_files_through_the_cli(tiny_sites, tmp_path):
     img = read_gray_png(montage)
     assert img.shape[0] > 100 and img.shape[1] > 200
     # Refuses to clobber an existing site without --overwrite (exit code 2, nothing written).
-    assert main(["simulate", str(out), "--preset", "tiny", "--no-progress"]) == 2
+    assert main(["simulate", str(out), "--data-preset", "tiny", "--no-progress"]) == 2
 
 
 def test_patient_subset_renders_identical_pixels_and_other_seed_differs(tiny_sites):
@@ -393,3 +393,26 @@ def test_parallel_workers_write_identical_files(tmp_path):
     assert len(files) == 1 + 2 * 3 * len(SOURCE_VIEWS)
     assert files == sorted(p.relative_to(two.root) for p in two.root.rglob("*") if p.is_file())
     assert all((one.root / f).read_bytes() == (two.root / f).read_bytes() for f in files)
+
+
+def test_shift_severity_interpolates_every_knob_between_the_two_probes():
+    from pocus_edge.data.phantom_profiles import SECTIONS, interpolate_profiles, load_profile
+    from pocus_edge.errors import ConfigError
+
+    lumify, telemed = load_profile("lumify"), load_profile("telemed")
+    assert interpolate_profiles(lumify, telemed, 0.0).to_dict() | {"name": "", "description": ""} == \
+        lumify.to_dict() | {"name": "", "description": ""}
+    assert interpolate_profiles(lumify, telemed, 1.0).to_dict() | {"name": "", "description": ""} == \
+        telemed.to_dict() | {"name": "", "description": ""}
+    half = interpolate_profiles(lumify, telemed, 0.5)
+    assert half.psf.lateral_fwhm_mm == pytest.approx((0.42 + 0.85) / 2)
+    assert half.display.black_level == round((0 + 18) / 2) and isinstance(half.display.black_level, int)
+    assert half.geometry.depth_ticks is True and interpolate_profiles(lumify, telemed, 0.4).geometry.depth_ticks is False
+    # Every numeric knob lies between the two probes' values.
+    for key in SECTIONS:
+        for name, value in vars(getattr(interpolate_profiles(lumify, telemed, 0.3), key)).items():
+            a, b = getattr(getattr(lumify, key), name), getattr(getattr(telemed, key), name)
+            if not isinstance(a, bool):
+                assert min(a, b) - 0.5 <= value <= max(a, b) + 0.5, (key, name)
+    with pytest.raises(ConfigError, match="shift severity"):
+        interpolate_profiles(lumify, telemed, 1.5)

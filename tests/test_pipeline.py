@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from pocus_edge.data.transforms import preprocess_frame
-from pocus_edge.runtime import protocol
 from pocus_edge.inference import count_onnx_flops, open_backend
+from pocus_edge.runtime import protocol
 from pocus_edge.runtime.overlay import to_frame_resolution
 from pocus_edge.runtime.pipeline import (
     CallbackSink,
@@ -307,18 +307,18 @@ def test_stream_command_on_an_image_folder_and_on_stdin(tiny_onnx, tmp_path, cap
     for i, f in enumerate(_frames(4, seed=9)):
         cv2.imwrite(str(folder / f"f{i}.png"), f)
     rc = main(["stream", str(folder), "--model", str(tiny_onnx[1]), "--report", str(tmp_path / "r.json"),
-               "--masks", str(tmp_path / "m.npz"), "--threads", "1", "-q"])
+               "--masks", str(tmp_path / "m.npz"), "--threads", "1", "--no-progress"])
     assert rc == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["frames_processed"] == 4 and report["source"]["kind"] == "ImageFolderSource"
     assert len(np.load(tmp_path / "m.npz").files) == 4
-    assert main(["stream", str(folder), "--model", str(tmp_path / "missing.onnx"), "-q"]) == 2
+    assert main(["stream", str(folder), "--model", str(tmp_path / "missing.onnx"), "--no-progress"]) == 2
     assert "missing.onnx" in capsys.readouterr().err
 
     wire = b"".join(protocol.encode_frame(f, 30.0 * k, k) for k, f in enumerate(_frames(3, seed=4))) + b"junk"
     proc = subprocess.run(
         [sys.executable, "-m", "pocus_edge", "stream", "-", "--model", str(tiny_onnx[0]), "--threads", "1",
-         "--report", str(tmp_path / "stdin.json"), "-q"],
+         "--report", str(tmp_path / "stdin.json"), "--no-progress"],
         input=wire, capture_output=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
@@ -348,7 +348,7 @@ def test_absent_accelerators_are_reported_not_crashed(tiny_onnx, tmp_path):
     with pytest.raises(ToolchainUnavailable):
         open_backend(engine, "tensorrt")
     # The CLI exits 3 ("cannot run here"), distinct from 2 (bad input).
-    assert main(["stream", str(tmp_path), "--model", str(engine), "--backend", "tensorrt", "-q"]) == 3
+    assert main(["stream", str(tmp_path), "--model", str(engine), "--backend", "tensorrt", "--no-progress"]) == 3
     with pytest.raises(PocusError, match="unknown backend"):
         open_backend(tiny_onnx[0], "tflite")
 
@@ -449,7 +449,6 @@ def test_full_disk_mask_sink_is_one_line_and_leaves_nothing(tmp_path):
 
 def test_stream_command_on_a_full_disk_exits_2_with_one_line(tiny_onnx, tmp_path, capsys):
     import cv2
-
     from _fs import small_tmpfs
 
     from pocus_edge.cli import main
@@ -467,7 +466,7 @@ def test_stream_command_on_a_full_disk_exits_2_with_one_line(tiny_onnx, tmp_path
             except OSError:
                 pass
         capsys.readouterr()
-        rc = main(["stream", str(folder), "--model", str(tiny_onnx[0]), "--threads", "1", "-q",
+        rc = main(["stream", str(folder), "--model", str(tiny_onnx[0]), "--threads", "1", "--no-progress",
                    "--report", str(disk / "report.json"), "--masks", str(disk / "masks.npz")])
         assert rc == 2
         err = capsys.readouterr().err

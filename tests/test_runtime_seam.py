@@ -104,7 +104,7 @@ def test_runtime_streams_without_torch_or_the_exporter(tmp_path):
         backend = open_backend(sys.argv[1])
         out = backend.infer(np.full((2, 3, 32, 32), 0.25, np.float32))
         assert out.shape == (2, 1, 32, 32) and abs(float(out.mean()) - 0.25) < 1e-6
-        code = main(["stream", sys.argv[2], "--model", sys.argv[1], "--no-drop", "--quiet", "--report", sys.argv[3]])
+        code = main(["stream", sys.argv[2], "--model", sys.argv[1], "--no-drop", "--no-progress", "--report", sys.argv[3]])
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "timm") or m.startswith("pocus_edge.export"))
         print(json.dumps({"code": code, "loaded": loaded, "gflops": backend.gflops_per_frame, "precision": backend.precision}))
     """, str(model), str(frames), str(tmp_path / "report.json"))
@@ -138,7 +138,7 @@ def test_benchmark_an_exported_model_without_torch(tmp_path):
         import sys
         from pocus_edge.cli import main
         code = main(["benchmark", "--model", sys.argv[1], "--batch", "1,2", "--runs", "2", "--warmup", "1",
-                     "--threads", "1", "--json", sys.argv[2]])
+                     "--threads", "1", "--report", sys.argv[2]])
         # the format table is shared with export; nothing that builds artifacts is loaded
         builders = [m for m in sys.modules if m.startswith("pocus_edge.export.") and m not in ("pocus_edge.export.formats", "pocus_edge.export.staging")]
         assert not builders, builders
@@ -177,7 +177,7 @@ def test_foreign_onnx_is_refused_with_one_line(tmp_path, capsys, case, message):
     import cv2
 
     cv2.imwrite(str(frames / "f.png"), np.zeros((20, 20), np.uint8))
-    assert main(["stream", str(frames), "--model", str(path), "--quiet"]) == 2
+    assert main(["stream", str(frames), "--model", str(path), "--no-progress"]) == 2
     err_text = capsys.readouterr().err.strip()
     assert "foreign.onnx" in err_text and len(err_text.splitlines()) == 1 and "Traceback" not in err_text
 

@@ -49,7 +49,7 @@ def _target_frames(site_dir, size: int, n: int) -> np.ndarray:
 
 
 def test_student_checkpoint_round_trips_in_both_forms(tmp_path):
-    from pocus_edge.data.layout import sha256_file
+    from pocus_edge.io import sha256_file
 
     torch.manual_seed(0)
     student = build_student("fastvit", "tiny")  # reparameterizable: the two forms differ
@@ -177,8 +177,8 @@ def test_student_streams_through_the_runtime(exported, tmp_path, capsys, which):
     """`pocus-edge stream` runs the exported int8 student (onnxruntime) and the checkpoint itself
     (torch backend); masks are the backend's own probabilities thresholded at frame resolution,
     GFLOPs come from the card."""
-    from pocus_edge.metrics import binarize
     from pocus_edge.inference import open_backend
+    from pocus_edge.metrics import binarize
     from pocus_edge.runtime.overlay import to_frame_resolution
 
     recording, frames = _recording(exported["target"], tmp_path / "sweep.tvd.h5", 5)
@@ -186,7 +186,7 @@ def test_student_streams_through_the_runtime(exported, tmp_path, capsys, which):
     report_path, masks_path = tmp_path / "report.json", tmp_path / "masks.npz"
     capsys.readouterr()  # whatever the fixture printed
     assert main(["stream", str(recording), "--model", str(model), "--report", str(report_path),
-                 "--masks", str(masks_path), "--no-drop", "-q"]) == 0
+                 "--masks", str(masks_path), "--no-drop", "--no-progress"]) == 0
     printed = json.loads(capsys.readouterr().out)
     report = json.loads(report_path.read_text())
     assert printed["frames_processed"] == report["frames_processed"] == len(frames)

@@ -24,7 +24,6 @@ from pocus_edge.models.students import (
     is_student_config,
     student_config,
     student_from_dict,
-    student_names,
 )
 
 ALL = [(name, preset) for name in STUDENTS for preset in PRESETS]

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from pocus_edge.errors import ConfigError
-from pocus_edge.train import study as study_mod
-from pocus_edge.train.study import ARMS, ArmKind, StudyOptions, parse_arms, run_study
+from pocus_edge.study import ARMS, BUDGETS, ArmKind, Study, StudyOptions, parse_arms, run_study
+from pocus_edge.study.arms import _segmenter_predictor
+from pocus_edge.study.budgets import check_protocol
+from pocus_edge.study.markers import read_done, read_failed
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +53,17 @@ def test_simulator_knob_labels_every_frame_of_the_chosen_test_patients(study_sit
 
 
 def test_parse_arms_adds_what_arms_need_and_are_compared_with():
+    # A fusion brings its control: the ensemble of two lower-bound models (lower and lower_b).
     keys = [c.key for c in parse_arms(["fused", "mim@paper:1"], "default", 3)]
-    assert keys == ["lower@default", "mim@default", "contrastive@default", "fused@default", "lower@paper", "mim@paper"]
+    assert keys == ["lower@default", "mim@default", "contrastive@default", "lower_b@default", "ensemble@default",
+                    "fused@default", "lower@paper", "mim@paper"]
     seeds = {c.key: c.seeds for c in parse_arms(["fused", "mim@paper:1"], "default", 3)}
     assert seeds["lower@paper"] == 1 and seeds["lower@default"] == 3
     with pytest.raises(ConfigError, match="unknown arm"):
         parse_arms(["teacher"], "default", 3)
     keys = [c.key for c in parse_arms(["student_uniform"], "default", 2)]
-    assert keys == ["lower@default", "mim@default", "contrastive_uniform@default", "fused_uniform@default",
-                    "student_uniform@default"]
+    assert keys == ["lower@default", "mim@default", "contrastive_uniform@default", "lower_b@default",
+                    "ensemble@default", "fused_uniform@default", "student_uniform@default"]
     with pytest.raises(ConfigError, match="unknown recipe"):
         parse_arms(["mim@fast"], "default", 3)
     with pytest.raises(ConfigError, match="seeds after ':' must be 1..3"):
@@ -69,7 +73,8 @@ def test_parse_arms_adds_what_arms_need_and_are_compared_with():
 def _options(sites, out, **kw):
     source, target = sites
     base = dict(source=source, target=target, out=out, budget="smoke", preset="tiny", device="cpu", seeds=2,
-                progress=False, bootstrap=2000, arms=("lower", "mim", "contrastive", "fused", "adabn", "mim@paper:1"))
+                progress=False, bootstrap=2000, arms=("lower", "mim", "contrastive", "fused", "adabn", "mim@paper:1"),
+                primary="fused")
     return StudyOptions(**{**base, **kw})
 
 
@@ -93,20 +98,28 @@ def test_study_prints_an_estimate_first_and_reports_every_arm(smoke_study):
     assert first_unit > estimate
     report = json.loads((out / "study.json").read_text())
     assert set(report["arms"]) == {"lower@default", "mim@default", "contrastive@default", "fused@default",
-                                   "adabn@default", "lower@paper", "mim@paper"}
-    assert set(report["comparisons"]) == set(report["arms"]) - {"lower@default"}
-    assert report["comparisons"]["mim@paper"]["baseline"] == "lower@paper"
-    assert report["comparisons"]["lower@paper"]["baseline"] == "lower@default"
+                                   "adabn@default", "lower@paper", "mim@paper", "lower_b@default", "ensemble@default"}
+    comps = report["comparisons"]
+    assert set(comps) == {"mim@default vs lower@default", "contrastive@default vs lower@default",
+                          "fused@default vs lower@default", "fused@default vs ensemble@default",
+                          "adabn@default vs lower@default", "ensemble@default vs lower@default",
+                          "mim@paper vs lower@paper", "lower@paper vs lower@default"}
     assert report["arms"]["mim@paper"]["seeds"] == [0] and report["arms"]["mim@default"]["seeds"] == [0, 1]
     assert (out / "study.png").stat().st_size > 0 and "## Paired differences" in (out / "study.md").read_text()
-    assert report["pretraining"]["contrastive"]["extras"]["masked_negatives"] > 0  # video-clustered batches
-    for c in report["comparisons"].values():
-        assert c["verdict"] in ("helps", "hurts", "inconclusive")
-    # A comparison on one training seed is marked: its interval covers patients, not seeds.
-    rows = {line.split(" | ")[0].strip("| "): line for line in (out / "study.md").read_text().splitlines()
-            if line.startswith("| ") and "**" in line}
-    assert "(1 seed)" in rows["mim@paper"] and "(1 seed)" in rows["lower@paper"]
-    assert "(1 seed)" not in rows["mim"] and "(1 seed)" not in rows["adabn"]
+    # Two pretraining runs per method; seed s fine-tunes from run s mod 2.
+    assert report["pretraining"]["contrastive seed 0"]["extras"]["masked_negatives"] > 0  # video-clustered
+    assert {"mim seed 0", "mim seed 1"} <= set(report["pretraining"])
+    for seed in (0, 1):
+        card = json.loads((out / "runs" / "mim@default" / f"seed{seed}" / "done.json").read_text())
+        assert card["seed"] == seed
+    # The primary comparison alone carries a verdict at 2 seeds (inconclusive: 2 seeds give p >= 0.5);
+    # every secondary comparison has fewer than 10 seeds and is labelled underpowered.
+    assert comps["fused@default vs lower@default"]["role"] == "primary"
+    assert comps["fused@default vs lower@default"]["verdict"] == "inconclusive"
+    assert comps["fused@default vs lower@default"]["p"] >= 0.5
+    assert {c["verdict"] for k, c in comps.items() if c["role"] == "secondary"} == {"underpowered"}
+    assert comps["fused@default vs lower@default"]["mde"] == float("inf")
+    assert "**Primary: fused - lower" in (out / "study.md").read_text()
 
 
 def test_report_statistics_match_the_per_image_scores(smoke_study):
@@ -120,16 +133,24 @@ def test_report_statistics_match_the_per_image_scores(smoke_study):
         return np.array([[np.mean([float(r["dice"]) for r in rows[s] if r["patient"] == p]) for p in patients]
                          for s in seeds])
 
+    from scipy import stats
+
     for key, arm in report["arms"].items():
-        assert arm["dice"]["mean"] == pytest.approx(matrix(key, arm["seeds"]).mean(), abs=1e-9)
-        low, high = arm["dice"]["ci95"]
-        assert low <= arm["dice"]["mean"] + 1e-9 and arm["dice"]["mean"] - 1e-9 <= high
-    mim = report["comparisons"]["mim@default"]
+        per_seed = matrix(key, arm["seeds"]).mean(axis=1)
+        assert arm["dice"]["mean"] == pytest.approx(per_seed.mean(), abs=1e-9)
+        if len(per_seed) > 1:  # the t-interval over seeds, by scipy
+            low, high = stats.t.interval(0.95, len(per_seed) - 1, loc=per_seed.mean(), scale=stats.sem(per_seed))
+            assert arm["dice"]["t_ci95"] == pytest.approx([low, high], abs=1e-9)
+    mim = report["comparisons"]["mim@default vs lower@default"]
     diff = matrix("mim@default", [0, 1]) - matrix("lower@default", [0, 1])
-    assert mim["dice"]["mean"] == pytest.approx(diff.mean(), abs=1e-9)
+    assert mim["dice"]["mean"] == pytest.approx(diff.mean(axis=1).mean(), abs=1e-9)
     assert mim["dice"]["per_seed"] == pytest.approx(diff.mean(axis=1).tolist(), abs=1e-9)
+    # Two seeds: the exact sign-flip p is 1.0 when they share a sign, else |mean| decides.
+    d = diff.mean(axis=1)
+    assert mim["p_signflip"] == pytest.approx(np.mean([abs(a * d[0] + b * d[1]) >= abs(d.sum()) - 1e-12
+                                                       for a in (-1, 1) for b in (-1, 1)]))
     # The source-validation gap is paired too: `lower@paper` has seed 0 only, `lower` seeds 0 and 1.
-    paper = report["comparisons"]["lower@paper"]
+    paper = report["comparisons"]["lower@paper vs lower@default"]
     assert paper["seeds"] == [0]
     sv = {k: np.mean([float(r["dice"]) for r in _per_image(out, k, 0) if r["site"] == "source-val"])
           for k in ("lower@paper", "lower@default")}
@@ -186,13 +207,13 @@ def test_a_registered_arm_plugs_in_without_touching_the_loop(smoke_study, study_
     predicts exactly what the lower bound predicts, so its paired difference must be 0."""
     out, _, _ = smoke_study
     monkeypatch.setitem(ARMS, "echo", ArmKind(
-        "echo", "the lower bound's predictions", lambda study, run: study_mod._segmenter_predictor(
+        "echo", "the lower bound's predictions", lambda study, run: _segmenter_predictor(
             study, study.arm_run("lower", run.recipe, run.seed)), needs=("lower",), convergence_check=False))
     res = run_study(_options(study_sites, out, arms=("lower", "mim", "contrastive", "fused", "adabn", "mim@paper:1",
                                                     "echo")), say=lambda m: None)
     assert res.units_run == 2  # two evaluations, nothing trained
-    echo = res.summary["comparisons"]["echo@default"]
-    assert echo["dice"]["mean"] == 0.0 and echo["verdict"] == "inconclusive"
+    echo = res.summary["comparisons"]["echo@default vs lower@default"]
+    assert echo["dice"]["mean"] == 0.0 and echo["verdict"] == "underpowered" and echo["p_signflip"] == 1.0
 
 
 def test_adabn_statistics_are_the_average_of_the_batch_statistics():
@@ -255,27 +276,26 @@ def _patient_matrix(out: Path, key: str, seeds, patients) -> np.ndarray:
 
 
 def test_student_arm_is_paired_with_its_own_seeds_teacher(student_study):
-    from pocus_edge.data.layout import sha256_file
+    from pocus_edge.io import sha256_file
     from pocus_edge.models.weights import read_checkpoint
 
     out, result = student_study
     report = json.loads((out / "study.json").read_text())
     assert set(report["arms"]) == {f"{a}@default" for a in ("lower", "mim", "contrastive_uniform", "fused_uniform",
-                                                             "student_uniform")}
-    student = report["comparisons"]["student_uniform@default"]
+                                                             "student_uniform", "lower_b", "ensemble")}
+    student = report["comparisons"]["student_uniform@default vs fused_uniform@default"]
     assert student["baseline"] == "fused_uniform@default" and student["seeds"] == [0, 1]
-    assert report["comparisons"]["fused_uniform@default"]["baseline"] == "lower@default"
+    assert report["comparisons"]["fused_uniform@default vs lower@default"]["baseline"] == "lower@default"
     # The paired difference IS student - teacher, seed by seed and patient by patient.
     diff = (_patient_matrix(out, "student_uniform@default", [0, 1], report["patients"])
             - _patient_matrix(out, "fused_uniform@default", [0, 1], report["patients"]))
     assert student["dice"]["mean"] == pytest.approx(diff.mean(), abs=1e-9)
     assert student["dice"]["per_seed"] == pytest.approx(diff.mean(axis=1).tolist(), abs=1e-9)
-    # Its own Holm family: the lower-bound family keeps its size (3 arms against the lower bound).
-    assert student["family"] == "teacher" and student["family_size"] == 1 and student["holm_alpha"] == 0.05
-    assert {c["family_size"] for k, c in report["comparisons"].items() if k != "student_uniform@default"} == {3}
+    # Two seeds: secondary and underpowered, outside the Holm family (which is empty here).
+    assert student["role"] == "secondary" and student["underpowered"] and student["family_size"] == 0
     assert not student["convergence_flag"]
-    assert report["goals"]["student_uniform >= fused_uniform - 0.01"] is (student["dice"]["mean"] >= -0.01)
-    assert "| student_uniform | fused_uniform | 2 |" in (out / "study.md").read_text()
+    assert report["goals"]["student_uniform >= fused_uniform - 0.01"] == "underpowered"
+    assert "| student_uniform | fused_uniform | secondary (underpowered) | 2 |" in (out / "study.md").read_text()
     # Each seed's student was distilled from THAT seed's two branches, for the budget's steps.
     for seed in (0, 1):
         card = read_checkpoint(out / "runs" / "student_uniform@default" / f"seed{seed}" / "train" / "model.safetensors")[1]
@@ -284,7 +304,7 @@ def test_student_arm_is_paired_with_its_own_seeds_teacher(student_study):
             teacher = out / "runs" / f"{arm}@default" / f"seed{seed}" / "train" / "model.safetensors"
             assert card["teachers"][role]["sha256"] == sha256_file(teacher)
         assert card["hyperparameters"]["train.seed"] == seed
-        assert card["hyperparameters"]["train.max_steps"] == study_mod.BUDGETS["smoke"].distill[0]
+        assert card["hyperparameters"]["train.max_steps"] == BUDGETS["smoke"].distill[0]
 
 
 def test_a_study_recorded_before_distillation_budgets_still_resumes(smoke_study, study_sites, tmp_path):
@@ -298,13 +318,13 @@ def test_a_study_recorded_before_distillation_budgets_still_resumes(smoke_study,
     record = yaml.safe_load((out / "study_config.yaml").read_text())
     del record["protocol"]["budget"]["distill"]
     (copy / "study_config.yaml").write_text(yaml.safe_dump(record))
-    study = study_mod.Study(_options(study_sites, copy))
-    study_mod.check_protocol(study)
+    study = Study(_options(study_sites, copy))
+    check_protocol(study)
     assert "distill" in yaml.safe_load((copy / "study_config.yaml").read_text())["protocol"]["budget"]
     record["protocol"]["budget"]["finetune"] = [7, 8]
     (copy / "study_config.yaml").write_text(yaml.safe_dump(record))
     with pytest.raises(ConfigError, match="other settings.*budget"):
-        study_mod.check_protocol(study)
+        check_protocol(study)
 
 
 def test_a_run_that_diverges_is_scored_on_the_checkpoint_selected_before_it(study_sites, tmp_path, monkeypatch):
@@ -312,7 +332,6 @@ def test_a_run_that_diverges_is_scored_on_the_checkpoint_selected_before_it(stud
     the model the selection rule had kept, records the step in the unit's facts and lists the run
     in the report. Without any validation before the NaN, the run is recorded as failed."""
     import pocus_edge.losses as losses
-    from pocus_edge.errors import NonFiniteLoss, TrainingError
     from pocus_edge.models.weights import read_checkpoint
 
     out = tmp_path / "s"
@@ -325,7 +344,7 @@ def test_a_run_that_diverges_is_scored_on_the_checkpoint_selected_before_it(stud
 
     monkeypatch.setattr(losses, "dice_bce", poisoned)
     res = run_study(_options(study_sites, out, arms=("lower",), seeds=1, steps={"finetune": 40}), say=lambda m: None)
-    info = study_mod.read_done(out / "runs" / "lower@default" / "seed0")
+    info = read_done(out / "runs" / "lower@default" / "seed0")
     kept = read_checkpoint(model)[1]["hyperparameters"]
     assert info["diverged_at_step"] == kept["best_step"] + 1 < 40 and info["best_step"] == kept["best_step"]
     text = res.report_md.read_text()
@@ -347,11 +366,11 @@ def test_a_run_that_diverges_is_scored_on_the_checkpoint_selected_before_it(stud
     monkeypatch.setattr(losses, "dice_bce", nan_once)
     out2, said = tmp_path / "t", []
     res2 = run_study(_options(study_sites, out2, arms=("lower",), seeds=2), say=said.append)
-    failed = study_mod.read_failed(out2 / "runs" / "lower@default" / "seed0")
+    failed = read_failed(out2 / "runs" / "lower@default" / "seed0")
     assert failed["diverged_at_step"] == 1 and "before its first validation" in failed["reason"]
     assert "\n" not in failed["reason"]
-    assert study_mod.read_done(out2 / "runs" / "lower@default" / "seed0") is None
-    evaluation = study_mod.read_failed(out2 / "eval" / "lower@default" / "seed0")
+    assert read_done(out2 / "runs" / "lower@default" / "seed0") is None
+    evaluation = read_failed(out2 / "eval" / "lower@default" / "seed0")
     assert evaluation["inputs_failed"] == [str(out2 / "runs" / "lower@default" / "seed0")]
     assert res2.summary["arms"]["lower@default"]["seeds"] == [1]  # seed 1 trained and was scored
     text = res2.report_md.read_text()
@@ -361,136 +380,62 @@ def test_a_run_that_diverges_is_scored_on_the_checkpoint_selected_before_it(stud
     assert rerun.units_run == 0 and calls["poisoned"] == 1
 
 
-def test_a_failed_unit_is_recorded_and_only_what_is_built_from_it_is_skipped(tmp_path):
-    """`UnitFailed` ends one unit, not the run: the units built from it are recorded as failed
-    without running, the others run, and any other error still stops everything."""
-    from pocus_edge.errors import DataError
-    from pocus_edge.train.study import Unit, UnitFailed, _run_units, read_done, read_failed
-
-    ran: list[str] = []
-
-    def work(label, error=None):
-        def run():
-            ran.append(label)
-            if error is not None:
-                raise error
-            return {"label": label}
-        return run
-
-    a, b, c, d = (tmp_path / n for n in "abcd")
-    units = [Unit("train", "a", a, work("a", UnitFailed("a diverged", diverged_at_step=3))),
-             Unit("train", "b", b, work("b")),
-             Unit("eval", "c", c, work("c"), after=(a,)),
-             Unit("eval", "d", d, work("d"), after=(b,))]
-    assert _run_units(units, say=lambda _: None, poll_s=0.01) == 2
-    assert ran == ["a", "b", "d"]
-    assert read_failed(a) == {"reason": "a diverged", "diverged_at_step": 3, "seconds": read_failed(a)["seconds"]}
-    assert read_failed(c)["inputs_failed"] == [str(a)] and read_done(c) is None
-    assert read_done(b) == {"label": "b"} and read_done(d) == {"label": "d"}
-    assert _run_units(units, say=lambda _: None, poll_s=0.01) == 0 and ran == ["a", "b", "d"]
-    # Deleting the record retries the unit.
-    (a / study_mod.FAILED).unlink()
-    (c / study_mod.FAILED).unlink()
-    units[0] = Unit("train", "a", a, work("a"))
-    assert _run_units(units, say=lambda _: None, poll_s=0.01) == 2 and read_done(c) == {"label": "c"}
-    # A fault of the data or setup is not a method outcome: it stops the run.
-    broken = Unit("train", "e", tmp_path / "e", work("e", DataError("frame 3 is truncated")))
-    with pytest.raises(DataError):
-        _run_units([broken, Unit("train", "f", tmp_path / "f", work("f"))], say=lambda _: None, poll_s=0.01)
-    assert read_failed(tmp_path / "e") is None and "f" not in ran
-
-
-def test_processes_sharing_a_study_folder_run_each_unit_once_and_in_dependency_order(tmp_path):
-    """Two workers on one folder (threads holding separate lock handles, as two processes would):
-    every unit runs exactly once, never before the units it is built from, and both do work."""
-    import threading
-    import time
-
-    from pocus_edge.train.study import Unit, _run_units, read_done
-
-    log: list[tuple[str, str, float, float]] = []
-    lock = threading.Lock()
-
-    def work(label):
-        def run():
-            t0 = time.perf_counter()
-            time.sleep(0.05)
-            with lock:
-                log.append((label, threading.current_thread().name, t0, time.perf_counter()))
-            return {"label": label}
-        return run
-
-    pre = {n: tmp_path / "pretrain" / n for n in ("a", "b")}
-    plan = [("pretrain a", pre["a"], ()), ("pretrain b", pre["b"], ())]
-    for seed in range(3):
-        run_a, run_b = tmp_path / "runs" / f"a{seed}", tmp_path / "runs" / f"b{seed}"
-        plan += [(f"train a {seed}", run_a, (pre["a"],)), (f"train b {seed}", run_b, (pre["b"],)),
-                 (f"fuse {seed}", tmp_path / "eval" / f"fuse{seed}", (run_a, run_b))]
-    units = [Unit("train", label, folder, work(label), 1.0, after=after) for label, folder, after in plan]
-    errors: list[BaseException] = []
-
-    def worker():
-        try:
-            _run_units(units, say=lambda _: None, poll_s=0.01)
-        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, name=f"w{k}") for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors
-    assert sorted(label for label, *_ in log) == sorted(label for label, _, _ in plan)
-    assert {who for _, who, _, _ in log} == {"w0", "w1"}
-    finished = {label: end for label, _, _, end in log}
-    started = {label: start for label, _, start, _ in log}
-    by_folder = {folder: label for label, folder, _ in plan}
-    for label, folder, after in plan:
-        assert read_done(folder) == {"label": label}
-        for dep in after:
-            assert finished[by_folder[dep]] <= started[label], f"{label} started before {by_folder[dep]} finished"
-    # A rerun finds everything done and runs nothing.
-    assert _run_units(units, say=lambda _: None, poll_s=0.01) == 0
-
-
-def test_a_unit_whose_inputs_no_process_makes_fails_instead_of_waiting(tmp_path):
-    from pocus_edge.errors import TrainingError
-    from pocus_edge.train.study import Unit, _run_units
-
-    orphan = Unit("eval", "evaluate x", tmp_path / "eval" / "x", lambda: {}, after=(tmp_path / "runs" / "missing",))
-    with pytest.raises(TrainingError, match="which no process is making"):
-        _run_units([orphan], say=lambda _: None, poll_s=0.01)
-
-
-def test_goals_are_not_assessed_while_an_arm_misses_planned_seeds():
-    """A claim is judged only on complete arms: with 2 of 5 planned `mim` seeds its goal reads
-    None (not assessed) whatever the numbers say; complete arms are judged by the formula."""
+def test_goals_are_read_off_the_verdict_rule():
+    """A claim is met only where the verdict rule says so; a comparison with an arm short of its
+    planned seeds reads "not assessed", one with too few seeds "underpowered"."""
     from types import SimpleNamespace
 
-    from pocus_edge.train.study_report import _goal_text, _goals
+    from pocus_edge.metrics import t_interval
+    from pocus_edge.study.report import _goal_text
+    from pocus_edge.study.stats import _decide, _goals
 
     study = SimpleNamespace(options=SimpleNamespace(recipe="default"), choices=parse_arms(
-        ["lower", "mim", "contrastive_uniform", "fused_uniform", "student_uniform", "upper:3"], "default", 5))
+        ["lower", "mim", "contrastive_uniform", "fused_uniform", "student_uniform", "upper:3"], "default", 12))
     study.seeds_of = lambda choice: list(range(choice.seeds))
-    seeds = {"lower": 5, "mim": 2, "contrastive_uniform": 5, "fused_uniform": 5, "student_uniform": 5, "upper": 3}
-    dice = {"lower": 0.70, "mim": 0.75, "contrastive_uniform": 0.69, "fused_uniform": 0.74, "student_uniform": 0.725,
-            "upper": 0.80}
-    arms = {f"{a}@default": {"seeds": list(range(n)), "dice": {"mean": dice[a]}} for a, n in seeds.items()}
+    n = {"lower": 12, "mim": 5, "contrastive_uniform": 12, "fused_uniform": 12, "student_uniform": 12,
+         "ensemble": 12, "lower_b": 12, "upper": 3}
+    arms = {f"{a}@default": {"seeds": list(range(k)), "dice": {"mean": 0.7}} for a, k in n.items()}
+    rng = np.random.default_rng(0)
 
-    def comparison(arm, base, ci_low):
-        return {"baseline": f"{base}@default", "dice": {"mean": dice[arm] - dice[base], "ci_holm": (ci_low, 1.0)}}
+    def comparison(arm, base, effect, role="secondary"):
+        seeds = min(n[arm], n[base])
+        d = effect + rng.normal(0, 0.01, seeds)
+        return {"arm": f"{arm}@default", "baseline": f"{base}@default", "role": role, "underpowered": seeds < 10,
+                "p_signflip": __import__("pocus_edge.metrics", fromlist=["x"]).sign_flip_p_value(d),
+                "dice": {"mean": float(d.mean()), "per_seed": d.tolist(), "t_ci95": t_interval(d)}}
 
-    comparisons = {"mim@default": comparison("mim", "lower", 0.01),
-                   "contrastive_uniform@default": comparison("contrastive_uniform", "lower", -0.05),
-                   "fused_uniform@default": comparison("fused_uniform", "lower", 0.005),
-                   "student_uniform@default": comparison("student_uniform", "fused_uniform", -0.03),
-                   "upper@default": comparison("upper", "lower", 0.05)}
-    goals = _goals(study, arms, comparisons)
-    assert goals == {"mim >= lower": None, "contrastive_uniform >= lower": False,
-                     "fused_uniform >= lower + 0.03, CI excluding 0": True, "fused_uniform <= upper": True,
-                     "student_uniform >= fused_uniform - 0.01": False}
-    assert _goal_text(None).startswith("not assessed") and _goal_text(False) == "NO" and _goal_text(True) == "yes"
-    arms["student_uniform@default"]["dice"]["mean"] = 0.735  # within 0.01 of its teacher
-    comparisons["student_uniform@default"]["dice"]["mean"] = 0.735 - 0.74
-    assert _goals(study, arms, comparisons)["student_uniform >= fused_uniform - 0.01"] is True
+    comps = {"f": comparison("fused_uniform", "lower", 0.05, "primary"), "m": comparison("mim", "lower", 0.05),
+             "c": comparison("contrastive_uniform", "lower", -0.05), "e": comparison("fused_uniform", "ensemble", 0.0),
+             "s": comparison("student_uniform", "fused_uniform", 0.0)}
+    _decide(comps)
+    goals = _goals(study, arms, comps)
+    assert goals["fused_uniform >= lower + 0.03 (seed-level test, CI excluding 0)"] is True
+    assert goals["mim >= lower"] == "not assessed: fewer seeds than planned"
+    assert goals["contrastive_uniform >= lower"] is False
+    assert goals["fused_uniform > ensemble of two lower-bound models"] == "inconclusive"
+    assert goals["student_uniform >= fused_uniform - 0.01"] is True  # interval well within -0.01
+    assert _goal_text(True) == "met" and _goal_text(False) == "NOT met" and _goal_text("inconclusive") == "inconclusive"
+    # The family: Holm over the three secondary comparisons with >= 10 seeds (not mim's 5).
+    assert comps["c"]["family_size"] == 3 and comps["m"]["verdict"] == "underpowered"
+
+
+def test_sizing_reads_an_earlier_study_and_prints_the_seeds_needed(tmp_path):
+    from pocus_edge.metrics import minimal_detectable_effect, seeds_needed
+    from pocus_edge.study.run import format_sizing
+    from pocus_edge.study.stats import sizing
+
+    earlier = {"comparisons": {"fused@default": {"baseline": "lower@default",
+                                                 "dice": {"per_seed": [0.2, -0.1, 0.05, 0.3, 0.0]}}}}
+    rows = sizing(earlier, planned_seeds=10)
+    sd = float(np.std([0.2, -0.1, 0.05, 0.3, 0.0], ddof=1))
+    assert rows[0]["sd"] == pytest.approx(sd) and rows[0]["comparison"] == "fused@default vs lower@default"
+    assert rows[0]["needed"] == {0.03: seeds_needed(0.03, sd), 0.05: seeds_needed(0.05, sd)}
+    assert rows[0]["mde_planned"] == pytest.approx(minimal_detectable_effect(sd, 10))
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    text = format_sizing(path, 10)
+    assert f"SD {sd:.3f} over 5 seeds" in text and f"0.05: {seeds_needed(0.05, sd)} seeds" in text
+    with pytest.raises(ConfigError, match="no comparison"):
+        bad = tmp_path / "none.json"
+        bad.write_text("{}")
+        format_sizing(bad, 10)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -170,7 +171,10 @@ def test_finetune_end_to_end_and_recipes_in_the_card(sites, encoders, tmp_path):
     d = finetune(source, tmp_path / "con_paper", init=con.encoder_path, recipe="paper", max_steps=2, **FAST)
     assert c.card["hyperparameters"]["weight_decay"] == 0.05 and d.card["hyperparameters"]["weight_decay"] == 0.1
     assert c.card["hyperparameters"]["momentum"] == 0.99 and c.card["hyperparameters"]["optimizer"] == "sgd"
-    assert [g["group"] for g in c.card["hyperparameters"]["param_groups"]] == ["all"]
+    # Decay on every parameter at one learning rate: the encoder and decoder groups differ in name only.
+    paper_groups = c.card["hyperparameters"]["param_groups"]
+    assert [g["group"] for g in paper_groups] == ["encoder", "decoder"]
+    assert {(g["lr"], g["weight_decay"]) for g in paper_groups} == {(paper_groups[0]["lr"], 0.05)}
     assert c.card["hyperparameters"]["train.grad_clip"] == 1.0
     seen = sites_seen(a.card)
     assert [e["role"] for e in seen] == ["ssl-images-only", "supervised"]
@@ -351,10 +355,10 @@ def test_lr_schedule_formula():
 
 
 def test_evaluate_reports_match_independent_computation(sites, encoders, tmp_path):
+    from pocus_edge.data.transforms import preprocess_frame, preprocess_mask
     from pocus_edge.metrics import dice_iou_per_image, wilcoxon_p
     from pocus_edge.models.fusion import fuse
     from pocus_edge.models.weights import build_segmenter
-    from pocus_edge.data.transforms import preprocess_frame, preprocess_mask
 
     source, target = sites
     mim, con = encoders
@@ -380,6 +384,18 @@ def test_evaluate_reports_match_independent_computation(sites, encoders, tmp_pat
     assert summary["models"]["g"]["dice_mean"] == pytest.approx(float(res.dice["g"].mean()))
     assert summary["manifest_sha256"] == site.manifest_sha256()
     assert len(list((tmp_path / "ev" / "overlays").glob("*.png"))) == 2 * 4
+    # A checkpoint whose card flags "did not train" is marked in the table and the summary.
+    from pocus_edge.models.weights import read_checkpoint, save_checkpoint
+
+    state, card = read_checkpoint(b.model_path)
+    card["hyperparameters"]["did_not_train"] = True
+    save_checkpoint(tmp_path / "flat" / "model.safetensors", state, card)
+    flagged = evaluate(target, [a.model_path, tmp_path / "flat" / "model.safetensors"], tmp_path / "ev2",
+                       device="cpu", overlays=0)
+    assert flagged.did_not_train == {"g": a.did_not_train, "flat": True}
+    assert "flat **(did not train)**" in flagged.table()
+    assert ("g **(did not train)**" in flagged.table()) is bool(a.did_not_train)  # two steps: its own flag
+    assert json.loads((tmp_path / "ev2" / "summary.json").read_text())["models"]["flat"]["did_not_train"] is True
     with pytest.raises(TrainingError, match="exactly two models"):
         evaluate(target, [a.model_path], fusion=["entropy"], device="cpu")
 
@@ -448,10 +464,10 @@ def test_default_recipe_moves_the_encoder_and_paper_recipe_shrinks_it(sites, tmp
 
 def test_parameter_groups_follow_the_recipe():
     from pocus_edge.models.transunet import TransUNet
-    from pocus_edge.train.recipes import finetune_groups, is_no_decay
+    from pocus_edge.train.recipes import is_no_decay, parameter_groups
 
     model = TransUNet(model_preset("tiny"))
-    groups = finetune_groups(model, weight_decay=0.05, encoder_lr_scale=0.1, decay_all_parameters=False,
+    groups = parameter_groups(model, weight_decay=0.05, encoder_lr_scale=0.1, decay_all_parameters=False,
                              decoder_only_steps=7)
     named = dict(model.named_parameters())
     by_id = {id(p): n for n, p in named.items()}
@@ -466,9 +482,10 @@ def test_parameter_groups_follow_the_recipe():
         assert g.hold_steps == (7 if g.name.startswith("encoder") else 0)
     assert seen == set(named)  # every parameter in exactly one group
     assert "encoder.pos_embed" in {by_id[id(p)] for g in groups if g.name == "encoder-no-decay" for p in g.params}
-    paper = finetune_groups(model, weight_decay=0.05, encoder_lr_scale=1.0, decay_all_parameters=True,
+    paper = parameter_groups(model, weight_decay=0.05, encoder_lr_scale=1.0, decay_all_parameters=True,
                             decoder_only_steps=0)
-    assert len(paper) == 1 and len(paper[0].params) == len(named)
+    assert sum(len(g.params) for g in paper) == len(named)
+    assert all(g.weight_decay == 0.05 and g.lr_scale == 1.0 and g.hold_steps == 0 for g in paper)
 
 
 def test_decoder_only_steps_hold_the_encoder_then_release_it(sites, tmp_path):
@@ -584,16 +601,47 @@ def test_config_coercion_reads_types_without_evaluating_text():
         apply_overrides(TrainConfig(), {"max_steps": 2.5})
 
 
-def test_mim_mask_grid_is_seven_by_seven_at_any_size():
+def test_mim_mask_cells_are_whole_tokens_at_every_size():
     from pocus_edge.config import MIMConfig
+    from pocus_edge.errors import ConfigError
     from pocus_edge.models.heads import MaskGenerator
     from pocus_edge.train.mim import resolve_mask_cell
 
-    for size, cell in ((224, 32), (128, 19), (64, 10)):
+    # The paper's 7x7 grid of 32-px cells at 224; elsewhere ceil(size / 7) rounded to whole 16-px
+    # tokens (19 -> 16 at 128, 10 -> 16 at 64), so no cell straddles a token.
+    for size, cell, side in ((224, 32, 7), (128, 16, 8), (64, 16, 4)):
         cfg = resolve_mask_cell(size, MIMConfig())
         gen = MaskGenerator(size, cfg)
-        assert (cfg.mask_cell, gen.cells_per_side, gen.num_masked) == (cell, 7, 30)
+        assert (cfg.mask_cell, gen.cells_per_side) == (cell, side)
+        assert gen.num_masked == math.ceil(side * side * 0.6 - 1e-9)
         mask, _ = gen(2, generator=torch.Generator().manual_seed(0))
-        # 30 of 49 cells masked: the masked share of pixels is near 30/49 (partial last cells aside).
-        assert abs(float(mask.mean()) - 30 / 49) < 0.1
+        tokens = mask[:, 0].unfold(1, 16, 16).unfold(2, 16, 16)  # (N, g, g, 16, 16)
+        assert torch.all(tokens.amin(dim=(-1, -2)) == tokens.amax(dim=(-1, -2)))  # every token all-or-nothing
+        assert abs(float(mask.mean()) - gen.num_masked / gen.num_cells) < 1e-6
+    with pytest.raises(ConfigError, match="multiple of the 16-px token"):
+        resolve_mask_cell(128, MIMConfig(mask_cell=19))
     assert resolve_mask_cell(128, MIMConfig(mask_cell=32)).mask_cell == 32
+
+
+def test_did_not_train_flag_rests_on_the_first_validation_and_survives_resume(sites, tmp_path):
+    from pocus_edge.models.weights import read_checkpoint
+
+    source, _ = sites
+    res = finetune(source, tmp_path / "run", max_steps=4, batch_size=8, epochs=2, **FAST)
+    rows = [r for r in csv.DictReader(open(res.out_dir / engine.LOG_CSV)) if r["phase"] == "val"]
+    first = float(rows[0]["val_dice"])
+    assert res.first_val_dice == pytest.approx(first)
+    assert res.did_not_train == (first < engine.DID_NOT_TRAIN_DICE)
+    card = read_checkpoint(res.model_path)[1]["hyperparameters"]
+    assert card["first_val_dice"] == pytest.approx(first) and card["did_not_train"] == res.did_not_train
+
+    # The rule itself, on a stage whose validation reports a chosen Dice: a later, better
+    # validation does not clear the flag, and a resumed run keeps the first figure.
+    for dice, flagged in ((0.05, True), (0.5, False)):
+        state = engine.RunState(8, 8, 1, 1, 1)
+        state.first_val_dice = dice
+        assert state.did_not_train is flagged and state.train_check() == {"first_val_dice": dice,
+                                                                          "did_not_train": flagged}
+    assert engine.RunState(8, 8, 1, 1, 1).did_not_train is None
+    more = finetune(source, tmp_path / "run", max_steps=8, batch_size=8, epochs=4, resume=True, **FAST)
+    assert more.first_val_dice == pytest.approx(first)

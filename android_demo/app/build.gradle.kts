@@ -3,6 +3,8 @@ plugins {
     id("org.jetbrains.kotlin.android")
 }
 
+val onnxruntimeVersion: String = rootProject.file("onnxruntime.version").readText().trim()
+
 android {
     namespace = "org.pocusedge.demo"
     compileSdk = 34
@@ -32,12 +34,14 @@ android {
 
     androidResources {
         // The model is memory-read from the APK: keep it uncompressed.
-        noCompress += "onnx"
+        noCompress += listOf("onnx", "ort")
     }
 }
 
 dependencies {
     implementation(project(":core"))
-    // ONNX Runtime Mobile/Android (CPU; NNAPI/XNNPACK execution providers available).
-    implementation("com.microsoft.onnxruntime:onnxruntime-android:1.19.2")
+    // ONNX Runtime Mobile/Android (CPU; NNAPI/XNNPACK execution providers available). Its version
+    // lives in one file, which CI also reads to load every exported artifact in that same
+    // onnxruntime (make app-runtime-test).
+    implementation("com.microsoft.onnxruntime:onnxruntime-android:$onnxruntimeVersion")
 }

@@ -8,7 +8,7 @@
 
 from .compare import compare_reports, load_devices, load_report, match_device, peak_for, render_comparison
 from .formats import AGREEMENT_BARS, BASELINE, FORMATS, FormatSpec, Prepared
-from .machine import describe_machine, probe_matmul, probe_matmul_gflops
+from .machine import describe_machine, probe_matmul
 from .runner import BenchmarkOptions, render_report, run_benchmark, run_format
 from .schema import REPORT_SCHEMA, SCHEMA_VERSION, validate_report
 
@@ -28,7 +28,6 @@ __all__ = [
     "match_device",
     "peak_for",
     "probe_matmul",
-    "probe_matmul_gflops",
     "render_comparison",
     "render_report",
     "run_benchmark",

@@ -146,9 +146,8 @@ def compare_reports(reports: Sequence[dict[str, Any]], labels: Sequence[str] | N
 def render_comparison(comparison: dict[str, Any], console=None) -> None:
     """Print the comparison as two rich tables (machines, then formats side by side)."""
     from rich.console import Console
-    from rich.table import Table
-
     from rich.markup import escape
+    from rich.table import Table
 
     from .runner import fmt_fps
 

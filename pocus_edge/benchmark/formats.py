@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import os
 import platform
 import shutil
 from dataclasses import dataclass, field
@@ -494,8 +493,3 @@ def resolve_formats(names: list[str] | None, registry: dict[str, FormatSpec] | N
     if unknown:
         raise ConfigError(f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     return [registry[n] for n in registry if n in names]
-
-
-def env_threads() -> int | None:
-    value = os.environ.get("OMP_NUM_THREADS")
-    return int(value) if value and value.isdigit() else None

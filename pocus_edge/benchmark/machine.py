@@ -396,12 +396,6 @@ def probe_matmul(device: str = "cpu", *, size: int | None = None, seconds: float
     return {"gflops": rates, "engine": engines}
 
 
-def probe_matmul_gflops(device: str = "cpu", *, size: int | None = None, seconds: float = 0.3,
-                        threads: int | None = None) -> dict[str, float]:
-    """``probe_matmul(...)["gflops"]``: the measured matmul rate per precision."""
-    return probe_matmul(device, size=size, seconds=seconds, threads=threads)["gflops"]
-
-
 def device_label(machine: dict[str, Any], device: str) -> str:
     """The name a report's device goes by: the GPU's for CUDA runs, the CPU model's otherwise."""
     if device.startswith("cuda") and machine.get("gpu"):

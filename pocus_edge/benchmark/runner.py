@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import datetime as _dt
+import importlib.util
 import math
 import signal
 import sys
@@ -38,10 +38,18 @@ import numpy as np
 
 from ..errors import ConfigError, DataError, PocusError
 from ..metrics import THRESHOLD
-from .formats import AGREEMENT_BARS, BASELINE, STUDENT_BASELINE, STUDENT_FORMATS, BenchContext, FormatSpec, Prepared, resolve_formats
+from .formats import (
+    AGREEMENT_BARS,
+    BASELINE,
+    STUDENT_BASELINE,
+    STUDENT_FORMATS,
+    BenchContext,
+    FormatSpec,
+    Prepared,
+    resolve_formats,
+)
 from .machine import describe_machine, device_label, load_average, probe_matmul
 from .schema import SCHEMA_VERSION, row_label, validate_report
-
 
 
 @dataclass
@@ -177,18 +185,22 @@ class _RssSampler:
         self.baseline = self.read()
 
     @staticmethod
-    def read() -> int:
+    def read() -> int | None:
+        """Resident bytes now (Linux /proc), else the peak so far (ru_maxrss, macOS/BSD), else
+        None where neither exists (Windows: the row's memory stays unmeasured)."""
         try:
             with open("/proc/self/statm") as fh:
                 return int(fh.read().split()[1]) * _page_size()
         except (OSError, ValueError, IndexError):
-            import resource
-
+            try:
+                import resource
+            except ImportError:  # Windows
+                return None
             scale = 1 if sys.platform == "darwin" else 1024
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self.baseline is not None:
             self.peak = max(self.peak, self.read())
             self._stop.wait(self.interval)
 
@@ -202,11 +214,12 @@ class _RssSampler:
         self._stop.set()
         if self._thread:
             self._thread.join()
-        self.peak = max(self.peak, self.read())
+        if self.baseline is not None:
+            self.peak = max(self.peak, self.read())
 
     @property
-    def delta(self) -> int:
-        return max(0, self.peak - self.baseline)
+    def delta(self) -> int | None:
+        return None if self.baseline is None else max(0, self.peak - self.baseline)
 
 
 def _page_size() -> int:
@@ -384,7 +397,7 @@ def run_format(
             row["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(ctx.device))
             row["memory_kind"] = "cuda_max_allocated"
         else:
-            row["peak_memory_bytes"] = int(sampler.delta)
+            row["peak_memory_bytes"] = sampler.delta
             row["memory_kind"] = "rss_delta"
         if row["agreement_dice"] is not None and row["agreement_dice"] < spec.agreement_bar:
             row.update(

@@ -1,4 +1,4 @@
-"""JSON schema of a benchmark report (what `pocus-edge benchmark --json` writes and `compare`
+"""JSON schema of a benchmark report (what `pocus-edge benchmark --report` writes and `compare`
 reads). Kept in the package so that the writer, the reader and the tests share one definition."""
 
 from __future__ import annotations

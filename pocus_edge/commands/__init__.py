@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "export": "export",
     "golden": "golden",
     "stream": "runtime",
+    "serve": "serve",
     "benchmark": "bench",
     "study": "study",
     "flops": "flops",
@@ -117,7 +118,7 @@ class LazyCommands(MutableMapping):
 class LazyCommandGroup(typer.core.TyperGroup):
     """Root group of ``pocus-edge``: commands from :data:`COMMANDS`, imported on demand. A
     command that fails because an optional dependency is missing ends in one line naming the
-    extra that provides it (:class:`pocus_edge.extras.MissingExtra`, exit 2)."""
+    extra that provides it (:class:`pocus_edge.extras.MissingExtra`, exit 3)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

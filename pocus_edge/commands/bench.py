@@ -10,7 +10,17 @@ from typing import Optional
 
 import typer
 
-from ..errors import ConfigError
+from ..errors import CheckFailed, ConfigError
+from .options import (
+    DEVICE_HELP,
+    CompileMode,
+    FusionFormula,
+    FusionMethod,
+    FusionNorm,
+    Preset,
+    complete_device,
+    resolve_device,
+)
 
 
 def _int_list(text: str, option: str) -> tuple[int, ...]:
@@ -40,7 +50,8 @@ def register(app: typer.Typer) -> None:
             "students only).\n\n"
             "`pocus-edge benchmark frontier REPORT.json --dice STUDY.json` draws target Dice against FPS "
             "for every model and format, with the frontier.\n\n"
-            "`pocus-edge benchmark compare A.json B.json` sets machines side by side."
+            "`pocus-edge benchmark compare A.json B.json` sets machines side by side.\n\n"
+            "Exit status 1 when a row failed (its reason is in the table and the report), 0 when every row ran or was skipped."
         ),
         invoke_without_command=True,
         no_args_is_help=False,
@@ -53,7 +64,7 @@ def register(app: typer.Typer) -> None:
         contrastive: Optional[Path] = typer.Option(None, "--contrastive", "-c", help="Fine-tuned contrastive branch checkpoint (.safetensors)."),
         model: Optional[Path] = typer.Option(None, "--model", "-m", help="An exported model to benchmark as it is (.onnx, OpenVINO .xml, TensorRT engine): no checkpoints or torch needed."),
         data: Optional[Path] = typer.Option(None, "--data", "-d", help="Target site folder: Dice/IoU on its labeled test frames. Without it: random frames, no Dice/IoU."),
-        preset: Optional[str] = typer.Option(None, "--preset", "-p", help="paper | small | tiny: random weights of this preset when no checkpoints are given (speed only)."),
+        preset: Optional[Preset] = typer.Option(None, "--preset", help="paper | small | tiny: random weights of this preset when no checkpoints are given (speed only)."),
         formats: Optional[str] = typer.Option(None, "--formats", "-f", help="Comma-separated subset, e.g. eager-2model,fused-bf16,onnx-int8 (default: all). See --list-formats."),
         batch: str = typer.Option("1,8", "--batch", "-b", help="Comma-separated batch sizes to time."),
         runs: int = typer.Option(20, "--runs", "-n", min=1, help="Timed calls per batch size (fewer if --time-per-batch runs out first, never under 3)."),
@@ -61,21 +72,30 @@ def register(app: typer.Typer) -> None:
         time_per_batch: float = typer.Option(30.0, "--time-per-batch", help="Seconds of timing per batch size before stopping early."),
         format_timeout: float = typer.Option(600.0, "--format-timeout", help="Hard limit in seconds per format (setup, evaluation and timing); the row then fails and the next one runs."),
         max_frames: int = typer.Option(32, "--max-frames", min=1, help="Evaluate on at most this many labeled test frames."),
-        device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N."),
+        device: str = typer.Option("auto", "--device", help=DEVICE_HELP, autocompletion=complete_device),
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads for torch and onnxruntime (default: the libraries' own)."),
-        method: str = typer.Option("entropy", help="Fusion confidence: entropy | margin | average."),
-        norm: str = typer.Option("image", help="Confidence normalization: image (per frame, streaming) | batch (released code)."),
-        formula: str = typer.Option("weighted", help="Fusion formula: weighted (released code) | paper."),
-        compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile mode (default: reduce-overhead on CUDA = CUDA graphs, default on CPU)."),
+        fusion: FusionMethod = typer.Option("entropy", "--fusion", help="Fusion confidence: entropy | margin | average."),
+        fusion_norm: FusionNorm = typer.Option("image", "--fusion-norm", help="Confidence normalization: image (per frame, streaming) | batch (released code)."),
+        fusion_formula: FusionFormula = typer.Option("weighted", "--fusion-formula", help="Fusion formula: weighted (released code) | paper."),
+        compile_mode: Optional[CompileMode] = typer.Option(None, "--compile-mode", help="torch.compile mode (default: reduce-overhead on CUDA = CUDA graphs, default on CPU)."),
         device_name: Optional[str] = typer.Option(None, "--device-name", help="Name recorded for this device (matches devices.yaml in `compare`), e.g. 'Jetson Orin Nano Super'."),
-        providers: Optional[str] = typer.Option(None, "--providers", help="onnxruntime execution providers for the ONNX rows, in priority order: cpu, cuda, tensorrt, openvino, coreml (those installed; CPU is always the fallback)."),
+        providers: Optional[str] = typer.Option(None, "--providers", help=(
+            "onnxruntime execution providers for the ONNX rows, in priority order: cpu, cuda, tensorrt, openvino, "
+            "coreml (those installed; CPU is always the fallback)."
+        )),
         hostname: bool = typer.Option(False, "--hostname", help="Record this machine's hostname in the report (left out by default)."),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report here (updated after every format, atomically)."),
+        report_path: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here (updated after every format, atomically)."),
         workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keep exported artifacts here (default: a temporary folder)."),
         list_formats: bool = typer.Option(False, "--list-formats", help="List the formats and exit."),
-        student: Optional[str] = typer.Option(None, "--student", "-s", help="Compact student(s) to add, random weights: comma-separated names (mobilenetv3, efficientvit, fastvit) or 'all'. Their rows carry their name."),
+        student: Optional[str] = typer.Option(None, "--student", "-s", help=(
+            "Compact student(s) to add, random weights: comma-separated names (mobilenetv3, efficientvit, fastvit) "
+            "or 'all'. Their rows carry their name."
+        )),
         student_checkpoint: Optional[list[Path]] = typer.Option(None, "--student-checkpoint", help="A trained student checkpoint (.safetensors with a 'kind: student' card); repeatable."),
-        student_preset: Optional[str] = typer.Option(None, "--student-preset", help="Preset of the random-weight students (default: --preset, else the teacher checkpoints' preset, else paper = 224 px)."),
+        student_preset: Optional[Preset] = typer.Option(None, "--student-preset", help=(
+            "Preset of the random-weight students (default: --preset, else the teacher checkpoints' preset, else "
+            "paper = 224 px)."
+        )),
         teacher: bool = typer.Option(True, "--teacher/--no-teacher", help="Measure the fused teacher (default) or only the students."),
         model_name: Optional[str] = typer.Option(None, "--model-name", help="With --model: the name its rows carry (e.g. generative for an exported branch; default from its card)."),
     ) -> None:
@@ -110,11 +130,11 @@ def register(app: typer.Typer) -> None:
             time_per_batch_s=time_per_batch,
             format_timeout_s=format_timeout,
             max_frames=max_frames,
-            device=device,
+            device=resolve_device(device, "torch"),
             threads=threads,
-            method=method,
-            norm=norm,
-            formula=formula,
+            method=fusion,
+            norm=fusion_norm,
+            formula=fusion_formula,
             compile_mode=compile_mode,
             device_name=device_name,
             providers=[p.strip() for p in providers.split(",") if p.strip()] if providers else None,
@@ -135,22 +155,25 @@ def register(app: typer.Typer) -> None:
 
         def on_row(row, report) -> None:
             note = "" if row["status"] == "ok" else f": {row['reason']}"
-            fps = ", ".join(f"b{l['batch']} {fmt_fps(l['fps'])} FPS" for l in row["latency"])
+            fps = ", ".join(f"b{lat['batch']} {fmt_fps(lat['fps'])} FPS" for lat in row["latency"])
             console.print(f"    {row_label(row)}: {row['status']}{note} {fps}", markup=False, highlight=False)
-            if json_out:
-                write_json_atomic(json_out, report)
+            if report_path:
+                write_json_atomic(report_path, report)
 
         report = run_benchmark(opts, on_row=on_row, on_start=on_start)
-        if json_out:
-            write_json_atomic(json_out, report)
+        if report_path:
+            write_json_atomic(report_path, report)
         render_report(report, console)
-        if json_out:
-            console.print(f"report: {json_out}")
+        if report_path:
+            console.print(f"report: {report_path}")
+        failed = [row_label(r) for r in report["rows"] if r["status"] == "failed"]
+        if failed:
+            raise CheckFailed(f"{len(failed)} of {len(report['rows'])} benchmark rows failed: {', '.join(failed)}")
 
     @bench_app.command("compare")
     def compare(
-        reports: list[Path] = typer.Argument(..., help="Benchmark JSON reports (from `pocus-edge benchmark --json`); the first is the reference for ratios."),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the comparison as JSON."),
+        reports: list[Path] = typer.Argument(..., help="Benchmark JSON reports (from `pocus-edge benchmark --report`); the first is the reference for ratios."),
+        report_path: Optional[Path] = typer.Option(None, "--report", help="Also write the comparison as JSON."),
     ) -> None:
         """Reports from several machines side by side: FPS, ratio to the first report, compute floor
         (GFLOPs per frame / the device's peak rate from devices.yaml) and the measured fraction of peak."""
@@ -163,12 +186,12 @@ def register(app: typer.Typer) -> None:
         comparison = compare_reports(loaded, labels=[p.stem for p in reports])
         console = Console(width=max(Console().width, 160) if not sys.stdout.isatty() else None)
         render_comparison(comparison, console)
-        if json_out:
-            write_json_atomic(json_out, comparison)
+        if report_path:
+            write_json_atomic(report_path, comparison)
 
     @bench_app.command("plot")
     def plot(
-        reports: list[Path] = typer.Argument(..., help="Benchmark JSON reports (from `pocus-edge benchmark --json`), one bar colour each."),
+        reports: list[Path] = typer.Argument(..., help="Benchmark JSON reports (from `pocus-edge benchmark --report`), one bar colour each."),
         out: Path = typer.Option(Path("benchmark.png"), "--out", "-o", help="Figure path (.png, .svg or .pdf)."),
         batch: int = typer.Option(1, "--batch", "-b", min=1, help="Batch size whose FPS is drawn."),
     ) -> None:
@@ -183,8 +206,11 @@ def register(app: typer.Typer) -> None:
 
     @bench_app.command("frontier")
     def frontier(
-        reports: list[Path] = typer.Argument(..., help="Benchmark JSON reports (from `pocus-edge benchmark --json`): FPS per model and format."),
-        dice: Optional[list[Path]] = typer.Option(None, "--dice", help="Target Dice per model (JSON: {\"models\": {NAME: DICE or {dice, ci}}}, or a study report with per-arm Dice and CI); repeatable."),
+        reports: list[Path] = typer.Argument(..., help="Benchmark JSON reports (from `pocus-edge benchmark --report`): FPS per model and format."),
+        dice: Optional[list[Path]] = typer.Option(None, "--dice", help=(
+            "Target Dice per model (JSON: {\"models\": {NAME: DICE or {dice, ci}}}, or a study report with per-arm "
+            "Dice and CI); repeatable."
+        )),
         as_: Optional[list[str]] = typer.Option(None, "--as", help="ARM=MODEL: a study arm's name -> the benchmark's model name (the teacher is 'fused', a student its name)."),
         out: Path = typer.Option(Path("frontier.png"), "--out", "-o", help="Figure path (.png, .svg or .pdf)."),
         batch: int = typer.Option(1, "--batch", "-b", min=1, help="Batch size whose FPS is drawn."),

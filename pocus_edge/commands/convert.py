@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from .options import ConvertStage
+
 
 def register(app: typer.Typer) -> None:
     @app.command("convert")
@@ -16,7 +18,7 @@ def register(app: typer.Typer) -> None:
             "a training checkpoint with model_state_dict, or a pretrained encoder."
         ),
         out: Path = typer.Option(..., "--out", "-o", help="The .safetensors checkpoint to write (atomically)."),
-        stage: Optional[str] = typer.Option(
+        stage: Optional[ConvertStage] = typer.Option(
             None, "--stage",
             help="Stage recorded in the model card: finetune (default for a full model) or baseline; for an encoder "
             "(required): pretrain-mim or pretrain-contrastive.",

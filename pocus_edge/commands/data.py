@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from .options import Domain, EmptySlices
 
 
 def _parse_fractions(text: str) -> tuple[float, float, float]:
@@ -41,12 +42,12 @@ def register(app: typer.Typer) -> None:
         view_from: Optional[str] = typer.Option(
             None, help="Regular expression for the view (dorsal, volar, ...) in the relative path; its first group is kept."
         ),
-        empty_slices: str = typer.Option(
-            "unlabeled",
+        empty_slices: EmptySlices = typer.Option(
+            "unlabeled", "--empty-slices",
             help="Frames whose label slice is all zero: 'unlabeled' (sparse annotation, the usual ITK-SNAP case) or "
             "'background' (every frame was annotated; an empty slice means no bone).",
         ),
-        overwrite: bool = typer.Option(False, help="Replace OUT if it already holds a site."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it already holds a site."),
     ) -> None:
         """Turn cine videos (+ optional ITK-SNAP segmentations) into a site folder; nothing is written on error."""
         from ..data.importer import import_summary, import_videos
@@ -73,8 +74,8 @@ def register(app: typer.Typer) -> None:
     @app.command("split")
     def split(
         site: Path = typer.Argument(..., help="Site folder (Images/, Masks/, manifest.csv); its manifest is rewritten."),
-        domain: str = typer.Option(
-            ...,
+        domain: Domain = typer.Option(
+            ..., "--domain",
             help="source: train/val/test by patient (labeled probe). target: SSL train / labeled test by patient, "
             "plus the upper-bound baseline's ub_split train/val (unlabeled deployment probe).",
         ),

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from .options import ExportTarget, FusionFormula, FusionMethod, FusionNorm, Precision
+
 
 def _frame_shape(text: Optional[str]) -> Optional[tuple[int, int]]:
     if text is None:
@@ -26,19 +28,31 @@ def register(app: typer.Typer) -> None:
     def export(
         generative: Optional[Path] = typer.Option(None, "--generative", "-g", help="Fine-tuned generative (MIM) branch checkpoint (RUN/model.safetensors)."),
         contrastive: Optional[Path] = typer.Option(None, "--contrastive", "-c", help="Fine-tuned contrastive branch checkpoint (RUN/model.safetensors)."),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-k", help="Instead of -g/-c: ONE network, exported without fusion (output 'prob'): a compact student checkpoint (card 'kind: student'; exported in its reparameterized inference form, its config in the card) or one fine-tuned branch."),
-        target: str = typer.Option("onnx", "--target", "-t", help="onnx | tensorrt | openvino | coreml."),
-        out: Path = typer.Option(..., "--out", "-o", help="Output: *.onnx (onnx), *.engine (tensorrt; its precision-explicit ONNX and its .json card go next to it), *.xml (openvino, + .bin), *.mlpackage (coreml)."),
-        precision: str = typer.Option("fp32", "--precision", "-p", help="fp32 | fp16 | int8 (onnx, tensorrt); fp32 | bf16 | int8 (openvino); fp16 (coreml). int8 needs --calib."),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-k", help=(
+            "Instead of -g/-c: ONE network, exported without fusion (output 'prob'): a compact student checkpoint "
+            "(card 'kind: student'; exported in its reparameterized inference form, its config in the card) or one "
+            "fine-tuned branch."
+        )),
+        target: ExportTarget = typer.Option("onnx", "--target", "-t", "--format", help=(
+            "The deployment target: onnx | tensorrt | openvino | coreml | ort (ORT format for onnxruntime minimal "
+            "builds; --format is the same option). Here "
+            "--target is a format, not the target site."
+        )),
+        out: Path = typer.Option(..., "--out", "-o", help=(
+            "Output: *.onnx (onnx), *.engine (tensorrt; its precision-explicit ONNX and its .json card go next to "
+            "it), *.xml (openvino, + .bin), *.mlpackage (coreml), *.ort (ort; its .onnx and "
+            "NAME.required_operators.config go next to it)."
+        )),
+        precision: Precision = typer.Option("fp32", "--precision", "-p", help="fp32 | fp16 | int8 (onnx, tensorrt, ort); fp32 | bf16 | int8 (openvino); fp16 (coreml). int8 needs --calib."),
         calib: Optional[Path] = typer.Option(None, "--calib", help="TARGET site folder: its unlabeled frames calibrate int8 (masks are never read); its test split also serves the parity check."),
         calib_frames: int = typer.Option(64, "--calib-frames", help="Number of calibration frames drawn from the site's train split."),
-        batch: int = typer.Option(1, "--batch", help="Fixed batch size of the graph (ignored with --dynamic-batch)."),
+        batch: int = typer.Option(1, "--batch", "-b", help="Fixed batch size of the graph (ignored with --dynamic-batch)."),
         dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Dynamic batch axis 1..--max-batch instead of a fixed batch."),
         max_batch: int = typer.Option(8, "--max-batch", help="Largest batch of a dynamic graph / TensorRT optimization profile."),
         uint8_input: bool = typer.Option(False, "--uint8-input", help="Graph input is uint8 grayscale (N,1,S,S): /255 and channel repeat happen in the graph (ONNX/TensorRT)."),
-        fusion: str = typer.Option("entropy", "--fusion", help="Confidence: entropy | margin | average."),
-        fusion_norm: str = typer.Option("image", "--fusion-norm", help="image (per frame, batch-independent; default) | batch (released code)."),
-        fusion_formula: str = typer.Option("weighted", "--fusion-formula", help="weighted (released code) | paper (1/2 of the weighted sum)."),
+        fusion: FusionMethod = typer.Option("entropy", "--fusion", help="Confidence: entropy | margin | average."),
+        fusion_norm: FusionNorm = typer.Option("image", "--fusion-norm", help="image (per frame, batch-independent; default) | batch (released code)."),
+        fusion_formula: FusionFormula = typer.Option("weighted", "--fusion-formula", help="weighted (released code) | paper (1/2 of the weighted sum)."),
         branches: bool = typer.Option(False, "--branches", help="Also output each branch's probability and normalized confidence."),
         parity_site: Optional[Path] = typer.Option(None, "--parity-site", help="Site whose test frames the parity check uses (default: --calib; else random frames)."),
         parity_frames: int = typer.Option(8, "--parity-frames", help="Number of frames in the parity check."),
@@ -59,9 +73,9 @@ def register(app: typer.Typer) -> None:
         or 11.x) on the GPU that will run it. The artifact is written only after its parity check
         passed; a failed check leaves nothing under --out (its report: OUT.parity-failed.md).
 
-        Exit codes: 0 done; 2 bad input or parity failure; 3 toolchain missing here (TensorRT/CUDA,
-        OpenVINO, or macOS): for TensorRT the ONNX is still written and checked, and the trtexec
-        line is printed.
+        Exit codes (docs/cli.md): 0 done; 1 parity failure; 2 bad input; 3 toolchain missing here
+        (TensorRT/CUDA, OpenVINO, or macOS): for TensorRT the ONNX is still written and checked, and
+        the trtexec line is printed.
         """
         from ..errors import ExportError
         from ..export.api import ExportOptions, ToolchainMissing, export_checkpoints

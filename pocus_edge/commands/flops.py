@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
+
+from .options import Preset
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 def register(app: typer.Typer) -> None:
     @app.command("flops")
     def flops(
-        preset: str = typer.Option("paper", help="Model preset: paper (R50-ViT-B/16 @224) | small | tiny."),
-        as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON instead of a table."),
+        preset: Preset = typer.Option("paper", "--preset", help="Model preset: paper (R50-ViT-B/16 @224) | small | tiny."),
+        as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON on stdout instead of a table."),
         set_: Optional[List[str]] = typer.Option(
             None,
             "--set",

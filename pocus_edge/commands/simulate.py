@@ -7,13 +7,15 @@ from typing import Optional
 
 import typer
 
+from .options import DataPreset, TargetTestLabels
+
 
 def register(app: typer.Typer) -> None:
     @app.command("simulate")
     def simulate(
         out: Path = typer.Argument(..., help="Output folder; OUT/source and OUT/target are written."),
-        preset: str = typer.Option(
-            "demo",
+        data_preset: DataPreset = typer.Option(
+            "demo", "--data-preset",
             help="Data set size: tiny (tests, ~430 small frames), demo (CPU demo, ~1300 frames), "
             "bench (benchmark, a few thousand frames per site), study (bench-sized, 12 fully labeled target "
             "test patients: `pocus-edge study`).",
@@ -37,8 +39,13 @@ def register(app: typer.Typer) -> None:
             None, "--target-test-patients", min=1,
             help="Target test patients (default: the preset's; 12.5 % of patients, 12 for the study preset).",
         ),
-        label_target_test: Optional[str] = typer.Option(
-            None, "--label-target-test", metavar="all|sparse",
+        shift_severity: Optional[float] = typer.Option(
+            None, "--shift-severity", min=0.0, max=1.0,
+            help="Render the target with the probe this far from the source profile to the target profile (every "
+            "knob interpolated: 0 = the source probe, 1 = the target probe; default: the target profile).",
+        ),
+        label_target_test: Optional[TargetTestLabels] = typer.Option(
+            None, "--label-target-test",
             help="all: label every frame of the target test patients (a powered test set); sparse: the paper's "
             "12.5 % like every target patient (default: the preset's; all for the study preset).",
         ),
@@ -48,18 +55,14 @@ def register(app: typer.Typer) -> None:
         from ..data.phantom import simulate as run_simulation
         from ..data.phantom import write_montage
         from ..data.splits import split_summary
-        from ..errors import ConfigError
         from ..io import check_output_dir, check_output_file
-
-        if label_target_test not in (None, "all", "sparse"):
-            raise ConfigError(f"--label-target-test must be all or sparse, got {label_target_test!r}")
 
         check_output_dir(out, what="OUT (a folder)")
         if montage is not None:
             check_output_file(montage, what="--montage (a PNG file)")
         source, target = run_simulation(
             out,
-            preset=preset,
+            preset=data_preset,
             seed=seed,
             overwrite=overwrite,
             progress=progress,
@@ -68,6 +71,7 @@ def register(app: typer.Typer) -> None:
             workers=workers,
             target_test_patients=target_test_patients,
             label_all_target_test=None if label_target_test is None else label_target_test == "all",
+            shift_severity=shift_severity,
         )
         for site in (source, target):
             labeled = sum(r.labeled for r in site.records)

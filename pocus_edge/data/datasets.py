@@ -26,14 +26,9 @@ from ..errors import DataError
 from .layout import FrameRecord, Site, read_gray_png
 from .transforms import preprocess_frame, preprocess_gray, preprocess_mask
 
-
 # preload=True keeps decoded, resized frames for the life of the process, keyed by file and size,
 # so several stages in one process (a benchmark running the whole protocol) decode each file once.
 _PRELOAD_CACHE: dict[tuple[str, int, str], np.ndarray] = {}
-
-
-def clear_preload_cache() -> None:
-    _PRELOAD_CACHE.clear()
 
 
 def _cached(path, size: int, kind: str, load) -> np.ndarray:
@@ -127,9 +122,9 @@ class UnlabeledImageDataset(_SiteFrames):
 class SegmentationDataset(_SiteFrames):
     """Labeled frames -> (image (3,S,S) float32 in [0,1], mask (1,S,S) float32 in {0,1}).
 
-    ``augment`` (e.g. :class:`pocus_edge.data.transforms.IntensityAugment`) changes the image's
-    intensities, never its geometry (the mask stays exact), with a generator seeded by (seed,
-    epoch, index)."""
+    ``augment`` (:mod:`pocus_edge.data.transforms`: ``IntensityAugment`` changes the image's
+    intensities only; ``StandardAugment`` also scales, and moves the mask with the image) draws
+    from a generator seeded by (seed, epoch, index)."""
 
     def __init__(self, site: Site, records: Sequence[FrameRecord], size: int, *, seed: int = 0,
                  preload: bool = False, preload_threads: int = 4, augment=None):
@@ -158,28 +153,81 @@ class SegmentationDataset(_SiteFrames):
 
     def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
         index, epoch = split_key(key, self.epoch)
-        image = self.image(index)
+        image, mask = self.image(index), self.mask(index)
         if self.augment is not None:
             rng = np.random.default_rng(sample_seed(self.seed, epoch, index, "intensity"))
-            gray = torch.from_numpy(self.augment(image[0].numpy(), rng))
-            image = gray.unsqueeze(0).expand(3, -1, -1).contiguous()
-        return image, self.mask(index)
+            if getattr(self.augment, "joint", False):  # a geometric augmentation moves the mask too
+                gray, moved = self.augment(image[0].numpy(), mask[0].numpy(), rng)
+                mask = torch.from_numpy(moved).unsqueeze(0)
+            else:
+                gray = self.augment(image[0].numpy(), rng)
+            image = torch.from_numpy(gray).unsqueeze(0).expand(3, -1, -1).contiguous()
+        return image, mask
+
+
+class ProbeNuisance:
+    """What changes between two probes while the anatomy stays: applied to one contrastive view
+    (a (3, S, S) gray tensor in [0, 1]), each step with probability ``p``, values drawn from
+    torch's global generator (the dataset seeds it per sample):
+
+    * PSF-like blur: Gaussian, sigma in [0.3, 1.5] px at the model's resolution;
+    * multiplicative speckle: x * (1 + sd * N(0, 1)), sd in [0.05, 0.3], one field for the 3 channels;
+    * gain: x * exp(u), u in [-0.3, 0.3];
+    * gamma: x ** exp(u), u in [-0.4, 0.4];
+
+    then clipped to [0, 1]. The ranges are generic for B-mode ultrasound, not read from any
+    probe profile."""
+
+    BLUR_SIGMA = (0.3, 1.5)
+    SPECKLE_SD = (0.05, 0.3)
+    GAIN_LOG = 0.3
+    GAMMA_LOG = 0.4
+
+    def __init__(self, p: float = 0.5):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"probe-nuisance probability must be in [0, 1], got {p}")
+        self.p = p
+
+    @staticmethod
+    def _uniform(low: float, high: float) -> float:
+        return float(low + (high - low) * torch.rand(()))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        if self.p == 0.0:
+            return x
+        if float(torch.rand(())) < self.p:
+            sigma = self._uniform(*self.BLUR_SIGMA)
+            radius = max(1, int(3.0 * sigma + 0.5))
+            x = TF.gaussian_blur(x, kernel_size=[2 * radius + 1, 2 * radius + 1], sigma=[sigma, sigma])
+        if float(torch.rand(())) < self.p:
+            sd = self._uniform(*self.SPECKLE_SD)
+            x = x * (1.0 + sd * torch.randn((1, *x.shape[1:]), dtype=x.dtype))
+        if float(torch.rand(())) < self.p:
+            x = x * float(np.exp(self._uniform(-self.GAIN_LOG, self.GAIN_LOG)))
+        if float(torch.rand(())) < self.p:
+            x = x.clamp(0.0, 1.0) ** float(np.exp(self._uniform(-self.GAMMA_LOG, self.GAMMA_LOG)))
+        return x.clamp(0.0, 1.0)
 
 
 def contrastive_transform(size: int, cfg):
     """The method's view augmentation on a (3,S,S) float tensor in [0,1]: RandomResizedCrop back to
     S (scale/ratio from ``cfg``), horizontal flip, colour jitter (brightness/contrast/saturation)
-    applied with probability ``cfg.jitter_p``."""
+    applied with probability ``cfg.jitter_p``, then :class:`ProbeNuisance` with probability
+    ``cfg.nuisance_p`` per step (0: the released code's views)."""
     from torchvision.transforms import v2
 
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(size, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio), antialias=True),
-            v2.RandomHorizontalFlip(p=cfg.flip_p),
-            v2.RandomApply([v2.ColorJitter(brightness=cfg.jitter, contrast=cfg.jitter, saturation=cfg.jitter)],
-                           p=cfg.jitter_p),
-        ]
-    )
+    steps = [
+        v2.RandomResizedCrop(size, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio), antialias=True),
+        v2.RandomHorizontalFlip(p=cfg.flip_p),
+        v2.RandomApply([v2.ColorJitter(brightness=cfg.jitter, contrast=cfg.jitter, saturation=cfg.jitter)],
+                       p=cfg.jitter_p),
+    ]
+    nuisance_p = float(getattr(cfg, "nuisance_p", 0.0))
+    if nuisance_p > 0:
+        steps.append(ProbeNuisance(nuisance_p))
+    return v2.Compose(steps)
 
 
 class ContrastivePairDataset(_SiteFrames):

@@ -16,7 +16,6 @@ and ``split`` is empty until ``pocus-edge split`` assigns one.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
 import zlib
@@ -27,6 +26,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import DataError
+from ..io import sha256_file
 
 MANIFEST = "manifest.csv"
 IMAGES = "Images"
@@ -117,14 +117,6 @@ class Site:
         if not rec.labeled:
             raise DataError(f"{self.mask_path(rec)}: frame {rec.filename!r} is unlabeled")
         return read_gray_png(self.mask_path(rec))
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_gray_png(path: str | Path) -> np.ndarray:

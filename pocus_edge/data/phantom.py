@@ -50,7 +50,16 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from ..io import atomic_path
 from .layout import MANIFEST, FrameRecord, Site, SiteWriter, load_site
-from .phantom_anatomy import SOURCE_VIEWS, TARGET_VIEWS, Patient, SweepPlan, bone_band, paint, plan_sweep, sample_patient
+from .phantom_anatomy import (
+    SOURCE_VIEWS,
+    TARGET_VIEWS,
+    Patient,
+    SweepPlan,
+    bone_band,
+    paint,
+    plan_sweep,
+    sample_patient,
+)
 from .phantom_physics import (
     Scatterers,
     Texture,
@@ -375,14 +384,21 @@ def simulate(
     workers: int = 1,
     target_test_patients: int | None = None,
     label_all_target_test: bool | None = None,
+    shift_severity: float | None = None,
 ) -> tuple[Site, Site]:
     """Write ``out/source`` and ``out/target``; returns the two loaded sites. ``workers`` > 1
     renders in that many processes (same files, faster on an idle multi-core machine).
     ``target_test_patients`` / ``label_all_target_test`` change the preset's target test (None
-    keeps it)."""
+    keeps it). ``shift_severity`` in [0, 1] renders the target with the profile that far from the
+    source profile to the target profile (:func:`.phantom_profiles.interpolate_profiles`; None =
+    the target profile itself, as 1)."""
     p = with_target_test(preset, target_test_patients, label_all_target_test)
     # Validate both profiles before writing anything.
     profiles = {"source": load_profile(source_profile), "target": load_profile(target_profile)}
+    if shift_severity is not None:
+        from .phantom_profiles import interpolate_profiles
+
+        profiles["target"] = interpolate_profiles(profiles["source"], profiles["target"], shift_severity)
     out = Path(out)
     counts = frames_per_site(p)
     from .splits import assign_splits

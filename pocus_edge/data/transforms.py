@@ -169,7 +169,59 @@ class IntensityAugment:
         return np.clip(x, 0.0, 1.0).astype(np.float32)
 
 
-AUGMENTATIONS = ("none", "intensity")
+class StandardAugment:
+    """The augmentation every arm of a comparison shares (the ``default`` fine-tuning recipe):
+    nnU-Net's published data-augmentation ranges, fixed before any probe was looked at, so it
+    carries no knowledge of the target. On a preprocessed gray frame (float32 (S, S) in [0, 1])
+    and its mask (float32 (S, S) of {0, 1}), each step with its own probability, in this order:
+
+    * scale: zoom about the centre by s in [0.7, 1.4] (p 0.2), bilinear for the frame, nearest for
+      the mask, black outside the frame (the geometry changes, so the mask follows);
+    * Gaussian noise: variance in [0, 0.1] of the [0, 1] range, here sd in [0, 0.1] (p 0.1);
+    * Gaussian blur: sigma in [0.5, 1.0] px (p 0.2);
+    * brightness: x * m, m in [0.75, 1.25] (p 0.15);
+    * contrast: (x - mean) * c + mean, c in [0.75, 1.25] (p 0.15);
+    * gamma: x ** g, g in [0.7, 1.5] (p 0.3);
+
+    then clipped to [0, 1]. ``rng`` (numpy Generator) makes a sample reproducible."""
+
+    joint = True  # changes the geometry: called with (frame, mask)
+    SCALE = (0.7, 1.4)
+    NOISE_SD = (0.0, 0.1)
+    BLUR_SIGMA = (0.5, 1.0)
+    BRIGHTNESS = (0.75, 1.25)
+    CONTRAST = (0.75, 1.25)
+    GAMMA = (0.7, 1.5)
+    P = {"scale": 0.2, "noise": 0.1, "blur": 0.2, "brightness": 0.15, "contrast": 0.15, "gamma": 0.3}
+
+    def __call__(self, gray: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        import cv2
+
+        x = np.asarray(gray, dtype=np.float32)
+        m = np.asarray(mask, dtype=np.float32)
+        if rng.random() < self.P["scale"]:
+            s = rng.uniform(*self.SCALE)
+            h, w = x.shape
+            matrix = cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), 0.0, s)
+            x = cv2.warpAffine(x, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            m = cv2.warpAffine(m, matrix, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        if rng.random() < self.P["noise"]:
+            x = x + rng.normal(0.0, rng.uniform(*self.NOISE_SD), size=x.shape).astype(np.float32)
+        if rng.random() < self.P["blur"]:
+            sigma = rng.uniform(*self.BLUR_SIGMA)
+            x = cv2.GaussianBlur(np.ascontiguousarray(x), (0, 0), sigmaX=sigma, sigmaY=sigma,
+                                 borderType=cv2.BORDER_REFLECT_101)
+        if rng.random() < self.P["brightness"]:
+            x = x * np.float32(rng.uniform(*self.BRIGHTNESS))
+        if rng.random() < self.P["contrast"]:
+            mean = np.float32(x.mean())
+            x = (x - mean) * np.float32(rng.uniform(*self.CONTRAST)) + mean
+        if rng.random() < self.P["gamma"]:
+            x = np.clip(x, 0.0, 1.0) ** np.float32(rng.uniform(*self.GAMMA))
+        return np.clip(x, 0.0, 1.0).astype(np.float32), (m > 0.5).astype(np.float32)
+
+
+AUGMENTATIONS = ("none", "intensity", "standard")
 
 
 def make_augmentation(name: str):
@@ -178,4 +230,6 @@ def make_augmentation(name: str):
         return None
     if name == "intensity":
         return IntensityAugment()
+    if name == "standard":
+        return StandardAugment()
     raise DataError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}")

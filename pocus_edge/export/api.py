@@ -80,7 +80,8 @@ class ExportResult:
             p = self.parity
             lines.append(
                 f"parity ({p['precision']}, {p['backend']}, {p['frames']['count']} frames from {p['frames']['source']}): "
-                f"max |diff| {p['max_abs_diff']:.3g} ({p['max_abs_diff_well_conditioned']:.3g} where the fusion is well conditioned), mean {p['mean_abs_diff']:.3g}, mask Dice {p['mask_dice_mean']:.4f} "
+                f"max |diff| {p['max_abs_diff']:.3g} ({p['max_abs_diff_well_conditioned']:.3g} where the fusion is well "
+                f"conditioned), mean {p['mean_abs_diff']:.3g}, mask Dice {p['mask_dice_mean']:.4f} "
                 f"-> {'PASS' if p['passed'] else 'FAIL'} ({self.parity_paths[1] if self.parity_paths else ''})"
             )
         if self.tensorrt_ops is not None:
@@ -260,7 +261,7 @@ def _onnx_names(job: _Job) -> tuple[Path, Path]:
     out = job.out
     if job.spec.target == "onnx":
         graph = out
-    elif job.spec.target == "tensorrt":
+    elif job.spec.target in ("tensorrt", "ort"):
         graph = out.with_suffix(".onnx") if out.suffix != ".onnx" else out.with_name(out.stem + ".trt.onnx")
     else:
         graph = out.with_suffix(".fp32.onnx")
@@ -380,8 +381,8 @@ def _tensorrt_engine(job: _Job) -> None:
 
 
 def _openvino_ir(job: _Job) -> None:
-    from .openvino import export_openvino
     from .onnx import read_onnx_card
+    from .openvino import export_openvino
 
     calibration = info = None
     if job.spec.precision == "int8":
@@ -441,6 +442,28 @@ def _coreml_package(job: _Job) -> None:
     job.result.artifact = job.out
 
 
+def _ort_format(job: _Job) -> None:
+    """ORT format: the precision-explicit graph (card noting the converting onnxruntime)
+    converted by onnxruntime's tool, its required-operators config beside it, parity through
+    onnxruntime loading the .ort file."""
+    import onnx
+    import onnxruntime
+
+    from .onnx import read_onnx_card, set_card
+    from .ort import config_path, convert_to_ort
+
+    proto = onnx.load_model(str(job.graph))
+    set_card(proto, {**read_onnx_card(job.graph), "ort_format": {"onnxruntime": onnxruntime.__version__}})
+    carded = job.staging / (job.out.stem + ".card.onnx")
+    onnx.save_model(proto, str(carded))
+    staged, config = convert_to_ort(carded, job.staged(job.out))
+    _check_parity(job, staged, job.out, "ort", job.spec.precision, label=f"onnxruntime {onnxruntime.__version__} (ORT format)")
+    job.keep(staged, job.out)
+    job.keep(config, config_path(job.out), intermediate=True)
+    job.promote()
+    job.result.artifact = job.out
+
+
 def _raw_frames(site, height: int, width: int, n: int, seed: int) -> tuple[np.ndarray, str]:
     """Raw probe frames of exactly (height, width): a site's test frames resized to that shape
     (real pixels), else random frames."""
@@ -471,4 +494,5 @@ STEPS: dict[str, tuple[Callable[[_Job], None], ...]] = {
     "tensorrt": (_reference, _graph, _parity_graph, _promote, _tensorrt_engine),
     "openvino": (_reference, _graph, _openvino_ir),
     "coreml": (_reference, _coreml_package),
+    "ort": (_reference, _graph, _parity_graph, _ort_format),
 }

@@ -19,7 +19,7 @@ from ..errors import ExportError
 
 @dataclass(frozen=True)
 class ArtifactFormat:
-    target: str  # onnx | tensorrt | openvino | coreml
+    target: str  # onnx | tensorrt | openvino | coreml | ort
     precision: str  # fp32 | fp16 | bf16 | int8
     backend: str  # the inference backend that runs the artifact (pocus_edge.inference.REGISTRY)
     suffix: str  # of the artifact's file name
@@ -54,6 +54,9 @@ ARTIFACTS: dict[tuple[str, str], ArtifactFormat] = {
         ArtifactFormat("tensorrt", "fp16", "tensorrt", ".engine", "fp16", "TensorRT engine from the mixed fp16 ONNX", ("tensorrt",)),
         ArtifactFormat("tensorrt", "int8", "tensorrt", ".engine", "int8-tensorrt", "TensorRT engine from the symmetric int8 Q/DQ ONNX", ("tensorrt",)),
         ArtifactFormat("coreml", "fp16", "coreml", ".mlpackage", None, "Core ML ML Program, fp16 compute, grayscale image input", ("coremltools",)),
+        ArtifactFormat("ort", "fp32", "ort", ".ort", "fp32", "ORT format (onnxruntime minimal builds) from the fp32 ONNX, + required-operators config"),
+        ArtifactFormat("ort", "fp16", "ort", ".ort", "fp16", "ORT format from the mixed fp16 ONNX, + required-operators config"),
+        ArtifactFormat("ort", "int8", "ort", ".ort", "int8-cpu", "ORT format from the int8 Q/DQ ONNX, + required-operators config"),
     )
 }
 TARGETS = tuple(dict.fromkeys(t for t, _ in ARTIFACTS))

@@ -238,7 +238,7 @@ def write_golden(
     ``extra_sizes``: output sizes besides the model's input size (preprocessing only).
     """
     if n < 1:
-        raise DataError(f"--n must be at least 1, got {n}")
+        raise DataError(f"--frames must be at least 1, got {n}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder")
@@ -318,16 +318,6 @@ def write_golden(
     }
     write_json_atomic(out / "index.json", index)
     return index
-
-
-def read_npy(path: str | Path) -> np.ndarray:
-    """Read one golden array (no pickles)."""
-    try:
-        return np.load(Path(path), allow_pickle=False)
-    except FileNotFoundError:
-        raise DataError(f"{path}: golden file not found") from None
-    except ValueError as exc:
-        raise DataError(f"{path}: not a readable .npy file ({exc})") from None
 
 
 def read_golden(golden_dir: str | Path) -> dict[str, Any]:

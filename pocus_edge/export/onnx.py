@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 
-from ..card import CARD_KEY, EXPORT_INPUT_NAME as INPUT_NAME, export_card, parse_card
+from ..card import CARD_KEY, export_card, parse_card
+from ..card import EXPORT_INPUT_NAME as INPUT_NAME
 from ..errors import ExportError
 from ..io import atomic_path, find_write_error, output_error
+from .compat import MAX_IR_VERSION, check_app_runtime, check_opset
 from .staging import staging_dir
 
 DEFAULT_OPSET = 18
@@ -80,6 +82,7 @@ def save_onnx_atomic(model_proto, path: str | os.PathLike) -> Path:
     import onnx
 
     final = Path(path)
+    check_app_runtime(model_proto, final)
     final.parent.mkdir(parents=True, exist_ok=True)
     if _initializer_bytes(model_proto) < EXTERNAL_DATA_BYTES:
         with atomic_path(final) as tmp:
@@ -126,6 +129,7 @@ def export_onnx(
 
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
+    check_opset(opset)
     if batch is not None and batch < 1:
         raise ExportError(f"batch must be >= 1, got {batch}")
     model = model.eval()
@@ -167,6 +171,9 @@ def export_onnx(
         import onnxslim
 
         proto = onnxslim.slim(proto)
+    # Stamp the IR version the app's onnxruntime reads: the exporter writes the newest its onnx
+    # knows, while the graph (opset <= 21) uses nothing newer than IR 10.
+    proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
     proto.producer_name = "pocus-edge"
     import pocus_edge
 

@@ -12,10 +12,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import ExportError
+from ..errors import ExportError, ParityFailed
 from ..io import write_json_atomic, write_text_atomic
 from ..metrics import THRESHOLD, binarize
-
 
 
 @dataclass
@@ -233,18 +232,18 @@ def write_parity(report: dict[str, Any], artifact: str | os.PathLike) -> tuple[P
 
 
 def enforce(report: dict[str, Any]) -> None:
-    """Raise ExportError (one line) when the report failed its bar."""
+    """Raise ParityFailed (an ExportError; one line, exit 1) when the report failed its bar."""
     if report["passed"]:
         return
     bar = report["bar"]
     metric = bar["metric"]
     if report.get("nonfinite_outputs"):
-        raise ExportError(
+        raise ParityFailed(
             f"{report['artifact']}: {report['precision']} parity failed: {report['nonfinite_outputs']} NaN/inf "
             f"output values (frames: {report['frames']['source']})"
         )
     limit = f"<= {bar['max']:g}" if "max" in bar else f">= {bar['min']:g}"
-    raise ExportError(
+    raise ParityFailed(
         f"{report['artifact']}: {report['precision']} parity failed: {metric} = {report[metric]:.4g}, "
         f"bar {limit} (frames: {report['frames']['source']}); nothing written under that name; see {failed_parity_paths(report['artifact'])[1].name}"
     )

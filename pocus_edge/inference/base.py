@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import ExportError
 
+
 class Backend:
     """One opened artifact (see the module docstring). Subclasses implement ``_run``; the
     registry (:mod:`.registry`) opens them."""

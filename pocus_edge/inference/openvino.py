@@ -12,7 +12,6 @@ from ..errors import ExportError, PocusError, ToolchainUnavailable
 from .base import Backend, check_segmenter_io, named_outputs
 from .flops import graph_gflops
 
-
 # The precision a card names -> OpenVINO's inference precision hint. fp32 and int8 pin f32:
 # on CPUs with native bf16 (AMX, AVX-512 BF16) the CPU plugin otherwise runs fp32 layers in bf16.
 OPENVINO_HINTS = {"fp32": "f32", "int8": "f32", "bf16": "bf16", "fp16": "f16"}

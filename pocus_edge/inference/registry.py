@@ -38,7 +38,7 @@ class BackendSpec:
 REGISTRY: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
-        BackendSpec("ort", OrtBackend, (".onnx",), ("device", "threads", "providers"), "onnxruntime"),
+        BackendSpec("ort", OrtBackend, (".onnx", ".ort"), ("device", "threads", "providers"), "onnxruntime"),
         BackendSpec("tensorrt", TensorRTBackend, (".engine", ".plan", ".trt"), ("device",), "tensorrt"),
         BackendSpec("openvino", OpenVINOBackend, (".xml",), ("device", "threads", "precision"), "openvino"),
         BackendSpec("coreml", CoreMLBackend, (".mlpackage",), (), "coreml"),

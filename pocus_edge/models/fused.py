@@ -218,7 +218,7 @@ def load_fused(
     return_branches: bool = False,
 ) -> FusedSegmenter:
     """Build a FusedSegmenter (eval mode) from two fine-tuned segmenter checkpoints."""
-    from ..data.layout import sha256_file
+    from ..io import sha256_file
     from .weights import build_segmenter
 
     generative, card_g = build_segmenter(generative_ckpt)
@@ -252,7 +252,7 @@ def load_single(checkpoint: str | Path, *, uint8_input: bool = False) -> SingleS
     a compact student (card ``kind: student``), which comes back in its reparameterized
     inference form (the same function, fewer and cheaper layers: what export and streaming run)."""
     from ..card import is_student_card
-    from ..data.layout import sha256_file
+    from ..io import sha256_file
     from .weights import build_segmenter
 
     network, card = build_segmenter(checkpoint)

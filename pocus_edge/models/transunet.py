@@ -137,23 +137,23 @@ class HybridEncoder(nn.Module):
 
 
 class ConvBNReLU(nn.Sequential):
-    """3x3 conv without bias (BatchNorm follows) + BN + ReLU, as the released decoder."""
+    """3x3 conv without bias (BatchNorm follows) + BN + ReLU, as the released decoder;
+    ``relu=False`` leaves the ReLU out (the same parameter names)."""
 
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
+    def __init__(self, in_channels: int, out_channels: int, relu: bool = True):
+        layers = [nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+                  nn.BatchNorm2d(out_channels)]
+        super().__init__(*layers, *([nn.ReLU(inplace=True)] if relu else []))
 
 
 class UpBlock(nn.Module):
-    """2x bilinear upsample, optional skip concat, two conv-BN-ReLU."""
+    """2x bilinear upsample, optional skip concat, two conv-BN-ReLU (the second without ReLU when
+    ``final_relu`` is False)."""
 
-    def __init__(self, in_channels: int, skip: int, out_channels: int):
+    def __init__(self, in_channels: int, skip: int, out_channels: int, final_relu: bool = True):
         super().__init__()
         self.conv1 = ConvBNReLU(in_channels + skip, out_channels)
-        self.conv2 = ConvBNReLU(out_channels, out_channels)
+        self.conv2 = ConvBNReLU(out_channels, out_channels, relu=final_relu)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
@@ -172,8 +172,10 @@ class CupDecoder(nn.Module):
         self.conv_more = ConvBNReLU(cfg.hidden_size, cfg.decoder_head_channels)
         ins = [cfg.decoder_head_channels, *cfg.decoder_channels[:-1]]
         skips = [*skip_channels(cfg), 0]  # the last block has no skip (full resolution)
+        last = len(cfg.decoder_channels) - 1
         self.blocks = nn.ModuleList(
-            UpBlock(i, s, o) for i, s, o in zip(ins, skips, cfg.decoder_channels)
+            UpBlock(i, s, o, final_relu=cfg.decoder_final_relu or k < last)
+            for k, (i, s, o) in enumerate(zip(ins, skips, cfg.decoder_channels))
         )
         self.head = nn.Conv2d(cfg.decoder_channels[-1], out_channels, kernel_size=3, padding=1)
 

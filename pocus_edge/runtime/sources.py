@@ -26,7 +26,6 @@ from ..errors import ConfigError, DataError
 from . import protocol
 from .base import Frame, FrameSource
 
-
 # ---------------------------------------------------------------------------------------------
 # TeleMED .tvd.h5
 

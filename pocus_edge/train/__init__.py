@@ -9,7 +9,9 @@ Python API (each reads exactly ONE site folder)::
     finetune(source_site, "runs/lower", recipe="paper")              -> lower-bound baseline, released recipe
     distill(mim_model, con_model, target_site, source_site, "runs/student") -> DistillResult (.model_path)
     evaluate(target_site, [a, b], "reports", fusion=["entropy"])     -> EvaluationResult
-    run_study(StudyOptions(source, target, "study"))                 -> the Table 3 protocol with seeds (.study)
+
+The Table 3 protocol with seeds (``run_study``) sits on top of these stages in
+:mod:`pocus_edge.study`.
 
 Every stage takes the shared options as keywords (``preset=``, ``max_steps=``, ``seed=``,
 ``device=``, ``resume=``, ``config_file=``...) or as one :class:`RunOptions`.

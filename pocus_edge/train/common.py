@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import yaml
 
@@ -23,8 +23,14 @@ from ..config import (
 )
 from ..data.layout import MANIFEST, FrameRecord, Site, check_frame_files, load_site
 from ..errors import CheckpointError, ConfigError, TrainingError
-from .recipes import get_recipe
+from .recipes import get_recipe, pretrain_recipe_values
 
+if TYPE_CHECKING:
+    import torch
+
+    from ..data.datasets import SegmentationDataset
+
+PRETRAIN_STAGES = ("mim", "contrastive")
 STAGE_CONFIGS = {"mim": MIMConfig, "contrastive": ContrastiveConfig, "finetune": FinetuneConfig,
                  "distill": DistillConfig}
 DEFAULT_PRESET = "small"
@@ -124,11 +130,14 @@ class ResolvedConfig:
 
 
 def stage_defaults(stage: str, preset: str, recipe: str | None = None) -> Any:
-    """The stage config for a preset (and, for fine-tuning, a recipe) before user overrides."""
+    """The stage config for a preset and a recipe (fine-tuning: :data:`.recipes.RECIPES`;
+    pretraining: :data:`.recipes.PRETRAIN_RECIPES`) before user overrides."""
     cfg = STAGE_CONFIGS[stage]()
     extra = dict(PRESET_STAGE_DEFAULTS.get(preset, {}).get(stage, {}))
     if stage == "finetune":
         extra.update(get_recipe(recipe or cfg.recipe).finetune_values(preset))
+    elif stage in PRETRAIN_STAGES:
+        extra.update(pretrain_recipe_values(stage, recipe or cfg.recipe))
     return apply_overrides(cfg, extra) if extra else cfg
 
 
@@ -183,10 +192,10 @@ def _bucket_overrides(stage: str, overrides: dict[str, Any] | None) -> dict[str,
     return buckets
 
 
-def _choose_recipe(given: str | None, file: dict[str, Any], config_file: Any) -> str | None:
+def _choose_recipe(given: str | None, file: dict[str, Any], config_file: Any, stage: str = "finetune") -> str | None:
     """The recipe named on the command line, else the config file's; the two must agree (a
     config file holds the recipe's resolved values, which would silently beat another recipe)."""
-    in_file = file.get("recipe") or (file.get("finetune") or {}).get("recipe")
+    in_file = file.get("recipe") or (file.get(stage) or {}).get("recipe")
     if given and in_file and given != in_file:
         raise ConfigError(f"{config_file}: written for recipe {in_file!r}, but recipe {given!r} was asked for")
     return given or in_file
@@ -224,10 +233,10 @@ def resolve_configs(
     file = read_config_file(config_file, stage) if config_file is not None else {}
     buckets = _bucket_overrides(stage, overrides)
     preset = preset or file.get("preset") or DEFAULT_PRESET
-    if stage == "finetune":
-        recipe = _choose_recipe(recipe or buckets[stage].get("recipe"), file, config_file)
+    if stage == "finetune" or stage in PRETRAIN_STAGES:
+        recipe = _choose_recipe(recipe or buckets[stage].get("recipe"), file, config_file, stage)
     elif recipe is not None:
-        raise ConfigError(f"--recipe applies to fine-tuning, not to stage {stage}")
+        raise ConfigError(f"--recipe applies to pretraining and fine-tuning, not to stage {stage}")
     for key, value in explicit.items():
         if value is None:
             continue
@@ -302,6 +311,98 @@ def seeded_model(seed: int, build):
     return build()
 
 
+# ---------------------------------------------------------------------------------------------
+# Labeled data and source validation, shared by fine-tuning and distillation
+
+SPLIT_COLUMNS = ("auto", "split", "ub_split")
+
+
+def select_labeled_splits(site, split_column: str = "auto"):
+    """(column, train records, val records) of labeled frames, refusing unlabeled sites and empty
+    splits. ``auto``: the ``split`` column when it has labeled train and val frames (a source
+    site), else ``ub_split`` (the target's upper-bound split)."""
+    if split_column not in SPLIT_COLUMNS:
+        raise TrainingError(f"split column must be one of {', '.join(SPLIT_COLUMNS)}, got {split_column!r}")
+    if not site.select(labeled=True):
+        raise TrainingError(
+            f"{site.root}: no labeled frames (no masks); fine-tuning needs a labeled site (pretrain on unlabeled ones)"
+        )
+
+    def pick(column: str, name: str):
+        if column == "split":
+            return site.select(name, labeled=True)
+        return site.select(labeled=True, ub_split=name)
+
+    if split_column == "auto":
+        if pick("split", "train") and pick("split", "val"):
+            split_column = "split"
+        elif pick("ub_split", "train") or pick("ub_split", "val"):
+            split_column = "ub_split"
+        else:
+            split_column = "split"
+    train, val = pick(split_column, "train"), pick(split_column, "val")
+    for name, recs in (("train", train), ("val", val)):
+        if not recs:
+            raise TrainingError(
+                f"{site.manifest_path}: {split_column} '{name}' has no labeled frames (empty split; run `pocus-edge split`?)"
+            )
+    return split_column, train, val
+
+
+def per_image_dice_bce(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """DiceBCE of each image separately (N,), so validation does not depend on batch grouping."""
+    import torch
+
+    from ..losses import dice_bce
+
+    return torch.stack([dice_bce(prob[i : i + 1], target[i : i + 1]) for i in range(prob.shape[0])])
+
+
+def labeled_datasets(site, split_column: str, max_val_frames: int | None, size: int, ft_cfg, train_cfg, preload: bool):
+    """(split column, train dataset, validation dataset); ``max_val_frames`` keeps an evenly
+    spaced, deterministic subset of the validation frames (validation cost matters on CPUs)."""
+    from ..data.datasets import SegmentationDataset
+    from ..data.transforms import make_augmentation
+
+    column, train_recs, val_recs = select_labeled_splits(site, split_column)
+    if max_val_frames is not None and len(val_recs) > max_val_frames > 0:
+        val_recs = val_recs[:: -(-len(val_recs) // max_val_frames)]
+    threads = max(1, train_cfg.num_workers or 4)
+    train_ds = SegmentationDataset(site, train_recs, size, seed=train_cfg.seed, preload=preload,
+                                   preload_threads=threads, augment=make_augmentation(ft_cfg.augment))
+    val_ds = SegmentationDataset(site, val_recs, size, seed=train_cfg.seed, preload=preload, preload_threads=threads)
+    return column, train_ds, val_ds
+
+
+def validation_fn(val_ds: SegmentationDataset, ctx, batch: int):
+    """Source-validation DiceBCE and Dice of a model: each rank scores every world_size-th image
+    and the sums are all-reduced (the result does not depend on the number of processes)."""
+    import torch
+
+    from ..metrics import dice_iou_per_image
+
+    def val_fn(net) -> dict[str, float]:
+        idx = list(range(ctx.rank, len(val_ds), ctx.world_size))
+        loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        dice_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        for start in range(0, len(idx), batch):
+            items = [val_ds[i] for i in idx[start : start + batch]]
+            images = torch.stack([a for a, _ in items]).to(ctx.device)
+            masks = torch.stack([b for _, b in items]).to(ctx.device)
+            prob = torch.sigmoid(net(images).float())
+            loss_sum += per_image_dice_bce(prob, masks).double().sum()
+            dice_sum += float(dice_iou_per_image(prob, masks)[0].sum())
+        if ctx.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(loss_sum)
+            dist.all_reduce(dice_sum)
+        n = len(val_ds)
+        return {"val_loss": float(loss_sum / n), "val_dice": float(dice_sum / n)}
+
+    return val_fn
+
+
 __all__ = [
     "PRESET_STAGE_DEFAULTS",
     "ResolvedConfig",
@@ -310,8 +411,12 @@ __all__ = [
     "check_image_files",
     "check_init_card",
     "hyperparameters",
+    "labeled_datasets",
     "open_one_site",
+    "per_image_dice_bce",
     "resolve_configs",
     "seeded_model",
+    "select_labeled_splits",
     "stage_defaults",
+    "validation_fn",
 ]

@@ -26,17 +26,19 @@ from .sampler import video_clustered_factory
 
 def contrastive_loss(net, batch, *, min_frame_gap: int, temperature: float):
     """MT-NXent of one (local) batch of pairs, computed on the global batch; with the share of
-    negatives the temporal mask removed and the loss at chance for this batch's mask."""
-    from ..losses import mt_nxent, mt_nxent_mask, mt_nxent_mask_stats
+    negatives the temporal mask removed, the loss at chance for this batch's mask and the share
+    of views whose nearest unmasked candidate is their positive (``retrieval``)."""
+    from ..losses import mt_nxent, mt_nxent_mask, mt_nxent_mask_stats, positive_retrieval
 
     view1, view2, video_ids, frame_ids = batch
     z = net(torch.cat([view1, view2], dim=0)).float()
     z1, z2 = z.chunk(2, dim=0)
     videos, frames = gather_no_grad(video_ids), gather_no_grad(frame_ids)
-    loss = mt_nxent(gather_with_grad(z1), gather_with_grad(z2), videos, frames, min_frame_gap=min_frame_gap,
-                    temperature=temperature)
+    g1, g2 = gather_with_grad(z1), gather_with_grad(z2)
+    loss = mt_nxent(g1, g2, videos, frames, min_frame_gap=min_frame_gap, temperature=temperature)
     with torch.no_grad():
-        stats = mt_nxent_mask_stats(mt_nxent_mask(videos, frames, min_frame_gap=min_frame_gap, device=videos.device))
+        mask = mt_nxent_mask(videos, frames, min_frame_gap=min_frame_gap, device=videos.device)
+        stats = {**mt_nxent_mask_stats(mask), "retrieval": positive_retrieval(g1.detach(), g2.detach(), mask)}
     return loss, stats
 
 
@@ -67,7 +69,7 @@ def pretrain_contrastive(
     check_image_files(site, records)
     dataset = ContrastivePairDataset(site, records, model_cfg.img_size, c_cfg, seed=train_cfg.seed, preload=opts.preload,
                                      preload_threads=max(1, train_cfg.num_workers or 4))
-    model = seeded_model(train_cfg.seed, lambda: ContrastiveModel(model_cfg))
+    model = seeded_model(train_cfg.seed, lambda: ContrastiveModel(model_cfg, projection_bn=c_cfg.projection_bn))
     out_dir = Path(out_dir)
     global_batch = batch_plan(len(dataset), c_cfg.batch_size, ctx.world_size)[0]
     sampler = (video_clustered_factory(dataset.video_ids, c_cfg.frames_per_video, global_batch)
@@ -93,7 +95,8 @@ def pretrain_contrastive(
 
     trainer = Trainer(
         model=model, loss_fn=loss_fn, train_dataset=dataset, out_dir=out_dir,
-        optim=OptimSettings(c_cfg.optimizer, c_cfg.lr, c_cfg.weight_decay, c_cfg.batch_size, c_cfg.epochs),
+        optim=OptimSettings(c_cfg.optimizer, c_cfg.lr, c_cfg.weight_decay, c_cfg.batch_size, c_cfg.epochs,
+                            decay_all_parameters=c_cfg.decay_all_parameters),
         train=train_cfg, ctx=ctx, options=opts, hooks=Hooks(on_end=on_end), sampler=sampler,
         description=f"pretrain contrastive {site.name}", config_record=resolved.record(),
     )

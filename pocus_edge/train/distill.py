@@ -42,16 +42,18 @@ from .common import (
     check_image_files,
     check_init_card,
     hyperparameters,
+    labeled_datasets,
     open_one_site,
     read_config_file,
     resolve_configs,
     seeded_model,
+    validation_fn,
 )
 from .distributed import gather_no_grad, gather_with_grad, setup
 from .engine import Companion, Hooks, OptimSettings, Trainer, TrainResult, batch_plan, write_or_fail
-from .finetune import MODEL_FILE, _datasets, _validation
+from .finetune import MODEL_FILE
 from .mim import pretrain_records
-from .recipes import finetune_groups
+from .recipes import parameter_groups
 
 # The teacher's fusion: the deployed one (a frame's output never depends on its batch mates).
 TEACHER_FUSION = {"method": "entropy", "norm": "image", "formula": "weighted"}
@@ -221,7 +223,7 @@ def _optim(dcfg) -> OptimSettings:
     encoder learning-rate scale."""
     from functools import partial
 
-    groups = partial(finetune_groups, weight_decay=dcfg.weight_decay, encoder_lr_scale=dcfg.encoder_lr_scale,
+    groups = partial(parameter_groups, weight_decay=dcfg.weight_decay, encoder_lr_scale=dcfg.encoder_lr_scale,
                      decay_all_parameters=dcfg.decay_all_parameters, decoder_only_steps=0)
     return OptimSettings(dcfg.optimizer, dcfg.lr, dcfg.weight_decay, dcfg.batch_size, dcfg.epochs,
                          momentum=dcfg.momentum, groups=groups)
@@ -268,8 +270,8 @@ def _data(target: Any, source: Any, img_size: int, dcfg, train_cfg, opts: RunOpt
     check_image_files(target_site, records)
     images = UnlabeledImageDataset(target_site, records, img_size, seed=train_cfg.seed, preload=opts.preload,
                                    preload_threads=max(1, train_cfg.num_workers or 4))
-    column, source_train, source_val = _datasets(source_site, "split", max_val_frames, img_size, dcfg, train_cfg,
-                                                 opts.preload)
+    column, source_train, source_val = labeled_datasets(source_site, "split", max_val_frames, img_size, dcfg, train_cfg,
+                                                        opts.preload)
     return _Data(target_site, source_site, images, column, source_train, source_val)
 
 
@@ -284,6 +286,7 @@ def _saver(out_dir: Path, data: _Data, dcfg, train_cfg, optim: OptimSettings, te
             param_groups=[g.describe(dcfg.lr) for g in optim.param_groups(net)], best_epoch=state.epoch + 1,
             best_step=state.step, best_val_dicebce=val["val_loss"], best_val_dice=val["val_dice"],
             global_batch=state.global_batch, source_global_batch=source_batch, target_frames=len(data.target_images),
+            **state.train_check(),
         )
         path = out_dir / MODEL_FILE
         write_or_fail(path, "model", lambda: save_student(path, net, stage="distill", hyperparameters=facts,
@@ -336,7 +339,7 @@ def distill(
         model=model, loss_fn=_loss(targets, dcfg), train_dataset=IndexedImages(data.target_images), out_dir=out_dir,
         optim=optim, train=train_cfg, ctx=ctx, options=opts, companion=companion,
         description=f"distill {dcfg.student} {data.target_site.name}", config_record=resolved.record(),
-        hooks=Hooks(val_fn=_validation(data.source_val, ctx, max(1, min(64, dcfg.batch_size))), on_best=on_best),
+        hooks=Hooks(val_fn=validation_fn(data.source_val, ctx, max(1, min(64, dcfg.batch_size))), on_best=on_best),
     )
     res = trainer.fit()
     model_path = out_dir / MODEL_FILE

@@ -129,12 +129,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics cover the global batch on any backend.
+class _GlobalBatchNorm:
+    """BatchNorm whose training statistics cover the global batch on any backend.
 
     ``torch.nn.SyncBatchNorm`` only runs on accelerators; this one all-reduces per-channel sums
     with the autograd-aware ``torch.distributed.nn.functional.all_reduce`` so gloo/CPU runs
-    normalize (and backpropagate) exactly as one process with the whole batch would.
+    normalize (and backpropagate) exactly as one process with the whole batch would. Channels
+    are dimension 1; every other dimension is reduced ((N, C) and (N, C, H, W) alike).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,8 +143,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
+        dims = (0, *range(2, x.dim()))
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-        local = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count])
+        local = torch.cat([x.sum(dim=dims), (x * x).sum(dim=dims), count])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             total = all_reduce(local)
@@ -158,14 +160,23 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
                 unbiased = var * (n / (n - 1).clamp_min(1))
                 self.running_mean.mul_(1 - momentum).add_(mean.detach() * momentum)
                 self.running_var.mul_(1 - momentum).add_(unbiased.detach() * momentum)
-        y = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
-            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+            y = y * self.weight.view(shape) + self.bias.view(shape)
         return y
 
 
+class GlobalBatchNorm2d(_GlobalBatchNorm, nn.BatchNorm2d):
+    """:class:`_GlobalBatchNorm` for (N, C, H, W) maps (the decoder)."""
+
+
+class GlobalBatchNorm1d(_GlobalBatchNorm, nn.BatchNorm1d):
+    """:class:`_GlobalBatchNorm` for (N, C) features (the contrastive projection head)."""
+
+
 def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Make every BatchNorm2d see the global batch: SyncBatchNorm on CUDA, GlobalBatchNorm2d
+    """Make every BatchNorm see the global batch: SyncBatchNorm on CUDA, GlobalBatchNorm1d/2d
     elsewhere. Call only when running with several processes."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
@@ -173,8 +184,9 @@ def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 def _swap_bn(module: nn.Module) -> nn.Module:
-    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
-        new = GlobalBatchNorm2d(
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and not isinstance(module, _GlobalBatchNorm):
+        cls = GlobalBatchNorm1d if isinstance(module, nn.BatchNorm1d) else GlobalBatchNorm2d
+        new = cls(
             module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
         )
         new.load_state_dict(module.state_dict())
@@ -187,6 +199,7 @@ def _swap_bn(module: nn.Module) -> nn.Module:
 
 __all__ = [
     "DistContext",
+    "GlobalBatchNorm1d",
     "GlobalBatchNorm2d",
     "all_ranks_true",
     "all_reduce_mean",

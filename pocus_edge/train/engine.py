@@ -42,7 +42,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from ..config import TrainConfig
 from ..errors import ConfigError, NonFiniteLoss, TrainingError
 from ..io import atomic_path, write_text_atomic
-from .recipes import ParamGroup, single_group
 from .distributed import (
     DistContext,
     all_ranks_true,
@@ -50,6 +49,7 @@ from .distributed import (
     barrier,
     convert_batchnorm,
 )
+from .recipes import ParamGroup, parameter_groups
 
 CHECKPOINT = "checkpoint.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -57,6 +57,11 @@ LOG_CSV = "log.csv"
 TB_DIR = "tensorboard"
 _TRAINER_KEY = "pocus_edge_trainer"
 OPTIMIZERS = ("adamw", "adam", "sgd")
+# The pre-declared "did not train" rule of every supervised stage (fine-tuning, baselines,
+# distillation): thresholded source-validation Dice below this at the FIRST validation. A network
+# caught in the all-background regime predicts empty masks from the start (Dice ~0.002) while its
+# DiceBCE keeps falling, so the checkpoint rule alone cannot see it.
+DID_NOT_TRAIN_DICE = 0.1
 SCHEDULES = ("cosine", "constant")
 
 
@@ -64,7 +69,8 @@ SCHEDULES = ("cosine", "constant")
 class OptimSettings:
     """Stage hyperparameters the engine needs. ``batch_size`` is the GLOBAL batch (all processes).
     ``groups(model)`` splits the parameters into :class:`ParamGroup` s (lr scale, weight decay,
-    LP-FT hold); by default every trainable parameter is one group with ``weight_decay``."""
+    LP-FT hold); by default the one optimizer rule of :func:`.recipes.parameter_groups` (no decay
+    on norms, biases, position embeddings and tokens unless ``decay_all_parameters``)."""
 
     optimizer: str
     lr: float
@@ -73,6 +79,7 @@ class OptimSettings:
     epochs: int
     momentum: float = 0.9
     groups: Callable[[nn.Module], list[ParamGroup]] | None = None
+    decay_all_parameters: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -85,7 +92,9 @@ class OptimSettings:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
 
     def param_groups(self, model: nn.Module) -> list[ParamGroup]:
-        return self.groups(model) if self.groups is not None else single_group(model, self.weight_decay)
+        if self.groups is not None:
+            return self.groups(model)
+        return parameter_groups(model, weight_decay=self.weight_decay, decay_all_parameters=self.decay_all_parameters)
 
 
 @dataclass
@@ -104,6 +113,10 @@ class TrainResult:
     # Mean over this process's steps of the extra values a loss function reported (e.g. the
     # contrastive stage's share of masked negatives).
     extras: dict[str, float] = field(default_factory=dict)
+    # Source-validation Dice at the first validation and the "did not train" flag
+    # (:data:`DID_NOT_TRAIN_DICE`); None for stages without a Dice validation.
+    first_val_dice: float | None = None
+    did_not_train: bool | None = None
 
 
 def build_optimizer(groups: Sequence[ParamGroup], s: OptimSettings) -> torch.optim.Optimizer:
@@ -414,6 +427,16 @@ class RunState:
     epoch_loss_n: int = 0
     extras_sum: dict[str, float] = field(default_factory=dict)
     extras_n: int = 0
+    first_val_dice: float | None = None  # source-validation Dice at the run's first validation
+
+    @property
+    def did_not_train(self) -> bool | None:
+        """The "did not train" flag (:data:`DID_NOT_TRAIN_DICE`); None before a validation with Dice."""
+        return None if self.first_val_dice is None else bool(self.first_val_dice < DID_NOT_TRAIN_DICE)
+
+    def train_check(self) -> dict[str, Any]:
+        """The flag and the figure it rests on, for model cards and study records."""
+        return {"first_val_dice": self.first_val_dice, "did_not_train": self.did_not_train}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -619,6 +642,7 @@ class Trainer:
             meta = load_training_state(ckpt_path, self.model, self.optimizer, self.scheduler)
             state.step = int(meta["global_step"])
             state.best_val, state.best_epoch = meta.get("best_val"), meta.get("best_epoch")
+            state.first_val_dice = meta.get("first_val_dice")
             self._say(f"resuming {ckpt_path} at step {state.step}")
             return
         if self.options.resume:
@@ -768,6 +792,12 @@ class Trainer:
         with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self._use_amp()):
             val = self.hooks.val_fn(self.model)
         self._log.add({"step": state.step, "epoch": state.epoch + 1, "phase": "val", **val})
+        if state.first_val_dice is None and "val_dice" in val:
+            state.first_val_dice = float(val["val_dice"])
+            if state.did_not_train:
+                self._say(f"[{self.description}] DID NOT TRAIN: source-validation Dice {state.first_val_dice:.4f} < "
+                          f"{DID_NOT_TRAIN_DICE} at the first validation (step {state.step}); the model predicts "
+                          "(almost) empty masks. The run goes on and its card records the flag.")
         n_epochs = max(1, math.ceil(state.total_steps / state.steps_per_epoch))
         if (state.epoch + 1) % max(1, n_epochs // 8) == 0 or state.step >= state.total_steps or state.out_of_time:
             self._say(f"[{self.description}] epoch {state.epoch + 1}: train loss "
@@ -783,7 +813,8 @@ class Trainer:
             save_training_state(
                 self.out_dir / CHECKPOINT, self.model, self.optimizer, self.scheduler,
                 {"global_step": state.step, "epoch": epoch, "best_val": state.best_val, "best_epoch": state.best_epoch,
-                 "total_steps": state.total_steps, "batch_size": state.global_batch},
+                 "total_steps": state.total_steps, "batch_size": state.global_batch,
+                 "first_val_dice": state.first_val_dice},
             )
             self._log.flush()
         barrier()
@@ -800,7 +831,8 @@ class Trainer:
             out_dir=self.out_dir, global_step=state.step, epochs_done=state.epochs_done, last_loss=state.last_loss,
             best_val=state.best_val, best_epoch=state.best_epoch, batch_size=state.global_batch,
             steps_per_epoch=state.steps_per_epoch, history=list(self._log.rows), seconds=state.elapsed(),
-            stopped_early=state.out_of_time, extras=extras,
+            stopped_early=state.out_of_time, extras=extras, first_val_dice=state.first_val_dice,
+            did_not_train=state.did_not_train,
         )
 
 
@@ -827,12 +859,6 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def read_log(out_dir: str | Path) -> list[dict[str, str]]:
-    """Rows of a run's CSV log."""
-    with open(Path(out_dir) / LOG_CSV, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 __all__: Sequence[str] = [
     "CHECKPOINT",
     "CONFIG_FILE",
@@ -850,5 +876,4 @@ __all__: Sequence[str] = [
     "LRFactor",
     "load_training_state",
     "save_training_state",
-    "read_log",
 ]

@@ -28,6 +28,14 @@ from ..metrics import THRESHOLD, Summary, dice_iou_per_image, summarize, wilcoxo
 from .common import open_one_site
 from .distributed import resolve_device
 
+# Printed under the p-values (docs/study.md, "No frame-level p-values"): they test frames of one
+# training run per model, which are neither independent (a few patients) nor a sample of seeds.
+WILCOXON_CAVEAT = (
+    "p-values over the frames of one training run per model: frames of a few patients are not independent, "
+    "and one run is not evidence across training seeds; `pocus-edge study` compares methods over seeds "
+    "(docs/study.md)."
+)
+
 
 @dataclass
 class EvaluationResult:
@@ -41,16 +49,25 @@ class EvaluationResult:
     wilcoxon: dict[str, float]
     out_dir: Path | None = None
     overlays: list[Path] = field(default_factory=list)
+    # Per model: its card's "did not train" flag (source-validation Dice < 0.1 at the first
+    # validation), None where the card has none (a fusion, an older checkpoint).
+    did_not_train: dict[str, bool | None] = field(default_factory=dict)
 
     def table(self) -> str:
         """Markdown mean table (+ p-values)."""
         lines = ["| model | n | Dice (mean ± sd) | IoU (mean ± sd) |", "|---|---|---|---|"]
         for n in self.names:
             s = self.summaries[n]
-            lines.append(f"| {n} | {s.n} | {s.dice_mean:.4f} ± {s.dice_std:.4f} | {s.iou_mean:.4f} ± {s.iou_std:.4f} |")
+            flag = " **(did not train)**" if self.did_not_train.get(n) else ""
+            lines.append(f"| {n}{flag} | {s.n} | {s.dice_mean:.4f} ± {s.dice_std:.4f} | {s.iou_mean:.4f} ± {s.iou_std:.4f} |")
+        if any(self.did_not_train.values()):
+            lines += ["", "A model marked *did not train* had a source-validation Dice below 0.1 at its first "
+                      "validation (its model card says so): it predicts (almost) empty masks, and its scores say "
+                      "nothing about the method."]
         if self.wilcoxon:
-            lines += ["", "| pair (Wilcoxon on per-image Dice) | p |", "|---|---|"]
+            lines += ["", "| pair (Wilcoxon on per-image Dice, frames of one run each) | p |", "|---|---|"]
             lines += [f"| {k} | {v:.3g} |" for k, v in self.wilcoxon.items()]
+            lines += ["", WILCOXON_CAVEAT]
         return "\n".join(lines) + "\n"
 
 
@@ -83,6 +100,29 @@ def _overlay(gray: np.ndarray, truth: np.ndarray, pred: np.ndarray, scale: int =
     return enc.tobytes()
 
 
+@dataclass
+class _Model:
+    name: str
+    net: Any
+    card: dict[str, Any]
+    path: Path
+
+    @property
+    def size(self) -> int:
+        return self.net.cfg.img_size
+
+
+@dataclass
+class _Predictions:
+    """Every frame predicted once: the thresholded mask of each model (and fusion), the truth and
+    the preprocessed gray frame at each input size."""
+
+    masks: dict[str, np.ndarray]  # name -> bool (N, S, S)
+    truths: dict[int, np.ndarray]  # size -> bool (N, S, S)
+    grays: dict[int, np.ndarray]  # size -> uint8 (N, S, S)
+    size_of: dict[str, int]
+
+
 def evaluate(
     site_dir: Any,
     models: Sequence[str | Path],
@@ -100,16 +140,30 @@ def evaluate(
 ) -> EvaluationResult:
     """Score ``models`` (fine-tuned ``model.safetensors`` files) on the labeled frames of ``split``
     of ONE site (``split_column="ub_split"`` selects the upper-bound split's frames instead); write
-    the reports to ``out_dir`` when given."""
-    from ..models.fusion import fuse
-    from ..models.weights import build_segmenter
-
+    the reports to ``out_dir`` when given. Steps: check the request, select the frames, load the
+    models, predict every frame once, score, write the reports and the overlays."""
     if not models:
         raise TrainingError("evaluate needs at least one --model")
     if fusion and len(models) != 2:
         raise TrainingError(f"fusion combines exactly two models (generative, contrastive), got {len(models)}")
     dev = resolve_device(device)
     site = open_one_site(site_dir, what="evaluate", check_images=True)
+    records = _select_records(site, split, split_column)
+    loaded = _load_models(models, names, dev)
+    if fusion and len({m.size for m in loaded}) != 1:
+        raise TrainingError(f"fusion needs both models at one image size, got {sorted({m.size for m in loaded})}")
+    preds = _predict(site, records, loaded, fusion, fusion_norm, fusion_formula, batch_size, dev)
+    result = _score(site, split, records, loaded, preds)
+    if out_dir is None:
+        return result
+    result.out_dir = Path(out_dir)
+    _write_reports(result, site, split, split_column, loaded, fusion, fusion_norm, fusion_formula)
+    if overlays > 0:
+        result.overlays = _write_overlays(result, preds, overlays)
+    return result
+
+
+def _select_records(site, split: str, split_column: str) -> list[FrameRecord]:
     if split_column == "split":
         records = site.select(split, labeled=True)
     elif split_column == "ub_split":  # the target's upper-bound train/val frames (e.g. for tuning)
@@ -118,6 +172,11 @@ def evaluate(
         raise TrainingError(f"split column must be split or ub_split, got {split_column!r}")
     if not records:
         raise TrainingError(f"{site.manifest_path}: {split_column} {split!r} has no labeled frames to evaluate (empty split)")
+    return records
+
+
+def _load_models(models: Sequence[str | Path], names: Sequence[str] | None, dev) -> list[_Model]:
+    from ..models.weights import build_segmenter
 
     taken: set[str] = set()
     loaded = []
@@ -127,62 +186,65 @@ def evaluate(
             raise CheckpointError(f"{path}: has {card.get('out_channels')} output channels; expected a 1-channel segmenter")
         name = names[i] if names and i < len(names) else model_name(Path(path), taken)
         taken.add(name)
-        loaded.append((name, net, card))
-    sizes = {net.cfg.img_size for _, net, _ in loaded}
-    if fusion and len(sizes) != 1:
-        raise TrainingError(f"fusion needs both models at one image size, got {sorted(sizes)}")
-    all_names = [n for n, _, _ in loaded] + [f"fused-{m}" for m in fusion]
-    dice: dict[str, list[np.ndarray]] = {n: [] for n in all_names}
-    iou: dict[str, list[np.ndarray]] = {n: [] for n in all_names}
-    use_amp = dev.type == "cuda"
+        loaded.append(_Model(name, net, card, Path(path)))
+    return loaded
 
-    def predict_batch(recs: list[FrameRecord]) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+
+def _predict(site, records: list[FrameRecord], loaded: list[_Model], fusion: Sequence[str], fusion_norm: str,
+             fusion_formula: str, batch_size: int, dev) -> _Predictions:
+    """One pass over the frames: every model (and fusion) predicts each frame once."""
+    from ..models.fusion import fuse
+
+    sizes = sorted({m.size for m in loaded})
+    size_of = {m.name: m.size for m in loaded} | {f"fused-{f}": sizes[0] for f in fusion}
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in size_of}
+    truths: dict[int, list[np.ndarray]] = {s: [] for s in sizes}
+    grays: dict[int, list[np.ndarray]] = {s: [] for s in sizes}
+    use_amp = dev.type == "cuda"
+    for start in range(0, len(records), batch_size):
+        recs = records[start : start + batch_size]
         frames = [site.read_image(r) for r in recs]
         masks_raw = [site.read_mask(r) for r in recs]
         probs: dict[str, torch.Tensor] = {}
-        truths: dict[int, torch.Tensor] = {}
         for size in sizes:
             x = torch.from_numpy(np.stack([preprocess_frame(f, size) for f in frames])).to(dev)
-            truths[size] = torch.from_numpy(np.stack([preprocess_mask(m, size) for m in masks_raw]))
+            truths[size].append(np.stack([preprocess_mask(m, size)[0] > 0.5 for m in masks_raw]))
+            grays[size].append((x[:, 0].cpu().numpy() * 255.0 + 0.5).astype(np.uint8))
             with torch.no_grad(), torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                for name, net, _ in loaded:
-                    if net.cfg.img_size == size:
-                        probs[name] = net.predict(x).float().cpu()
+                for m in loaded:
+                    if m.size == size:
+                        probs[m.name] = m.net.predict(x).float().cpu()
         for method in fusion:
-            probs[f"fused-{method}"] = fuse(probs[loaded[0][0]], probs[loaded[1][0]], method=method,
+            probs[f"fused-{method}"] = fuse(probs[loaded[0].name], probs[loaded[1].name], method=method,
                                             norm=fusion_norm, formula=fusion_formula)
-        return probs, truths
+        for name, prob in probs.items():
+            parts[name].append(prob[:, 0].numpy() > THRESHOLD)
+    return _Predictions({n: np.concatenate(v) for n, v in parts.items()}, {s: np.concatenate(v) for s, v in truths.items()},
+                        {s: np.concatenate(v) for s, v in grays.items()}, size_of)
 
-    def size_of(name: str) -> int:
-        for n, net, _ in loaded:
-            if n == name:
-                return net.cfg.img_size
-        return next(iter(sizes))
 
-    for start in range(0, len(records), batch_size):
-        recs = records[start : start + batch_size]
-        probs, truths = predict_batch(recs)
-        for name in all_names:
-            d, j = dice_iou_per_image(probs[name], truths[size_of(name)], threshold=THRESHOLD)
-            dice[name].append(d)
-            iou[name].append(j)
-    dice_arr = {n: np.concatenate(v) for n, v in dice.items()}
-    iou_arr = {n: np.concatenate(v) for n, v in iou.items()}
-    summaries = {n: summarize(dice_arr[n], iou_arr[n]) for n in all_names}
-    pvalues = {f"{a} vs {b}": wilcoxon_p(dice_arr[a], dice_arr[b]) for a, b in itertools.combinations(all_names, 2)}
-    result = EvaluationResult(site.name, split, all_names, records, dice_arr, iou_arr, summaries, pvalues)
-    if out_dir is None:
-        return result
+def _score(site, split: str, records: list[FrameRecord], loaded: list[_Model], preds: _Predictions) -> EvaluationResult:
+    names = list(preds.masks)
+    dice, iou = {}, {}
+    for name in names:
+        dice[name], iou[name] = dice_iou_per_image(preds.masks[name], preds.truths[preds.size_of[name]], threshold=None)
+    summaries = {n: summarize(dice[n], iou[n]) for n in names}
+    pvalues = {f"{a} vs {b}": wilcoxon_p(dice[a], dice[b]) for a, b in itertools.combinations(names, 2)}
+    flags = {m.name: (m.card.get("hyperparameters") or {}).get("did_not_train") for m in loaded}
+    return EvaluationResult(site.name, split, names, records, dice, iou, summaries, pvalues, did_not_train=flags)
 
-    out = Path(out_dir)
-    result.out_dir = out
+
+def _write_reports(result: EvaluationResult, site, split: str, split_column: str, loaded: list[_Model],
+                   fusion: Sequence[str], fusion_norm: str, fusion_formula: str) -> None:
+    out = result.out_dir
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["model", "filename", "videoname", "framenum", "dice", "iou"])
-    for n in all_names:
-        for r, d, j in zip(records, dice_arr[n], iou_arr[n]):
+    for n in result.names:
+        for r, d, j in zip(result.records, result.dice[n], result.iou[n]):
             w.writerow([n, r.filename, r.videoname, r.framenum, f"{d:.6f}", f"{j:.6f}"])
     write_text_atomic(out / "per_image.csv", buf.getvalue())
+    by_name = {m.name: m for m in loaded}
     write_json_atomic(
         out / "summary.json",
         {
@@ -191,32 +253,34 @@ def evaluate(
             "manifest_sha256": site.manifest_sha256(),
             "split": split,
             "split_column": split_column,
-            "n_images": len(records),
+            "n_images": len(result.records),
             "fusion": {"methods": list(fusion), "norm": fusion_norm, "formula": fusion_formula} if fusion else None,
             "models": {
-                n: {**asdict(summaries[n]),
-                    **({"path": str(models[i]), "stage": loaded[i][2].get("stage")} if i < len(loaded) else {})}
-                for i, n in enumerate(all_names)
+                n: {**asdict(result.summaries[n]),
+                    **({"path": str(by_name[n].path), "stage": by_name[n].card.get("stage"),
+                        "did_not_train": result.did_not_train.get(n)} if n in by_name else {})}
+                for n in result.names
             },
-            "wilcoxon_dice": pvalues,
+            "wilcoxon_dice": result.wilcoxon,
         },
     )
-    write_text_atomic(out / "summary.md", f"# {site.name} / {split}: {len(records)} labeled frames\n\n" + result.table())
+    write_text_atomic(out / "summary.md", f"# {site.name} / {split}: {len(result.records)} labeled frames\n\n"
+                      + result.table())
 
-    if overlays > 0:
-        for name in all_names:
-            order = np.argsort(dice_arr[name], kind="stable")
-            picks = [("worst", k, int(i)) for k, i in enumerate(order[:overlays], 1)]
-            picks += [("best", k, int(i)) for k, i in enumerate(order[::-1][:overlays], 1)]
-            for kind, rank, idx in picks:
-                rec = records[idx]
-                probs, truths = predict_batch([rec])
-                size = size_of(name)
-                gray = (preprocess_frame(site.read_image(rec), size)[0] * 255.0 + 0.5).astype(np.uint8)
-                truth = truths[size][0, 0].numpy() > 0.5
-                pred = probs[name][0, 0].numpy() > THRESHOLD
-                stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(rec.filename).stem)
-                path = out / "overlays" / f"{name}_{kind}{rank}_{stem}_dice{dice_arr[name][idx]:.3f}.png"
-                write_bytes_atomic(path, _overlay(gray, truth.astype(np.uint8), pred.astype(np.uint8)))
-                result.overlays.append(path)
-    return result
+
+def _write_overlays(result: EvaluationResult, preds: _Predictions, count: int) -> list[Path]:
+    """PNGs of each model's ``count`` worst and best frames, from the masks already predicted."""
+    written = []
+    for name in result.names:
+        order = np.argsort(result.dice[name], kind="stable")
+        picks = [("worst", k, int(i)) for k, i in enumerate(order[:count], 1)]
+        picks += [("best", k, int(i)) for k, i in enumerate(order[::-1][:count], 1)]
+        size = preds.size_of[name]
+        for kind, rank, idx in picks:
+            rec = result.records[idx]
+            stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(rec.filename).stem)
+            path = result.out_dir / "overlays" / f"{name}_{kind}{rank}_{stem}_dice{result.dice[name][idx]:.3f}.png"
+            png = _overlay(preds.grays[size][idx], preds.truths[size][idx].astype(np.uint8),
+                           preds.masks[name][idx].astype(np.uint8))
+            written.append(write_bytes_atomic(path, png))
+    return written

@@ -17,61 +17,27 @@ from typing import Any
 import torch
 
 from ..card import build_card, site_entry
-from ..data.datasets import SegmentationDataset
-from ..data.transforms import make_augmentation
-from ..errors import TrainingError
-from .common import RunOptions, check_init_card, hyperparameters, open_one_site, resolve_configs, seeded_model
+from .common import (
+    RunOptions,
+    check_init_card,
+    hyperparameters,
+    labeled_datasets,
+    open_one_site,
+    resolve_configs,
+    seeded_model,
+    validation_fn,
+)
 from .distributed import gather_no_grad, gather_with_grad, setup
 from .engine import Hooks, OptimSettings, Trainer, TrainResult, write_or_fail
-from .recipes import finetune_groups, get_recipe
+from .recipes import get_recipe, parameter_groups
 
 MODEL_FILE = "model.safetensors"
-SPLIT_COLUMNS = ("auto", "split", "ub_split")
 
 
 @dataclass
 class FinetuneResult(TrainResult):
     model_path: Path | None = None
     card: dict[str, Any] | None = None
-
-
-def select_labeled_splits(site, split_column: str = "auto"):
-    """(column, train records, val records) of labeled frames, refusing unlabeled sites and empty
-    splits. ``auto``: the ``split`` column when it has labeled train and val frames (a source
-    site), else ``ub_split`` (the target's upper-bound split)."""
-    if split_column not in SPLIT_COLUMNS:
-        raise TrainingError(f"split column must be one of {', '.join(SPLIT_COLUMNS)}, got {split_column!r}")
-    if not site.select(labeled=True):
-        raise TrainingError(
-            f"{site.root}: no labeled frames (no masks); fine-tuning needs a labeled site (pretrain on unlabeled ones)"
-        )
-
-    def pick(column: str, name: str):
-        if column == "split":
-            return site.select(name, labeled=True)
-        return site.select(labeled=True, ub_split=name)
-
-    if split_column == "auto":
-        if pick("split", "train") and pick("split", "val"):
-            split_column = "split"
-        elif pick("ub_split", "train") or pick("ub_split", "val"):
-            split_column = "ub_split"
-        else:
-            split_column = "split"
-    train, val = pick(split_column, "train"), pick(split_column, "val")
-    for name, recs in (("train", train), ("val", val)):
-        if not recs:
-            raise TrainingError(
-                f"{site.manifest_path}: {split_column} '{name}' has no labeled frames (empty split; run `pocus-edge split`?)"
-            )
-    return split_column, train, val
-
-
-def per_image_dice_bce(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """DiceBCE of each image separately (N,), so validation does not depend on batch grouping."""
-    from ..losses import dice_bce
-
-    return torch.stack([dice_bce(prob[i : i + 1], target[i : i + 1]) for i in range(prob.shape[0])])
 
 
 def build_finetune_model(model_cfg, seed: int, init: str | Path | None = None):
@@ -94,37 +60,10 @@ def _init_defaults(recipe_name: str, init_card: dict[str, Any] | None) -> dict[s
     return {}
 
 
-def _validation(val_ds: SegmentationDataset, ctx, batch: int):
-    """Source-validation DiceBCE and Dice of a model: each rank scores every world_size-th image
-    and the sums are all-reduced (the result does not depend on the number of processes)."""
-    from ..metrics import dice_iou_per_image
-
-    def val_fn(net) -> dict[str, float]:
-        idx = list(range(ctx.rank, len(val_ds), ctx.world_size))
-        loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-        dice_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-        for start in range(0, len(idx), batch):
-            items = [val_ds[i] for i in idx[start : start + batch]]
-            images = torch.stack([a for a, _ in items]).to(ctx.device)
-            masks = torch.stack([b for _, b in items]).to(ctx.device)
-            prob = torch.sigmoid(net(images).float())
-            loss_sum += per_image_dice_bce(prob, masks).double().sum()
-            dice_sum += float(dice_iou_per_image(prob, masks)[0].sum())
-        if ctx.distributed:
-            import torch.distributed as dist
-
-            dist.all_reduce(loss_sum)
-            dist.all_reduce(dice_sum)
-        n = len(val_ds)
-        return {"val_loss": float(loss_sum / n), "val_dice": float(dice_sum / n)}
-
-    return val_fn
-
-
 def _finetune_optim(ft_cfg) -> OptimSettings:
     """Optimizer settings with the recipe's parameter groups (encoder lr scale, no decay on
     norms/biases/embeddings, LP-FT hold)."""
-    groups = partial(finetune_groups, weight_decay=ft_cfg.weight_decay, encoder_lr_scale=ft_cfg.encoder_lr_scale,
+    groups = partial(parameter_groups, weight_decay=ft_cfg.weight_decay, encoder_lr_scale=ft_cfg.encoder_lr_scale,
                      decay_all_parameters=ft_cfg.decay_all_parameters, decoder_only_steps=ft_cfg.decoder_only_steps)
     return OptimSettings(ft_cfg.optimizer, ft_cfg.lr, ft_cfg.weight_decay, ft_cfg.batch_size, ft_cfg.epochs,
                          momentum=ft_cfg.momentum, groups=groups)
@@ -138,19 +77,6 @@ def _resolve(opts: RunOptions, recipe: str | None, init_card: dict[str, Any] | N
         "finetune", opts.preset, opts.overrides, config_file=opts.config_file, recipe=recipe,
         defaults=_init_defaults(chosen.stage_cfg.recipe, init_card), **explicit, **opts.explicit(),
     )
-
-
-def _datasets(site, split_column: str, max_val_frames: int | None, size: int, ft_cfg, train_cfg, preload: bool):
-    """(split column, train dataset, validation dataset); ``max_val_frames`` keeps an evenly
-    spaced, deterministic subset of the validation frames (validation cost matters on CPUs)."""
-    column, train_recs, val_recs = select_labeled_splits(site, split_column)
-    if max_val_frames is not None and len(val_recs) > max_val_frames > 0:
-        val_recs = val_recs[:: -(-len(val_recs) // max_val_frames)]
-    threads = max(1, train_cfg.num_workers or 4)
-    train_ds = SegmentationDataset(site, train_recs, size, seed=train_cfg.seed, preload=preload,
-                                   preload_threads=threads, augment=make_augmentation(ft_cfg.augment))
-    val_ds = SegmentationDataset(site, val_recs, size, seed=train_cfg.seed, preload=preload, preload_threads=threads)
-    return column, train_ds, val_ds
 
 
 def dice_bce_loss(net, batch):
@@ -191,8 +117,8 @@ def finetune(
         check_init_card(init, init_card, model_cfg, resolved.preset)
     ctx = setup(opts.device)
     site = open_one_site(site_dir, what="finetune", check_images=True)
-    column, train_ds, val_ds = _datasets(site, split_column, max_val_frames, model_cfg.img_size, ft_cfg, train_cfg,
-                                         opts.preload)
+    column, train_ds, val_ds = labeled_datasets(site, split_column, max_val_frames, model_cfg.img_size, ft_cfg, train_cfg,
+                                                opts.preload)
     model, init_card = build_finetune_model(model_cfg, train_cfg.seed, init)
     stage = "finetune" if init is not None else "baseline"
     out_dir, optim, written = Path(out_dir), _finetune_optim(ft_cfg), {}
@@ -204,7 +130,7 @@ def finetune(
                 ft_cfg, train_cfg, split_column=column, val_frames=len(val_ds),
                 param_groups=[g.describe(ft_cfg.lr) for g in optim.param_groups(net)], best_epoch=state.epoch + 1,
                 best_step=state.step, best_val_dicebce=val["val_loss"], best_val_dice=val["val_dice"],
-                global_batch=state.global_batch,
+                global_batch=state.global_batch, **state.train_check(),
             ),
             data=[site_entry(site, role="supervised", splits=[f"{column}=train", f"{column}=val"])],
         )
@@ -215,7 +141,7 @@ def finetune(
     trainer = Trainer(
         model=model, loss_fn=dice_bce_loss, train_dataset=train_ds, out_dir=out_dir, optim=optim, train=train_cfg,
         ctx=ctx, options=opts, description=f"{stage} {site.name}", config_record=resolved.record(),
-        hooks=Hooks(val_fn=_validation(val_ds, ctx, max(1, min(64, ft_cfg.batch_size))), on_best=on_best),
+        hooks=Hooks(val_fn=validation_fn(val_ds, ctx, max(1, min(64, ft_cfg.batch_size))), on_best=on_best),
     )
     res = trainer.fit()
     model_path = out_dir / MODEL_FILE

@@ -1,7 +1,8 @@
 """Masked image modeling pretraining (SimMIM-style, docs/method.md generative branch) on ONE site.
 
 Reads only the images of the site's pretraining split (never a mask file). The mask grid is the
-paper's 7x7 at any input size (cells of ceil(size / 7) px). Each sample's mask
+paper's 7x7 of 32-px cells at 224 px; at other sizes cells stay whole multiples of the 16-px
+token (16 px at 128 and 64). Each sample's mask
 grid, speckle cells and speckle noise are drawn from a generator seeded by (seed, epoch, index),
 so single-process, DDP and resumed runs see identical inputs. The whole TransUNet (3 output
 channels) reconstructs the image; loss = mean absolute error over masked pixels. Writes
@@ -88,16 +89,18 @@ class MIMObjective(nn.Module):
 
     def forward(self, image, mask, speckle, noise):
         from ..losses import masked_l1
-        from ..models.heads import apply_mim_mask
+        from ..models.heads import apply_mim_mask, inpainting_baseline
         from .distributed import all_reduce_sum, world_size
 
-        reconstruction = self.mim.net(apply_mim_mask(image, mask, speckle, noise=noise)).float()
+        reconstruction = self.mim.reconstruct(apply_mim_mask(image, mask, speckle, noise=noise)).float()
+        with torch.no_grad():  # the trivial inpainting's loss on the same masks, logged beside the loss
+            baseline = {"inpaint_baseline_l1": float(masked_l1(inpainting_baseline(image, mask), image, mask))}
         world = world_size()
         if world == 1:
-            return masked_l1(reconstruction, image, mask)
+            return masked_l1(reconstruction, image, mask), baseline
         weights = mask.to(reconstruction.dtype).expand_as(reconstruction)
         count = all_reduce_sum(weights.sum().detach()).clamp_min(1.0)
-        return world * ((reconstruction - image).abs() * weights).sum() / count
+        return world * ((reconstruction - image).abs() * weights).sum() / count, baseline
 
 
 def resolve_mask_cell(img_size: int, mim_cfg) -> Any:
@@ -142,7 +145,9 @@ def pretrain_mim(
             model=model_cfg,
             out_channels=0,  # encoder only
             stage="pretrain-mim",
-            hyperparameters=hyperparameters(mim_cfg, train_cfg, global_batch=state.global_batch, steps=state.step),
+            hyperparameters=hyperparameters(mim_cfg, train_cfg, global_batch=state.global_batch, steps=state.step,
+                                            **{f"mean_{k}": round(v / max(1, state.extras_n), 6)
+                                               for k, v in state.extras_sum.items()}),
             data=[site_entry(site, role="ssl-images-only", splits=[f"split={split}"])],
         )
         save_encoder(out_dir / ENCODER_FILE, net.mim, card)
@@ -150,7 +155,8 @@ def pretrain_mim(
 
     trainer = Trainer(
         model=model, loss_fn=loss_fn, train_dataset=dataset, out_dir=out_dir,
-        optim=OptimSettings(mim_cfg.optimizer, mim_cfg.lr, mim_cfg.weight_decay, mim_cfg.batch_size, mim_cfg.epochs),
+        optim=OptimSettings(mim_cfg.optimizer, mim_cfg.lr, mim_cfg.weight_decay, mim_cfg.batch_size, mim_cfg.epochs,
+                            decay_all_parameters=mim_cfg.decay_all_parameters),
         train=train_cfg, ctx=ctx, options=opts, hooks=Hooks(on_end=on_end),
         description=f"pretrain mim {site.name}", config_record=resolved.record(),
     )

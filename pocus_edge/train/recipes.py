@@ -7,12 +7,14 @@ SAME recipe, so a difference between arms is the initialization's, not the optim
     AdamW with decoupled weight decay 0.05 on weight matrices and convolution kernels only (none
     on norms, biases, position embeddings and tokens); the encoder at 0.1x the decoder/head
     learning rate, whether it is random or pretrained; linear warm-up over 5 % of the steps, then
-    cosine to 0; no gradient clipping. ``decoder_only_steps`` > 0 adds a linear-probe phase
-    (LP-FT): the encoder's learning rate is 0 for those first steps.
+    cosine to 0; no gradient clipping; nnU-Net's scale and intensity augmentation
+    (``augment: standard``, the same for every arm). ``decoder_only_steps`` > 0 adds a
+    linear-probe phase (LP-FT): the encoder's learning rate is 0 for those first steps.
 
 ``paper``
     The released code's SGD: momentum 0.99, weight decay 0.05 on every parameter (0.1 after a
-    contrastive encoder), one learning rate for all, cosine, gradient clipping at 1.0. Kept for
+    contrastive encoder), one learning rate for all, cosine, gradient clipping at 1.0, no
+    augmentation. Kept for
     faithfulness. Its failure mode at short budgets (measured on the ``small`` preset): the
     weight-decay term of the encoder is 10-30x its loss gradient, and with momentum 0.99 the
     per-step shrink is lr x wd / (1 - momentum) = 1 % at lr 2e-3, so the encoder keeps its
@@ -59,6 +61,7 @@ RECIPES: dict[str, Recipe] = {
             "encoder_lr_scale": 0.1,
             "decay_all_parameters": False,
             "decoder_only_steps": 0,
+            "augment": "standard",
         },
         train={"schedule": "cosine", "warmup_fraction": 0.05, "warmup_epochs": 0, "grad_clip": None},
         finetune_by_preset={"paper": {"lr": 1e-4}, "small": {"lr": 1e-3}, "tiny": {"lr": 1e-3}},
@@ -73,6 +76,7 @@ RECIPES: dict[str, Recipe] = {
             "encoder_lr_scale": 1.0,
             "decay_all_parameters": True,
             "decoder_only_steps": 0,
+            "augment": "none",
         },
         train={"schedule": "cosine", "warmup_fraction": 0.0, "warmup_epochs": 0, "grad_clip": 1.0},
         # lr 2e-4 is the paper's for ~6,600 steps of 512; in a few hundred steps of 16 it barely
@@ -117,16 +121,15 @@ class ParamGroup:
                 "lr": lr * self.lr_scale, "weight_decay": self.weight_decay, "hold_steps": self.hold_steps}
 
 
-def single_group(model: nn.Module, weight_decay: float) -> list[ParamGroup]:
-    """Every trainable parameter in one group (pretraining stages, the ``paper`` recipe)."""
-    return [ParamGroup("all", [p for p in model.parameters() if p.requires_grad], 1.0, weight_decay)]
-
-
-def finetune_groups(model: nn.Module, *, weight_decay: float, encoder_lr_scale: float, decay_all_parameters: bool,
-                    decoder_only_steps: int) -> list[ParamGroup]:
-    """Encoder / decoder x decay / no-decay groups of a segmenter (empty groups dropped)."""
-    if encoder_lr_scale == 1.0 and decay_all_parameters and decoder_only_steps == 0:
-        return single_group(model, weight_decay)
+def parameter_groups(model: nn.Module, *, weight_decay: float, decay_all_parameters: bool = False,
+                     encoder_lr_scale: float = 1.0, decoder_only_steps: int = 0) -> list[ParamGroup]:
+    """The one optimizer rule of every stage (MIM and contrastive pretraining, fine-tuning,
+    distillation): decoupled weight decay on weight matrices and convolution kernels only (none on
+    norms, biases, position embeddings and tokens) unless ``decay_all_parameters`` (the released
+    code's recipes); the encoder (``encoder.*``) at ``encoder_lr_scale`` x the learning rate and
+    held at 0 for ``decoder_only_steps`` (LP-FT). Encoder / rest x decay / no-decay groups, empty
+    groups dropped; a model without an ``encoder.`` prefix (a student, a pretraining wrapper) is
+    all "rest"."""
     buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -145,4 +148,25 @@ def finetune_groups(model: nn.Module, *, weight_decay: float, encoder_lr_scale: 
     return groups
 
 
-__all__ = ["RECIPES", "ParamGroup", "Recipe", "finetune_groups", "get_recipe", "is_no_decay", "single_group"]
+# Pretraining recipes: stage values by name. ``default`` follows the one optimizer rule above
+# (AdamW, decoupled decay off norms/biases/embeddings) with the project's view augmentation and
+# projection head; ``paper`` restores the released code: MIM with AdamW decay on every parameter,
+# contrastive with Adam + L2 on every parameter, no BatchNorm in the projection head and the
+# crop/flip/jitter views alone.
+PRETRAIN_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {"mim": {}, "contrastive": {}},
+    "paper": {
+        "mim": {"decay_all_parameters": True, "head": "decoder"},
+        "contrastive": {"optimizer": "adam", "decay_all_parameters": True, "projection_bn": False, "nuisance_p": 0.0},
+    },
+}
+
+
+def pretrain_recipe_values(stage: str, name: str) -> dict[str, Any]:
+    if name not in PRETRAIN_RECIPES:
+        raise ConfigError(f"unknown pretraining recipe {name!r}; choose one of {', '.join(PRETRAIN_RECIPES)}")
+    return {"recipe": name, **PRETRAIN_RECIPES[name].get(stage, {})}
+
+
+__all__ = ["PRETRAIN_RECIPES", "RECIPES", "ParamGroup", "Recipe", "get_recipe", "is_no_decay", "parameter_groups",
+           "pretrain_recipe_values"]

@@ -178,7 +178,8 @@ class MainActivity : Activity() {
         private const val TAG = "PocusEdgeDemo"
         private const val KEY_PROVIDER = "execution_provider"
 
-        /** Tried in this order: the compact student first (it runs live on a phone). */
-        val MODEL_ASSETS = listOf("student.onnx", "fused.onnx")
+        /** Tried in this order: the compact student first (it runs live on a phone), in ORT format
+         *  (what a minimal onnxruntime build reads, README.md) before ONNX. */
+        val MODEL_ASSETS = listOf("student.ort", "student.onnx", "fused.onnx")
     }
 }
