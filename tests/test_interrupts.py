@@ -241,7 +241,7 @@ def test_the_command_exits_with_one_line_and_keeps_report_and_masks(model, tmp_p
     write_tvd_h5(tmp_path / "long.tvd.h5", rng.integers(0, 256, (600, *SHAPE), dtype=np.uint8), np.arange(600) * 33.3)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "pocus_edge", "stream", str(tmp_path / "long.tvd.h5"), "--model", str(model),
-                             "--realtime", "-q", "--threads", "1", "--report", str(tmp_path / "r.json"), "--masks", str(tmp_path / "m.npz")],
+                             "--realtime", "--no-progress", "--threads", "1", "--report", str(tmp_path / "r.json"), "--masks", str(tmp_path / "m.npz")],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_masks(tmp_path, 2000)

@@ -46,11 +46,11 @@ def _one_line(capsys) -> str:
 
 
 def test_simulate_on_a_full_disk_leaves_nothing(tmp_path, capsys):
-    need = _space_taken(tmp_path, lambda disk: main(["simulate", str(disk / "sim"), "--preset", "tiny", "--no-progress"]))
+    need = _space_taken(tmp_path, lambda disk: main(["simulate", str(disk / "sim"), "--data-preset", "tiny", "--no-progress"]))
     for fraction in FRACTIONS:
         with small_tmpfs(tmp_path, _tmpfs_size(int(need * fraction))) as disk:
             capsys.readouterr()
-            assert main(["simulate", str(disk / "sim"), "--preset", "tiny", "--no-progress"]) == 2, fraction
+            assert main(["simulate", str(disk / "sim"), "--data-preset", "tiny", "--no-progress"]) == 2, fraction
             line = _one_line(capsys)
             assert "disk full" in line and "nothing was written" in line, line
             assert str(disk / "sim") in line and ".tmp" not in line, line
@@ -67,7 +67,7 @@ def test_a_masks_folder_on_a_full_disk_leaves_nothing_and_the_report_still_count
     for i in range(30):
         cv2.imwrite(str(frames / f"f{i:02d}.png"), rng.integers(0, 256, (64, 80), dtype=np.uint8))
     model = _mean_onnx(tmp_path / "mean.onnx")
-    args = ["stream", str(frames), "--model", str(model), "--threads", "1", "-q"]
+    args = ["stream", str(frames), "--model", str(model), "--threads", "1", "--no-progress"]
     assert main([*args, "--masks", str(tmp_path / "whole")]) == 0
     assert sorted(p.name for p in (tmp_path / "whole").iterdir()) == [f"{i:07d}.png" for i in range(30)]
     need = _space_taken(tmp_path, lambda disk: main([*args, "--masks", str(disk / "masks")]))
@@ -97,13 +97,13 @@ def test_a_masks_folder_replaces_an_earlier_one_and_refuses_a_foreign_folder(tmp
     masks = tmp_path / "masks"
     masks.mkdir()
     (masks / "0000099.png").write_bytes(b"an earlier run's mask")
-    assert main(["stream", str(frames), "--model", str(model), "-q", "--masks", str(masks)]) == 0
+    assert main(["stream", str(frames), "--model", str(model), "--no-progress", "--masks", str(masks)]) == 0
     assert sorted(p.name for p in masks.iterdir()) == ["0000000.png", "0000001.png", "0000002.png"]
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("mine")
     capsys.readouterr()
-    assert main(["stream", str(frames), "--model", str(model), "-q", "--masks", str(notes)]) == 2
+    assert main(["stream", str(frames), "--model", str(model), "--no-progress", "--masks", str(notes)]) == 2
     assert "holds other files than masks" in _one_line(capsys)
     assert [p.name for p in notes.iterdir()] == ["todo.txt"]
 
@@ -121,7 +121,7 @@ def test_an_empty_recording_is_refused_like_an_empty_folder(tmp_path, capsys):
     empty_folder.mkdir()
     for source in (recording, empty_folder):
         capsys.readouterr()
-        assert main(["stream", str(source), "--model", str(model), "-q", "--report", str(tmp_path / "r.json"),
+        assert main(["stream", str(source), "--model", str(model), "--no-progress", "--report", str(tmp_path / "r.json"),
                      "--masks", str(tmp_path / "m.npz")]) == 2
         assert str(source) in _one_line(capsys)
         assert not (tmp_path / "r.json").exists() and not (tmp_path / "m.npz").exists()

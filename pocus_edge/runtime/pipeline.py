@@ -37,6 +37,7 @@ from .interrupts import InterruptGuard
 from .sinks import CallbackSink, MaskFileSink, OutputSet, OverlayVideoSink  # noqa: F401  (importable from here, as before)
 from .stats import ProgressLine, RunStats
 
+
 @dataclass
 class StreamOptions:
     realtime: bool = False
