@@ -12,14 +12,22 @@ For each run the script checks what docs/streaming.md promises:
   when faults are adjacent, at most one event per fault, and a frame without payload CRC that
   was cut short and followed by another fault's bytes may pass as an extra frame (it cannot be
   told from a whole one), so: intact <= processed + dropped and invalid + extra <= faults;
-* the report's counts add up: frames_in == processed + dropped + invalid.
+* the report's counts add up: frames_in == processed + dropped + invalid;
+* a stream without any frame or fault (nothing at all) is refused: exit 2, one line, no report.
+
+The interrupt variant (``--interrupts N``, default 60) sends a random prefix of a random stream
+over TCP to a receiver that also writes ``--masks m.npz``, waits a moment and sends it SIGINT
+(Ctrl-C) while the connection is open. Each run must exit 130 with the one line "interrupted",
+write its report with ``interrupted_by: SIGINT`` and counts that add up (frames_in == processed
++ dropped + invalid + interrupted), and keep a masks archive holding exactly the processed
+frames.
 
 Then a few fixed scenarios: a lying 4096x4096 header followed by 20 frames, a slow-drip TCP
 sender (bounded by the per-frame deadline and the idle timeout), a second TCP sender (refused
 and counted). The model is a one-node ONNX graph (mean over channels): the receiver is under
 test, not the network.
 
-    python benchmarks/fuzz_stream.py --streams 354 --seed 0 --out benchmarks/notes/fuzz_stream.json
+    python benchmarks/fuzz_stream.py --streams 354 --interrupts 60 --seed 0 --out benchmarks/notes/fuzz_stream.json
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import datetime
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -109,10 +118,17 @@ def run_tcp(data: bytes, model: Path, report: Path, rng: np.random.Generator, *,
 def check(stream: faults.FuzzStream, rc: int, stderr: str, report_path: Path) -> tuple[dict, list[str]]:
     """The report's counts and the list of broken promises (empty when all hold)."""
     broken = []
-    if rc != 0:
-        broken.append(f"exit {rc}")
     if "Traceback" in stderr:
         broken.append("traceback")
+    if not stream.frames and not stream.faults:  # nothing at all: refused like an empty folder
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        if rc != 2 or len(lines) != 1 or "before its first frame" not in lines[0]:
+            broken.append(f"empty stream: exit {rc}, stderr {lines!r}")
+        if report_path.is_file():
+            broken.append("empty stream left a report")
+        return {"frames_in": 0, "frames_processed": 0, "frames_dropped": 0, "frames_invalid": 0}, broken
+    if rc != 0:
+        broken.append(f"exit {rc}")
     if not report_path.is_file():
         return {}, broken + ["no report"]
     r = json.loads(report_path.read_text())
@@ -157,12 +173,78 @@ def fuzz(n_streams: int, seed: int, model: Path, work: Path, *, adjacent_share: 
                       "faults_sent": len(stream.faults), "adjacent_streams": int(not stream.separated), **counts})
         tally["tracebacks"] += "Traceback" in err
         tally["nonzero_exits"] += rc != 0
+        tally["empty_streams"] += not stream.frames and not stream.faults  # refused by design (exit 2)
         kinds.update(stream.faults)
         if broken:
             failures.append({"stream": k, "transport": transport, "broken": broken, "faults": stream.faults})
         if (k + 1) % 25 == 0:
             print(f"  {k + 1}/{n_streams} streams, {len(failures)} broken", file=sys.stderr, flush=True)
     return {"tally": dict(tally), "fault_kinds": dict(kinds), "failures": failures}
+
+
+def interrupt_run(stream: faults.FuzzStream, model: Path, work: Path, rng: np.random.Generator, k: int) -> tuple[dict, list[str]]:
+    """Send a random prefix of ``stream`` over TCP, wait, SIGINT the receiver; check its promises."""
+    report, masks = work / f"int{k}.json", work / f"int{k}.npz"
+    proc = subprocess.Popen(stream_command("tcp:0", model, report, "--accept-timeout", "30", "--masks", str(masks)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    cut = int(rng.integers(0, len(stream.data) + 1))
+    wait_s = float(rng.uniform(0.05, 0.5))
+    try:
+        port = _listen_port(proc)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(stream.data[:cut])
+            time.sleep(wait_s)
+            proc.send_signal(signal.SIGINT)  # while the sender is still connected
+            _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = err.decode(errors="replace")
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    broken = []
+    if proc.returncode != 130 or lines != ["interrupted"]:
+        broken.append(f"exit {proc.returncode}, stderr {lines[-3:]!r}")
+    if not report.is_file():
+        return {}, broken + ["no report"]
+    r = json.loads(report.read_text())
+    counts = {key: r.get(key) for key in ("frames_in", "frames_processed", "frames_dropped", "frames_invalid", "frames_interrupted")}
+    if r.get("interrupted_by") != "SIGINT":
+        broken.append(f"interrupted_by {r.get('interrupted_by')!r}")
+    if counts["frames_in"] != counts["frames_processed"] + counts["frames_dropped"] + counts["frames_invalid"] + counts["frames_interrupted"]:
+        broken.append(f"counts do not add up: {counts}")
+    if not masks.is_file():
+        broken.append("no masks archive")
+    else:
+        with np.load(masks) as archive:
+            if len(archive.files) != counts["frames_processed"]:
+                broken.append(f"masks archive holds {len(archive.files)} frames, {counts['frames_processed']} processed")
+    # Frames whose every byte was sent before the interrupt (the receiver had wait_s to take them).
+    sent_whole, offset = 0, 0
+    for frame_bytes, _ in stream.frames:
+        offset = stream.data.find(frame_bytes, offset)
+        if offset < 0 or offset + len(frame_bytes) > cut:
+            break
+        offset += len(frame_bytes)
+        sent_whole += 1
+    counts.update(frames_sent_whole=sent_whole, wait_ms=round(wait_s * 1000))
+    return counts, broken
+
+
+def interrupts(n_streams: int, seed: int, model: Path, work: Path) -> dict:
+    rng = np.random.default_rng(seed + 1)
+    tally = collections.Counter()
+    failures = []
+    for k in range(n_streams):
+        stream = faults.random_stream(rng, separated=bool(rng.random() >= 0.25))
+        counts, broken = interrupt_run(stream, model, work, rng, k)
+        tally.update({"runs": 1, **{key: v for key, v in counts.items() if key != "wait_ms"}})
+        tally["runs_with_processed_frames"] += bool(counts.get("frames_processed"))
+        if broken:
+            failures.append({"run": k, "broken": broken})
+        if (k + 1) % 20 == 0:
+            print(f"  {k + 1}/{n_streams} interrupted runs, {len(failures)} broken", file=sys.stderr, flush=True)
+    return {"tally": dict(tally), "failures": failures}
 
 
 def scenarios(model: Path, work: Path) -> dict:
@@ -236,6 +318,7 @@ def describe_machine() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", type=int, default=354, help="random streams (alternately stdin and TCP)")
+    ap.add_argument("--interrupts", type=int, default=60, help="runs interrupted with SIGINT mid-stream (TCP, with --masks)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-scenarios", action="store_true", help="skip the fixed scenarios")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -245,6 +328,8 @@ def main() -> None:
         work = Path(tmp)
         model = mean_model(work / "mean.onnx")
         result = fuzz(args.streams, args.seed, model, work)
+        if args.interrupts:
+            result["interrupts"] = interrupts(args.interrupts, args.seed, model, work)
         if not args.no_scenarios:
             result["scenarios"] = scenarios(model, work)
     result.update(
@@ -262,7 +347,14 @@ def main() -> None:
           f"{t['frames_sent']} intact frames, {t['faults_sent']} faults: {t.get('frames_processed', 0)} processed, "
           f"{t.get('frames_dropped', 0)} dropped, {t.get('frames_invalid', 0)} invalid; "
           f"{len(result['failures'])} streams broke a promise; {t['tracebacks']} tracebacks", file=sys.stderr)
-    sys.exit(1 if result["failures"] or not all(s["held"] for s in result.get("scenarios", {}).values()) else 0)
+    if "interrupts" in result:
+        i = result["interrupts"]["tally"]
+        print(f"{i.get('runs', 0)} interrupted runs: {i.get('frames_processed', 0)} frames processed (all in the masks), "
+              f"{i.get('frames_interrupted', 0)} interrupted, {i.get('frames_invalid', 0)} invalid, "
+              f"{i.get('frames_sent_whole', 0)} frames sent whole before the interrupts; "
+              f"{len(result['interrupts']['failures'])} runs broke a promise", file=sys.stderr)
+    broken_interrupts = result.get("interrupts", {}).get("failures")
+    sys.exit(1 if result["failures"] or broken_interrupts or not all(s["held"] for s in result.get("scenarios", {}).values()) else 0)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import typer
 from . import __version__
 from .commands import LazyCommandGroup
 from .commands.options import rewrite_deprecated
-from .errors import ExitCode, PocusError
+from .errors import ExitCode, PocusError, Terminated
 
 app = typer.Typer(
     name="pocus-edge",
@@ -50,11 +50,6 @@ def _root(
     # Commands are registered lazily by LazyCommandGroup (pocus_edge.commands.COMMANDS); this
     # callback makes typer build a group for them.
     pass
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so every ``finally`` and temporary clean-up runs
-    (a BaseException, like KeyboardInterrupt, so ``except Exception`` handlers let it pass)."""
 
 
 def main(argv: list[str] | None = None) -> int:

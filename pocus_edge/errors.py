@@ -97,3 +97,9 @@ class ToolchainUnavailable(PocusError):
     """
 
     exit_code = ExitCode.UNAVAILABLE
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so every ``finally`` and temporary clean-up runs
+    (a BaseException, like KeyboardInterrupt, so ``except Exception`` handlers let it pass).
+    The command line exits 143 (:attr:`ExitCode.TERMINATED`) on it."""

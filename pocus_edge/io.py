@@ -48,6 +48,7 @@ WRITE_ERRORS = {
     errno.EFBIG: "file too large for this file system",
     errno.EISDIR: "is a folder",
     errno.ENOTDIR: "a parent is a file, not a folder",
+    errno.EIO: "input/output error",
 }
 FOREIGN_TEMP_MAX_AGE_S = 24 * 3600  # temporaries of another host are swept only when this old
 
@@ -113,13 +114,29 @@ def output_error(path: str | os.PathLike, exc: OSError, *, note: str = "") -> Ou
 
 
 def _is_write_error(exc: BaseException, tmp: Path) -> bool:
-    """An OSError raised while writing ``tmp`` (not, e.g., one raised reading an input)."""
-    if not isinstance(exc, OSError) or isinstance(exc, OutputError):
+    """An OSError raised while writing ``tmp`` or a file inside it (a staging folder), not, e.g.,
+    one raised reading an input. An OutputError counts when it names a path inside ``tmp``: the
+    user is then told about the final name, never about a temporary one."""
+    if not isinstance(exc, OSError):
         return False
+    if isinstance(exc, OutputError):
+        return exc.errno in WRITE_ERRORS and str(exc).startswith(str(tmp) + os.sep)
     if exc.errno not in WRITE_ERRORS:
         return False
     name = exc.filename
     return name is None or str(name).startswith(str(tmp))
+
+
+def find_write_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (itself, or its cause or context, as libraries wrap them) when
+    it is a write failure users can act on (disk full, read-only, permission denied); else None."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRORS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,25 +274,55 @@ def staging_dir(near: str | os.PathLike, *, check: bool = True) -> Iterator[Path
     final = Path(near)
     if check:
         check_output_file(final)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise output_error(final, exc) from None
+    created = _make_parent(final)
     sweep_stale_temps(final.parent)
     tmp = new_temp_name(final.parent, final.name, "tmp", ".staging")
     try:
         tmp.mkdir()
     except OSError as exc:
+        _remove_created(final.parent, created)
         raise output_error(final, exc) from None
     _register(tmp)
     try:
         yield tmp
     except BaseException as exc:
+        _remove(tmp)
+        _remove_created(final.parent, created)
         if _is_write_error(exc, tmp):
             raise output_error(final, exc) from None
         raise
     finally:
         _remove(tmp)
+
+
+def _make_parent(final: Path) -> Path | None:
+    """Create ``final``'s missing parent folders; return the topmost one created (None if none),
+    so a failed write can remove them again (:func:`_remove_created`)."""
+    top = None
+    for folder in [final.parent, *final.parent.parents]:
+        if folder.exists() or folder.is_symlink():
+            break
+        top = folder
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _remove_created(final.parent, top)
+        raise output_error(final, exc) from None
+    return top
+
+
+def _remove_created(folder: Path, top: Path | None) -> None:
+    """Remove the folders from ``folder`` up to ``top`` that a writer created, if still empty: a
+    failed output leaves no trace, not even an empty folder (another writer's files stop it)."""
+    if top is None:
+        return
+    for current in [folder, *folder.parents]:
+        try:
+            current.rmdir()
+        except OSError:
+            return
+        if current == top:
+            return
 
 
 @contextlib.contextmanager
@@ -303,10 +350,7 @@ def atomic_path(
     else:
         check_output_dir(final)
         _check_replaceable_dir(final, replaces)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise output_error(final, exc) from None
+    created = _make_parent(final)
     sweep_stale_temps(final.parent)
     sfx = suffix if suffix is not None else "".join(final.suffixes)
     tmp = new_temp_name(final.parent, final.name, "tmp", sfx)
@@ -320,6 +364,7 @@ def atomic_path(
         _move_into_place(tmp, final, kind, replaces)
     except BaseException as exc:
         _remove(tmp)
+        _remove_created(final.parent, created)
         if _is_write_error(exc, tmp):
             kept = "the previous copy is intact" if final.exists() else "nothing was written"
             raise output_error(final, exc, note=kept) from None

@@ -462,3 +462,21 @@ def test_annotate_peak_fraction_follows_its_formula():
     unknown = {"precision": "int8", "gflops_per_frame": 100.0, "latency": [{"batch": 1, "fps": 2.0}]}
     runner.annotate_peak_fraction(unknown, machine)
     assert "fraction_of_peak" not in unknown["latency"][0]  # no int8 peak measured: no fraction
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(preset="tiny", formats=["onnx-fp99"]), "unknown format"),
+    (dict(preset="nosuchpreset"), "unknown preset 'nosuchpreset'"),
+    (dict(preset="tiny", students=("nosuchnet",)), "unknown student 'nosuchnet'"),
+    (dict(preset="tiny", students=("mobilenetv3",), student_preset="nosuchpreset"), "unknown preset 'nosuchpreset'"),
+])
+def test_choices_are_refused_before_any_model_is_built(monkeypatch, options, message):
+    from pocus_edge.errors import ConfigError
+
+    def no_setup(*args, **kwargs):
+        raise AssertionError("a model was built before the choices were checked")
+
+    monkeypatch.setattr(runner, "_model_setups", no_setup)
+    monkeypatch.setattr(runner, "_resolve_device", no_setup)
+    with pytest.raises(ConfigError, match=message):
+        run_benchmark(BenchmarkOptions(batches=(1,), runs=1, **options))

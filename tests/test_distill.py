@@ -246,6 +246,24 @@ def test_wrong_teachers_and_sites_are_refused_in_one_line(teachers, tmp_path, di
     assert not (tmp_path / "x").exists() and not (tmp_path / "z" / "model.safetensors").exists()
 
 
+def test_an_unknown_student_is_refused_before_any_teacher_work(tmp_path, monkeypatch):
+    """The student name is checked first: no teacher is loaded (nor its frames labelled) for a typo."""
+    import importlib
+
+    from pocus_edge.errors import ConfigError
+
+    distill_module = importlib.import_module("pocus_edge.train.distill")  # the module, not the function
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teachers were loaded before the student name was checked")
+
+    monkeypatch.setattr(distill_module, "load_teacher", no_teacher)
+    with pytest.raises(ConfigError, match="unknown student 'nosuchnet'; choose one of mobilenetv3"):
+        distill(tmp_path / "g.safetensors", tmp_path / "c.safetensors", tmp_path / "target", tmp_path / "source",
+                tmp_path / "out", preset="tiny", student="nosuchnet", **FAST)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_help_and_a_tiny_run(teachers, tmp_path, capsys):
     assert main(["distill", "--help"]) == 0
     text = capsys.readouterr().out

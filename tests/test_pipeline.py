@@ -380,7 +380,7 @@ class _RecordingEvent(threading.Event):
 
 
 def test_realtime_pacing_rebases_timestamp_jumps_instead_of_sleeping_on_them():
-    from pocus_edge.runtime.pipeline import _Pacer
+    from pocus_edge.runtime.feed import Pacer as _Pacer
 
     # A /timing/time_ms jump to 1e12 used to wait ~31 years; a jump back then raced ahead.
     stamps = [0.0, 33.0, 66.0, 1e12, 1e12 + 33.0, 99.0, 132.0, -5e6, -5e6 + 33.0]
@@ -474,3 +474,28 @@ def test_stream_command_on_a_full_disk_exits_2_with_one_line(tiny_onnx, tmp_path
         assert len(lines) == 1 and "Traceback" not in err, err
         assert "disk full" in lines[0] and str(disk) in lines[0]
         assert sorted(p.name for p in disk.iterdir()) == ["filler.bin"]
+
+
+@pytest.mark.parametrize("card", [None, {"img_size": SIZE, "precision": "fp32"}, {"img_size": SIZE, "precision": "int8"}])
+def test_report_precision_follows_the_models_input_type(tmp_path, card):
+    """A graph with float16 input reports fp16 (also when a converter left the fp32 export's card
+    on it); a float32 graph reports its card's precision, fp32 without one."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    for elem, expected in ((TensorProto.FLOAT16, "fp16" if (card or {}).get("precision") != "int8" else "int8"),
+                           (TensorProto.FLOAT, (card or {}).get("precision", "fp32"))):
+        inp = helper.make_tensor_value_info("frames", elem, ["batch", 3, SIZE, SIZE])
+        out = helper.make_tensor_value_info("fused", TensorProto.FLOAT, ["batch", 1, SIZE, SIZE])
+        nodes = [helper.make_node("Cast", ["frames"], ["x"], to=TensorProto.FLOAT),
+                 helper.make_node("ReduceMean", ["x"], ["fused"], axes=[1], keepdims=1)]
+        model = helper.make_model(helper.make_graph(nodes, "mean", [inp], [out]), opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8
+        if card is not None:
+            model.metadata_props.append(onnx.StringStringEntryProto(key="pocus_edge_card", value=json.dumps(card)))
+        path = tmp_path / f"m{elem}.onnx"
+        onnx.save(model, str(path))
+        report = run_stream(ListSource(_frames(2)), open_backend(path, threads=1), options=StreamOptions(progress=False))
+        assert report["precision"] == expected, (elem, card)
+        assert report["input_dtype"] == ("float16" if elem == TensorProto.FLOAT16 else "float32")
+        assert report["frames_processed"] == 2

@@ -491,6 +491,7 @@ def run_benchmark(
         raise ConfigError("--model benchmarks one exported artifact: drop --generative/--contrastive/--formats/--student")
     if opts.model is None and not opts.teacher and not students:
         raise ConfigError("--no-teacher leaves nothing to measure: add --student NAME or --student-checkpoint FILE")
+    _check_choices(opts)
     device = _resolve_device(opts.device)
     if opts.eval_batch is None:
         # The largest timed batch: a compiled format then sees no extra input shape.
@@ -514,6 +515,22 @@ def run_benchmark(
                     on_row(row, report)
     validate_report(report, source="benchmark report (internal)")
     return report
+
+
+def _check_choices(opts: BenchmarkOptions) -> None:
+    """Format, preset and student names are refused before any model is built or loaded."""
+    from ..config import model_preset
+
+    if opts.formats:
+        resolve_formats(opts.formats)
+    for preset in (opts.preset, opts.student_preset):
+        if preset:
+            model_preset(preset)
+    if opts.students:
+        from ..models.students import student_config
+
+        for name in opts.students:
+            student_config(name, opts.student_preset or opts.preset or "paper")
 
 
 def _model_setups(opts: BenchmarkOptions, device, workdir: Path) -> list[dict[str, Any]]:

@@ -434,6 +434,10 @@ class SiteWriter:
         record.labeled = mask is not None
         self.records.append(record)
 
-    def close(self) -> Site:
+    def write_manifest(self) -> None:
+        """Write the manifest (last, atomically) without loading the site back."""
         write_manifest(self.root / MANIFEST, self.records)
+
+    def close(self) -> Site:
+        self.write_manifest()
         return load_site(self.root)

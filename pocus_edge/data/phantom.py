@@ -40,7 +40,7 @@ have the power of whole sweeps without changing the training data's labeling.
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -48,7 +48,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .layout import IMAGES, MANIFEST, MASKS, FrameRecord, Site, SiteWriter, load_site
+from ..io import atomic_path
+from .layout import MANIFEST, FrameRecord, Site, SiteWriter, load_site
 from .phantom_anatomy import (
     SOURCE_VIEWS,
     TARGET_VIEWS,
@@ -274,16 +275,40 @@ def iter_site_frames(
                 yield rec, image, mask
 
 
-def _prepare_site_dir(root: Path, overwrite: bool) -> None:
+def _check_site_dir(root: Path, overwrite: bool) -> None:
+    """Refuse, before rendering anything, a ``root`` that holds a site (unless ``overwrite``) or
+    anything else: a simulated site replaces only an earlier site, never a folder of other files."""
     if (root / MANIFEST).exists():
         if not overwrite:
             raise DataError(f"{root}: already holds a site (manifest.csv exists); pass --overwrite to replace it")
-        # Replace the whole simulated site: stale frames from a larger earlier run must go too.
-        for sub in (IMAGES, MASKS):
-            shutil.rmtree(root / sub, ignore_errors=True)
-        (root / MANIFEST).unlink()
-    elif root.exists() and any(root.iterdir()) and not overwrite:
-        raise DataError(f"{root}: folder exists and is not empty; pass --overwrite or choose another OUT")
+    elif root.is_dir() and any(root.iterdir()):
+        if not overwrite:
+            raise DataError(f"{root}: folder exists and is not empty; pass --overwrite or choose another OUT")
+        raise DataError(f"{root}: folder exists, is not empty and is not a site; refusing to replace it (choose another OUT)")
+
+
+def _is_site(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def _site_staging(root: Path):
+    """A staging folder beside ``root``, renamed to ``root`` (replacing an earlier site) only when
+    the block completes; removed otherwise, so a failed or interrupted run leaves nothing there."""
+    return atomic_path(root, suffix=".simulating", kind="dir", replaces=_is_site)
+
+
+def _write_site(folder: Path, domain: str, preset: SimPreset, seed: int, profile: ProbeProfile, workers: int,
+                on_frame=None) -> None:
+    """Render one site's frames into ``folder`` and write its manifest (with splits) last."""
+    from .splits import assign_splits
+
+    writer = SiteWriter(folder, fsync_frames=False)
+    for rec, image, mask in _site_frames(domain, preset, seed, profile, workers):
+        writer.add(rec, image, mask if rec.labeled else None)
+        if on_frame is not None:
+            on_frame()
+    writer.records = assign_splits(writer.records, domain=domain, seed=seed, **preset.split_options(domain))
+    writer.write_manifest()
 
 
 def simulate_site(
@@ -297,7 +322,8 @@ def simulate_site(
     on_frame=None,
     workers: int = 1,
 ) -> Site:
-    """Write one simulated site (``domain`` = source | target) and assign its splits.
+    """Write one simulated site (``domain`` = source | target) and assign its splits. The site is
+    built in a staging folder beside ``root`` and renamed into place when complete.
 
     ``workers`` > 1 renders patients in that many processes; the files are identical."""
     from .splits import assign_splits
@@ -309,14 +335,10 @@ def simulate_site(
     root = Path(root)
     # Fail on a preset too small for the paper's splits before rendering anything.
     assign_splits(planned_records(domain, p, seed), domain=domain, seed=seed, **p.split_options(domain))
-    _prepare_site_dir(root, overwrite)
-    writer = SiteWriter(root, overwrite=overwrite, fsync_frames=False)
-    for rec, image, mask in _site_frames(domain, p, seed, prof, workers):
-        writer.add(rec, image, mask if rec.labeled else None)
-        if on_frame is not None:
-            on_frame()
-    writer.records = assign_splits(writer.records, domain=domain, seed=seed, **p.split_options(domain))
-    return writer.close()
+    _check_site_dir(root, overwrite)
+    with _site_staging(root) as staged:
+        _write_site(staged, domain, p, seed, prof, workers, on_frame)
+    return load_site(root)
 
 
 def _render_patient(args) -> list[tuple[FrameRecord, np.ndarray, np.ndarray]]:
@@ -383,29 +405,24 @@ def simulate(
 
     for domain in ("source", "target"):
         assign_splits(planned_records(domain, p, seed), domain=domain, seed=seed, **p.split_options(domain))  # too few patients?
-        root = out / domain
-        if (root / MANIFEST).exists() and not overwrite:
-            raise DataError(f"{root}: already holds a site (manifest.csv exists); pass --overwrite to replace it")
-    sites: dict[str, Site] = {}
-    if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        _check_site_dir(out / domain, overwrite)
+    # Both sites are built in staging folders and renamed into place together once both are
+    # complete: a failure (a full disk) or an interrupt leaves neither under its name.
+    with contextlib.ExitStack() as stack:
+        staged = {domain: stack.enter_context(_site_staging(out / domain)) for domain in ("source", "target")}
+        if progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        with Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=False
-        ) as bar:
+            with Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=False
+            ) as bar:
+                for domain in ("source", "target"):
+                    task = bar.add_task(f"{domain} ({profiles[domain].name})", total=counts[domain])
+                    _write_site(staged[domain], domain, p, seed, profiles[domain], workers, on_frame=lambda t=task: bar.advance(t))
+        else:
             for domain in ("source", "target"):
-                task = bar.add_task(f"{domain} ({profiles[domain].name})", total=counts[domain])
-                sites[domain] = simulate_site(
-                    out / domain, domain=domain, preset=p, seed=seed, profile=profiles[domain], overwrite=overwrite,
-                    on_frame=lambda t=task: bar.advance(t), workers=workers,
-                )
-    else:
-        for domain in ("source", "target"):
-            sites[domain] = simulate_site(
-                out / domain, domain=domain, preset=p, seed=seed, profile=profiles[domain], overwrite=overwrite,
-                workers=workers,
-            )
-    return sites["source"], sites["target"]
+                _write_site(staged[domain], domain, p, seed, profiles[domain], workers)
+    return load_site(out / "source"), load_site(out / "target")
 
 
 # ---------------------------------------------------------------------------------------------

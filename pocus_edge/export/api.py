@@ -144,13 +144,14 @@ def export_checkpoints(
     """Load two fine-tuned checkpoints into a FusedSegmenter (or ONE into a SingleSegmenter when
     ``contrastive_ckpt`` is None) and export it (see :func:`export_model`)."""
     from ..models.fused import load_fused, load_single
+    from ..models.weights import check_checkpoint_path
 
     options = options or ExportOptions()
     spec = artifact_format(options.target, options.precision)
     _validate(options, Path(out), spec)
     for path in (generative_ckpt, contrastive_ckpt):
-        if path is not None and not Path(path).is_file():
-            raise ExportError(f"{path}: checkpoint not found")
+        if path is not None:
+            check_checkpoint_path(path)  # the message every command gives ("is a directory", "no such checkpoint")
     if contrastive_ckpt is None:
         model = load_single(generative_ckpt, uint8_input=uint8_input)
     else:
@@ -179,6 +180,8 @@ class _Job:
     fp32_onnx: Path | None = None  # the fp32 graph (staged, or reused)
     graph: Path | None = None  # the precision-explicit graph the artifact is built from (staged)
     pending: list[tuple[Path, Path]] = field(default_factory=list)  # (staged, final) to promote
+    reports: list[tuple[Path, Path]] = field(default_factory=list)  # passed parity reports, promoted after the artifacts
+    stale: list[Path] = field(default_factory=list)  # failed reports of an earlier export, removed on promotion
 
     def staged(self, final: Path) -> Path:
         return self.staging / final.name
@@ -189,11 +192,18 @@ class _Job:
             self.result.intermediate.append(final)
 
     def promote(self) -> None:
+        """Rename the staged files into place: the artifacts, then their passed parity reports
+        (so a report never stands beside an artifact that is not there), then drop the failed
+        reports an earlier refused export left under these names."""
         from .staging import promote
 
-        for staged, final in self.pending:
+        for staged, final in self.pending + self.reports:
             promote(staged, final)
+        for stale in self.stale:
+            stale.unlink(missing_ok=True)
         self.pending.clear()
+        self.reports.clear()
+        self.stale.clear()
 
 
 def export_model(model, out: str | os.PathLike, options: ExportOptions | None = None, **overrides: Any) -> ExportResult:
@@ -306,9 +316,10 @@ def _calibration_reader(job: _Job):
 
 def _check_parity(job: _Job, staged: Path, final: Path, backend: str, precision: str, runner: Callable | None = None,
                   label: str | None = None) -> None:
-    """The one parity step: the staged artifact through its inference backend against PyTorch;
-    the report is written beside the final name, and a failure stops the export before any
-    promotion."""
+    """The one parity step: the staged artifact through its inference backend against PyTorch.
+    A passed report is staged and renamed into place with the artifact; a failed one is written
+    beside the final name (``.parity-failed``, the reason for the refusal) and stops the export
+    before any promotion."""
     if job.frames is None:
         return
     if runner is None:
@@ -317,7 +328,13 @@ def _check_parity(job: _Job, staged: Path, final: Path, backend: str, precision:
                                       bars=job.opts.bars, reference=job.reference, weight_sum=job.weight_sum,
                                       runner=runner, backend=label or backend)
     job.result.parity = report
-    job.result.parity_paths = parity_mod.write_parity(report, final)
+    if report["passed"]:
+        staged_paths = parity_mod.write_parity(report, job.staged(final))
+        job.result.parity_paths = parity_mod.parity_paths(final)
+        job.reports.extend(zip(staged_paths, job.result.parity_paths))
+        job.stale.extend(parity_mod.failed_parity_paths(final))
+    else:
+        job.result.parity_paths = parity_mod.write_parity(report, final)
     parity_mod.enforce(report)
 
 

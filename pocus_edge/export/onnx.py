@@ -20,7 +20,7 @@ import torch
 from ..card import CARD_KEY, export_card, parse_card
 from ..card import EXPORT_INPUT_NAME as INPUT_NAME
 from ..errors import ExportError
-from ..io import atomic_path
+from ..io import atomic_path, find_write_error, output_error
 from .compat import MAX_IR_VERSION, check_app_runtime, check_opset
 from .staging import staging_dir
 
@@ -160,6 +160,9 @@ def export_onnx(
         except ExportError:
             raise
         except Exception as exc:
+            write_error = find_write_error(exc)  # a full disk is the output's problem, not the exporter's
+            if write_error is not None:
+                raise output_error(final, write_error) from None
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ExportError(f"{final}: torch.onnx.export failed: {first[:300]}") from None
     # The exporter's own metadata (torch.export graph signature) is noise for a deployed model.

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..card import CARD_KEY
 from ..errors import ExportError, ToolchainUnavailable
+from ..io import output_error
 from .staging import promote, staging_dir
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -95,9 +96,28 @@ def export_openvino(
     model.set_rt_info(json.dumps(card, sort_keys=True, default=str), [CARD_KEY])
     with staging_dir(final) as staging:
         staged = staging / final.name
-        ov.save_model(model, str(staged), compress_to_fp16=False)
+        try:
+            ov.save_model(model, str(staged), compress_to_fp16=False)
+        except RuntimeError as exc:  # OpenVINO's writer reports a full disk as a bare iostream error
+            raise output_error(final, _save_error(staging, exc)) from None
         promote(staged, final)
     return final
+
+
+def _save_error(folder: Path, exc: Exception) -> OSError:
+    """The OSError behind a failed ``save_model``: disk full when the folder's file system has
+    (next to) no space left, else an I/O error carrying OpenVINO's own first line."""
+    import errno
+    import shutil
+
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    try:
+        full = shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, "No space left on device")
+    return OSError(errno.EIO, f"OpenVINO could not write the IR: {first[:200]}")
 
 
 def _quantize(model, onnx_path, calibration, calibration_info):

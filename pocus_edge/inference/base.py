@@ -81,6 +81,21 @@ class Backend:
         pass
 
 
+# A graph whose input is a reduced-precision float computes (at least) its first layers at it.
+INPUT_PRECISIONS = {"float16": "fp16", "bfloat16": "bf16"}
+
+
+def precision_of(card: dict | None, input_dtype: str, default: str = "fp32") -> str:
+    """The precision a backend reports: the card's, unless the graph's own input type says
+    otherwise (a float16 input is an fp16 graph even when its card, copied from the fp32 export
+    by a converter, still says fp32, or when it has no card); else ``default``."""
+    stated = (card or {}).get("precision")
+    from_input = INPUT_PRECISIONS.get(input_dtype)
+    if from_input is not None and stated in (None, "", "fp32", "unknown"):
+        return from_input
+    return str(stated or default)
+
+
 def weight_map(c_g: np.ndarray, c_c: np.ndarray) -> np.ndarray:
     return (c_g / (c_g + c_c + 1e-6)).astype(np.float32)
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..card import CARD_KEY, parse_card
 from ..errors import ExportError, PocusError, ToolchainUnavailable
-from .base import Backend, check_segmenter_io, named_outputs
+from .base import Backend, check_segmenter_io, named_outputs, precision_of
 from .flops import graph_gflops
 
 # Short names users pass to --providers -> onnxruntime execution providers.
@@ -92,7 +92,7 @@ class OrtBackend(Backend):
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.has_weight_map = all(n in self.output_names for n in ("c_generative", "c_contrastive")) or len(self.output_names) == 5
         self.threshold = float(self.card.get("threshold", 0.5))
-        self.precision = str(self.card.get("precision") or "fp32")
+        self.precision = precision_of(self.card, self.input_dtype)
         self._counted_gflops: float | None = None
 
     def prepare(self, frame: np.ndarray) -> np.ndarray:

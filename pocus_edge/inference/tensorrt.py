@@ -9,7 +9,7 @@ import numpy as np
 
 from ..card import check_artifact_card, file_sha256, read_sidecar
 from ..errors import ExportError, ToolchainUnavailable
-from .base import Backend, check_segmenter_io, named_outputs
+from .base import Backend, check_segmenter_io, named_outputs, precision_of
 
 
 def tensorrt_io(engine, trt, path: Path) -> dict[str, Any]:
@@ -72,7 +72,7 @@ class TensorRTBackend(Backend):
         profile_max = self.engine.get_tensor_profile_shape(self.inputs[0], 0)[2][0]
         self.max_batch = int(profile_max) if profile_max > 0 else None
         self.has_weight_map = all(n in self.outputs for n in ("c_generative", "c_contrastive"))
-        self.precision = str(self.card.get("precision") or "unknown")
+        self.precision = precision_of(self.card, self.input_dtype, default="unknown")
         self.threshold = float(self.card.get("threshold", 0.5))
         self._stream = torch.cuda.Stream()
 

@@ -25,6 +25,7 @@ __all__ = [
     "CARD_KEY",
     "save_checkpoint",
     "read_checkpoint",
+    "check_checkpoint_path",
     "load_strict",
     "load_encoder",
     "build_segmenter",
@@ -54,11 +55,9 @@ def save_checkpoint(
     return write_bytes_atomic(path, data)
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Return ``(state_dict, card)`` of a checkpoint; the card is ``{}`` when the file has none.
-
-    The file is opened with ``safetensors.safe_open`` (memory-mapped: the header is validated
-    against the file size before any tensor is read, and each tensor is copied out once)."""
+def check_checkpoint_path(path: str | os.PathLike) -> Path:
+    """The one check of a checkpoint path every command shares, before anything is loaded:
+    pickled weights refused, a folder is "is a directory", a missing file "no such checkpoint"."""
     p = Path(path)
     if p.suffix in {".pt", ".pth", ".ckpt", ".bin"}:
         raise CheckpointError(
@@ -67,6 +66,17 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         )
     if p.is_dir():
         raise CheckpointError(f"{p}: is a directory, expected a .safetensors file")
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint")
+    return p
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return ``(state_dict, card)`` of a checkpoint; the card is ``{}`` when the file has none.
+
+    The file is opened with ``safetensors.safe_open`` (memory-mapped: the header is validated
+    against the file size before any tensor is read, and each tensor is copied out once)."""
+    p = check_checkpoint_path(path)
     try:
         with safe_open(str(p), framework="pt", device="cpu") as fh:
             metadata = fh.metadata() or {}

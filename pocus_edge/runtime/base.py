@@ -68,8 +68,10 @@ class FrameResult:
 
 
 class Sink:
-    """Receives each processed frame; ``close(ok)`` finalizes (atomically) or discards.
-    ``path``: the output it writes (named in error messages), if any."""
+    """Receives each processed frame; ``close(ok)`` finalizes (atomically: renamed into place)
+    or discards, and does nothing when called again. ``path``: the output it writes (named in
+    error messages), if any. A sink lets errors out of ``write`` and never catches an interrupt:
+    the pipeline decides what is kept (:class:`~pocus_edge.runtime.sinks.OutputSet`)."""
 
     needs_frame_resolution = True
     path: Path | None = None

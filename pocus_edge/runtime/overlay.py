@@ -5,6 +5,7 @@ NPZ), all written atomically."""
 from __future__ import annotations
 
 import os
+import re
 import warnings
 import zipfile
 from fractions import Fraction
@@ -240,12 +241,21 @@ class VideoSink:
         ctx.__exit__(None, None, None)
 
 
+MASK_PNG = re.compile(r"^\d{7}\.png$")  # a masks folder's files: <frame index>.png
+
+
+def is_masks_folder(path: Path) -> bool:
+    """A folder this sink wrote (only ``<index>.png`` files): the one kind it may replace."""
+    return path.is_dir() and all(MASK_PNG.match(p.name) and p.is_file() for p in path.iterdir())
+
+
 class MaskSink:
     """Per-frame binary masks (0/255 uint8 at frame resolution).
 
     ``*.npz``: one NumPy archive, entries ``frame_<index>`` written one at a time into the zip
     (memory stays flat), renamed into place on close. Anything else: a folder of
-    ``<index>.png`` files, each written atomically.
+    ``<index>.png`` files, written into a staging folder beside it and renamed into place on
+    close, replacing an earlier masks folder; a failed run leaves nothing under the name.
     """
 
     def __init__(self, path: str | Path):
@@ -253,13 +263,19 @@ class MaskSink:
         self.npz = self.path.suffix.lower() == ".npz"
         self.count = 0
         self._zip = None
-        self._ctx = None
+        self._folder: Path | None = None
         if self.npz:
             self._ctx = atomic_path(self.path)
             tmp = self._ctx.__enter__()
             self._zip = zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True)
         else:
-            self.path.mkdir(parents=True, exist_ok=True)
+            self._ctx = atomic_path(self.path, suffix=".staging", kind="dir", replaces=is_masks_folder)
+            self._folder = self._ctx.__enter__()
+            try:
+                self._folder.mkdir()
+            except BaseException as exc:
+                self._finish(exc)
+                raise
 
     def write(self, index: int, mask: np.ndarray) -> None:
         img = (mask.astype(bool) * 255).astype(np.uint8)
@@ -268,23 +284,33 @@ class MaskSink:
                 np.lib.format.write_array(fh, img, allow_pickle=False)
         else:
             from ..data.layout import write_gray_png
+            from ..io import output_error
 
-            write_gray_png(self.path / f"{index:07d}.png", img)
+            try:
+                write_gray_png(self._folder / f"{index:07d}.png", img)
+            except OSError as exc:  # named by the folder the user asked for, not the staging one
+                raise output_error(self.path, exc, note="nothing was written") from None
         self.count += 1
 
     def close(self, ok: bool = True) -> None:
-        if self._zip is None:
+        """Rename the archive or folder into place (``ok``) or discard it; a second call does nothing."""
+        if self._ctx is None:
             return
-        zf, self._zip = self._zip, None
-        try:
-            zf.close()
-        except BaseException as exc:  # e.g. a full disk: discard the temporary, report the archive
-            self._ctx.__exit__(type(exc), exc, exc.__traceback__)
-            raise
-        if ok:
-            self._ctx.__exit__(None, None, None)
+        if self._zip is not None:
+            zf, self._zip = self._zip, None
+            try:
+                zf.close()
+            except BaseException as exc:  # e.g. a full disk: discard the temporary, report the archive
+                self._finish(exc)
+                raise
+        self._finish(None if ok else RuntimeError("aborted"))
+
+    def _finish(self, exc: BaseException | None) -> None:
+        ctx, self._ctx = self._ctx, None
+        if exc is None:
+            ctx.__exit__(None, None, None)
         else:
-            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            ctx.__exit__(type(exc), exc, exc.__traceback__)
 
 
 def save_overlay_png(path: str | os.PathLike, image: np.ndarray) -> Path:

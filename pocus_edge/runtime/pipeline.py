@@ -20,7 +20,6 @@ fixed-size reservoir, and sinks write each frame out as it comes.
 
 from __future__ import annotations
 
-import collections
 import os
 import threading
 import time
@@ -33,10 +32,10 @@ import numpy as np
 from ..errors import ConfigError, DataError, OutputError
 from ..metrics import binarize
 from .base import FrameResult, Sink
+from .feed import END, FrameQueue, Item, Pacer, produce
+from .interrupts import InterruptGuard
 from .sinks import CallbackSink, MaskFileSink, OutputSet, OverlayVideoSink  # noqa: F401  (importable from here, as before)
 from .stats import ProgressLine, RunStats
-
-_END = object()
 
 
 @dataclass
@@ -57,87 +56,6 @@ class StreamOptions:
         return self.realtime if self.drop is None else bool(self.drop)
 
 
-@dataclass
-class _Item:
-    frame: np.ndarray
-    timestamp_ms: float
-    index: int
-    t_start: float  # perf_counter when decoding of this frame began
-    x: np.ndarray  # the backend's input for this frame
-
-
-class _FrameQueue:
-    """Bounded FIFO. ``put`` either blocks while full or drops the oldest item (returned)."""
-
-    def __init__(self, maxsize: int, drop_oldest: bool):
-        self.maxsize = max(1, int(maxsize))
-        self.drop_oldest = drop_oldest
-        self._dq: collections.deque = collections.deque()
-        self._cond = threading.Condition()
-
-    def put(self, item, stop: threading.Event) -> Any:
-        with self._cond:
-            dropped = None
-            if item is not _END and len(self._dq) >= self.maxsize:
-                if self.drop_oldest:
-                    dropped = self._dq.popleft()
-                else:
-                    while len(self._dq) >= self.maxsize and not stop.is_set():
-                        self._cond.wait(0.1)
-            self._dq.append(item)
-            self._cond.notify_all()
-            return dropped
-
-    def get_batch(self, n: int, *, wait_full: bool) -> list:
-        """Block for one item, then take up to ``n`` (waiting for all ``n`` only if ``wait_full``)."""
-        with self._cond:
-            while not self._dq:
-                self._cond.wait(0.1)
-            out = [self._dq.popleft()]
-            while len(out) < n and out[-1] is not _END:
-                if not self._dq:
-                    if not wait_full:
-                        break
-                    self._cond.wait(0.1)
-                    continue
-                out.append(self._dq.popleft())
-            self._cond.notify_all()
-            return out
-
-    def drain(self) -> list:
-        with self._cond:
-            items = list(self._dq)
-            self._dq.clear()
-            self._cond.notify_all()
-            return items
-
-
-class _Pacer:
-    """Realtime release of recorded frames at their own timestamps. A jump of more than
-    ``max_jump_s`` (wall-clock seconds at the playback speed) in either direction re-bases the
-    clock at that frame instead of being slept on, so a corrupt timestamp never hangs a run."""
-
-    def __init__(self, speed: float, max_jump_s: float, stop: threading.Event):
-        self.speed = speed
-        self.max_jump_s = max_jump_s
-        self.stop = stop
-        self.rebased = 0
-        self._wall0: float | None = None
-        self._ts0 = self._prev = 0.0
-
-    def wait_for(self, ts: float) -> None:
-        now = time.perf_counter()
-        if self._wall0 is not None and not abs(ts - self._prev) / 1000.0 / self.speed <= self.max_jump_s:
-            self.rebased += 1
-            self._wall0 = None
-        if self._wall0 is None:
-            self._wall0, self._ts0 = now, ts
-        self._prev = ts
-        delay = self._wall0 + (ts - self._ts0) / 1000.0 / self.speed - now
-        if delay > 0:
-            self.stop.wait(delay)
-
-
 def _check_options(opts: StreamOptions) -> None:
     if opts.batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {opts.batch_size}")
@@ -145,49 +63,6 @@ def _check_options(opts: StreamOptions) -> None:
         raise ConfigError(f"speed must be a positive number, got {opts.speed}")
     if not (np.isfinite(opts.max_time_jump_s) and opts.max_time_jump_s > 0):
         raise ConfigError(f"max time jump must be a positive number of seconds, got {opts.max_time_jump_s}")
-
-
-def _produce(source, backend, opts: StreamOptions, stats: RunStats, queue: _FrameQueue, stop: threading.Event,
-             pacer: _Pacer | None, errors: list[BaseException]) -> None:
-    """The producer thread: decode (pull from the source), pace, preprocess, enqueue."""
-    try:
-        it = iter(source)
-        while not stop.is_set():
-            if opts.max_frames is not None and stats.frames_in >= opts.max_frames:
-                break
-            t0 = time.perf_counter()
-            try:
-                frame, ts, index = next(it)
-            except StopIteration:
-                break
-            t1 = time.perf_counter()
-            decode_ms = source.last_decode_ms if getattr(source, "last_decode_ms", None) is not None else (t1 - t0) * 1000.0
-            if pacer is not None:
-                pacer.wait_for(float(ts))
-                # In realtime the frame "arrives" now; its decode happened just before.
-                t_start = time.perf_counter() - decode_ms / 1000.0
-            else:
-                t_start = t1 - decode_ms / 1000.0
-            stats.stages["decode"].add(decode_ms)
-            with stats.lock:
-                stats.frames_in += 1
-            t2 = time.perf_counter()
-            try:
-                x = backend.prepare(frame)
-            except DataError as exc:
-                with stats.lock:
-                    # Already counted in frames_in on arrival: only move it to invalid.
-                    stats.add_invalid({f"preprocess: {str(exc).split(': ', 1)[-1][:80]}": 1}, arrived=True)
-                continue
-            stats.stages["preprocess"].add((time.perf_counter() - t2) * 1000.0)
-            dropped = queue.put(_Item(frame, float(ts), int(index), t_start, x), stop)
-            if dropped is not None:
-                with stats.lock:
-                    stats.frames_dropped += 1
-    except BaseException as exc:  # re-raised in the calling thread
-        errors.append(exc)
-    finally:
-        queue.put(_END, stop)
 
 
 def run_stream(
@@ -201,101 +76,146 @@ def run_stream(
     stats: RunStats | None = None,
 ) -> dict[str, Any]:
     """Stream ``source`` through ``backend`` into ``sinks``; return (and optionally write,
-    atomically) the JSON report. Pass a fresh ``stats`` to keep the latency samples (plots)."""
+    atomically) the JSON report. Pass a fresh ``stats`` to keep the latency samples (plots).
+
+    Ctrl-C or SIGTERM (in the main thread) stops the run at the next batch: every processed
+    frame is in every output, the report is written, then the interrupt is raised again
+    (:mod:`.interrupts`). A source that ends before its first frame raises DataError, and its
+    outputs are discarded."""
     opts = options or StreamOptions()
     _check_options(opts)
-    outputs = OutputSet(list(sinks))
-    stats = stats if stats is not None else RunStats()
-    threshold = float(opts.threshold if opts.threshold is not None else getattr(backend, "threshold", 0.5))
-    queue = _FrameQueue(opts.queue_size, drop_oldest=opts.dropping)
-    stop = threading.Event()
-    producer_error: list[BaseException] = []
-    paced = opts.realtime and not getattr(source, "live", False)
-    pacer = _Pacer(opts.speed, opts.max_time_jump_s, stop) if paced else None
-    total = None
-    try:
-        total = len(source)
-        if opts.max_frames is not None:
-            total = min(total, opts.max_frames)
-    except TypeError:
-        pass
+    run = _Run(source, backend, opts, OutputSet(list(sinks)), stats if stats is not None else RunStats(),
+               report_path, extra_report)
+    return run.execute()
 
-    producer = threading.Thread(target=_produce, args=(source, backend, opts, stats, queue, stop, pacer, producer_error),
-                                name="pocus-edge-source", daemon=True)
 
-    def write_report(final: bool) -> dict[str, Any]:
-        stats.timestamps_rebased = pacer.rebased if pacer is not None else 0
-        report = _build_report(stats, backend, source, opts, threshold, extra_report, final)
-        if report_path is not None:
-            from ..io import write_json_atomic
+class _Run:
+    """One run's moving parts; :meth:`execute` is the list of steps."""
 
-            write_json_atomic(report_path, report)
+    def __init__(self, source, backend, opts: StreamOptions, outputs: OutputSet, stats: RunStats, report_path, extra_report):
+        self.source, self.backend, self.opts, self.outputs, self.stats = source, backend, opts, outputs, stats
+        self.report_path, self.extra_report = report_path, extra_report
+        self.threshold = float(opts.threshold if opts.threshold is not None else getattr(backend, "threshold", 0.5))
+        self.queue = FrameQueue(opts.queue_size, drop_oldest=opts.dropping)
+        self.stop = threading.Event()
+        self.pacer = Pacer(opts.speed, opts.max_time_jump_s, self.stop) if opts.realtime and not getattr(source, "live", False) else None
+        self.producer_errors: list[BaseException] = []
+        # The batch the inference loop holds: its size and frames_processed when it was taken
+        # (so the frames in hand are known exactly, whenever the run stops).
+        self.batch_size, self.processed_before = 0, 0
+        self.total = _known_length(source, opts.max_frames)
+
+    def execute(self) -> dict[str, Any]:
+        producer = threading.Thread(target=produce, name="pocus-edge-source", daemon=True,
+                                    args=(self.source, self.backend, self.opts.max_frames, self.stats, self.queue,
+                                          self.stop, self.pacer, self.producer_errors))
+        self.stats.start()
+        with InterruptGuard(self.stop) as interrupts:
+            producer.start()
+            try:
+                self._consume()
+            finally:
+                report, error = self._wrap_up(producer, interrupts)
+        if self.producer_errors:
+            raise self.producer_errors[0]
+        if error is not None:
+            raise error
+        interrupts.raise_if_received()
+        if self.stats.frames_in == 0:
+            raise DataError(f"{_source_name(self.source)}: the source ended before its first frame (nothing to segment)")
         return report
 
-    stats.start()
-    producer.start()
-    try:
-        _consume(queue, backend, opts, stats, outputs, threshold, total, write_report if report_path is not None else None)
-    finally:
-        stop.set()
+    def _wrap_up(self, producer: threading.Thread, interrupts: InterruptGuard) -> tuple[dict | None, BaseException | None]:
+        """Stop the producer, count what was never processed, close the outputs and write the
+        report. Outputs are kept, except when a second interrupt aborted the run or no frame
+        arrived at all (an empty source, or one that failed at once): then nothing is written."""
+        self.stop.set()
+        with self.stats.lock:  # the producer counts and enqueues under this lock: nothing comes after
+            in_hand = self.batch_size - (self.stats.frames_processed - self.processed_before) if self.batch_size else 0
+            unprocessed = sum(1 for item in self.queue.drain() if item is not END) + in_hand
+            self.stats.frames_interrupted += unprocessed
         producer.join(timeout=5.0)
-        # Frames still queued when the run stops early (Ctrl-C, an error) were never processed.
-        leftover = [i for i in queue.drain() if i is not _END]
-        stats.frames_dropped += len(leftover)
-        stats.stop()
-        stats.add_invalid(dict(getattr(source, "invalid_reasons", {}) or {}))
-        output_error = outputs.close()
+        self.stats.stop()
+        self.stats.add_invalid(dict(getattr(self.source, "invalid_reasons", {}) or {}))
+        self.stats.interrupted_by = interrupts.received
+        empty = self.stats.frames_in == 0 and interrupts.received is None
+        error = self.outputs.close(keep=not (interrupts.forced or empty))
+        if empty:
+            return None, error
         try:
-            report = write_report(final=True)
+            return self._write_report(final=True), error
         except Exception as exc:
-            report, output_error = None, output_error or exc
-    if producer_error:
-        raise producer_error[0]
-    if output_error is not None:
-        raise output_error
-    return report
+            return None, error or exc
 
+    def _write_report(self, final: bool) -> dict[str, Any]:
+        self.stats.timestamps_rebased = self.pacer.rebased if self.pacer is not None else 0
+        report = _build_report(self.stats, self.backend, self.source, self.opts, self.threshold, self.extra_report, final)
+        if self.report_path is not None:
+            from ..io import write_json_atomic
 
-def _consume(queue: _FrameQueue, backend, opts: StreamOptions, stats: RunStats, outputs: OutputSet, threshold: float,
-             total: int | None, write_report: Callable[[bool], Any] | None) -> None:
-    """The calling thread: batch, infer, threshold, feed the sinks, refresh the report."""
-    from ..inference import to_frame_resolution
+            write_json_atomic(self.report_path, report)
+        return report
 
-    last_report = time.perf_counter()
-    with ProgressLine(stats, total=total, enabled=opts.progress) as progress:
-        finished = False
-        while not finished:
-            batch = queue.get_batch(opts.batch_size, wait_full=not opts.dropping)
-            if batch[-1] is _END:
-                batch.pop()
-                finished = True
-            if not batch:
-                continue
+    def _consume(self) -> None:
+        """The calling thread: batch, infer, threshold, feed the sinks, refresh the report."""
+        opts, stats = self.opts, self.stats
+        last_report = time.perf_counter()
+        with ProgressLine(stats, total=self.total, enabled=opts.progress) as progress:
+            finished = False
+            while not finished and not self.stop.is_set():
+                batch = self.queue.get_batch(opts.batch_size, wait_full=not opts.dropping, stop=self.stop)
+                if batch and batch[-1] is END:
+                    batch.pop()
+                    finished = True
+                if not batch:
+                    continue
+                self.batch_size, self.processed_before = len(batch), stats.frames_processed
+                self._process(batch)
+                self.batch_size = 0
+                progress.update()
+                if self.report_path is not None and opts.report_every_s and time.perf_counter() - last_report >= opts.report_every_s:
+                    last_report = time.perf_counter()
+                    self._write_report(False)
+
+    def _process(self, batch: list[Item]) -> None:
+        """Infer one batch and hand each frame to every output; a frame counts as processed
+        once every output has it."""
+        from ..inference import to_frame_resolution
+
+        stats, outputs, threshold = self.stats, self.outputs, self.threshold
+        t0 = time.perf_counter()
+        out = self.backend.run(np.stack([item.x for item in batch]))
+        infer_ms = (time.perf_counter() - t0) * 1000.0
+        prob, weight = out["prob"], out.get("weight")
+        for k, item in enumerate(batch):
             t0 = time.perf_counter()
-            out = backend.run(np.stack([item.x for item in batch]))
-            infer_ms = (time.perf_counter() - t0) * 1000.0
-            prob, weight = out["prob"], out.get("weight")
-            for k, item in enumerate(batch):
-                t0 = time.perf_counter()
-                p = prob[k, 0]
-                if outputs.sinks:
-                    if outputs.want_frame_res:
-                        p_frame = to_frame_resolution(p, item.frame.shape)
-                        w_frame = to_frame_resolution(weight[k, 0], item.frame.shape) if weight is not None else None
-                    else:
-                        p_frame, w_frame = p, (weight[k, 0] if weight is not None else None)
-                    outputs.write(FrameResult(item.index, item.timestamp_ms, item.frame, p_frame, binarize(p_frame, threshold), w_frame))
+            p = prob[k, 0]
+            if outputs.sinks:
+                if outputs.want_frame_res:
+                    p_frame = to_frame_resolution(p, item.frame.shape)
+                    w_frame = to_frame_resolution(weight[k, 0], item.frame.shape) if weight is not None else None
                 else:
-                    _ = binarize(p, threshold)  # the threshold is part of the measured work
-                t1 = time.perf_counter()
-                stats.stages["infer"].add(infer_ms)
-                stats.stages["postprocess"].add((t1 - t0) * 1000.0)
-                stats.end_to_end.add((t1 - item.t_start) * 1000.0)
-                stats.frames_processed += 1
-            progress.update()
-            if write_report is not None and opts.report_every_s and time.perf_counter() - last_report >= opts.report_every_s:
-                last_report = time.perf_counter()
-                write_report(False)
+                    p_frame, w_frame = p, (weight[k, 0] if weight is not None else None)
+                outputs.write(FrameResult(item.index, item.timestamp_ms, item.frame, p_frame, binarize(p_frame, threshold), w_frame))
+            else:
+                _ = binarize(p, threshold)  # the threshold is part of the measured work
+            t1 = time.perf_counter()
+            stats.stages["infer"].add(infer_ms)
+            stats.stages["postprocess"].add((t1 - t0) * 1000.0)
+            stats.end_to_end.add((t1 - item.t_start) * 1000.0)
+            stats.frames_processed += 1
+
+
+def _known_length(source, max_frames: int | None) -> int | None:
+    try:
+        total = len(source)
+    except TypeError:
+        return None
+    return min(total, max_frames) if max_frames is not None else total
+
+
+def _source_name(source) -> str:
+    return str(getattr(source, "name", None) or source)
 
 
 def _build_report(stats: RunStats, backend, source, opts: StreamOptions, threshold: float, extra: dict | None, final: bool) -> dict[str, Any]:
@@ -422,7 +342,11 @@ def check_stream_outputs(source, model, *, report=None, overlay=None, masks=None
         if path is None:
             continue
         if flag == "--masks" and Path(path).suffix.lower() != ".npz":
+            from .overlay import is_masks_folder
+
             check_output_dir(path, what="--masks (a folder of PNGs, or a .npz file name)")
+            if Path(path).is_dir() and any(Path(path).iterdir()) and not is_masks_folder(Path(path)):
+                raise OutputError(f"{path}: --masks folder holds other files than masks; refusing to replace it (choose a new or empty folder)")
         else:
             check_output_file(path, what=f"{flag}")
     inputs = [Path(p).resolve() for p in (source, *str(model).split(",")) if p and str(p) not in ("-", "stdin") and not str(p).startswith("tcp:")]

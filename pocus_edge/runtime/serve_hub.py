@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import PocusError
-from .pipeline import FrameResult, Sink
+from .base import FrameResult, Sink
 from .serve_wire import encode_frame, parse_client_message
 
 WEB_DIR = Path(__file__).resolve().parent / "web"

@@ -51,7 +51,11 @@ class CallbackSink(Sink):
 
 class OutputSet:
     """The sinks of one run: a sink whose write fails is discarded (never renamed into place),
-    the others keep what was processed; write errors become one line naming the output."""
+    the others keep what was processed; write errors become one line naming the output.
+
+    Only errors (``Exception``) mark a sink failed. An interrupt never reaches a write (the
+    pipeline turns Ctrl-C and SIGTERM into a stop between batches, :mod:`.interrupts`), and a
+    sink never catches one: what it wrote before stays valid."""
 
     def __init__(self, sinks: list[Sink]):
         self.sinks = sinks
@@ -62,17 +66,18 @@ class OutputSet:
         for k, sink in enumerate(self.sinks):
             try:
                 sink.write(result)
-            except BaseException as exc:
+            except Exception as exc:
                 self.failed.add(k)
                 raise _output_error(sink, exc) from None
 
-    def close(self) -> BaseException | None:
-        """Close every sink; return the first error (the others are closed regardless)."""
+    def close(self, keep: bool = True) -> BaseException | None:
+        """Close every sink, keeping its output (renamed into place) unless it failed or
+        ``keep`` is False; return the first error (the others are closed regardless)."""
         first = None
         for k, sink in enumerate(self.sinks):
             try:
                 # What was processed is complete and valid, so keep it even when the run stopped early.
-                sink.close(ok=k not in self.failed)
+                sink.close(ok=keep and k not in self.failed)
             except Exception as exc:
                 first = first or _output_error(sink, exc)
         return first

@@ -81,6 +81,8 @@ class TvdH5Source(FrameSource):
             raise DataError(f"{self.path}: n_frames={n} but /{self.FRAMES} holds only {n_stored} frames (truncated recording?)")
         if times.shape[0] < n:
             raise DataError(f"{self.path}: /{self.TIMES} has {times.shape[0]} entries for {n} frames")
+        if n == 0:
+            raise DataError(f"{self.path}: the recording holds no frames")
         _, height, width = frames.shape
         present = [k for k in self.ROI_KEYS if k in h5.attrs]
         if crop_roi and present:
@@ -172,7 +174,7 @@ def write_tvd_h5(path: str | Path, frames: np.ndarray, time_ms: np.ndarray, roi:
     frames = np.asarray(frames, dtype=np.uint8)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as h5:
-            h5.create_dataset("frames/gray", data=frames, chunks=(1,) + frames.shape[1:])
+            h5.create_dataset("frames/gray", data=frames, chunks=(1,) + frames.shape[1:] if len(frames) else None)
             h5.create_dataset("timing/time_ms", data=np.asarray(time_ms, dtype=np.float64))
             h5.attrs["n_frames"] = frames.shape[0]
             h5.attrs["schema_version"] = 1

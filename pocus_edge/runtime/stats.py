@@ -72,14 +72,22 @@ class LatencyRecorder:
 
 @dataclass
 class RunStats:
-    """Counters and recorders of one pipeline run. Invariant once the run ends:
-    frames_in == frames_processed + frames_dropped + frames_invalid."""
+    """Counters and recorders of one pipeline run. Invariant once the run ends, however it
+    ends (the source's end, Ctrl-C, SIGTERM, an error):
+    frames_in == frames_processed + frames_dropped + frames_invalid + frames_interrupted.
+
+    ``frames_interrupted``: frames that arrived but were not processed because the run stopped
+    early (queued, or in the batch being inferred when an error or a second interrupt struck);
+    0 when the source ran to its end. ``interrupted_by``: "SIGINT" or "SIGTERM" when a signal
+    stopped the run."""
 
     capacity: int = DEFAULT_CAPACITY
     frames_in: int = 0
     frames_processed: int = 0
     frames_dropped: int = 0
     frames_invalid: int = 0
+    frames_interrupted: int = 0
+    interrupted_by: str | None = None
     invalid_reasons: dict = field(default_factory=dict)
     timestamps_rebased: int = 0  # realtime pacing: timestamp jumps re-based instead of slept on
     started: float | None = None
@@ -123,6 +131,8 @@ class RunStats:
             "frames_processed": self.frames_processed,
             "frames_dropped": self.frames_dropped,
             "frames_invalid": self.frames_invalid,
+            "frames_interrupted": self.frames_interrupted,
+            "interrupted_by": self.interrupted_by,
             # End-to-end: from the frame leaving the source to its sinks being done (queue wait included).
             "latency_ms": {k: self.end_to_end.summary()[k] for k in ("p50", "p95", "p99", "mean", "max")},
             "stages_ms": stage_summaries,

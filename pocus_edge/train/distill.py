@@ -316,7 +316,7 @@ def distill(
     ``source``'s labeled train frames (see the module docstring). Returns the run summary and
     ``out/model.safetensors`` (best source-validation DiceBCE). ``options`` / ``kwargs``:
     :class:`RunOptions` fields; None options take the config's (per-preset) defaults."""
-    from ..models.students import build_student
+    from ..models.students import build_student, student_config
     from ..models.weights import read_checkpoint
 
     opts = RunOptions.build(options, **kwargs)
@@ -324,6 +324,7 @@ def distill(
                                student=student, soft_weight=soft_weight, source_weight=source_weight,
                                confidence_weighting=confidence_weighting, **opts.explicit())
     model_cfg, dcfg, train_cfg = resolved.model, resolved.stage_cfg, resolved.train
+    student_config(dcfg.student, resolved.preset)  # an unknown student is refused here, before any teacher work
     ctx = setup(opts.device)
     teacher, teachers = load_teacher(generative, contrastive, model_cfg, resolved.preset, ctx.device)
     data = _data(target, source, model_cfg.img_size, dcfg, train_cfg, opts, max_val_frames)
