@@ -27,22 +27,11 @@ from pocus_edge.runtime.base import FrameSource
 from pocus_edge.runtime.pipeline import CallbackSink, MaskFileSink, OverlayVideoSink, StreamOptions, run_stream
 
 onnx = pytest.importorskip("onnx")
+from _models import mean_onnx  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES = 48
 SHAPE = (20, 28)
-
-
-def mean_onnx(path: Path) -> Path:
-    """fused = mean over the 3 input channels (32x32): the receiver is under test, not a model."""
-    from onnx import TensorProto, helper
-
-    inp = helper.make_tensor_value_info("frames", TensorProto.FLOAT, ["batch", 3, 32, 32])
-    out = helper.make_tensor_value_info("fused", TensorProto.FLOAT, ["batch", 1, 32, 32])
-    node = helper.make_node("ReduceMean", ["frames"], ["fused"], axes=[1], keepdims=1)
-    model = helper.make_model(helper.make_graph([node], "mean", [inp], [out]), opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
 
 
 class PacedSource(FrameSource):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _fs import small_tmpfs
+from _models import mean_onnx
 
 from pocus_edge.cli import main
 
@@ -66,7 +67,7 @@ def test_a_masks_folder_on_a_full_disk_leaves_nothing_and_the_report_still_count
     rng = np.random.default_rng(0)
     for i in range(30):
         cv2.imwrite(str(frames / f"f{i:02d}.png"), rng.integers(0, 256, (64, 80), dtype=np.uint8))
-    model = _mean_onnx(tmp_path / "mean.onnx")
+    model = mean_onnx(tmp_path / "mean.onnx")
     args = ["stream", str(frames), "--model", str(model), "--threads", "1", "--no-progress"]
     assert main([*args, "--masks", str(tmp_path / "whole")]) == 0
     assert sorted(p.name for p in (tmp_path / "whole").iterdir()) == [f"{i:07d}.png" for i in range(30)]
@@ -93,7 +94,7 @@ def test_a_masks_folder_replaces_an_earlier_one_and_refuses_a_foreign_folder(tmp
     frames.mkdir()
     for i in range(3):
         cv2.imwrite(str(frames / f"f{i}.png"), np.full((20, 20), 40 * i, np.uint8))
-    model = _mean_onnx(tmp_path / "mean.onnx")
+    model = mean_onnx(tmp_path / "mean.onnx")
     masks = tmp_path / "masks"
     masks.mkdir()
     (masks / "0000099.png").write_bytes(b"an earlier run's mask")
@@ -111,7 +112,7 @@ def test_a_masks_folder_replaces_an_earlier_one_and_refuses_a_foreign_folder(tmp
 def test_an_empty_recording_is_refused_like_an_empty_folder(tmp_path, capsys):
     import h5py
 
-    model = _mean_onnx(tmp_path / "mean.onnx")
+    model = mean_onnx(tmp_path / "mean.onnx")
     recording = tmp_path / "empty.tvd.h5"
     with h5py.File(recording, "w") as h5:
         h5.create_dataset("frames/gray", shape=(0, 48, 64), dtype=np.uint8)
@@ -135,7 +136,7 @@ def test_an_empty_stream_is_refused_and_leaves_no_output(tmp_path):
     from pocus_edge.runtime.pipeline import MaskFileSink, run_stream
     from pocus_edge.runtime.sources import RawStreamSource
 
-    model = _mean_onnx(tmp_path / "mean.onnx")
+    model = mean_onnx(tmp_path / "mean.onnx")
     read_end, write_end = os.pipe()
     os.close(write_end)  # a sender that connects and closes without a frame
     source = RawStreamSource(read_end, name="empty sender")
@@ -191,17 +192,6 @@ def test_export_of_a_folder_says_is_a_directory_like_every_command(tmp_path, cap
 # ---------------------------------------------------------------------------------------------
 
 
-def _mean_onnx(path: Path) -> Path:
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper
-
-    inp = helper.make_tensor_value_info("frames", TensorProto.FLOAT, ["batch", 3, 32, 32])
-    out = helper.make_tensor_value_info("fused", TensorProto.FLOAT, ["batch", 1, 32, 32])
-    node = helper.make_node("ReduceMean", ["frames"], ["fused"], axes=[1], keepdims=1)
-    model = helper.make_model(helper.make_graph([node], "mean", [inp], [out]), opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
 
 
 def _tiny_checkpoints(folder: Path) -> tuple[Path, Path]:
