@@ -55,6 +55,22 @@ class PacedSource(FrameSource):
             yield rng.integers(0, 256, SHAPE, dtype=np.uint8), i * 33.0, i
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """Ctrl-C as an interactive Python has it, whoever started the test run: a runner started in
+    the background by a non-interactive shell inherits SIGINT ignored, and the stream rightly
+    leaves an ignored signal ignored (docs/streaming.md)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return mean_onnx(tmp_path_factory.mktemp("model") / "mean.onnx")
@@ -231,7 +247,8 @@ def test_the_command_exits_with_one_line_and_keeps_report_and_masks(model, tmp_p
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "pocus_edge", "stream", str(tmp_path / "long.tvd.h5"), "--model", str(model),
                              "--realtime", "--no-progress", "--threads", "1", "--report", str(tmp_path / "r.json"), "--masks", str(tmp_path / "m.npz")],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)  # an ignored SIGINT would be inherited
     try:
         _wait_for_masks(tmp_path, 2000)
         proc.send_signal(signum)
