@@ -25,6 +25,7 @@ per-seed paired differences. Test patients and frames are repeated measures insi
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -59,12 +60,9 @@ def patient_interval(m: np.ndarray, n_boot: int, seed: int = 0, alpha: float = A
 
     rng = np.random.default_rng(seed)
     cols = rng.integers(0, m.shape[1], size=(n_boot, m.shape[1]))
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            draws = np.nanmean(m[:, cols].transpose(1, 0, 2).reshape(n_boot, -1), axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a draw of only NaN cells is NaN
+        draws = np.nanmean(m[:, cols].transpose(1, 0, 2).reshape(n_boot, -1), axis=1)
     return percentile_interval(draws, alpha)
 
 
