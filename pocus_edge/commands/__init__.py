@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "serve": "serve",
     "benchmark": "bench",
     "study": "study",
+    "qualify": "qualify",
     "flops": "flops",
     "demo": "demo",
 }
