@@ -154,6 +154,10 @@ def sites_seen(card: dict[str, Any] | None) -> list[dict[str, Any]]:
 CARD_KEY = "pocus_edge_card"
 EXPORT_CARD_FORMAT = "pocus-edge-export/1"
 EXPORT_INPUT_NAME = "frames"
+# The optional per-frame risk output of an exported graph, (N, 1) float32, always the last output;
+# its card entry ``risk`` holds the formula, the alarm threshold and the drift band
+# (``{"formula": str, "threshold": float | None, "drift": DriftBand.to_dict() | None}``).
+RISK_OUTPUT_NAME = "risk"
 
 
 def export_card(
@@ -165,10 +169,14 @@ def export_card(
     opset: int = 18,
     gflops: float | None = None,
     extra: dict[str, Any] | None = None,
+    risk: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The model card of an exported :class:`~pocus_edge.models.fused.ExportableSegmenter`
     (the fused pair or a single network): input spec, outputs, preprocessing, threshold, fusion
-    settings, GFLOPs, precision, batch and the provenance of every network in it."""
+    settings, GFLOPs, precision, batch and the provenance of every network in it.
+
+    A model with the risk output gets ``risk``: the given entry (formula, threshold and drift
+    band from ``pocus-edge qualify``), else its formula with ``threshold`` and ``drift`` null."""
     import torch
 
     from .data.transforms import INTERPOLATION
@@ -220,6 +228,8 @@ def export_card(
             "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         },
     }
+    if getattr(model, "risk", False):
+        card["risk"] = dict(risk) if risk is not None else {"formula": model.risk_formula, "threshold": None, "drift": None}
     if student:
         # What the app shows ("student mobilenetv3") and the form that was traced.
         card["student"] = cfg.name

@@ -54,6 +54,18 @@ def register(app: typer.Typer) -> None:
         fusion_norm: FusionNorm = typer.Option("image", "--fusion-norm", help="image (per frame, batch-independent; default) | batch (released code)."),
         fusion_formula: FusionFormula = typer.Option("weighted", "--fusion-formula", help="weighted (released code) | paper (1/2 of the weighted sum)."),
         branches: bool = typer.Option(False, "--branches", help="Also output each branch's probability and normalized confidence."),
+        risk: bool = typer.Option(False, "--risk", help=(
+            "Add the output 'risk' (N,1), last: one score per frame computed in the graph, batch independent "
+            "(the pair: 1 - soft Dice of the two branches; one network: 1 - soft Dice of its map and its mask)."
+        )),
+        qualify: Optional[Path] = typer.Option(None, "--qualify", help=(
+            "qualify.json of 'pocus-edge qualify': its risk threshold and drift band go into the card (needs --risk)."
+        )),
+        qualify_model: Optional[str] = typer.Option(None, "--qualify-model", help="The model of --qualify to take, when it holds several."),
+        max_risk_diff: Optional[float] = typer.Option(None, "--max-risk-diff", help=(
+            "Risk parity bar: largest allowed |artifact - pytorch| of the risk output at this precision "
+            "(default: fp32 1e-4, fp16 5e-3, bf16 2e-2, int8 2e-2)."
+        )),
         parity_site: Optional[Path] = typer.Option(None, "--parity-site", help="Site whose test frames the parity check uses (default: --calib; else random frames)."),
         parity_frames: int = typer.Option(8, "--parity-frames", help="Number of frames in the parity check."),
         max_diff: float = typer.Option(1e-4, "--max-diff", help="fp32 bar: largest allowed |onnx - pytorch| of the fused probability."),
@@ -77,6 +89,8 @@ def register(app: typer.Typer) -> None:
         (TensorRT/CUDA, OpenVINO, or macOS): for TensorRT the ONNX is still written and checked, and
         the trtexec line is printed.
         """
+        import dataclasses
+
         from ..errors import ExportError
         from ..export.api import ExportOptions, ToolchainMissing, export_checkpoints
         from ..export.parity import ParityBars
@@ -86,12 +100,16 @@ def register(app: typer.Typer) -> None:
             raise ExportError("give --checkpoint (one network) or --generative and --contrastive (the fused pair), not both")
         if checkpoint is None and (generative is None or contrastive is None):
             raise ExportError("give --generative and --contrastive (the fused pair), or --checkpoint for a single network")
+        bars = ParityBars(fp32_max_abs=max_diff, fp16_min_dice=min_dice_fp16, bf16_min_dice=min_dice_bf16, int8_min_dice=min_dice_int8)
+        if max_risk_diff is not None:
+            if not max_risk_diff >= 0:
+                raise ExportError(f"--max-risk-diff must be >= 0, got {max_risk_diff}")
+            bars = dataclasses.replace(bars, **{f"risk_{p}_max_abs": max_risk_diff for p in ("fp32", "fp16", "bf16", "int8")})
         options = ExportOptions(
             target=target, precision=precision, calib=calib, calib_frames=calib_frames, parity_site=parity_site,
-            parity_frames=parity_frames,
-            bars=ParityBars(fp32_max_abs=max_diff, fp16_min_dice=min_dice_fp16, bf16_min_dice=min_dice_bf16, int8_min_dice=min_dice_int8),
+            parity_frames=parity_frames, bars=bars,
             batch=None if dynamic_batch else batch, max_batch=max_batch, opset=opset,
-            frame_shape=_frame_shape(frame_shape), timing_cache=timing_cache,
+            frame_shape=_frame_shape(frame_shape), timing_cache=timing_cache, qualify=qualify, qualify_model=qualify_model,
         )
         # Before any work: never a folder where a file goes (or the reverse), never unwritable.
         (check_output_dir if out.suffix.lower() == ".mlpackage" else check_output_file)(out, what="--out")
@@ -99,7 +117,7 @@ def register(app: typer.Typer) -> None:
             result = export_checkpoints(
                 checkpoint if checkpoint is not None else generative, None if checkpoint is not None else contrastive,
                 out, options, method=fusion, norm=fusion_norm, formula=fusion_formula,
-                uint8_input=uint8_input, return_branches=branches,
+                uint8_input=uint8_input, return_branches=branches, risk=risk,
             )
         except ToolchainMissing as exc:
             for line in exc.result.summary_lines():

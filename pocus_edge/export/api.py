@@ -35,7 +35,9 @@ class ExportOptions:
     frames in memory). Parity frames come from ``parity_site`` (default: the calibration site's
     test split), else random frames (the report says so); ``parity_frames=0`` skips the parity
     step (the benchmark measures agreement itself). ``fp32_onnx``: reuse this fp32 export of
-    the same model instead of tracing it again.
+    the same model instead of tracing it again. ``qualify`` (a ``qualify.json`` of ``pocus-edge
+    qualify``; ``qualify_model`` picks one of its models) fills the card's risk threshold and
+    drift band of a model exported with its risk output.
     """
 
     target: str = "onnx"
@@ -53,6 +55,8 @@ class ExportOptions:
     timing_cache: str | os.PathLike | None = None
     fp32_onnx: str | os.PathLike | None = None
     seed: int = 0
+    qualify: str | os.PathLike | None = None
+    qualify_model: str | None = None
 
 
 @dataclass
@@ -81,8 +85,9 @@ class ExportResult:
             lines.append(
                 f"parity ({p['precision']}, {p['backend']}, {p['frames']['count']} frames from {p['frames']['source']}): "
                 f"max |diff| {p['max_abs_diff']:.3g} ({p['max_abs_diff_well_conditioned']:.3g} where the fusion is well "
-                f"conditioned), mean {p['mean_abs_diff']:.3g}, mask Dice {p['mask_dice_mean']:.4f} "
-                f"-> {'PASS' if p['passed'] else 'FAIL'} ({self.parity_paths[1] if self.parity_paths else ''})"
+                f"conditioned), mean {p['mean_abs_diff']:.3g}, mask Dice {p['mask_dice_mean']:.4f}"
+                + (f", risk max |diff| {p['risk_max_abs_diff']:.3g}" if "risk_max_abs_diff" in p else "")
+                + f" -> {'PASS' if p['passed'] else 'FAIL'} ({self.parity_paths[1] if self.parity_paths else ''})"
             )
         if self.tensorrt_ops is not None:
             from .tensorrt import describe_op_issues
@@ -140,9 +145,11 @@ def export_checkpoints(
     formula: str = "weighted",
     uint8_input: bool = False,
     return_branches: bool = False,
+    risk: bool = False,
 ) -> ExportResult:
     """Load two fine-tuned checkpoints into a FusedSegmenter (or ONE into a SingleSegmenter when
-    ``contrastive_ckpt`` is None) and export it (see :func:`export_model`)."""
+    ``contrastive_ckpt`` is None) and export it (see :func:`export_model`). ``risk`` adds the
+    per-frame risk output (last)."""
     from ..models.fused import load_fused, load_single
     from ..models.weights import check_checkpoint_path
 
@@ -153,10 +160,10 @@ def export_checkpoints(
         if path is not None:
             check_checkpoint_path(path)  # the message every command gives ("is a directory", "no such checkpoint")
     if contrastive_ckpt is None:
-        model = load_single(generative_ckpt, uint8_input=uint8_input)
+        model = load_single(generative_ckpt, uint8_input=uint8_input, risk=risk)
     else:
         model = load_fused(generative_ckpt, contrastive_ckpt, method=method, norm=norm, formula=formula,
-                           uint8_input=uint8_input, return_branches=return_branches)
+                           uint8_input=uint8_input, return_branches=return_branches, risk=risk)
     return export_model(model, out, options)
 
 
@@ -176,6 +183,8 @@ class _Job:
     frames_source: str = ""
     reference: np.ndarray | None = None
     weight_sum: np.ndarray | None = None
+    reference_risk: np.ndarray | None = None
+    risk: dict[str, Any] | None = None  # the card's risk entry (a model with the risk output)
     gflops: float | None = None
     fp32_onnx: Path | None = None  # the fp32 graph (staged, or reused)
     graph: Path | None = None  # the precision-explicit graph the artifact is built from (staged)
@@ -231,11 +240,25 @@ def export_model(model, out: str | os.PathLike, options: ExportOptions | None = 
     if missing and spec.target in ("openvino", "coreml"):
         raise ToolchainUnavailable(f"{spec.target} export unavailable: {missing} (pip install 'pocus-edge[{spec.target}]')")
     model = model.eval()
+    risk = _risk_entry(model, opts)  # a bad qualify.json is refused before any work
     with staging_dir(out) as staging:
-        job = _Job(model, out, opts, spec, staging, ExportResult(target=spec.target, precision=spec.precision, artifact=None))
+        job = _Job(model, out, opts, spec, staging, ExportResult(target=spec.target, precision=spec.precision, artifact=None),
+                   risk=risk)
         for step in STEPS[spec.target]:
             step(job)
     return job.result
+
+
+def _risk_entry(model, opts: ExportOptions) -> dict[str, Any] | None:
+    """The card's ``risk`` entry of a model with the risk output (from ``opts.qualify`` when
+    given); None for a model without it, where a qualify file is refused as a mistake."""
+    if not getattr(model, "risk", False):
+        if opts.qualify is not None or opts.qualify_model is not None:
+            raise ExportError("--qualify sets the threshold of the risk output: export it with --risk")
+        return None
+    from .risk import risk_entry
+
+    return risk_entry(model.risk_formula, opts.qualify, opts.qualify_model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +276,7 @@ def _reference(job: _Job) -> None:
     site = opts.parity_site if opts.parity_site is not None else opts.calib
     job.frames, job.frames_source = parity_mod.parity_frames(site, job.model.img_size, n=opts.parity_frames,
                                                              uint8_input=job.model.uint8_input, seed=opts.seed)
-    job.reference, job.weight_sum = parity_mod.torch_reference_with_weights(job.model, job.frames)
+    job.reference, job.weight_sum, job.reference_risk = parity_mod.torch_reference_outputs(job.model, job.frames)
 
 
 def _onnx_names(job: _Job) -> tuple[Path, Path]:
@@ -277,8 +300,10 @@ def _graph(job: _Job) -> None:
     graph_final, fp32_final = _onnx_names(job)
     if opts.fp32_onnx is not None:
         job.fp32_onnx = Path(opts.fp32_onnx)
+        _check_reused_outputs(job)
     else:
-        card = build_card(job.model, precision="fp32", batch=opts.batch, max_batch=opts.max_batch, opset=opts.opset, gflops=job.gflops)
+        card = build_card(job.model, precision="fp32", batch=opts.batch, max_batch=opts.max_batch, opset=opts.opset, gflops=job.gflops,
+                          risk=job.risk)
         job.fp32_onnx = export_onnx(job.model, job.staged(fp32_final), batch=opts.batch, max_batch=opts.max_batch,
                                     opset=opts.opset, card=card)
         if spec.target != "openvino":  # an IR is converted from it; the ONNX is not kept beside the IR
@@ -298,6 +323,16 @@ def _graph(job: _Job) -> None:
         job.keep(job.graph, graph_final)
     if spec.target != "openvino":
         job.result.onnx_path = graph_final
+
+
+def _check_reused_outputs(job: _Job) -> None:
+    """A reused fp32 graph must have the outputs of the model it stands for (with or without
+    risk): its parity would otherwise compare other outputs, or none."""
+    from .onnx import read_onnx_card
+
+    stated = read_onnx_card(job.fp32_onnx).get("outputs")
+    if stated is not None and list(stated) != job.model.output_names():
+        raise ExportError(f"{job.fp32_onnx}: outputs {list(stated)}, but the model exports {job.model.output_names()}")
 
 
 def _calibration_reader(job: _Job):
@@ -323,10 +358,10 @@ def _check_parity(job: _Job, staged: Path, final: Path, backend: str, precision:
     if job.frames is None:
         return
     if runner is None:
-        runner = parity_mod.backend_runner(staged, backend)
+        runner = parity_mod.backend_runner(staged, backend, outputs=job.model.risk)
     report = parity_mod.parity_report(final, job.model, job.frames, precision=precision, source=job.frames_source,
                                       bars=job.opts.bars, reference=job.reference, weight_sum=job.weight_sum,
-                                      runner=runner, backend=label or backend)
+                                      reference_risk=job.reference_risk, runner=runner, backend=label or backend)
     job.result.parity = report
     if report["passed"]:
         staged_paths = parity_mod.write_parity(report, job.staged(final))
@@ -408,7 +443,7 @@ def _coreml_package(job: _Job) -> None:
     model, opts = job.model, job.opts
     if model.uint8_input:
         raise ExportError("Core ML export: drop --uint8-input (the grayscale image input already takes probe pixels)")
-    card = build_card(model, precision="fp16", batch=1, max_batch=1, opset=opts.opset, gflops=job.gflops)
+    card = build_card(model, precision="fp16", batch=1, max_batch=1, opset=opts.opset, gflops=job.gflops, risk=job.risk)
     height, width = opts.frame_shape or (model.img_size, model.img_size)
     staged = export_coreml(model, job.staged(job.out), frame_shape=(height, width), card=card)
     job.keep(staged, job.out)
@@ -418,13 +453,13 @@ def _coreml_package(job: _Job) -> None:
 
         job.frames = np.stack([preprocess_frame(f, model.img_size) for f in raw])
         job.frames_source = source
-        job.reference, job.weight_sum = parity_mod.torch_reference_with_weights(model, job.frames)
+        job.reference, job.weight_sum, job.reference_risk = parity_mod.torch_reference_outputs(model, job.frames)
         _, can_predict, message = coremltools_status()
         if can_predict:
             from ..inference import open_backend
 
             backend = open_backend(staged, "coreml")
-            runner, label = (lambda _frames: backend.run(raw)["prob"]), "coreml (macOS)"
+            runner, label = (lambda _frames: backend.run(raw)), "coreml (macOS)"
         else:
             import torch
 
@@ -433,7 +468,11 @@ def _coreml_package(job: _Job) -> None:
             def runner(_frames):
                 with torch.no_grad():
                     x = torch.from_numpy(raw.astype(np.float32)[:, None] / 255.0)
-                    return np.concatenate([wrapper(x[i : i + 1]).numpy() for i in range(len(x))])
+                    outputs = [wrapper(x[i : i + 1]) for i in range(len(x))]
+                if not model.risk:
+                    return np.concatenate([o.numpy() for o in outputs])
+                return {"prob": np.concatenate([o[0].numpy() for o in outputs]),
+                        "risk": np.concatenate([o[1].numpy() for o in outputs])}
 
             label = "pytorch ProbeFrameModel (in-graph preprocessing; Core ML prediction needs macOS)"
             job.result.notes.append(f"Core ML prediction not run: {message}")

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..card import RISK_OUTPUT_NAME
 from ..errors import ExportError, ToolchainUnavailable
 from ..io import atomic_path
 from .onnx import CARD_KEY
@@ -36,7 +37,8 @@ MIN_DEPLOYMENT = "iOS16"  # FP16 ML Program with float32 outputs and grayscale i
 
 
 class ProbeFrameModel(nn.Module):
-    """(1, 1, H, W) float frame in [0, 1] of the probe's shape -> fused probability (1, 1, S, S)."""
+    """(1, 1, H, W) float frame in [0, 1] of the probe's shape -> fused probability (1, 1, S, S);
+    for a model with the risk output, the pair (probability, risk (1, 1))."""
 
     def __init__(self, fused: nn.Module, frame_height: int, frame_width: int):
         super().__init__()
@@ -55,7 +57,10 @@ class ProbeFrameModel(nn.Module):
         if self.side != self.img_size:
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False, antialias=False)
         out = self.fused(x.expand(-1, 3, -1, -1))
-        return out[0] if isinstance(out, tuple) else out
+        if not isinstance(out, tuple):
+            return out
+        # The probability, and the risk (always the model's last output) where it has one.
+        return (out[0], out[-1]) if getattr(self.fused, "risk", False) else out[0]
 
 
 def coremltools_status() -> tuple[bool, bool, str]:
@@ -73,14 +78,14 @@ def coremltools_status() -> tuple[bool, bool, str]:
     return True, True, f"coremltools {ct.__version__} on macOS"
 
 
-def _convert(source, ct, frame_height: int, frame_width: int, output_name: str):
+def _convert(source, ct, frame_height: int, frame_width: int, output_names: list[str]):
     import numpy as np
 
     return ct.convert(
         source,
         inputs=[ct.ImageType(name=INPUT_NAME, shape=(1, 1, frame_height, frame_width),
                              color_layout=ct.colorlayout.GRAYSCALE, scale=1.0 / 255.0)],
-        outputs=[ct.TensorType(name=output_name, dtype=np.float32)],
+        outputs=[ct.TensorType(name=name, dtype=np.float32) for name in output_names],
         convert_to="mlprogram",
         compute_precision=ct.precision.FLOAT16,
         minimum_deployment_target=getattr(ct.target, MIN_DEPLOYMENT),
@@ -115,6 +120,7 @@ def export_coreml(
         raise ExportError(f"frame shape {height}x{width} is empty")
     wrapper = ProbeFrameModel(fused.eval(), height, width).eval()
     output_name = fused.output_names()[0] if hasattr(fused, "output_names") else OUTPUT_NAME
+    output_names = [output_name] + ([RISK_OUTPUT_NAME] if getattr(fused, "risk", False) else [])
     example = torch.rand(1, 1, height, width)
     attempts = ["export", "trace"] if method == "export" else ["trace"]
     errors: list[str] = []
@@ -128,7 +134,7 @@ def export_coreml(
                     source = torch.export.export(wrapper, (example,)).run_decompositions({})
                 else:
                     source = torch.jit.trace(wrapper, example)
-                model = _convert(source, ct, height, width, output_name)
+                model = _convert(source, ct, height, width, output_names)
             used = attempt
             break
         except Exception as exc:  # the converter raises many types; keep the first line of each
@@ -139,7 +145,7 @@ def export_coreml(
     card.update({"precision": "fp16", "coreml": {
         "input": {"name": INPUT_NAME, "type": "grayscale image", "height": height, "width": width,
                   "scale": "1/255", "in_graph": ["zero-pad bottom/right to square", f"bilinear resize to {fused.img_size}", "repeat to 3 channels"]},
-        "output": output_name, "compute_precision": "FLOAT16", "minimum_deployment_target": MIN_DEPLOYMENT,
+        "output": output_name, "outputs": output_names, "compute_precision": "FLOAT16", "minimum_deployment_target": MIN_DEPLOYMENT,
         "conversion": used, "coremltools": ct.__version__,
     }})
     kind = getattr(fused, "kind", "fused-two-branch")
@@ -149,6 +155,8 @@ def export_coreml(
     }.get(kind, "pocus-edge bone segmenter (one network)")
     model.input_description[INPUT_NAME] = f"grayscale probe frame {height}x{width}"
     model.output_description[output_name] = f"bone probability (1,1,{fused.img_size},{fused.img_size}); threshold 0.5"
+    if RISK_OUTPUT_NAME in output_names:
+        model.output_description[RISK_OUTPUT_NAME] = "per-frame risk (1,1): higher = the mask is less to be trusted"
     model.user_defined_metadata[CARD_KEY] = json.dumps(card, sort_keys=True, default=str)
     with atomic_path(final, kind="dir", replaces=lambda p: (p / "Manifest.json").is_file()) as tmp:  # only an .mlpackage is replaced
         model.save(str(tmp))

@@ -1,7 +1,8 @@
 """Parity report written next to every export: the exported graph versus PyTorch on the same
 frames (real frames of a site where one is given, otherwise random frames, and the report says
 so). Max/mean absolute difference of the fused probability and the Dice between the masks
-thresholded at 0.5. An export fails (ExportError) below its precision's bar."""
+thresholded at 0.5; for a graph with the per-frame ``risk`` output, its largest absolute
+difference too. An export fails (ExportError) below its precision's bars."""
 
 from __future__ import annotations
 
@@ -26,6 +27,24 @@ class ParityBars:
     fp16_min_dice: float = 0.98
     bf16_min_dice: float = 0.95  # 8 significant bits against fp16's 11
     int8_min_dice: float = 0.95
+    # The risk output (one number per frame in [0, 1]) is judged on its absolute difference at
+    # every precision: unlike a probability it is not thresholded into something the app shows,
+    # it is compared with a threshold and a drift band calibrated on the fp32 score, so what
+    # matters is how far a reduced precision shifts it. It is a ratio of per-frame sums over
+    # all pixels, computed fp32 in every graph (the fp16 and int8 passes keep the output tail
+    # fp32), so per-pixel probability errors average out instead of adding up. Bars: fp32 the
+    # probability's 1e-4 (measured ~1e-6: only summation order differs); reduced precisions
+    # about ten times what was measured on random-weight tiny graphs (fp16 ~2e-4, int8 ~5e-3,
+    # see tests/test_risk_export.py) and well under a drift band's half width (several 0.01).
+    risk_fp32_max_abs: float = 1e-4
+    risk_fp16_max_abs: float = 5e-3
+    risk_bf16_max_abs: float = 2e-2
+    risk_int8_max_abs: float = 2e-2
+
+    def risk_max_abs(self, precision: str) -> float:
+        """The risk output's bar at ``precision``."""
+        return {"fp32": self.risk_fp32_max_abs, "fp16": self.risk_fp16_max_abs,
+                "bf16": self.risk_bf16_max_abs}.get(precision, self.risk_int8_max_abs)
 
 
 def parity_frames(
@@ -82,12 +101,15 @@ def dice_per_image(a: np.ndarray, b: np.ndarray, smooth: float = 1.0) -> np.ndar
     return (2 * inter + smooth) / (a.sum(1) + b.sum(1) + smooth)
 
 
-def backend_runner(artifact: str | os.PathLike, backend: str = "auto", **options: Any) -> Callable[[np.ndarray], np.ndarray]:
+def backend_runner(artifact: str | os.PathLike, backend: str = "auto", *, outputs: bool = False,
+                   **options: Any) -> Callable[[np.ndarray], Any]:
     """``frames -> probability`` through the inference backend that runs ``artifact`` (the one
-    runner of exported artifacts, :func:`pocus_edge.inference.open_backend`)."""
+    runner of exported artifacts, :func:`pocus_edge.inference.open_backend`); with ``outputs``,
+    ``frames -> {"prob", "risk", ...}`` (every output the backend returns)."""
     from ..inference import open_backend
 
-    return open_backend(artifact, backend, **options).infer
+    opened = open_backend(artifact, backend, **options)
+    return opened.infer_outputs if outputs else opened.infer
 
 
 # Below this sum of the two normalized confidences the released fusion formula
@@ -103,17 +125,45 @@ def torch_reference_with_weights(model, frames: np.ndarray, batch_size: int = 8)
     """(probability, c_g + c_c per pixel) from an exportable model in one pass
     (``reference_outputs``); the weight sum is None where the output is well conditioned
     everywhere (a single network, or the fusion formula "paper")."""
+    prob, weight, _ = torch_reference_outputs(model, frames, batch_size)
+    return prob, weight
+
+
+def torch_reference_outputs(model, frames: np.ndarray, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(probability, c_g + c_c per pixel or None, per-frame risk (N, 1) or None) from an
+    exportable model in one pass (``reference_with_risk``); the risk is None when the model has
+    no risk output."""
     import torch
 
-    probs, weights = [], []
+    probs, weights, risks = [], [], []
     with torch.no_grad():
         for i in range(0, len(frames), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(frames[i : i + batch_size]))
-            prob, weight = model.reference_outputs(x)
+            prob, weight, risk = model.reference_with_risk(x)
             probs.append(prob.float().numpy())
             if weight is not None:
                 weights.append(weight.float().numpy())
-    return np.concatenate(probs), (np.concatenate(weights) if weights else None)
+            if risk is not None:
+                risks.append(risk.float().numpy())
+    return np.concatenate(probs), (np.concatenate(weights) if weights else None), (np.concatenate(risks) if risks else None)
+
+
+def compare_risk(reference: np.ndarray, candidate: np.ndarray | None) -> dict[str, Any]:
+    """The risk output against PyTorch's: largest and mean absolute difference per frame."""
+    if candidate is None:
+        raise ExportError("parity: the artifact has no 'risk' output, but the model exports one")
+    candidate = np.asarray(candidate)
+    if reference.shape != candidate.shape:
+        raise ExportError(f"parity: risk output shape {candidate.shape} != PyTorch {reference.shape}")
+    nonfinite = int((~np.isfinite(candidate)).sum())
+    diff = np.abs(reference.astype(np.float64) - np.nan_to_num(candidate.astype(np.float64), nan=2.0))
+    return {
+        "risk_max_abs_diff": float(diff.max()),
+        "risk_mean_abs_diff": float(diff.mean()),
+        "risk_reference_min": float(reference.min()),
+        "risk_reference_max": float(reference.max()),
+        "risk_nonfinite_outputs": nonfinite,
+    }
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, *, threshold: float = THRESHOLD,
@@ -150,14 +200,22 @@ def parity_report(
     backend: str = "onnxruntime-cpu",
     reference: np.ndarray | None = None,
     weight_sum: np.ndarray | None = None,
+    reference_risk: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Compare ``artifact`` (run by ``runner``, by default the inference backend its suffix names)
-    with ``model`` on ``frames``; the returned dict says whether it passed its precision's bar."""
+    with ``model`` on ``frames``; the returned dict says whether it passed its precision's bars.
+
+    ``runner`` returns the probability, or a dict of outputs (``prob``, and ``risk`` for a model
+    with the risk output, which is then held to ``bars.risk_max_abs(precision)`` as well)."""
     bars = bars or ParityBars()
-    runner = runner or backend_runner(artifact)
-    if reference is None:
-        reference, weight_sum = torch_reference_with_weights(model, frames)
+    with_risk = bool(getattr(model, "risk", False))
+    runner = runner or backend_runner(artifact, outputs=with_risk)
+    if reference is None or (with_risk and reference_risk is None):
+        reference, weight_sum, reference_risk = torch_reference_outputs(model, frames)
     cand = runner(frames)
+    cand_risk = None
+    if isinstance(cand, dict):
+        cand, cand_risk = cand["prob"], cand.get("risk")
     stats = compare(reference, cand, weight_sum=weight_sum)
     if precision == "fp32":
         bar = {"metric": "max_abs_diff_well_conditioned", "max": bars.fp32_max_abs,
@@ -169,6 +227,12 @@ def parity_report(
         passed = stats["mask_dice_mean"] >= minimum
     # A NaN/inf anywhere fails every precision (a masked NaN would otherwise hide in the Dice).
     passed = passed and stats["nonfinite_outputs"] == 0
+    if with_risk:
+        stats.update(compare_risk(reference_risk, cand_risk))
+        risk_bar = {"metric": "risk_max_abs_diff", "max": bars.risk_max_abs(precision)}
+        stats["risk_bar"] = risk_bar
+        stats["risk_passed"] = bool(stats["risk_max_abs_diff"] <= risk_bar["max"] and stats["risk_nonfinite_outputs"] == 0)
+        passed = passed and stats["risk_passed"]
     return {
         "artifact": Path(artifact).name,
         "precision": precision,
@@ -201,6 +265,16 @@ def parity_markdown(report: dict[str, Any]) -> str:
         f"| pixels whose mask label differs | {100 * report['mask_pixel_disagreement']:.3f}% |",
         f"| foreground fraction (PyTorch mask) | {100 * report['foreground_fraction_reference']:.1f}% |",
         f"| non-finite outputs | {report['nonfinite_outputs']} |",
+    ]
+    if "risk_bar" in report:
+        lines += [
+            f"| risk (per frame): max abs diff | {report['risk_max_abs_diff']:.3g} |",
+            f"| risk: mean abs diff | {report['risk_mean_abs_diff']:.3g} |",
+            f"| risk: PyTorch range over the frames | {report['risk_reference_min']:.4f} .. {report['risk_reference_max']:.4f} |",
+            f"| risk: non-finite outputs | {report['risk_nonfinite_outputs']} |",
+        ]
+        bar_text += f"; risk_max_abs_diff <= {report['risk_bar']['max']:g}"
+    lines += [
         "",
         f"Bar: {bar_text}: **{'PASS' if report['passed'] else 'FAIL'}**",
         "",
@@ -241,6 +315,16 @@ def enforce(report: dict[str, Any]) -> None:
         raise ParityFailed(
             f"{report['artifact']}: {report['precision']} parity failed: {report['nonfinite_outputs']} NaN/inf "
             f"output values (frames: {report['frames']['source']})"
+        )
+    value = report[metric]
+    probability_passed = value <= bar["max"] if "max" in bar else value >= bar["min"]
+    if report.get("risk_passed") is False and probability_passed:
+        risk_bar = report["risk_bar"]
+        what = (f"{report['risk_nonfinite_outputs']} NaN/inf risk values" if report["risk_nonfinite_outputs"]
+                else f"risk_max_abs_diff = {report['risk_max_abs_diff']:.4g}, bar <= {risk_bar['max']:g}")
+        raise ParityFailed(
+            f"{report['artifact']}: {report['precision']} parity failed: {what} (frames: {report['frames']['source']}); "
+            f"nothing written under that name; see {failed_parity_paths(report['artifact'])[1].name}"
         )
     limit = f"<= {bar['max']:g}" if "max" in bar else f">= {bar['min']:g}"
     raise ParityFailed(

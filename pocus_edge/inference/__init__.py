@@ -14,7 +14,16 @@ A new format is one row in export's artifact table (:data:`pocus_edge.export.for
 and, for a new kind of artifact, one row in :data:`.registry.REGISTRY`.
 """
 
-from .base import Backend, check_segmenter_io, named_outputs, precision_of, split_paths, to_frame_resolution, weight_map
+from .base import (
+    Backend,
+    check_segmenter_io,
+    has_risk_output,
+    named_outputs,
+    precision_of,
+    split_paths,
+    to_frame_resolution,
+    weight_map,
+)
 from .coreml import CoreMLBackend
 from .flops import count_onnx_flops, graph_gflops
 from .openvino import OPENVINO_HINTS, OpenVINOBackend, onnx_metadata_card, openvino_card
@@ -26,7 +35,7 @@ from .tensorrt import TensorRTBackend, tensorrt_io
 __all__ = [
     "BACKENDS", "Backend", "BackendSpec", "CoreMLBackend", "OPENVINO_HINTS", "ORT_PROVIDERS", "OpenVINOBackend",
     "OrtBackend", "REGISTRY", "SUFFIX_BACKENDS", "TensorRTBackend", "TorchBackend", "accepts", "backend_for",
-    "backend_spec", "check_segmenter_io", "count_onnx_flops", "graph_gflops", "named_outputs", "onnx_metadata_card",
+    "backend_spec", "check_segmenter_io", "count_onnx_flops", "graph_gflops", "has_risk_output", "named_outputs", "onnx_metadata_card",
     "open_backend", "openvino_card", "precision_of", "resolve_providers", "split_paths", "tensorrt_io", "to_frame_resolution",
     "weight_map",
 ]

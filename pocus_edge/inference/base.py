@@ -4,12 +4,15 @@
   (``preprocess_frame``), or ``preprocess_gray`` for graphs exported with uint8 input (they
   scale and repeat channels inside the graph).
 * ``infer(x float32 (N,3,S,S)) -> fused probability (N,1,S,S)``: the cross-team contract.
-* ``run(batch) -> {"prob": (N,1,S,S), "weight": (N,1,S,S) or absent}`` on prepared inputs;
-  ``weight`` is the generative branch's share of the fusion, c_g / (c_g + c_c), when the
-  graph exports its branch outputs.
+* ``run(batch) -> {"prob": (N,1,S,S), "weight": (N,1,S,S) or absent, "risk": (N,1) or absent}``
+  on prepared inputs; ``weight`` is the generative branch's share of the fusion,
+  c_g / (c_g + c_c), when the graph exports its branch outputs; ``risk`` is the graph's per-frame
+  risk output (float32, one score per frame) when it has one.
 
-Attributes: ``name``, ``img_size``, ``precision``, ``device``, ``input_dtype``, ``card`` and
-``gflops_per_frame`` (from the model card, else counted from the graph).
+Attributes: ``name``, ``img_size``, ``precision``, ``device``, ``input_dtype``, ``card``,
+``gflops_per_frame`` (from the model card, else counted from the graph), ``has_risk`` (the graph
+has the ``risk`` output) and ``risk_card`` (the card's ``risk`` entry, ``{"formula", "threshold",
+"drift"}``, when the graph has the output; else None; also ``describe()["risk"]``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..card import RISK_OUTPUT_NAME
 from ..errors import ExportError
 
 
@@ -34,6 +38,7 @@ class Backend:
     card: dict
     threshold: float = 0.5
     has_weight_map: bool = False
+    has_risk: bool = False  # the graph has the per-frame "risk" output; run() then returns it
     max_batch: int | None = None  # a graph with a fixed batch size runs in chunks of it
 
     def prepare(self, frame: np.ndarray) -> np.ndarray:
@@ -54,13 +59,29 @@ class Backend:
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         """float32 (N,3,S,S) in [0,1] -> fused probability (N,1,S,S)."""
+        return self.infer_outputs(x)["prob"]
+
+    def infer_outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """float32 (N,3,S,S) in [0,1] -> every output :meth:`run` returns (``prob``, and
+        ``weight`` / ``risk`` where the graph has them)."""
         x = np.asarray(x)
         if self.input_dtype == "uint8" and x.dtype != np.uint8:
             # The same pixels the uint8 graph would get: undo the /255 of preprocess_frame.
             x = np.clip(np.rint(x[:, :1] * 255.0), 0, 255).astype(np.uint8)
         elif self.input_dtype == "float16":
             x = x.astype(np.float16)
-        return self.run(np.ascontiguousarray(x))["prob"]
+        return self.run(np.ascontiguousarray(x))
+
+    @property
+    def risk_card(self) -> dict[str, Any] | None:
+        """The model card's ``risk`` entry (``formula``, ``threshold``, ``drift``: the alarm
+        threshold and the drift band ``pocus-edge qualify`` calibrated, each None when nothing
+        calibrated it) when the graph computes the risk output; None otherwise. A graph with the
+        output but a card without the entry (built by hand) gives the three keys, all None."""
+        if not self.has_risk:
+            return None
+        entry = (self.card or {}).get("risk")
+        return {"formula": None, "threshold": None, "drift": None, **(entry if isinstance(entry, dict) else {})}
 
     @property
     def gflops_per_frame(self) -> float | None:
@@ -75,6 +96,7 @@ class Backend:
             "img_size": self.img_size,
             "input_dtype": self.input_dtype,
             "gflops_per_frame": self.gflops_per_frame,
+            "risk": self.risk_card,
         }
 
     def close(self) -> None:
@@ -127,12 +149,24 @@ def check_segmenter_io(path, inputs: list[dict[str, Any]], outputs: list[dict[st
         raise ExportError(f"{path}: output {outputs[0]['name']!r} has rank {len(out_shape)}; expected a probability map (N,1,S,S)")
     if isinstance(out_shape[1], int) and out_shape[1] > 0 and out_shape[1] != 1:
         raise ExportError(f"{path}: output {outputs[0]['name']!r} has {out_shape[1]} channels; expected 1 (bone probability)")
+    for output in outputs[1:]:
+        if output["name"] != RISK_OUTPUT_NAME:
+            continue
+        risk_shape = list(output["shape"])
+        if len(risk_shape) != 2 or (isinstance(risk_shape[1], int) and risk_shape[1] > 0 and risk_shape[1] != 1):
+            raise ExportError(f"{path}: output {RISK_OUTPUT_NAME!r} has shape {risk_shape}; expected one score per frame (N,1)")
     return size
+
+
+def has_risk_output(output_names: list[str]) -> bool:
+    """Whether a graph's outputs include the per-frame risk (always its last output)."""
+    return RISK_OUTPUT_NAME in output_names
 
 
 def named_outputs(named: dict[str, Any], has_weight_map: bool) -> dict[str, np.ndarray]:
     """The backend contract from a graph's named outputs: ``prob`` = "fused" (the fused pair),
-    "prob" (a single network) or else the first output; ``weight`` from the confidences."""
+    "prob" (a single network) or else the first output; ``weight`` from the confidences;
+    ``risk`` (N, 1) float32 when the graph has that output."""
     values = list(named.values())
     prob = named.get("fused", named.get("prob", values[0]))
     result = {"prob": np.asarray(prob, dtype=np.float32)}
@@ -140,6 +174,9 @@ def named_outputs(named: dict[str, Any], has_weight_map: bool) -> dict[str, np.n
         c_g = named.get("c_generative", values[3] if len(values) == 5 else None)
         c_c = named.get("c_contrastive", values[4] if len(values) == 5 else None)
         result["weight"] = weight_map(np.asarray(c_g, np.float32), np.asarray(c_c, np.float32))
+    if RISK_OUTPUT_NAME in named:
+        risk = np.asarray(named[RISK_OUTPUT_NAME], dtype=np.float32)
+        result["risk"] = risk.reshape(risk.shape[0], 1)
     return result
 
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..card import CARD_KEY, parse_card
 from ..errors import ExportError, ToolchainUnavailable
-from .base import Backend
+from .base import Backend, has_risk_output
 
 
 class CoreMLBackend(Backend):
@@ -37,6 +37,7 @@ class CoreMLBackend(Backend):
         image = spec.description.input[0].type.imageType
         self.input_name = spec.description.input[0].name
         self.output_name = spec.description.output[0].name  # "fused" (the pair) or "prob" (one network)
+        self.has_risk = has_risk_output([o.name for o in spec.description.output])  # then "risk" (1, 1) comes last
         self.frame_shape = (int(image.height), int(image.width))
         self.img_size = int(self.card.get("img_size") or 0) or int(spec.description.output[0].type.multiArrayType.shape[-1])
         self.precision = str(self.card.get("precision") or "fp16")
@@ -58,7 +59,10 @@ class CoreMLBackend(Backend):
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         from PIL import Image
 
-        out = [np.asarray(self.model.predict({self.input_name: Image.fromarray(np.asarray(f).reshape(self.frame_shape))})[self.output_name], dtype=np.float32)
-               for f in batch]
-        return {"prob": np.concatenate(out).reshape(len(batch), 1, self.img_size, self.img_size)}
+        predictions = [self.model.predict({self.input_name: Image.fromarray(np.asarray(f).reshape(self.frame_shape))}) for f in batch]
+        out = [np.asarray(p[self.output_name], dtype=np.float32) for p in predictions]
+        result = {"prob": np.concatenate(out).reshape(len(batch), 1, self.img_size, self.img_size)}
+        if self.has_risk:
+            result["risk"] = np.concatenate([np.asarray(p["risk"], dtype=np.float32).reshape(1, 1) for p in predictions])
+        return result
 

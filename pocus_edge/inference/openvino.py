@@ -9,7 +9,7 @@ import numpy as np
 
 from ..card import CARD_KEY, parse_card
 from ..errors import ExportError, PocusError, ToolchainUnavailable
-from .base import Backend, check_segmenter_io, named_outputs
+from .base import Backend, check_segmenter_io, has_risk_output, named_outputs
 from .flops import graph_gflops
 
 # The precision a card names -> OpenVINO's inference precision hint. fp32 and int8 pin f32:
@@ -67,6 +67,7 @@ class OpenVINOBackend(Backend):
         self.output_names = [o["name"] for o in outputs]
         self.max_batch = inputs[0]["shape"][0] if inputs[0]["shape"][0] > 0 else None
         self.has_weight_map = all(n in self.output_names for n in ("c_generative", "c_contrastive"))
+        self.has_risk = has_risk_output(self.output_names)
         self.precision = precision or str(self.card.get("precision") or "fp32")
         if self.precision not in OPENVINO_HINTS:
             raise PocusError(f"{self.path}: OpenVINO precision {self.precision!r}; choose one of {', '.join(OPENVINO_HINTS)}")

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..card import CARD_KEY, parse_card
 from ..errors import ExportError, PocusError, ToolchainUnavailable
-from .base import Backend, check_segmenter_io, named_outputs, precision_of
+from .base import Backend, check_segmenter_io, has_risk_output, named_outputs, precision_of
 from .flops import graph_gflops
 
 # Short names users pass to --providers -> onnxruntime execution providers.
@@ -91,6 +91,7 @@ class OrtBackend(Backend):
         self.max_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.has_weight_map = all(n in self.output_names for n in ("c_generative", "c_contrastive")) or len(self.output_names) == 5
+        self.has_risk = has_risk_output(self.output_names)
         self.threshold = float(self.card.get("threshold", 0.5))
         self.precision = precision_of(self.card, self.input_dtype)
         self._counted_gflops: float | None = None

@@ -13,7 +13,12 @@ from .base import Backend, split_paths, weight_map
 
 class TorchBackend(Backend):
     """Reference backend: two fine-tuned checkpoints (``GEN,CON``) -> FusedSegmenter, or one
-    checkpoint -> a SingleSegmenter. torch is imported here, when the backend is opened."""
+    checkpoint -> a SingleSegmenter. torch is imported here, when the backend is opened.
+
+    As the reference it computes every output an export can have: the weight map (the pair)
+    and the per-frame ``risk`` (two sums per frame, negligible next to the networks); its
+    ``risk_card`` names the formula, with no calibrated threshold or drift band (those live in
+    an exported model's card)."""
 
     name = "torch"
 
@@ -30,11 +35,11 @@ class TorchBackend(Backend):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ToolchainUnavailable(f"device {device!r} asked for, but no CUDA GPU is visible")
         if len(paths) == 2:
-            model = load_fused(paths[0], paths[1], return_branches=True, **(fusion or {}))
+            model = load_fused(paths[0], paths[1], return_branches=True, risk=True, **(fusion or {}))
             self.has_weight_map = True
             self.card = {"preset": model.generative.cfg.name, "fusion": model.fusion_settings}
         elif len(paths) == 1:
-            model = load_single(paths[0])  # a student comes back reparameterized (its inference form)
+            model = load_single(paths[0], risk=True)  # a student comes back reparameterized (its inference form)
             card = model.cards[model.name] or {}
             self.card = {"preset": card.get("preset"), "stage": card.get("stage"), "kind": model.kind}
             if model.kind == "student":
@@ -42,6 +47,8 @@ class TorchBackend(Backend):
                 self.card.update(student=card.get("student"), gflops_per_frame=card.get("gflops_per_frame"))
         else:
             raise CheckpointError(f"{model_path}: the torch backend takes one checkpoint or two (GEN,CON)")
+        self.card["risk"] = {"formula": model.risk_formula, "threshold": None, "drift": None}
+        self.has_risk = True
         self.img_size = int(model.img_size)
         self.model = model.eval().to(device)
         self.precision = "fp32"
@@ -51,11 +58,11 @@ class TorchBackend(Backend):
         torch = self._torch
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(self.device)
-            out = self.model(x)
+            out = [o.float().cpu().numpy() for o in self.model(x)]
+            result = {"prob": out[0], "risk": out[-1]}
             if self.has_weight_map:
-                fused, _, _, c_g, c_c = out
-                return {"prob": fused.float().cpu().numpy(), "weight": weight_map(c_g.float().cpu().numpy(), c_c.float().cpu().numpy())}
-            return {"prob": out.float().cpu().numpy()}
+                result["weight"] = weight_map(out[3], out[4])
+            return result
 
     @property
     def gflops_per_frame(self) -> float | None:

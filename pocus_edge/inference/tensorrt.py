@@ -9,7 +9,7 @@ import numpy as np
 
 from ..card import check_artifact_card, file_sha256, read_sidecar
 from ..errors import ExportError, ToolchainUnavailable
-from .base import Backend, check_segmenter_io, named_outputs, precision_of
+from .base import Backend, check_segmenter_io, has_risk_output, named_outputs, precision_of
 
 
 def tensorrt_io(engine, trt, path: Path) -> dict[str, Any]:
@@ -72,6 +72,7 @@ class TensorRTBackend(Backend):
         profile_max = self.engine.get_tensor_profile_shape(self.inputs[0], 0)[2][0]
         self.max_batch = int(profile_max) if profile_max > 0 else None
         self.has_weight_map = all(n in self.outputs for n in ("c_generative", "c_contrastive"))
+        self.has_risk = has_risk_output(self.outputs)
         self.precision = precision_of(self.card, self.input_dtype, default="unknown")
         self.threshold = float(self.card.get("threshold", 0.5))
         self._stream = torch.cuda.Stream()

@@ -10,8 +10,10 @@
   case of the fused pair.
 
 Both share :class:`ExportableSegmenter`: input handling (float frames or uint8 probe pixels),
-output names, the reference outputs the parity check compares against, and the provenance
-(checkpoint cards and hashes) that goes into the exported model card.
+output names, the reference outputs the parity check compares against, the optional per-frame
+``risk`` output (:mod:`pocus_edge.models.risk`: off by default, so a graph without it is the
+graph it always was), and the provenance (checkpoint cards and hashes) that goes into the
+exported model card.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..card import RISK_OUTPUT_NAME
 from ..errors import ExportError
+from ..metrics import THRESHOLD
+from .risk import RISK_FORMULA_SINGLE, RISK_FORMULA_TWO_BRANCH, branch_disagreement, self_disagreement
 
 
 class ExportableSegmenter(nn.Module):
@@ -37,6 +42,10 @@ class ExportableSegmenter(nn.Module):
     img_size: int
     uint8_input: bool = False
     return_branches: bool = False
+    # With ``risk`` the graph gains a last output ``risk`` (N, 1) float32: one score per frame,
+    # computed in the graph from this frame's own outputs (batch independent).
+    risk: bool = False
+    risk_formula: str = ""
 
     def __init__(self) -> None:
         super().__init__()
@@ -74,7 +83,11 @@ class ExportableSegmenter(nn.Module):
         scaled = x.to(torch.float32) / 255.0
         return scaled.expand(-1, 3, -1, -1)
 
-    def output_names(self) -> list[str]:  # pragma: no cover - abstract
+    def output_names(self) -> list[str]:
+        """The graph's outputs in order: the model's own, then ``risk`` when it is on."""
+        return self._own_output_names() + ([RISK_OUTPUT_NAME] if self.risk else [])
+
+    def _own_output_names(self) -> list[str]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def reference_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -83,13 +96,19 @@ class ExportableSegmenter(nn.Module):
         ill conditioned (None: the output is well conditioned everywhere)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def reference_with_risk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`reference_outputs` plus the per-frame risk (None when ``risk`` is off), from one
+        forward pass: what the parity check compares every output of the artifact with."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
 
 class FusedSegmenter(ExportableSegmenter):
     """Generative + contrastive TransUNet and the fusion head in one forward pass.
 
     Output: the fused bone probability ``(N, 1, S, S)``; with ``return_branches`` the tuple
     ``(fused, p_generative, p_contrastive, c_generative, c_contrastive)`` (normalized
-    confidences: the fusion weight maps users want to see).
+    confidences: the fusion weight maps users want to see). With ``risk`` the per-frame branch
+    disagreement ``1 - softDice(p_generative, p_contrastive)`` ``(N, 1)`` comes last.
 
     ``norm="image"`` (default) min-max normalizes each frame's confidence on its own, so a
     frame's output never depends on its batch mates (needed for streaming); ``norm="batch"``
@@ -108,6 +127,7 @@ class FusedSegmenter(ExportableSegmenter):
         formula: str = "weighted",
         uint8_input: bool = False,
         return_branches: bool = False,
+        risk: bool = False,
     ):
         super().__init__()
         from .fusion import FusionHead
@@ -128,6 +148,8 @@ class FusedSegmenter(ExportableSegmenter):
         self.method, self.norm, self.formula = method, norm, formula
         self.uint8_input = bool(uint8_input)
         self.return_branches = bool(return_branches)
+        self.risk = bool(risk)
+        self.risk_formula = RISK_FORMULA_TWO_BRANCH
         self.img_size = int(size_g)
         self.cards = {"generative": None, "contrastive": None}
         self.checkpoint_sha256 = {"generative": None, "contrastive": None}
@@ -149,17 +171,25 @@ class FusedSegmenter(ExportableSegmenter):
         return fused, p_generative, p_contrastive, c_generative, c_contrastive
 
     def reference_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        fused, _, _, c_g, c_c = self.branch_outputs(x)
+        prob, weight, _ = self.reference_with_risk(x)
+        return prob, weight
+
+    def reference_with_risk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        fused, p_g, p_c, c_g, c_c = self.branch_outputs(x)
         # Only the released "weighted" formula divides by the confidences' sum.
-        return fused, (c_g + c_c) if self.formula == "weighted" else None
+        weight = (c_g + c_c) if self.formula == "weighted" else None
+        return fused, weight, (branch_disagreement(p_g, p_c) if self.risk else None)
 
     def forward(self, x: torch.Tensor):
         if self.return_branches:
-            return self.branch_outputs(x)
+            outputs = self.branch_outputs(x)
+            return (*outputs, branch_disagreement(outputs[1], outputs[2])) if self.risk else outputs
         x = self.to_model_input(x)
-        return self.fusion(torch.sigmoid(self.generative(x)), torch.sigmoid(self.contrastive(x)))
+        p_generative, p_contrastive = torch.sigmoid(self.generative(x)), torch.sigmoid(self.contrastive(x))
+        fused = self.fusion(p_generative, p_contrastive)
+        return (fused, branch_disagreement(p_generative, p_contrastive)) if self.risk else fused
 
-    def output_names(self) -> list[str]:
+    def _own_output_names(self) -> list[str]:
         if self.return_branches:
             return ["fused", "p_generative", "p_contrastive", "c_generative", "c_contrastive"]
         return ["fused"]
@@ -171,11 +201,13 @@ class SingleSegmenter(ExportableSegmenter):
     ``network`` needs a 1-channel logit output and either a ``cfg.img_size`` or an explicit
     ``img_size``; ``name`` labels it in the model card (e.g. "student"). A compact student
     (:class:`~pocus_edge.models.students.StudentNet`) makes this a ``kind: student`` model, whose
-    export card carries the student's config."""
+    export card carries the student's config. With ``risk`` a second output ``risk`` (N, 1):
+    ``1 - softDice(prob, [prob > 0.5])``, how much of the predicted bone is undecided."""
 
     kind = "single-network"
 
-    def __init__(self, network: nn.Module, *, img_size: int | None = None, uint8_input: bool = False, name: str = "network"):
+    def __init__(self, network: nn.Module, *, img_size: int | None = None, uint8_input: bool = False, name: str = "network",
+                 risk: bool = False):
         super().__init__()
         from .students import StudentNet
 
@@ -191,19 +223,28 @@ class SingleSegmenter(ExportableSegmenter):
         self.name = name
         self.img_size = int(size)
         self.uint8_input = bool(uint8_input)
+        self.risk = bool(risk)
+        self.risk_formula = RISK_FORMULA_SINGLE
         self.cards = {name: None}
         self.checkpoint_sha256 = {name: None}
 
     def networks(self) -> list[nn.Module]:
         return [self.network]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.network(self.to_model_input(x)))
+    def forward(self, x: torch.Tensor):
+        prob = torch.sigmoid(self.network(self.to_model_input(x)))
+        # The mask threshold of the card (0.5): the risk measures the distance to the mask shown.
+        return (prob, self_disagreement(prob, THRESHOLD)) if self.risk else prob
 
     def reference_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.forward(x), None
+        prob, _, _ = self.reference_with_risk(x)
+        return prob, None
 
-    def output_names(self) -> list[str]:
+    def reference_with_risk(self, x: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor | None]:
+        prob = torch.sigmoid(self.network(self.to_model_input(x)))
+        return prob, None, (self_disagreement(prob, THRESHOLD) if self.risk else None)
+
+    def _own_output_names(self) -> list[str]:
         return ["prob"]
 
 
@@ -216,6 +257,7 @@ def load_fused(
     formula: str = "weighted",
     uint8_input: bool = False,
     return_branches: bool = False,
+    risk: bool = False,
 ) -> FusedSegmenter:
     """Build a FusedSegmenter (eval mode) from two fine-tuned segmenter checkpoints."""
     from ..io import sha256_file
@@ -238,6 +280,7 @@ def load_fused(
         formula=formula,
         uint8_input=uint8_input,
         return_branches=return_branches,
+        risk=risk,
     )
     fused.cards = {"generative": card_g, "contrastive": card_c}
     fused.checkpoint_sha256 = {
@@ -247,7 +290,7 @@ def load_fused(
     return fused.eval()
 
 
-def load_single(checkpoint: str | Path, *, uint8_input: bool = False) -> SingleSegmenter:
+def load_single(checkpoint: str | Path, *, uint8_input: bool = False, risk: bool = False) -> SingleSegmenter:
     """Build a SingleSegmenter (eval mode) from one checkpoint: a fine-tuned TransUNet branch, or
     a compact student (card ``kind: student``), which comes back in its reparameterized
     inference form (the same function, fewer and cheaper layers: what export and streaming run)."""
@@ -261,7 +304,7 @@ def load_single(checkpoint: str | Path, *, uint8_input: bool = False) -> SingleS
     if student and not getattr(network, "reparameterized", False):
         network = network.reparameterize()
     name = "student" if student else str(card.get("stage") or "network")
-    model = SingleSegmenter(network, uint8_input=uint8_input, name=name)
+    model = SingleSegmenter(network, uint8_input=uint8_input, name=name, risk=risk)
     model.cards = {model.name: card}
     model.checkpoint_sha256 = {model.name: sha256_file(checkpoint)}
     return model.eval()
