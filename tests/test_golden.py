@@ -16,7 +16,12 @@ from pocus_edge.cli import main
 from pocus_edge.data import transforms
 from pocus_edge.errors import DataError
 from pocus_edge.export import golden
-from pocus_edge.models.risk import RISK_FORMULA_SINGLE, RISK_FORMULA_TWO_BRANCH, branch_disagreement_np, self_disagreement_np
+from pocus_edge.models.risk import (
+    RISK_FORMULA_SINGLE,
+    RISK_FORMULA_TWO_BRANCH,
+    branch_disagreement_np,
+    self_disagreement_np,
+)
 from pocus_edge.runtime.drift import DriftBand, DriftMonitor
 from pocus_edge.runtime.risk import level_of
 
