@@ -16,6 +16,14 @@ from pocus_edge.cli import main
 from pocus_edge.data import transforms
 from pocus_edge.errors import DataError
 from pocus_edge.export import golden
+from pocus_edge.models.risk import (
+    RISK_FORMULA_SINGLE,
+    RISK_FORMULA_TWO_BRANCH,
+    branch_disagreement_np,
+    self_disagreement_np,
+)
+from pocus_edge.runtime.drift import DriftBand, DriftMonitor
+from pocus_edge.runtime.risk import level_of
 
 HAVE_FUSED = importlib.util.find_spec("pocus_edge.models.fused") is not None
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +60,8 @@ def _check_golden_folder(folder: Path) -> dict:
             assert 0.05 < mask.mean() < 0.95, "a mask that is (nearly) all one class tests no thresholding"
             frame_mask = np.load(folder / case["frame_mask"])
             assert frame_mask.shape == frame.shape
+            if index.get("risk_formula") == RISK_FORMULA_SINGLE:
+                assert case["risk"] == pytest.approx(float(self_disagreement_np(prob, float(threshold))), abs=1e-9)
     probe_p = np.load(folder / index["threshold_probe"]["prob"])
     probe_m = np.load(folder / index["threshold_probe"]["mask"])
     assert np.any(probe_p == threshold), "the probe must hold the threshold itself"
@@ -209,3 +219,71 @@ def test_cli_writes_a_golden_folder_and_reports_bad_input(tmp_path, capsys):
     assert "no_site" in err and "\n" not in err
     with pytest.raises(DataError):
         golden.read_golden(tmp_path / "no_site")
+
+
+def _replay_drift_probe(probe: dict) -> dict:
+    """The runtime's own monitor and level rule over the probe's risks (None = non-finite)."""
+    entry = probe["card"]["risk"]
+    monitor = DriftMonitor(DriftBand.from_dict(entry["drift"]))
+    ewma, alarm, levels = [], [], []
+    for i, r in enumerate(probe["risks"]):
+        r = float("nan") if r is None else r
+        on = monitor.update(r, i)
+        ewma.append(monitor.z)
+        alarm.append(int(on))
+        levels.append(level_of(r, entry["threshold"], on) if np.isfinite(r) else ("alarm" if on else "ok"))
+    return {"ewma": ewma, "alarm": alarm, "levels": levels, "alarm_intervals": monitor.report()["alarm_intervals"],
+            "nonfinite": monitor.nonfinite}
+
+
+@pytest.mark.parametrize("where", ["written", "committed"])
+def test_drift_probe_is_what_the_runtime_alarm_computes(where, written):
+    """The golden drift probe (written by the export layer from the alarm's definition) equals
+    the runtime's DriftMonitor frame by frame: EWMA bit for bit, alarm, level, intervals; and it
+    exercises what the app must get right (both directions, the threshold, a non-finite risk)."""
+    folder = written if where == "written" else COMMITTED
+    if not folder.is_dir():
+        pytest.skip("android_demo golden set not present in this checkout")
+    probe = golden.read_golden(folder)["drift_probe"]
+    replay = _replay_drift_probe(probe)
+    assert replay["ewma"] == probe["ewma"]  # same float64 operations in the same order
+    for key in ("alarm", "levels", "alarm_intervals", "nonfinite"):
+        assert replay[key] == probe[key], key
+    assert len(probe["alarm_intervals"]) == 2 and "high" in probe["levels"] and probe["nonfinite"] == 1
+    band = probe["card"]["risk"]["drift"]
+    up = probe["alarm_intervals"][0][0]
+    z_up = np.array(probe["ewma"])[up]
+    assert z_up > band["upper"] and all(z <= band["upper"] for z in probe["ewma"][:up])
+    assert min(probe["ewma"]) < band["lower"]  # the second excursion leaves the band below
+
+
+def test_golden_risk_is_the_models_own(tmp_path):
+    """The fused pair's per-frame risk is its branches' disagreement (recomputed here); an
+    exported graph's is its own risk output."""
+    import torch
+
+    index = golden.write_golden(tmp_path / "fused", n=2, seed=3)
+    if not HAVE_FUSED:
+        pytest.skip("no model code")
+    assert index["risk_formula"] == RISK_FORMULA_TWO_BRANCH
+    risks = [case["risk"] for case in index["cases"]]
+    assert all(0.0 <= r <= 1.0 for r in risks) and len(set(risks)) == 2
+    prob_model = golden._RandomProbabilities(3)
+    prob_model.calibrate([np.load(tmp_path / "fused" / c["frame"]) for c in index["cases"]])
+    for case in index["cases"]:
+        x = torch.from_numpy(transforms.preprocess_frame(np.load(tmp_path / "fused" / case["frame"]), 64)[None])
+        with torch.no_grad():
+            _, p_g, p_c = prob_model.model.branch_outputs(x)[:3]
+        assert case["risk"] == pytest.approx(float(branch_disagreement_np(p_g.numpy()[0, 0], p_c.numpy()[0, 0])), abs=1e-6)
+
+
+def test_golden_risk_of_an_exported_graph_is_its_risk_output(tmp_path, monkeypatch):
+    from _models import ort_passes_risk_through, risk_onnx
+
+    ort_passes_risk_through(monkeypatch)
+    card = {"img_size": 32, "threshold": 0.5, "risk": {"formula": "stand-in", "threshold": None, "drift": None}}
+    index = golden.write_golden(tmp_path / "g", model=risk_onnx(tmp_path / "m.onnx", card), n=2)
+    assert index["risk_formula"] == "stand-in"
+    for case in index["cases"]:
+        prob = np.load(tmp_path / "g" / case["prob"])
+        assert case["risk"] == pytest.approx(float(prob.mean()), abs=1e-6)  # the stand-in's risk: mean of its map

@@ -273,3 +273,46 @@ def test_addresses_and_device_names():
     assert mask_device_name("Image_Reference") == "Image_Reference_mask"
     long = mask_device_name("VeryLongDeviceName_ABCDEFG")
     assert long.endswith("_mask") and len(long.encode()) == 20
+
+
+def test_mask_messages_carry_the_risk_and_the_alarm_as_metadata():
+    sink = IgtlMaskSink("igtl://127.0.0.1:0", send_timeout=1.0)
+    try:
+        reader = socket.create_connection(("127.0.0.1", sink.port))
+        reader.settimeout(5)
+        mask = np.zeros((5, 7), bool)
+        mask[1:3, 2:5] = True
+        frames = [(0.125, False, "ok"), (0.734567891, True, "alarm"), (0.5, None, "high")]
+        for k, (risk, alarm, level) in enumerate(frames):
+            result = FrameResult(k, 1000.0 * k, np.zeros((5, 7), np.uint8), mask.astype(np.float32), mask)
+            result.risk, result.alarm, result.risk_level = risk, alarm, level
+            sink.write(result)
+        # A frame of a model without the risk output: a plain version-1 message, as before.
+        sink.write(FrameResult(3, 3000.0, np.zeros((5, 7), np.uint8), mask.astype(np.float32), mask))
+        got, rest = [], b""
+        for _ in range(4):
+            fields, message, rest = _from_buffer(reader, rest)
+            got.append((fields["header_version"], message))
+        for k, ((version, message), (risk, alarm, level)) in enumerate(zip(got[:3], frames)):
+            assert version == 2 and message.timestamp == pytest.approx(float(k), abs=1e-9)
+            assert float(message.metadata["pocus_edge.risk"]) == pytest.approx(risk, rel=1e-5)
+            assert message.metadata["pocus_edge.risk_level"] == level
+            assert message.metadata.get("pocus_edge.drift_alarm") == (None if alarm is None else str(int(alarm)))
+            np.testing.assert_array_equal(np.asarray(message.image)[0], mask.astype(np.uint8))
+        assert got[3][0] == 1 and got[3][1].metadata == {}
+        reader.close()
+    finally:
+        sink.close()
+
+
+def _from_buffer(reader: socket.socket, data: bytes):
+    """One IMAGE message from ``data`` (bytes already read) and the socket; returns its header
+    fields, the message and the bytes after it."""
+    while len(data) < 58:
+        data += reader.recv(65536)
+    fields = pyigtl.MessageBase.parse_header(data[:58])
+    while len(data) < 58 + fields["body_size"]:
+        data += reader.recv(65536)
+    message = pyigtl.ImageMessage()
+    message.unpack(fields, data[58:58 + fields["body_size"]])
+    return fields, message, data[58 + fields["body_size"]:]

@@ -62,6 +62,11 @@ def register(app: typer.Typer) -> None:
             "Also serve each mask as an OpenIGTLink IMAGE message (labels 0/1, the frame's timestamp, device name + "
             "'_mask') to clients such as a 3D Slicer connector; listens on loopback unless HOST is given."
         )),
+        qualify: Optional[Path] = typer.Option(None, "--qualify", metavar="QUALIFY.json", help=(
+            "Risk threshold and drift band from this `pocus-edge qualify` file instead of the model card "
+            "(for a model exported with its risk output)."
+        )),
+        qualify_model: Optional[str] = typer.Option(None, "--qualify-model", metavar="NAME", help="Which model of the --qualify file (needed when it holds several)."),
     ) -> None:
         """Stream frames through a model: masks, overlay video, and latency/FPS/GFLOPs in a JSON report."""
         import json
@@ -97,9 +102,17 @@ def register(app: typer.Typer) -> None:
             providers=[p.strip() for p in providers.split(",") if p.strip()] or None,
             send=send,
             on_send_listen=lambda host, port: typer.echo(f"serving masks on igtl://{host}:{port}", err=True),
+            qualify=qualify,
+            qualify_model=qualify_model,
         )
         keys = ("frames_in", "frames_processed", "frames_dropped", "frames_invalid", "latency_ms", "fps", "gflops_per_frame", "backend", "precision", "device")
-        typer.echo(json.dumps({k: result[k] for k in keys}, indent=2))
+        summary = {k: result[k] for k in keys}
+        if result.get("risk") is not None:
+            risk, drift = result["risk"], result["risk"].get("drift")
+            summary["risk"] = {"median": risk["median"], "p95": risk["p95"], "frames_over_threshold": risk["frames_over_threshold"],
+                               **({"alarms": drift["alarms"], "alarm_intervals": drift["alarm_intervals"], "alarm_now": drift["alarm_now"]}
+                                  if drift else {"note": risk.get("note")})}
+        typer.echo(json.dumps(summary, indent=2))
 
 
 def _model_argument(model: Optional[str], generative: Optional[Path], contrastive: Optional[Path]) -> str:

@@ -21,6 +21,14 @@ trivial to parse without NumPy). For every frame ``i`` and every output size ``S
 plus ``threshold_probe_prob.npy``/``threshold_probe_mask.npy``: values at and next to the
 threshold, so a port that uses ``>=`` where Python uses ``>`` (or the reverse) fails.
 
+Each case with a probability also holds ``risk``: the frame's per-frame risk
+(``index.json``'s ``risk_formula``: a student's self disagreement, the fused pair's branch
+disagreement, or an exported graph's own ``risk`` output). ``drift_probe`` in the index is the
+drift alarm's reference: a model card's ``risk`` entry (threshold and band), a short synthetic
+risk sequence that leaves the band upwards and downwards (``null`` = a non-finite risk), and
+what the runtime makes of it frame by frame (:class:`pocus_edge.runtime.drift.DriftMonitor`:
+the EWMA, the alarm, the traffic-light level, the alarm intervals).
+
 The mask rule is the project's one rule, ``pocus_edge.metrics.MASK_RULE`` (``prob >
 threshold``, the threshold from the model card, 0.5), used alike by scoring, export parity and
 the streaming runtime. ``index.json`` states the rule and threshold so a port reads them
@@ -123,9 +131,15 @@ class _ArtifactProbabilities:
             "card": self.card,
         }
 
+        risk = (self.card or {}).get("risk")
+        self.risk_formula = risk.get("formula") if isinstance(risk, dict) else None
+        self.last_risk: float | None = None
+
     def __call__(self, frame: np.ndarray) -> np.ndarray:
-        out = self.backend.run(self.backend.prepare(frame)[None])["prob"]
-        return np.asarray(out, dtype=np.float32).reshape(self.img_size, self.img_size)
+        out = self.backend.run(self.backend.prepare(frame)[None])
+        risk = out.get("risk")
+        self.last_risk = float(np.asarray(risk).reshape(-1)[0]) if risk is not None else None
+        return np.asarray(out["prob"], dtype=np.float32).reshape(self.img_size, self.img_size)
 
 
 class _RandomProbabilities:
@@ -179,10 +193,28 @@ class _RandomProbabilities:
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         import torch
 
+        from ..models.risk import branch_disagreement_np, self_disagreement_np
+
         x = torch.from_numpy(transforms.preprocess_frame(frame, self.img_size)[None])
         with torch.no_grad():
-            prob = self.model(x)
-        return prob.numpy().astype(np.float32).reshape(self.img_size, self.img_size)
+            if len(self.heads) == 2:
+                fused, p_g, p_c = self.model.branch_outputs(x)[:3]
+                self.last_risk = float(branch_disagreement_np(p_g.numpy()[0, 0], p_c.numpy()[0, 0]))
+            else:
+                fused = self.model(x)
+        prob = fused.numpy().astype(np.float32).reshape(self.img_size, self.img_size)
+        if len(self.heads) != 2:
+            self.last_risk = float(self_disagreement_np(prob, self.threshold))
+        return prob
+
+    threshold = THRESHOLD  # the mask threshold of the self-disagreement risk (no card: the default)
+    last_risk: float | None = None
+
+    @property
+    def risk_formula(self) -> str:
+        from ..models.risk import RISK_FORMULA_SINGLE, RISK_FORMULA_TWO_BRANCH
+
+        return RISK_FORMULA_TWO_BRANCH if len(self.heads) == 2 else RISK_FORMULA_SINGLE
 
 
 def _probability_model(model: str | Path | None, seed: int, student: str | None = None):
@@ -289,6 +321,8 @@ def write_golden(
             save_npy(out / case["mask"], mask_of(prob, threshold))
             case["frame_mask"] = f"frame_mask_{i}.npy"
             save_npy(out / case["frame_mask"], mask_of(probability_at_frame(prob, frame.shape), threshold))
+            if prob_model.last_risk is not None:
+                case["risk"] = prob_model.last_risk
         cases.append(case)
 
     probe = threshold_probe(threshold)
@@ -314,10 +348,65 @@ def write_golden(
         "probabilities": prob_model.description if prob_model is not None else None,
         "threshold_probe": {"prob": "threshold_probe_prob.npy", "mask": "threshold_probe_mask.npy"},
         "latency_probe": latency_probe,
+        "risk_formula": getattr(prob_model, "risk_formula", None) if any("risk" in c for c in cases) else None,
+        "drift_probe": drift_probe(),
         "cases": cases,
     }
     write_json_atomic(out / "index.json", index)
     return index
+
+
+# The drift probe: a band and threshold as a card would hold them, and a risk sequence that sits
+# in the band, rises above the threshold and out of the band (alarm), comes back (cleared by the
+# hysteresis), falls out of the band below (the alarm is two-sided), holds one non-finite risk,
+# and settles. Fixed numbers, no seed: every golden set carries the same probe.
+DRIFT_PROBE_BAND = {"center": 0.2, "half_width": 0.05, "lam": 0.2, "hysteresis": 0.5, "k": 5.0}
+DRIFT_PROBE_THRESHOLD = 0.3
+
+
+def drift_probe_risks() -> list[float]:
+    wiggle = [0.01, -0.008, 0.004, -0.012, 0.006]
+    calm = [0.2 + wiggle[i % 5] for i in range(15)]
+    return (calm + [0.32] * 3 + [0.36] * 17 + [0.21] * 20 + [0.05] * 12 + [float("nan")] + [0.05] * 3
+            + [0.19 + wiggle[i % 5] for i in range(12)])
+
+
+def drift_probe() -> dict[str, Any]:
+    """The drift alarm's reference sequence (see :data:`DRIFT_PROBE_BAND`), computed here from
+    the alarm's definition (docs/streaming.md, "Risk and drift alarm"), written out on its own
+    so that the runtime's :class:`~pocus_edge.runtime.drift.DriftMonitor` (which the export
+    layer does not import) and the app's port are both held to it (tests/test_golden.py, the
+    Kotlin core tests)."""
+    b, t = DRIFT_PROBE_BAND, DRIFT_PROBE_THRESHOLD
+    risks = drift_probe_risks()
+    z, on, intervals, nonfinite = float(b["center"]), False, [], 0
+    ewma, alarm, levels = [], [], []
+    for i, r in enumerate(risks):
+        if np.isfinite(r):
+            z = b["lam"] * r + (1.0 - b["lam"]) * z  # z_t = lam r_t + (1 - lam) z_{t-1}
+            deviation = abs(z - b["center"])
+            if not on and deviation > b["half_width"]:  # leaves the band: the alarm starts here
+                on = True
+                intervals.append([i, i])
+            elif on and deviation <= b["hysteresis"] * b["half_width"]:  # well back inside: cleared
+                on = False
+        else:
+            nonfinite += 1  # counted; the statistic and the alarm stay as they were
+        if on:
+            intervals[-1][1] = i
+        ewma.append(z)
+        alarm.append(int(on))
+        levels.append("alarm" if on else ("high" if np.isfinite(r) and r > t else "ok"))
+    band = {**b, "lower": b["center"] - b["half_width"], "upper": b["center"] + b["half_width"]}
+    return {
+        "card": {"risk": {"formula": "golden-probe", "threshold": t, "drift": band}},
+        "risks": [None if not np.isfinite(r) else r for r in risks],  # null: a non-finite risk (JSON has no NaN)
+        "ewma": ewma,
+        "alarm": alarm,
+        "levels": levels,
+        "alarm_intervals": intervals,
+        "nonfinite": nonfinite,
+    }
 
 
 def read_npy(path: str | Path) -> np.ndarray:

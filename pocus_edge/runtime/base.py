@@ -65,6 +65,10 @@ class FrameResult:
     prob: np.ndarray  # float32 HxW fused probability at frame resolution
     mask: np.ndarray  # bool HxW
     weight: np.ndarray | None = None  # float32 HxW fusion weight of the generative branch
+    # The graph's per-frame risk and what the run made of it (None: the model has no risk output).
+    risk: float | None = None
+    alarm: bool | None = None  # the drift alarm after this frame (None: no band)
+    risk_level: str | None = None  # "ok" | "high" | "alarm" (runtime.risk.LEVELS)
 
 
 class Sink:

@@ -11,7 +11,9 @@
   to every connected client (e.g. a Slicer connector in client mode), as an IMAGE message:
   uint8 labels 0/1 at the frame's size, the frame's timestamp and image-to-world matrix, and
   its device name with ``_mask`` appended. A client that cannot keep up is disconnected; the
-  stream never waits for one.
+  stream never waits for one. When the model computes the per-frame risk, each mask message is
+  sent with header version 2 and carries it as OpenIGTLink metadata (:data:`RISK_METADATA`):
+  the risk, its level (ok / high / alarm) and the drift alarm.
 
 Messages are packed and parsed by the maintained ``pyigtl`` package (``pip install
 'pocus-edge[igtl]'``); the sockets are this module's own, so that every message is counted,
@@ -41,6 +43,9 @@ MASK_SUFFIX = "_mask"
 DEVICE_NAME_BYTES = 20  # the header's device-name field
 MAX_BODY_BYTES = 64 << 20  # a larger message is skipped (counted), never held in memory
 MIN_RATE_BYTES_PER_S = 1 << 20  # a message must arrive at least this fast (plus frame_timeout)
+# Metadata keys of a mask message whose model computes the risk (values are strings, as the
+# protocol's metadata are): the frame's risk, its level and the drift alarm (only with a band).
+RISK_METADATA = ("pocus_edge.risk", "pocus_edge.risk_level", "pocus_edge.drift_alarm")
 _FRAME_INFO_KEPT = 1024  # frames whose device/timestamp/geometry the mask sink can still look up
 
 
@@ -268,6 +273,17 @@ def mask_device_name(device: str, suffix: str = MASK_SUFFIX) -> str:
     return base + suffix
 
 
+def risk_metadata(result: FrameResult) -> dict[str, str]:
+    """The risk metadata of one mask message (empty when the frame has no risk)."""
+    if result.risk is None:
+        return {}
+    key_risk, key_level, key_alarm = RISK_METADATA
+    out = {key_risk: f"{float(result.risk):.6g}", key_level: str(result.risk_level or "ok")}
+    if result.alarm is not None:
+        out[key_alarm] = "1" if result.alarm else "0"
+    return out
+
+
 class IgtlMaskSink(Sink):
     """Masks as OpenIGTLink IMAGE messages to every client connected to ``address`` (a server
     socket; see the module docstring). Works with any source: frames that did not come over
@@ -339,6 +355,10 @@ class IgtlMaskSink(Sink):
         labels = np.ascontiguousarray(result.mask.astype(np.uint8)[None])  # (k=1, rows, columns)
         message = self._pyigtl.ImageMessage(labels, ijk_to_world_matrix=matrix, world_coordinate_system=system,
                                             timestamp=timestamp, device_name=mask_device_name(device))
+        metadata = risk_metadata(result)
+        if metadata:  # metadata need header version 2 (OpenIGTLink 3); without a risk the message stays version 1
+            message.header_version = 2
+            message.metadata = metadata
         return message.pack()
 
     def write(self, result: FrameResult) -> None:

@@ -253,7 +253,11 @@ class MaskSink:
     """Per-frame binary masks (0/255 uint8 at frame resolution).
 
     ``*.npz``: one NumPy archive, entries ``frame_<index>`` written one at a time into the zip
-    (memory stays flat), renamed into place on close. Anything else: a folder of
+    (memory stays flat), renamed into place on close. When the frames carry a risk
+    (:meth:`write_risk`), the archive also gets ``risk`` (float32), ``risk_frames`` (int64, the
+    frame index of each risk: the same frames as the ``frame_<index>`` entries, in the order they
+    were written) and ``drift_alarm`` (uint8, 1 while the alarm was on; only with a drift band),
+    spooled to a temporary file while the stream runs and added on close. Anything else: a folder of
     ``<index>.png`` files, written into a staging folder beside it and renamed into place on
     close, replacing an earlier masks folder; a failed run leaves nothing under the name.
     """
@@ -263,6 +267,9 @@ class MaskSink:
         self.npz = self.path.suffix.lower() == ".npz"
         self.count = 0
         self._zip = None
+        self._risk_spool = None  # (index int64, risk float32, alarm uint8) records, one per frame
+        self._risk_count = 0
+        self._has_alarm = False
         self._folder: Path | None = None
         if self.npz:
             self._ctx = atomic_path(self.path)
@@ -292,6 +299,38 @@ class MaskSink:
                 raise output_error(self.path, exc, note="nothing was written") from None
         self.count += 1
 
+    _RISK_RECORD = np.dtype([("index", "<i8"), ("risk", "<f4"), ("alarm", "u1")])
+
+    def write_risk(self, index: int, risk: float, alarm: bool | None) -> None:
+        """The risk (and drift alarm) of the frame last written; kept in the .npz only."""
+        if not self.npz:
+            return
+        if self._risk_spool is None:
+            import tempfile
+
+            self._risk_spool = tempfile.TemporaryFile()
+        self._has_alarm = self._has_alarm or alarm is not None
+        self._risk_spool.write(np.array([(index, risk, bool(alarm))], self._RISK_RECORD).tobytes())
+        self._risk_count += 1
+
+    def _write_risk_entries(self, zf: zipfile.ZipFile) -> None:
+        spool, self._risk_spool = self._risk_spool, None
+        if spool is None:
+            return
+        try:
+            names = [("risk_frames", "index", "<i8"), ("risk", "risk", "<f4")] + ([("drift_alarm", "alarm", "u1")] if self._has_alarm else [])
+            for entry, column, dtype in names:
+                with zf.open(f"{entry}.npy", "w", force_zip64=True) as fh:
+                    np.lib.format.write_array_header_1_0(fh, {"descr": dtype, "fortran_order": False, "shape": (self._risk_count,)})
+                    spool.seek(0)
+                    while True:  # a column at a time, a block of records at a time: memory stays flat
+                        block = spool.read(self._RISK_RECORD.itemsize * 65536)
+                        if not block:
+                            break
+                        fh.write(np.ascontiguousarray(np.frombuffer(block, self._RISK_RECORD)[column]).astype(dtype).tobytes())
+        finally:
+            spool.close()
+
     def close(self, ok: bool = True) -> None:
         """Rename the archive or folder into place (``ok``) or discard it; a second call does nothing."""
         if self._ctx is None:
@@ -299,13 +338,22 @@ class MaskSink:
         if self._zip is not None:
             zf, self._zip = self._zip, None
             try:
+                if ok:
+                    self._write_risk_entries(zf)
                 zf.close()
             except BaseException as exc:  # e.g. a full disk: discard the temporary, report the archive
+                try:
+                    zf.close()
+                except BaseException:
+                    pass
                 self._finish(exc)
                 raise
         self._finish(None if ok else RuntimeError("aborted"))
 
     def _finish(self, exc: BaseException | None) -> None:
+        if self._risk_spool is not None:  # discarded with the archive
+            self._risk_spool.close()
+            self._risk_spool = None
         ctx, self._ctx = self._ctx, None
         if exc is None:
             ctx.__exit__(None, None, None)

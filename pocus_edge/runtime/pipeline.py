@@ -16,6 +16,11 @@ sinks.
 
 Nothing grows with the stream's length: the queue is bounded, latency samples live in a
 fixed-size reservoir, and sinks write each frame out as it comes.
+
+A graph with the per-frame ``risk`` output (:mod:`.risk`) gets its risk read per frame, compared
+with the card's (or a qualify file's) threshold and fed to the drift alarm
+(:class:`~.drift.DriftMonitor`) after the timed inference, in frame order; the report gains a
+``risk`` section and each frame result carries its risk, alarm and level to the sinks.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from ..metrics import binarize
 from .base import FrameResult, Sink
 from .feed import END, FrameQueue, Item, Pacer, produce
 from .interrupts import InterruptGuard
+from .risk import RiskSetup, RiskTracker, risk_setup
 from .sinks import CallbackSink, MaskFileSink, OutputSet, OverlayVideoSink  # noqa: F401  (importable from here, as before)
 from .stats import ProgressLine, RunStats
 
@@ -74,6 +80,7 @@ def run_stream(
     report_path: str | os.PathLike | None = None,
     extra_report: dict | None = None,
     stats: RunStats | None = None,
+    risk: RiskSetup | None = None,
 ) -> dict[str, Any]:
     """Stream ``source`` through ``backend`` into ``sinks``; return (and optionally write,
     atomically) the JSON report. Pass a fresh ``stats`` to keep the latency samples (plots).
@@ -81,20 +88,26 @@ def run_stream(
     Ctrl-C or SIGTERM (in the main thread) stops the run at the next batch: every processed
     frame is in every output, the report is written, then the interrupt is raised again
     (:mod:`.interrupts`). A source that ends before its first frame raises DataError, and its
-    outputs are discarded."""
+    outputs are discarded.
+
+    ``risk``: the risk threshold and drift band (:func:`.risk.risk_setup`); None reads them
+    from the backend's model card. Used only when the backend returns a ``risk`` output."""
     opts = options or StreamOptions()
     _check_options(opts)
+    if risk is None:
+        risk = risk_setup(backend, model_name=str(getattr(backend, "path", None) or "model"))
     run = _Run(source, backend, opts, OutputSet(list(sinks)), stats if stats is not None else RunStats(),
-               report_path, extra_report)
+               report_path, extra_report, RiskTracker(risk))
     return run.execute()
 
 
 class _Run:
     """One run's moving parts; :meth:`execute` is the list of steps."""
 
-    def __init__(self, source, backend, opts: StreamOptions, outputs: OutputSet, stats: RunStats, report_path, extra_report):
+    def __init__(self, source, backend, opts: StreamOptions, outputs: OutputSet, stats: RunStats, report_path, extra_report,
+                 risk: RiskTracker):
         self.source, self.backend, self.opts, self.outputs, self.stats = source, backend, opts, outputs, stats
-        self.report_path, self.extra_report = report_path, extra_report
+        self.report_path, self.extra_report, self.risk = report_path, extra_report, risk
         self.threshold = float(opts.threshold if opts.threshold is not None else getattr(backend, "threshold", 0.5))
         self.queue = FrameQueue(opts.queue_size, drop_oldest=opts.dropping)
         self.stop = threading.Event()
@@ -150,6 +163,9 @@ class _Run:
     def _write_report(self, final: bool) -> dict[str, Any]:
         self.stats.timestamps_rebased = self.pacer.rebased if self.pacer is not None else 0
         report = _build_report(self.stats, self.backend, self.source, self.opts, self.threshold, self.extra_report, final)
+        risk = self.risk.report()
+        if risk is not None:  # a model without the risk output: the report is as it always was
+            report["risk"] = risk
         if self.report_path is not None:
             from ..io import write_json_atomic
 
@@ -160,7 +176,7 @@ class _Run:
         """The calling thread: batch, infer, threshold, feed the sinks, refresh the report."""
         opts, stats = self.opts, self.stats
         last_report = time.perf_counter()
-        with ProgressLine(stats, total=self.total, enabled=opts.progress) as progress:
+        with ProgressLine(stats, total=self.total, enabled=opts.progress, status=self.risk.status) as progress:
             finished = False
             while not finished and not self.stop.is_set():
                 batch = self.queue.get_batch(opts.batch_size, wait_full=not opts.dropping, stop=self.stop)
@@ -186,17 +202,23 @@ class _Run:
         t0 = time.perf_counter()
         out = self.backend.run(np.stack([item.x for item in batch]))
         infer_ms = (time.perf_counter() - t0) * 1000.0
-        prob, weight = out["prob"], out.get("weight")
+        prob, weight, risk = out["prob"], out.get("weight"), out.get("risk")
         for k, item in enumerate(batch):
             t0 = time.perf_counter()
             p = prob[k, 0]
+            # One comparison and one EWMA update per frame, in frame order, outside the infer timing.
+            fr = self.risk.update(float(np.asarray(risk[k]).reshape(-1)[0]), item.index) if risk is not None else None
             if outputs.sinks:
                 if outputs.want_frame_res:
                     p_frame = to_frame_resolution(p, item.frame.shape)
                     w_frame = to_frame_resolution(weight[k, 0], item.frame.shape) if weight is not None else None
                 else:
                     p_frame, w_frame = p, (weight[k, 0] if weight is not None else None)
-                outputs.write(FrameResult(item.index, item.timestamp_ms, item.frame, p_frame, binarize(p_frame, threshold), w_frame))
+                result = FrameResult(item.index, item.timestamp_ms, item.frame, p_frame, binarize(p_frame, threshold), w_frame)
+                if fr is not None:
+                    result.risk, result.risk_level = fr.risk, fr.level
+                    result.alarm = fr.alarm if self.risk.monitor is not None else None
+                outputs.write(result)
             else:
                 _ = binarize(p, threshold)  # the threshold is part of the measured work
             t1 = time.perf_counter()
@@ -280,16 +302,29 @@ def stream(
     providers: list[str] | None = None,
     send: str | None = None,
     on_send_listen: Callable[[str, int], None] | None = None,
+    qualify: str | os.PathLike | None = None,
+    qualify_model: str | None = None,
 ) -> dict[str, Any]:
     """Open SOURCE and MODEL, stream with the given outputs, return the report (what the
     ``pocus-edge stream`` command runs). Outputs are checked before anything is opened.
     ``send`` (``igtl://HOST:PORT``) also serves each mask to OpenIGTLink clients
-    (:class:`pocus_edge.runtime.igtl.IgtlMaskSink`)."""
+    (:class:`pocus_edge.runtime.igtl.IgtlMaskSink`). ``qualify`` (a qualify file; one of its
+    models, or ``qualify_model``) gives the risk threshold and drift band instead of the card."""
     from ..inference import open_backend
+    from .risk import read_qualify_risk
     from .sources import open_source
 
     check_stream_outputs(source, model, report=report, overlay=overlay, masks=masks)
+    if qualify is not None:
+        read_qualify_risk(qualify, qualify_model)  # a bad file is refused before anything is opened
+    elif qualify_model is not None:
+        raise ConfigError("--qualify-model names a model of a qualify file: give that file with --qualify")
     be = open_backend(model, backend, device=device, threads=threads, providers=providers)
+    try:
+        setup = risk_setup(be, model_name=str(model), qualify=qualify, qualify_model=qualify_model)
+    except BaseException:
+        be.close()
+        raise
     src = open_source(source, bind=bind, fps=fps, frame_timeout=frame_timeout, idle_timeout=idle_timeout,
                       accept_timeout=accept_timeout, on_listen=on_listen)
     sinks: list[Sink] = []
@@ -319,7 +354,7 @@ def stream(
         extra = {"model": str(model), "outputs": {"report": _str(report), "overlay": _str(overlay), "masks": _str(masks)}}
         if send_stats is not None:
             extra["igtl_send"] = send_stats  # updated live by the sink; read when the report is built
-        return run_stream(src, be, options=opts, sinks=sinks, report_path=report, extra_report=extra)
+        return run_stream(src, be, options=opts, sinks=sinks, report_path=report, extra_report=extra, risk=setup)
     except BaseException:
         for sink in sinks:  # sinks made before a failure (run_stream closes its own; closing twice is a no-op)
             try:

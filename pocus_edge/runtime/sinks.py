@@ -36,6 +36,8 @@ class MaskFileSink(Sink):
 
     def write(self, r: FrameResult) -> None:
         self.masks.write(r.index, r.mask)
+        if r.risk is not None:
+            self.masks.write_risk(r.index, r.risk, r.alarm)
 
     def close(self, ok: bool = True) -> None:
         self.masks.close(ok)

@@ -150,8 +150,10 @@ class ProgressLine:
     """One live status line on stderr (rich), refreshed at most ``hz`` times a second.
     Silent when stderr is not a terminal unless ``force``."""
 
-    def __init__(self, stats: RunStats, *, total: int | None = None, enabled: bool | None = None, hz: float = 4.0):
+    def __init__(self, stats: RunStats, *, total: int | None = None, enabled: bool | None = None, hz: float = 4.0,
+                 status=None):
         self.stats = stats
+        self.status = status  # optional callable -> text appended to the line (the risk and drift alarm)
         self.total = total
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.period = 1.0 / hz
@@ -166,7 +168,7 @@ class ProgressLine:
         return (
             f"frames {done} | {s.fps:6.1f} fps | infer p50 {infer or 0:6.1f} ms | "
             f"e2e p50 {e2e or 0:6.1f} ms | dropped {s.frames_dropped} | invalid {s.frames_invalid}"
-        )
+        ) + (self.status() if self.status is not None else "")
 
     def __enter__(self):
         if self.enabled:

@@ -4,6 +4,7 @@ import android.app.Activity
 import android.graphics.Bitmap
 import android.os.Bundle
 import android.util.Log
+import android.view.View
 import android.widget.Button
 import android.widget.ImageView
 import android.widget.TextView
@@ -13,6 +14,7 @@ import org.pocusedge.core.LatencyStats
 import org.pocusedge.core.Overlay
 import org.pocusedge.core.Postprocess
 import org.pocusedge.core.Preprocess
+import org.pocusedge.core.RiskLevel
 import org.pocusedge.core.Threshold
 import java.io.FileNotFoundException
 
@@ -25,12 +27,19 @@ import java.io.FileNotFoundException
  * (fused.onnx). Without one the app still plays the clip (no mask) so the pipeline can be seen.
  * The button cycles the execution provider preference (auto, NNAPI, XNNPACK, CPU); the status
  * line shows the provider that actually runs.
+ *
+ * A model with the per-frame risk output lights the traffic light next to the overlay: green
+ * (risk at or below the card's threshold, no alarm), amber (this frame's risk above it), red
+ * (the drift alarm: the risk's EWMA left the band `pocus-edge qualify` calibrated). The EWMA
+ * and its hysteresis are the core's DriftMonitor, checked against the Python runtime's golden
+ * vectors. Without the output the light stays hidden.
  */
 class MainActivity : Activity() {
     private lateinit var frameView: ImageView
     private lateinit var statsText: TextView
     private lateinit var statusText: TextView
     private lateinit var providerButton: Button
+    private lateinit var riskLight: TextView
     @Volatile private var running = false
     private var preference = ProviderPreference.AUTO
     private var worker: Thread? = null
@@ -42,6 +51,7 @@ class MainActivity : Activity() {
         statsText = findViewById(R.id.stats_text)
         statusText = findViewById(R.id.status_text)
         providerButton = findViewById(R.id.provider_button)
+        riskLight = findViewById(R.id.risk_light)
         preference = savedInstanceState?.getString(KEY_PROVIDER)
             ?.let { name -> ProviderPreference.values().firstOrNull { it.name == name } } ?: ProviderPreference.AUTO
         showPreference()
@@ -124,6 +134,9 @@ class MainActivity : Activity() {
         val inferStats = LatencyStats()
         val totalStats = LatencyStats()
         val fps = FpsMeter()
+        val riskSettings = model?.risk
+        val drift = riskSettings?.monitor()  // one per run: the EWMA starts at the band's center
+        runOnUiThread { riskLight.visibility = if (riskSettings != null) View.VISIBLE else View.GONE }
         var bitmap: Bitmap? = null
         try {
             while (running) {
@@ -132,8 +145,16 @@ class MainActivity : Activity() {
                 val gray = Preprocess.preprocessGray(frame.image, size, interpolation)
                 val t1 = System.nanoTime()
                 var mask: ByteArray? = null
+                var level: RiskLevel? = null
+                var risk: Double? = null
                 if (model != null) {
-                    val prob = model.infer(gray)
+                    val (prob, frameRisk) = model.inferWithRisk(gray)
+                    if (frameRisk != null && riskSettings != null) {
+                        // One comparison and one EWMA update per frame, as the Python runtime.
+                        val alarm = drift?.update(frameRisk, frame.index) ?: false
+                        level = RiskLevel.of(frameRisk, riskSettings.threshold, alarm)
+                        risk = frameRisk
+                    }
                     val t2 = System.nanoTime()
                     inferStats.recordNanos(t2 - t1)
                     // Back to the frame's own resolution (undo pad + resize), then threshold,
@@ -153,12 +174,18 @@ class MainActivity : Activity() {
                     (inferStats.summary()?.let { "infer $it ($providerName)\n" } ?: "") +
                     "total ${totalStats.summary()}\n" +
                     String.format(java.util.Locale.ROOT, "display %.1f FPS, frame #%d", fps.fps(), frame.index)
+                val shownLevel = level
+                val shownRisk = risk ?: Double.NaN
                 runOnUiThread {
                     // A single reused bitmap: set it on the UI thread only.
                     bmp.setPixels(pixels, 0, frame.image.width, 0, 0, frame.image.width, frame.image.height)
                     frameView.setImageBitmap(bmp)
                     frameView.invalidate()
                     statsText.text = stats
+                    if (shownLevel != null) {
+                        riskLight.setBackgroundColor(shownLevel.argb)
+                        riskLight.text = String.format(java.util.Locale.ROOT, "%s\nrisk\n%.3f", lightLabel(shownLevel), shownRisk)
+                    }
                 }
             }
         } catch (e: InterruptedException) {
@@ -173,6 +200,12 @@ class MainActivity : Activity() {
     }
 
     private fun showStatus(text: String) = runOnUiThread { statusText.text = text }
+
+    private fun lightLabel(level: RiskLevel): String = when (level) {
+        RiskLevel.OK -> getString(R.string.risk_ok)
+        RiskLevel.HIGH -> getString(R.string.risk_high)
+        RiskLevel.ALARM -> getString(R.string.risk_alarm)
+    }
 
     companion object {
         private const val TAG = "PocusEdgeDemo"

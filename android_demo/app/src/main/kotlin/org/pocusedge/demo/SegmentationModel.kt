@@ -11,6 +11,7 @@ import org.pocusedge.core.Interpolation
 import org.pocusedge.core.MaskRule
 import org.pocusedge.core.MiniJson
 import org.pocusedge.core.Preprocess
+import org.pocusedge.core.RiskSettings
 import org.pocusedge.core.Threshold
 import java.io.File
 import java.io.FileNotFoundException
@@ -30,6 +31,10 @@ import java.nio.FloatBuffer
  * (the app does pad/resize/scale/repeat) and uint8 (1,1,S,S) (the app pads/resizes, the graph
  * scales and repeats). The execution provider follows [preference] (see [openSession]);
  * [provider] says which one runs.
+ *
+ * A graph exported with its per-frame risk output (`pocus-edge export --risk`: the last output,
+ * named "risk", (N,1)) also gives [inferWithRisk] the frame's risk; [risk] holds the card's
+ * threshold and drift band for the traffic light (core: RiskSettings, DriftMonitor).
  */
 class SegmentationModel(
     modelPath: File,
@@ -47,6 +52,10 @@ class SegmentationModel(
     val interpolation: Interpolation
     val kind: String
     val description: String
+    /** The graph computes the per-frame risk (an output named "risk"). */
+    val hasRisk: Boolean
+    /** The card's risk entry (threshold, drift band); null when the graph has no risk output. */
+    val risk: RiskSettings?
 
     init {
         // From a file path, not a byte array: the paper-size fused model is ~840 MB in fp32,
@@ -64,7 +73,9 @@ class SegmentationModel(
                 require(it > 0) { "model input size unknown (dynamic shape and no model card)" }
             }
             checkProbabilityOutput(imgSize)
-            kind = modelKind(card, session.outputNames.size)
+            hasRisk = RISK_OUTPUT in session.outputNames
+            risk = if (hasRisk) RiskSettings.fromCard(card) ?: RiskSettings(null, null, null) else null
+            kind = modelKind(card, session.outputNames.size - (if (hasRisk) 1 else 0))
             threshold = (card?.get("threshold") as? Double)?.toFloat() ?: Threshold.DEFAULT
             val preprocessing = card?.get("preprocessing") as? Map<*, *>
             val interpolationName = preprocessing?.get("interpolation") as? String
@@ -72,6 +83,8 @@ class SegmentationModel(
             description = listOfNotNull(kind, card?.get("preset") as? String, "${imgSize}x$imgSize").joinToString(" ") +
                 (if (uint8Input) " uint8" else " float32") + " input, ${card?.get("precision") ?: "?"}, " +
                 "threshold $threshold" +
+                (if (risk != null) ", risk" + (risk.threshold?.let { " > $it amber" } ?: "") +
+                    (if (risk.band != null) ", drift band" else ", no drift band (run pocus-edge qualify)") else "") +
                 (if (interpolationName != null && Interpolation.fromPythonName(interpolationName) == null)
                     " (WARNING: card interpolation '$interpolationName' unknown, using ${interpolation.name})" else "")
         } catch (e: Exception) {
@@ -95,7 +108,10 @@ class SegmentationModel(
     }
 
     /** Preprocessed gray (imgSize x imgSize) -> bone probability, row-major imgSize^2. */
-    fun infer(gray: GrayImage): FloatArray {
+    fun infer(gray: GrayImage): FloatArray = inferWithRisk(gray).first
+
+    /** The bone probability and, when the graph has the risk output, the frame's risk. */
+    fun inferWithRisk(gray: GrayImage): Pair<FloatArray, Double?> {
         require(gray.width == imgSize && gray.height == imgSize) { "expected ${imgSize}x$imgSize input" }
         val s = imgSize.toLong()
         val tensor = if (uint8Input) {
@@ -111,7 +127,12 @@ class SegmentationModel(
                 val probability = (result.get(0) as OnnxTensor).floatBuffer
                 val out = FloatArray(imgSize * imgSize)
                 probability.get(out)
-                return out
+                val risk = if (hasRisk) {
+                    val values = FloatArray(1)
+                    (result.get(RISK_OUTPUT).get() as OnnxTensor).floatBuffer.get(values)
+                    values[0].toDouble()
+                } else null
+                return out to risk
             }
         }
     }
@@ -121,6 +142,9 @@ class SegmentationModel(
     }
 
     companion object {
+        /** The name of the per-frame risk output (pocus_edge.card.RISK_OUTPUT_NAME). */
+        const val RISK_OUTPUT = "risk"
+
         /**
          * "student mobilenetv3", "fused teacher" or "model": from the card (a student card names
          * its network; a fused card lists its two branches), else from the output count.

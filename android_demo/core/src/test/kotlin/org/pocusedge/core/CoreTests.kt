@@ -9,6 +9,45 @@ object CoreTests {
     }
 
     fun register(suite: TestSuite) {
+        suite.test("drift alarm: a step of d fires after ceil(log(1 - h/d) / log(1 - lam)) frames, both ways") {
+            for (sign in listOf(1.0, -1.0)) {
+                val lam = 0.1
+                val half = 0.05
+                val d = 0.2
+                val monitor = DriftMonitor(DriftBand(0.3, half, lam))
+                for (t in 0 until 100) expect(!monitor.update(0.3, t.toLong())) { "alarm before the step" }
+                val expected = Math.ceil(Math.log(1 - half / d) / Math.log(1 - lam)).toInt()
+                var fired = -1
+                for (t in 1 until 200) if (monitor.update(0.3 + sign * d, (99 + t).toLong()) && fired < 0) fired = t
+                expectEquals(expected, fired, "frames to the alarm")
+                expectEquals(listOf(listOf(99L + expected, 298L)), monitor.intervals.map { it.toList() }, "intervals")
+            }
+        }
+        suite.test("drift alarm: hysteresis makes one interval per excursion (lam = 1)") {
+            val monitor = DriftMonitor(DriftBand(0.0, 1.0, 1.0, 0.5))
+            for (x in listOf(0.0, 1.5, 0.8, 1.2, 0.2, 0.0, 1.1, 0.1)) monitor.update(x)
+            expectEquals(listOf(listOf(1L, 3L), listOf(6L, 6L)), monitor.intervals.map { it.toList() }, "intervals")
+        }
+        suite.test("risk settings: bad bands and thresholds in the card are refused, absent ones are null") {
+            expectThrows("NaN center") { DriftBand(Double.NaN, 1.0) }
+            expectThrows("lambda 0") { DriftBand(0.0, 1.0, 0.0) }
+            expectThrows("no half width") { DriftBand.fromMap(mapOf("center" to 0.1)) }
+            expectEquals(null, RiskSettings.fromCard(mapOf("threshold" to 0.5)), "card without risk")
+            val none = RiskSettings.fromCard(mapOf("risk" to mapOf("formula" to "f", "threshold" to null, "drift" to null)))
+            expect(none != null && none.threshold == null && none.monitor() == null) { "uncalibrated risk entry" }
+            expectEquals(RiskLevel.OK, RiskLevel.of(0.9, null, false), "no threshold: never amber")
+            expectEquals(RiskLevel.HIGH, RiskLevel.of(0.31, 0.3, false), "above the threshold")
+            expectEquals(RiskLevel.OK, RiskLevel.of(0.3, 0.3, false), "at the threshold (risk > threshold)")
+            expectEquals(RiskLevel.ALARM, RiskLevel.of(0.0, 0.3, true), "alarm wins")
+        }
+        suite.test("risk: soft-Dice disagreement of known maps (as models/risk.py)") {
+            val m = FloatArray(64)
+            for (i in 0 until 8) m[18 + i % 4 + 8 * (i / 4)] = 1f
+            expectClose(0.0, Risk.branchDisagreement(m, m), 1e-12, "identical")
+            expectClose(0.0, Risk.selfDisagreement(m), 1e-12, "crisp map")
+            val flat = FloatArray(64) { 0.6f }
+            expectClose(1.0 - (2 * 0.6 * 64 + 1) / (0.6 * 64 + 64 + 1), Risk.selfDisagreement(flat), 1e-6, "flat 0.6")
+        }
         suite.test("padToSquare keeps a wide frame at the top-left and zero-fills the bottom rows") {
             val f = ramp(5, 3) { x, y -> 10 * y + x + 1 }
             val p = Preprocess.padToSquare(f)

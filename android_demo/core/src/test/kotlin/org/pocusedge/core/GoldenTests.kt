@@ -9,7 +9,10 @@ import java.io.File
  * - model input (3, S, S) float32: every value within 1/255 (in practice identical);
  * - the OpenCV mode against cv2.resize itself, bit-exact;
  * - masks from the stored fused probabilities, with the index's threshold and rule: exact;
- * - latency percentiles against numpy.percentile: within 1e-9 ms.
+ * - latency percentiles against numpy.percentile: within 1e-9 ms;
+ * - the per-frame risk of a student (self disagreement) recomputed from the stored probability;
+ * - the drift alarm: threshold and band read from the probe's model card, then the EWMA (1e-12),
+ *   the alarm, the traffic-light level and the alarm intervals of the probe's risk sequence, exactly.
  *
  * [resizeOverride] swaps in a deliberately different interpolation (nearest, align-corners)
  * to show that these comparisons fail when the interpolation changes.
@@ -101,6 +104,12 @@ class GoldenTests(private val dir: File, private val resizeOverride: String?) {
                     expect(mismatches == 0) { "$mismatches of ${expected.size} mask pixels differ" }
                 }
             }
+            if (case["risk"] != null && index["risk_formula"] == "self-soft-dice-disagreement-v1") {
+                suite.test("$label frame $id: self-disagreement risk of the probability equals Python's") {
+                    val got = Risk.selfDisagreement(npy(case["prob"]).float32(), threshold(index))
+                    expectClose(num(case["risk"], "risk"), got, 1e-9, "risk")
+                }
+            }
             if (case["frame_mask"] != null) {
                 suite.test("$label frame $id: frame-resolution mask equals the runtime's (except |p - t| < 1e-5)") {
                     val prob = npy(case["prob"]).float32()
@@ -133,6 +142,34 @@ class GoldenTests(private val dir: File, private val resizeOverride: String?) {
             val got = Threshold.mask(prob, threshold(index), rule(index))
             for (i in expected.indices) {
                 expect(expected[i] == got[i]) { "prob ${prob[i]}: Python ${expected[i]}, Kotlin ${got[i]}" }
+            }
+        }
+        if (index["drift_probe"] != null) {
+            suite.test("$label drift probe: band and threshold from the card, EWMA, alarm, levels and intervals") {
+                val probe = MiniJson.obj(index["drift_probe"], "drift_probe")
+                val settings = RiskSettings.fromCard(MiniJson.obj(probe["card"], "card"))
+                    ?: throw ExpectationFailed("the probe's card has no risk entry")
+                val monitor = settings.monitor() ?: throw ExpectationFailed("the probe's card has no drift band")
+                val risks = MiniJson.list(probe["risks"], "risks").map { (it as? Double) ?: Double.NaN }
+                val ewma = MiniJson.list(probe["ewma"], "ewma")
+                val alarm = MiniJson.list(probe["alarm"], "alarm")
+                val levels = MiniJson.list(probe["levels"], "levels")
+                expectEquals(risks.size, ewma.size, "sequence length")
+                var seenHigh = false
+                for (i in risks.indices) {
+                    val on = monitor.update(risks[i], i.toLong())
+                    expectClose(num(ewma[i], "ewma"), monitor.z, 1e-12, "ewma at frame $i")
+                    expectEquals(num(alarm[i], "alarm") != 0.0, on, "alarm at frame $i")
+                    val level = RiskLevel.of(risks[i], settings.threshold, on)
+                    expectEquals(RiskLevel.fromPythonName(levels[i] as String), level, "level at frame $i")
+                    seenHigh = seenHigh || level == RiskLevel.HIGH
+                }
+                val want = MiniJson.list(probe["alarm_intervals"], "alarm_intervals").map { iv ->
+                    MiniJson.list(iv, "interval").map { num(it, "frame").toLong() }
+                }
+                expectEquals(want, monitor.intervals.map { it.toList() }, "alarm intervals")
+                expect(want.size >= 2 && seenHigh) { "the probe should cross the band twice and pass the threshold" }
+                expectEquals(num(probe["nonfinite"], "nonfinite").toLong(), monitor.nonfinite, "non-finite risks")
             }
         }
         suite.test("$label latency percentiles match numpy.percentile") {
