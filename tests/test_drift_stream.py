@@ -146,7 +146,7 @@ def test_qualify_file_overrides_the_card(tmp_path):
     model = risk_onnx(tmp_path / "m.onnx", _card(drift=DriftBand(center=0.9, half_width=0.01).to_dict()))
     band = DriftBand(center=0.2, half_width=0.05, lam=0.2)
     q = tmp_path / "q.json"
-    q.write_text(json.dumps({"schema": 1, "models": [
+    q.write_text(json.dumps({"schema": "pocus-edge-qualify/1", "models": [
         {"name": "a", "risk": {"formula": FORMULA, "threshold": 0.3, "drift": band.to_dict()}},
         {"name": "b", "risk": {"formula": FORMULA, "threshold": 0.1, "drift": None}}]}))
     folder = _write_folder(tmp_path / "imgs", [51] * 30)
@@ -239,7 +239,7 @@ def _cli(args):
     return main(args)
 
 
-def _qualify(tmp_path, risk, name="q.json", schema=1):
+def _qualify(tmp_path, risk, name="q.json", schema="pocus-edge-qualify/1"):
     path = tmp_path / name
     # json.dumps writes float("nan") as NaN, which Python's reader accepts: a band of NaN parses.
     path.write_text(json.dumps({"schema": schema, "models": [{"name": "m", "risk": risk}]}))

@@ -219,6 +219,14 @@ def test_qualify_ranks_models_without_opening_a_target_label(tiny_models, tmp_pa
         rows = list(csv.DictReader(fh))
     assert len(rows) == 3 * report["frames"]["target"]
     assert (out / "qualify.png").read_bytes()[:4] == b"\x89PNG"
+    # What qualify writes is what export --qualify and stream --qualify read (one reader for both).
+    from pocus_edge.export.risk import risk_entry
+    from pocus_edge.qualify_file import read_qualify_risk
+
+    name = next(n for n, m in report["models"].items() if m["kind"] == "pair")
+    assert read_qualify_risk(out / "qualify.json", name) == (name, report["models"][name]["risk"])
+    entry = risk_entry("branch-soft-dice-disagreement-v1", out / "qualify.json", name)
+    assert entry["threshold"] == report["models"][name]["risk"]["threshold"] and entry["qualify"]["model"] == name
 
 
 def test_fused_onnx_risk_is_the_branch_disagreement_of_its_outputs(tmp_path):

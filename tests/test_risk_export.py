@@ -154,7 +154,7 @@ def test_without_risk_the_graph_and_card_are_what_they_were(branches, tmp_path):
 def qualify_file(path: Path, *models: tuple[str, str]) -> Path:
     drift = {"center": 0.2, "half_width": 0.05, "lam": 0.1, "hysteresis": 0.5, "k": 5.0, "calibration_frames": 400,
              "lower": 0.15, "upper": 0.25}
-    body = {"schema": 1, "models": [{"name": name, "risk": {"formula": formula, "threshold": 0.3 + i / 10, "drift": drift}}
+    body = {"schema": "pocus-edge-qualify/1", "models": [{"name": name, "risk": {"formula": formula, "threshold": 0.3 + i / 10, "drift": drift}}
                                     for i, (name, formula) in enumerate(models)]}
     path.write_text(json.dumps(body))
     return path
@@ -183,7 +183,7 @@ def test_risk_entry_reads_threshold_and_drift_and_refuses_mistakes(tmp_path):
             risk_entry(*args)
         assert "\n" not in str(info.value)
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ExportError, match="bad.json: not a readable qualify.json"):
+    with pytest.raises(ExportError, match="bad.json: not a readable qualify file"):
         risk_entry(RISK_FORMULA_TWO_BRANCH, tmp_path / "bad.json")
     (tmp_path / "v2.json").write_text(json.dumps({"schema": 2, "models": []}))
     with pytest.raises(ExportError, match="schema 2"):

@@ -2,11 +2,7 @@
 computes, and the alarm threshold and drift band ``pocus-edge qualify`` calibrated for it on the
 target's unlabeled frames (its ``qualify.json``).
 
-``qualify.json`` (schema 1)::
-
-    {"schema": 1, "models": [{"name": "...", "risk": {"formula": "...", "threshold": 0.31,
-                                                     "drift": {"center": ..., "half_width": ..., ...}}}]}
-
+The file is read by :func:`pocus_edge.qualify_file.read_qualify_risk` (the stream's reader too).
 One model in the file is taken as is; with several, ``qualify_model`` names it. A formula other
 than the graph's is refused: a threshold calibrated on one score means nothing for another.
 Without a qualify file the entry records the formula with ``threshold`` and ``drift`` null (the
@@ -15,7 +11,6 @@ graph computes the score; nothing has calibrated an alarm for it yet).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -23,9 +18,7 @@ from typing import Any
 
 from ..errors import ExportError
 
-QUALIFY_SCHEMA = 1
-
-__all__ = ["QUALIFY_SCHEMA", "risk_entry"]
+__all__ = ["risk_entry"]
 
 
 def risk_entry(formula: str, qualify: str | os.PathLike | None = None, qualify_model: str | None = None) -> dict[str, Any]:
@@ -37,12 +30,10 @@ def risk_entry(formula: str, qualify: str | os.PathLike | None = None, qualify_m
         if qualify_model is not None:
             raise ExportError("--qualify-model names a model of a qualify.json: give that file with --qualify")
         return {"formula": formula, "threshold": None, "drift": None}
+    from ..qualify_file import read_qualify_risk
+
     path = Path(qualify)
-    data = _read(path)
-    name, entry = _pick(path, data["models"], qualify_model)
-    risk = entry.get("risk")
-    if not isinstance(risk, dict):
-        raise ExportError(f"{path}: model {name!r} has no 'risk' object")
+    name, risk = read_qualify_risk(path, qualify_model, error=ExportError)
     stated = risk.get("formula")
     if stated != formula:
         raise ExportError(f"{path}: model {name!r} was qualified with risk formula {stated!r}, but this graph computes "
@@ -57,35 +48,6 @@ def risk_entry(formula: str, qualify: str | os.PathLike | None = None, qualify_m
 
     return {"formula": formula, "threshold": float(threshold), "drift": drift,
             "qualify": {"file": path.name, "sha256": sha256_file(path), "model": name}}
-
-
-def _read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ExportError(f"{path}: qualify file not found" + (" (a folder: give its qualify.json)" if path.is_dir() else ""))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{path}: not a readable qualify.json ({type(exc).__name__})") from None
-    if not isinstance(data, dict) or data.get("schema") != QUALIFY_SCHEMA:
-        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        raise ExportError(f"{path}: qualify.json schema {found!r}; this pocus-edge reads schema {QUALIFY_SCHEMA}")
-    models = data.get("models")
-    if not isinstance(models, list) or not models or not all(isinstance(m, dict) for m in models):
-        raise ExportError(f"{path}: 'models' is not a non-empty list of objects")
-    return data
-
-
-def _pick(path: Path, models: list[dict[str, Any]], wanted: str | None) -> tuple[str, dict[str, Any]]:
-    names = [str(m.get("name")) for m in models]
-    if wanted is None:
-        if len(models) == 1:
-            return names[0], models[0]
-        raise ExportError(f"{path}: holds {len(models)} models ({', '.join(names)}); name one with --qualify-model")
-    matches = [m for n, m in zip(names, models) if n == wanted]
-    if len(matches) != 1:
-        what = "no model" if not matches else f"{len(matches)} models"
-        raise ExportError(f"{path}: {what} named {wanted!r} (models: {', '.join(names)})")
-    return wanted, matches[0]
 
 
 def _check_drift(path: Path, name: str, drift: Any) -> None:

@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..models.risk import RISK_FORMULA_SINGLE, RISK_FORMULA_TWO_BRANCH
+from ..qualify_file import SCHEMA
 from .estimate import (
     FEATURES,
     bootstrap_estimates,
@@ -30,8 +31,6 @@ from .frames import (
 )
 from .models import ModelSpec, NetworkCache, check_models, model_outputs
 from .scores import PERTURBATIONS, frame_scores, perturb
-
-SCHEMA = "pocus-edge-qualify/1"
 
 
 @dataclass

@@ -18,7 +18,6 @@ Without a threshold only ``alarm`` and ``ok`` occur.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +26,15 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..qualify_file import read_qualify_risk
 from .drift import DriftBand, DriftMonitor
 from .stats import LatencyRecorder
 
 __all__ = ["RiskSetup", "RiskTracker", "FrameRisk", "risk_setup", "read_qualify_risk", "level_of",
-           "LEVELS", "NO_BAND_NOTE", "QUALIFY_SCHEMAS"]
+           "LEVELS", "NO_BAND_NOTE"]
 
 LEVELS = ("ok", "high", "alarm")  # green, amber, red
 NO_BAND_NOTE = "no drift band (run pocus-edge qualify)"
-# The qualify file's schema as the contract states it (1) and as `pocus-edge qualify` names it.
-QUALIFY_SCHEMAS = (1, "pocus-edge-qualify/1")
 
 
 def level_of(risk: float, threshold: float | None, alarm: bool) -> str:
@@ -88,46 +86,6 @@ def _entry_setup(entry: dict[str, Any], source: str, where: str) -> RiskSetup:
         raise ConfigError(f"{where}: {exc}") from None
     formula = entry.get("formula")
     return RiskSetup(formula=str(formula) if formula is not None else None, threshold=threshold, band=band, source=source)
-
-
-def read_qualify_risk(path: str | Path, model: str | None = None) -> tuple[str, dict[str, Any]]:
-    """``(model name, its risk object)`` from a qualify file: ``{"schema": 1, "models": [{"name",
-    "risk": {"formula", "threshold", "drift"}}]}`` (``models`` may also be an object keyed by
-    name, as ``pocus-edge qualify`` writes it). The single model, or the one named ``model``.
-    One-line DataError / ConfigError (exit 2) naming the file for anything missing or malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: qualify file not found" + (" (a folder: give its qualify.json)" if path.is_dir() else ""))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not a readable qualify file ({type(exc).__name__})") from None
-    if not isinstance(data, dict) or data.get("schema") not in QUALIFY_SCHEMAS:
-        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        raise DataError(f"{path}: qualify schema {found!r}; this pocus-edge reads schema 1")
-    models = data.get("models")
-    if isinstance(models, dict):
-        models = [{"name": k, **v} if isinstance(v, dict) else v for k, v in models.items()]
-    if not isinstance(models, list) or not models or not all(isinstance(m, dict) for m in models):
-        raise DataError(f"{path}: 'models' is not a non-empty list of objects")
-    names = [str(m.get("name")) for m in models]
-    if model is None:
-        if len(models) != 1:
-            raise DataError(f"{path}: holds {len(models)} models ({', '.join(names)}); name one with --qualify-model")
-        name, entry = names[0], models[0]
-    else:
-        matches = [m for n, m in zip(names, models) if n == model]
-        if len(matches) != 1:
-            raise DataError(f"{path}: {'no model' if not matches else f'{len(matches)} models'} named {model!r} "
-                            f"(models: {', '.join(names)})")
-        name, entry = model, matches[0]
-    risk = entry.get("risk")
-    if not isinstance(risk, dict):
-        raise DataError(f"{path}: model {name!r} has no 'risk' object")
-    missing = [k for k in ("formula", "threshold", "drift") if k not in risk]
-    if missing:
-        raise DataError(f"{path}: model {name!r}: the risk object has no {', '.join(repr(k) for k in missing)} field")
-    return name, risk
 
 
 def graph_has_risk(backend) -> bool:
