@@ -1,4 +1,4 @@
-"""The drift test of issue 24, as declared in benchmarks/notes/drift_protocol.md (read it first):
+"""The drift test, as declared in benchmarks/notes/drift_protocol.md (read it first):
 a stream that switches SOURCE (lumify) -> TARGET (telemed) -> THIRD (drift-third, defined in the
 note) through a model's risk output and the runtime's drift alarm; alarm delays, false alarms per
 10,000 in-distribution frames, and the added latency of the score and the alarm.

@@ -1,4 +1,4 @@
-"""Measure `qualify` on a finished study folder (issue 24, item 5, the label-free parts):
+"""Measure `qualify` on a finished study folder:
 
 (a) model selection: Spearman between qualify's estimate and the true target Dice over every model
     the study trained, and the share of the oracle's gain over a random pick that qualify's pick
