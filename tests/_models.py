@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pocus_edge.runtime.sources import FrameSource
+
 
 def mean_onnx(path: Path) -> Path:
     """A one-node ONNX graph: fused = the mean over the 3 input channels, 32x32, dynamic batch."""
@@ -70,3 +72,19 @@ def ort_passes_risk_through(monkeypatch) -> None:
         return out
 
     monkeypatch.setattr(OrtBackend, "_run", _run)
+
+
+class ListSource(FrameSource):
+    """A finite source over in-memory frames: frame i at i * period_ms; ``live`` as a camera is."""
+
+    def __init__(self, frames, period_ms=10.0, live=False):
+        super().__init__()
+        self.frames, self.period, self.live = frames, period_ms, live
+        self.name = "list"
+
+    def __len__(self):
+        return len(self.frames)
+
+    def __iter__(self):
+        for i, f in enumerate(self.frames):
+            yield f, i * self.period, i

@@ -15,13 +15,12 @@ import time
 import cv2
 import numpy as np
 import pytest
-from _models import mean_onnx, ort_passes_risk_through, risk_onnx
+from _models import ListSource, mean_onnx, ort_passes_risk_through, risk_onnx
 
 from pocus_edge.inference import open_backend
 from pocus_edge.runtime.drift import DriftBand, DriftMonitor
 from pocus_edge.runtime.pipeline import CallbackSink, StreamOptions, run_stream
 from pocus_edge.runtime.risk import NO_BAND_NOTE, RiskSetup, level_of
-from pocus_edge.runtime.sources import FrameSource
 
 SIZE = 32
 FORMULA = "branch-soft-dice-disagreement-v1"
@@ -48,18 +47,6 @@ def _write_folder(folder, levels):
     return folder
 
 
-class ListSource(FrameSource):
-    def __init__(self, frames, period_ms=10.0):
-        super().__init__()
-        self.frames, self.period = frames, period_ms
-        self.name = "list"
-
-    def __len__(self):
-        return len(self.frames)
-
-    def __iter__(self):
-        for i, f in enumerate(self.frames):
-            yield f, i * self.period, i
 
 
 def _graph_risk(model_path, frames) -> np.ndarray:

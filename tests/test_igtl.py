@@ -234,14 +234,7 @@ def test_masks_of_other_sources_and_clients_that_do_not_read():
         mask[2:4, 3:7] = True
         sink.write(FrameResult(0, 1234.5, np.zeros((6, 9), np.uint8), mask.astype(np.float32), mask))
         reader.settimeout(5)
-        data = b""
-        while len(data) < 58:
-            data += reader.recv(65536)
-        fields = pyigtl.MessageBase.parse_header(data[:58])
-        while len(data) < 58 + fields["body_size"]:
-            data += reader.recv(65536)
-        message = pyigtl.ImageMessage()
-        message.unpack(fields, data[58:58 + fields["body_size"]])
+        _, message, _ = _from_buffer(reader, b"")
         assert message.device_name == "pocus-edge_mask" and message.timestamp == pytest.approx(1.2345, abs=1e-9)
         np.testing.assert_array_equal(np.asarray(message.image)[0], mask.astype(np.uint8))
         # A client that never reads is disconnected instead of stalling the stream.

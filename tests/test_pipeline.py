@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _models import ListSource
 
 from pocus_edge.data.transforms import preprocess_frame
 from pocus_edge.inference import count_onnx_flops, open_backend
@@ -81,18 +82,6 @@ def tiny_onnx(tmp_path_factory):
     return plain, branches
 
 
-class ListSource(FrameSource):
-    def __init__(self, frames, period_ms=10.0, live=False):
-        super().__init__()
-        self.frames, self.period, self.live = frames, period_ms, live
-        self.name = "list"
-
-    def __len__(self):
-        return len(self.frames)
-
-    def __iter__(self):
-        for i, f in enumerate(self.frames):
-            yield f, i * self.period, i
 
 
 class SyntheticSource(FrameSource):
